@@ -1,0 +1,1 @@
+"""Refactoring a dense model into a ReadME MoE: statistics, expert plans, slicing."""
