@@ -77,7 +77,7 @@ class ExpertPlan:
         return [lp.shared_size + lp.expert_size for lp in self.layers]
 
     def validate(self) -> None:
-        """Check the invariants slicing relies on; raise ReadmoeError naming the first broken one."""
+        """Check the invariants slicing relies on; raise ReadmoeError on the first broken one."""
         size = self.intermediate_size
         for index, lp in enumerate(self.layers):
             where = f"plan layer {index}"

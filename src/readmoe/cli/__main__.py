@@ -1,0 +1,5 @@
+import sys
+
+from readmoe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation: held-out perplexity per domain (and later task benchmarks)."""
