@@ -1,0 +1,62 @@
+"""`readmoe stats` and `readmoe refactor`: dense model -> ReadME mixture of experts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from readmoe.cli.model_cmds import MODEL_HELP
+from readmoe.refactor.pipeline import DEFAULT_STATS_TOKENS
+from readmoe.refactor.planners import PLANNERS
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    stats = commands.add_parser(
+        "stats", help="per-domain mean |FFN activation| per channel and layer")
+    stats.add_argument("model", help=MODEL_HELP)
+    stats.add_argument("--corpus", required=True, help="a folder of <domain>.jsonl files")
+    stats.add_argument("--out", required=True, help="statistics folder (resumed if present)")
+    _token_args(stats)
+    stats.add_argument("--block-size", type=int, default=512)
+    stats.add_argument("--batch-size", type=int, default=4)
+    stats.set_defaults(handler=run_stats_cmd)
+
+    refactor = commands.add_parser(
+        "refactor", help="carve a shared expert and routed experts out of a dense model")
+    refactor.add_argument("model", help=MODEL_HELP)
+    refactor.add_argument("--corpus", required=True, help="a folder of <domain>.jsonl files")
+    refactor.add_argument("--out", required=True, help="the ReadME model folder to write")
+    refactor.add_argument("--method", default="readme", choices=sorted(PLANNERS),
+                          help="expert planning method (default readme, the paper's)")
+    refactor.add_argument("--keep", type=float, default=0.5,
+                          help="share of FFN channels each domain keeps (default 0.5)")
+    refactor.add_argument("--stats", help="precomputed statistics folder (else computed and "
+                          "cached)")
+    refactor.add_argument("--seed", type=int, default=0)
+    _token_args(refactor)
+    refactor.set_defaults(handler=run_refactor_cmd)
+
+
+def _token_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", type=int, default=DEFAULT_STATS_TOKENS,
+                        help=f"statistics tokens per domain (default {DEFAULT_STATS_TOKENS})")
+
+
+def run_stats_cmd(args: argparse.Namespace) -> int:
+    from readmoe.refactor.pipeline import run_stats
+
+    stats, out = run_stats(args.model, args.corpus, args.out, tokens=args.tokens,
+                           block_size=args.block_size, batch_size=args.batch_size)
+    print(json.dumps({"out": str(out), "tokens": stats.tokens}, indent=2))
+    return 0
+
+
+def run_refactor_cmd(args: argparse.Namespace) -> int:
+    from readmoe.refactor.pipeline import run_refactor
+
+    plan = run_refactor(args.model, args.corpus, args.out, method=args.method, keep=args.keep,
+                        stats_dir=args.stats, seed=args.seed, tokens=args.tokens)
+    sizes = [(lp.shared_size, lp.expert_size) for lp in plan.layers]
+    print(json.dumps({"out": args.out, "method": plan.method, "experts": plan.expert_names,
+                      "shared_and_expert_sizes": sizes}))
+    return 0

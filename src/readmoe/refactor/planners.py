@@ -1,0 +1,185 @@
+"""Expert planners: how a layer's FFN channels are split into a shared and routed experts.
+
+Every planner uses the same shared set as the paper's method (channels every domain keeps)
+and the same routed-expert size, so quality differences come from *which* channels form the
+experts, at equal active width:
+
+- ``readme`` (the paper): per domain keep exactly round(keep * I) channels by mean |act|
+  (ties broken by channel index; the authors' strict '>' threshold kept one channel too few);
+  shared = intersection over domains; expert d = domain mask minus shared.
+- ``cluster`` (MoEfication-like): balanced k-means of the non-shared channels by their
+  normalised activation profile across domains gives E centroids; expert e = the R
+  non-shared channels nearest centroid e. Experts are not tied to domains.
+- ``random``: the non-shared channels in a seeded random order, expert e = the R channels
+  from position e * R on (wrapping), so channels are used evenly; the lower bound.
+- ``prune``: no routing; one mask of shared + R channels ranked by mean |act| averaged over
+  domains (each domain weighs the same). The dense structured-pruning baseline with exactly
+  the MoE's active width.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from readmoe.errors import ReadmoeError
+from readmoe.refactor.plan import ExpertPlan, LayerPlan
+from readmoe.refactor.stats import ActivationStats
+
+KMEANS_ITERATIONS = 30
+
+
+def top_channels(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` largest scores, ties to the lower index, sorted ascending."""
+    order = torch.sort(-scores.double(), stable=True).indices
+    return order[:count].sort().values
+
+
+def domain_masks(stats: ActivationStats, layer: int, keep: float) -> torch.Tensor:
+    """`[D, I]` bool: each domain's kept channels at `layer`."""
+    size = stats.intermediate_size
+    count = round(keep * size)
+    masks = torch.zeros(len(stats.domains), size, dtype=torch.bool)
+    for d, domain in enumerate(stats.domains):
+        masks[d, top_channels(stats.mean_abs[domain][layer], count)] = True
+    return masks
+
+
+def shared_and_routed(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared = intersection of the masks; routed = each mask minus shared: `[S]`, `[D, R]`."""
+    shared_mask = masks.all(dim=0)
+    shared = shared_mask.nonzero().flatten()
+    routed = torch.stack([(m & ~shared_mask).nonzero().flatten() for m in masks])
+    return shared, routed
+
+
+class Planner(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def plan(self, stats: ActivationStats, keep: float = 0.5) -> ExpertPlan:
+        check_request(stats, keep)
+        layers = [self.plan_layer(stats, layer, keep) for layer in range(stats.num_layers)]
+        plan = ExpertPlan(method=self.name, model=stats.model, expert_names=self.names(stats),
+                          intermediate_size=stats.intermediate_size, keep=keep, layers=layers,
+                          meta={"fingerprint": stats.fingerprint, "seed": self.seed,
+                                "stats_tokens": stats.tokens})
+        plan.validate()
+        return plan
+
+    def names(self, stats: ActivationStats) -> list[str]:
+        return [f"expert{i}" for i in range(len(stats.domains))]
+
+    @abstractmethod
+    def plan_layer(self, stats: ActivationStats, layer: int, keep: float) -> LayerPlan:
+        """The shared set and routed experts of one layer."""
+
+
+class ReadMEPlanner(Planner):
+    name = "readme"
+
+    def names(self, stats: ActivationStats) -> list[str]:
+        return list(stats.domains)
+
+    def plan_layer(self, stats: ActivationStats, layer: int, keep: float) -> LayerPlan:
+        shared, routed = shared_and_routed(domain_masks(stats, layer, keep))
+        return LayerPlan(shared, routed)
+
+
+class RandomPlanner(Planner):
+    name = "random"
+
+    def plan_layer(self, stats: ActivationStats, layer: int, keep: float) -> LayerPlan:
+        shared, routed = shared_and_routed(domain_masks(stats, layer, keep))
+        num_experts, size = routed.shape
+        free = _complement(shared, stats.intermediate_size)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + layer)
+        order = free[torch.randperm(free.numel(), generator=generator)]
+        rows = [order[(e * size + torch.arange(size)) % order.numel()].sort().values
+                for e in range(num_experts)]
+        return LayerPlan(shared, torch.stack(rows) if rows else routed)
+
+
+class ClusterPlanner(Planner):
+    name = "cluster"
+
+    def plan_layer(self, stats: ActivationStats, layer: int, keep: float) -> LayerPlan:
+        shared, routed = shared_and_routed(domain_masks(stats, layer, keep))
+        num_experts, size = routed.shape
+        free = _complement(shared, stats.intermediate_size)
+        profile = torch.stack([stats.mean_abs[d][layer] for d in stats.domains], dim=1)
+        points = torch.nn.functional.normalize(profile[free].double(), dim=1)  # [F, D]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + layer)
+        centroids = balanced_kmeans(points, num_experts, generator)
+        distance = torch.cdist(centroids, points)  # [E, F]
+        rows = [free[torch.sort(distance[e], stable=True).indices[:size]].sort().values
+                for e in range(num_experts)]
+        return LayerPlan(shared, torch.stack(rows))
+
+
+class PrunePlanner(Planner):
+    name = "prune"
+
+    def names(self, stats: ActivationStats) -> list[str]:
+        return ["all"]
+
+    def plan_layer(self, stats: ActivationStats, layer: int, keep: float) -> LayerPlan:
+        shared, routed = shared_and_routed(domain_masks(stats, layer, keep))
+        width = shared.numel() + routed.shape[1]
+        scores = torch.stack([stats.mean_abs[d][layer] / stats.mean_abs[d][layer].mean()
+                              for d in stats.domains]).mean(dim=0)
+        return LayerPlan(top_channels(scores, width), torch.zeros(1, 0, dtype=torch.long))
+
+
+def balanced_kmeans(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Centroids `[k, D]` of k-means whose assignment step gives every cluster an equal share
+    (greedy by distance under a capacity of ceil(n / k)), as in MoEfication."""
+    count = points.shape[0]
+    capacity = -(-count // k)
+    centroids = points[torch.randperm(count, generator=generator)[:k]].clone()
+    for _ in range(KMEANS_ITERATIONS):
+        distance = torch.cdist(points, centroids)  # [n, k]
+        order = torch.argsort(distance.flatten(), stable=True)
+        assign = torch.full((count,), -1, dtype=torch.long)
+        load = [0] * k
+        for flat in order.tolist():
+            point, cluster = divmod(flat, k)
+            if assign[point] < 0 and load[cluster] < capacity:
+                assign[point] = cluster
+                load[cluster] += 1
+        updated = torch.stack([points[assign == c].mean(dim=0) for c in range(k)])
+        if torch.allclose(updated, centroids):
+            break
+        centroids = updated
+    return centroids
+
+
+def _complement(channels: torch.Tensor, size: int) -> torch.Tensor:
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[channels] = False
+    return mask.nonzero().flatten()
+
+
+def check_request(stats: ActivationStats, keep: float) -> None:
+    if not 0.0 < keep <= 1.0:
+        raise ReadmoeError(f"--keep must be in (0, 1], got {keep}")
+    if len(stats.domains) < 2:
+        raise ReadmoeError(f"expert planning needs statistics of at least 2 domains, got "
+                           f"{len(stats.domains)} ({', '.join(stats.domains) or 'none'})")
+    if round(keep * stats.intermediate_size) < 1:
+        raise ReadmoeError(f"--keep {keep} keeps no channel of {stats.intermediate_size}")
+
+
+PLANNERS: dict[str, type[Planner]] = {
+    cls.name: cls for cls in (ReadMEPlanner, ClusterPlanner, RandomPlanner, PrunePlanner)}
+
+
+def make_planner(method: str, seed: int = 0) -> Planner:
+    if method not in PLANNERS:
+        raise ReadmoeError(f"unknown planning method {method!r}; choose one of "
+                           f"{', '.join(PLANNERS)}")
+    return PLANNERS[method](seed=seed)

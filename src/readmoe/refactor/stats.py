@@ -1,0 +1,125 @@
+"""Per-domain activation statistics: mean |input of down_proj| per channel and layer.
+
+Stored as a folder (``stats.json`` + ``stats.safetensors`` with one ``[L, I]`` float32 tensor
+``mean_abs.<domain>`` per domain). The folder is rewritten atomically after every finished
+domain, so a killed run resumes at the first unfinished domain with identical results.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from readmoe.data.tokens import pack_blocks
+from readmoe.errors import ReadmoeError
+from readmoe.io import atomic_save_safetensors, atomic_write_json
+from readmoe.refactor.hooks import capture_ffn_inputs
+
+STATS_JSON = "stats.json"
+STATS_TENSORS = "stats.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ActivationStats:
+    model: str
+    fingerprint: str
+    num_layers: int
+    intermediate_size: int
+    corpus: str
+    corpus_fingerprint: str
+    block_size: int
+    tokens_requested: int
+    mean_abs: dict[str, torch.Tensor] = field(default_factory=dict)  # domain -> [L, I]
+    tokens: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def domains(self) -> list[str]:
+        return sorted(self.mean_abs)
+
+    def check_model(self, fingerprint: str, source: str) -> None:
+        if fingerprint != self.fingerprint:
+            raise ReadmoeError(
+                f"statistics were computed on model {self.model!r}, not on {source!r} (weights "
+                "differ); recompute them with `readmoe stats` for this model")
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        tensors = {f"mean_abs.{d}": t.float().contiguous() for d, t in self.mean_abs.items()}
+        atomic_save_safetensors(tensors, folder / STATS_TENSORS)
+        meta = {k: getattr(self, k) for k in (
+            "model", "fingerprint", "num_layers", "intermediate_size", "corpus",
+            "corpus_fingerprint", "block_size", "tokens_requested", "tokens")}
+        atomic_write_json(folder / STATS_JSON, {"format": FORMAT_VERSION, **meta})
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ActivationStats:
+        folder = Path(folder)
+        if not (folder / STATS_JSON).is_file() or not (folder / STATS_TENSORS).is_file():
+            raise ReadmoeError(f"{folder} holds no statistics ({STATS_JSON} + {STATS_TENSORS});"
+                               " compute them with `readmoe stats`")
+        meta = json.loads((folder / STATS_JSON).read_text())
+        if meta.pop("format", None) != FORMAT_VERSION:
+            raise ReadmoeError(f"{folder}: statistics format is not version {FORMAT_VERSION};"
+                               " recompute them with `readmoe stats`")
+        tensors = load_file(str(folder / STATS_TENSORS))
+        mean_abs = {k.split(".", 1)[1]: v for k, v in tensors.items()}
+        return cls(**meta, mean_abs=mean_abs)
+
+
+@torch.no_grad()
+def domain_mean_abs(model, blocks: torch.Tensor, batch_size: int, desc: str) -> torch.Tensor:
+    """Mean |down_proj input| per layer and channel over all tokens of `blocks`: `[L, I]`."""
+    sums: dict[int, torch.Tensor] = {}
+
+    def sink(layer: int, act: torch.Tensor) -> None:  # act: [B, T, I]
+        total = act.detach().abs().sum(dim=(0, 1), dtype=torch.float64)
+        sums[layer] = sums[layer] + total if layer in sums else total
+
+    backbone = getattr(model, "model", model)
+    with capture_ffn_inputs(model, sink):
+        for start in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, unit="batch"):
+            backbone(input_ids=blocks[start : start + batch_size])
+    stacked = torch.stack([sums[layer] for layer in sorted(sums)])  # [L, I]
+    return (stacked / blocks.numel()).float()
+
+
+def compute_stats(model, tokenizer, corpus, out: str | Path, *, model_name: str,
+                  fingerprint: str, tokens_per_domain: int = 16384, block_size: int = 512,
+                  batch_size: int = 4, domains: list[str] | None = None) -> ActivationStats:
+    """Compute (or resume) statistics for every domain of `corpus` into folder `out`."""
+    out = Path(out)
+    config = model.config
+    fresh = ActivationStats(
+        model=model_name, fingerprint=fingerprint, num_layers=config.num_hidden_layers,
+        intermediate_size=config.intermediate_size, corpus=str(corpus.path),
+        corpus_fingerprint=corpus.fingerprint(), block_size=block_size,
+        tokens_requested=tokens_per_domain)
+    stats = _resumable(out, fresh)
+    for domain in domains or corpus.domains:
+        if domain in stats.mean_abs:
+            continue
+        blocks = pack_blocks(tokenizer, corpus.documents(domain, "train"), block_size,
+                             tokens_per_domain)
+        stats.mean_abs[domain] = domain_mean_abs(model, blocks, batch_size, f"stats {domain}")
+        stats.tokens[domain] = int(blocks.numel())
+        stats.save(out)
+    return stats
+
+
+def _resumable(out: Path, fresh: ActivationStats) -> ActivationStats:
+    """Earlier partial results in `out` if they were made with the same inputs, else `fresh`."""
+    if not (out / STATS_JSON).is_file():
+        return fresh
+    old = ActivationStats.load(out)
+    same = all(getattr(old, k) == getattr(fresh, k) for k in (
+        "fingerprint", "corpus_fingerprint", "block_size", "tokens_requested"))
+    if not same:
+        raise ReadmoeError(f"{out} holds statistics made with other inputs (model, corpus, "
+                           "block size or token count); choose another --out or delete it")
+    return old

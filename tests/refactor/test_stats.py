@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from readmoe.data.corpus import load_corpus
+from readmoe.data.tokens import pack_blocks
+from readmoe.errors import ReadmoeError
+from readmoe.refactor.hooks import down_projections
+from readmoe.refactor.stats import ActivationStats, compute_stats, domain_mean_abs
+from tests.conftest import char_tokenizer, tiny_model
+
+
+def naive_mean_abs(model, blocks):
+    """Recompute each layer's down_proj input from the MLP's own input and weights."""
+    mlp_inputs = {}
+    handles = [layer.mlp.register_forward_pre_hook(
+        lambda _m, args, i=i: mlp_inputs.__setitem__(i, args[0]))
+        for i, layer in enumerate(model.model.layers)]
+    model(blocks)
+    for handle in handles:
+        handle.remove()
+    rows = []
+    for index, layer in enumerate(model.model.layers):
+        hidden = mlp_inputs[index]
+        act = torch.nn.functional.silu(layer.mlp.gate_proj(hidden)) * layer.mlp.up_proj(hidden)
+        rows.append(act.abs().mean(dim=(0, 1)))
+    return torch.stack(rows)
+
+
+def test_domain_mean_abs_equals_manual_recompute():
+    model = tiny_model()
+    blocks = torch.randint(0, 128, (3, 16))
+    with torch.no_grad():
+        expected = naive_mean_abs(model, blocks)
+        got = domain_mean_abs(model, blocks, batch_size=2, desc="t")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert all(not m._forward_pre_hooks for m in down_projections(model))
+
+
+def test_compute_stats_saves_loads_and_resumes(tmp_path, tiny_corpus_dir, monkeypatch):
+    model, tok = tiny_model(), char_tokenizer()
+    corpus = load_corpus(tiny_corpus_dir)
+    out = tmp_path / "stats"
+    full = compute_stats(model, tok, corpus, out, model_name="tiny", fingerprint="f1",
+                         tokens_per_domain=256, block_size=32)
+    assert full.domains == ["digits", "lower", "upper"]
+    assert full.mean_abs["digits"].shape == (2, 128)
+    assert full.tokens["digits"] == 256
+    loaded = ActivationStats.load(out)
+    for d in full.domains:
+        torch.testing.assert_close(loaded.mean_abs[d], full.mean_abs[d])
+
+    # a run killed after the first domain resumes without recomputing it
+    partial = tmp_path / "partial"
+    compute_stats(model, tok, corpus, partial, model_name="tiny", fingerprint="f1",
+                  tokens_per_domain=256, block_size=32, domains=["digits"])
+    seen = []
+    import readmoe.refactor.stats as stats_module
+
+    real = stats_module.domain_mean_abs
+    monkeypatch.setattr(stats_module, "domain_mean_abs",
+                        lambda m, b, bs, desc: seen.append(desc) or real(m, b, bs, desc))
+    resumed = compute_stats(model, tok, corpus, partial, model_name="tiny", fingerprint="f1",
+                            tokens_per_domain=256, block_size=32)
+    assert seen == ["stats lower", "stats upper"]
+    for d in full.domains:
+        torch.testing.assert_close(resumed.mean_abs[d], full.mean_abs[d])
+
+
+def test_resume_refuses_other_inputs(tmp_path, tiny_corpus_dir):
+    model, tok = tiny_model(), char_tokenizer()
+    corpus = load_corpus(tiny_corpus_dir)
+    compute_stats(model, tok, corpus, tmp_path, model_name="tiny", fingerprint="f1",
+                  tokens_per_domain=64, block_size=32, domains=["digits"])
+    with pytest.raises(ReadmoeError, match="other inputs"):
+        compute_stats(model, tok, corpus, tmp_path, model_name="tiny", fingerprint="f2",
+                      tokens_per_domain=64, block_size=32)
+
+
+def test_stats_check_model_names_the_mismatch(tmp_path, tiny_corpus_dir):
+    model, tok = tiny_model(), char_tokenizer()
+    stats = compute_stats(model, tok, load_corpus(tiny_corpus_dir), tmp_path, model_name="a",
+                          fingerprint="f1", tokens_per_domain=64, block_size=32)
+    with pytest.raises(ReadmoeError, match="computed on model 'a'"):
+        stats.check_model("other", "b")
+
+
+def test_pack_is_deterministic_for_stats(tiny_corpus_dir):
+    tok = char_tokenizer()
+    corpus = load_corpus(tiny_corpus_dir)
+    a = pack_blocks(tok, corpus.documents("lower", "train"), 32, 256)
+    b = pack_blocks(tok, corpus.documents("lower", "train"), 32, 256)
+    assert torch.equal(a, b)
