@@ -6,6 +6,7 @@ import argparse
 
 from readmoe.cli.model_cmds import MODEL_HELP
 from readmoe.eval.domains import DEFAULT_TOKENS, DEFAULT_WINDOW
+from readmoe.eval.routing import ROUTINGS
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -21,6 +22,11 @@ def register(commands: argparse._SubParsersAction) -> None:
                      help=f"tokens per scored window (default {DEFAULT_WINDOW})")
     ppl.add_argument("--batch-size", type=int, default=8)
     ppl.add_argument("--domains", help="comma-separated subset of the corpus's domains")
+    ppl.add_argument("--routing", default="router", choices=ROUTINGS,
+                     help="ReadME models only: the model's router, the domain's expert, or "
+                     "the oracle expert from the dense model (default router)")
+    ppl.add_argument("--dense", help="dense source model for --routing oracle (default: the "
+                     "one recorded in the ReadME folder's plan)")
     ppl.add_argument("--json", help="write the result as JSON to this file")
     ppl.set_defaults(handler=run_ppl)
 
@@ -28,6 +34,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run_ppl(args: argparse.Namespace) -> int:
     from readmoe.data.corpus import load_corpus
     from readmoe.eval.domains import domain_perplexity, format_ppl_table
+    from readmoe.eval.routing import is_readme, make_routing
     from readmoe.io import atomic_write_json
     from readmoe.models import load_model, load_tokenizer
 
@@ -35,9 +42,12 @@ def run_ppl(args: argparse.Namespace) -> int:
     domains = _pick_domains(corpus, args.domains)
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
+    routing = make_routing(model, args.routing, model_dir=args.model, dense=args.dense)
+    extra = {"routing": args.routing} if is_readme(model) else None
     report = domain_perplexity(model, tokenizer, corpus, model_name=args.model,
                                window=args.window, max_tokens=args.tokens,
-                               batch_size=args.batch_size, domains=domains)
+                               batch_size=args.batch_size, domains=domains, routing=routing,
+                               extra=extra)
     print(format_ppl_table([report]))
     if args.json:
         atomic_write_json(args.json, report)

@@ -1,0 +1,70 @@
+"""How a ReadME model's tokens are routed during evaluation.
+
+- ``router``: the model's own router (no expert_ids passed);
+- ``domain``: every token of a text goes to the expert named after the text's domain;
+- ``oracle``: each token's best-overlap expert from the dense model's activations (an upper
+  bound; needs the dense model the ReadME model was carved from).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from readmoe.errors import ReadmoeError
+
+ROUTINGS = ("router", "domain", "oracle")
+
+
+def is_readme(model) -> bool:
+    return getattr(model.config, "model_type", None) == "readme"
+
+
+def make_routing(model, routing: str, model_dir: str | Path | None = None,
+                 dense: str | None = None) -> Callable[[str, torch.Tensor], dict] | None:
+    """Forward kwargs per (domain, batch) for `routing`; None for dense models."""
+    if not is_readme(model):
+        return None
+    if routing not in ROUTINGS:
+        raise ReadmoeError(f"unknown routing {routing!r}; choose one of {', '.join(ROUTINGS)}")
+    if routing == "router":
+        return None
+    names = list(model.config.expert_names)
+    if routing == "domain":
+        def by_domain(domain: str, batch: torch.Tensor) -> dict:
+            if domain not in names:
+                raise ReadmoeError(f"domain routing needs an expert named {domain!r}; this "
+                                   f"model's experts are {', '.join(names)} (use --routing "
+                                   "oracle)")
+            return {"expert_ids": torch.full((batch.shape[0],), names.index(domain),
+                                             dtype=torch.long, device=batch.device)}
+        return by_domain
+    router = oracle_for(model_dir, dense)
+
+    def by_oracle(domain: str, batch: torch.Tensor) -> dict:
+        return {"expert_ids": router.expert_ids(batch)}
+    return by_oracle
+
+
+def oracle_for(model_dir: str | Path | None, dense: str | None):
+    """The oracle router of a saved ReadME folder, from its plan and its dense source model."""
+    from readmoe.models import load_model, resolve_model
+    from readmoe.refactor.fingerprint import model_fingerprint
+    from readmoe.refactor.oracle import OracleRouter
+    from readmoe.refactor.plan import ExpertPlan
+
+    if model_dir is None:
+        raise ReadmoeError("oracle routing needs the ReadME model folder (it holds the plan)")
+    plan_dir = Path(model_dir) / "plan"
+    if not plan_dir.is_dir():
+        raise ReadmoeError(f"{model_dir} has no plan/ folder, so its experts' channels are "
+                           "unknown; oracle routing needs a folder written by `readmoe refactor`")
+    plan = ExpertPlan.load(plan_dir)
+    source = dense or plan.model
+    expected = plan.meta.get("fingerprint")
+    if expected and model_fingerprint(resolve_model(source)) != expected:
+        raise ReadmoeError(f"{source} is not the dense model {model_dir} was carved from "
+                           f"({plan.model}); pass the right one with --dense")
+    return OracleRouter(load_model(source), plan)
