@@ -1,0 +1,141 @@
+"""The pre-gating router: one tiny causal transformer over token ids for all layers.
+
+Read-ME's router G reads token ids, not backbone hidden states, so token t's expert is known
+as soon as token t is known: for a prompt all at once, in decoding right after sampling,
+before the backbone step that needs it. Shape (paper Table 1): 1 layer, 4 heads, SwiGLU,
+RoPE, RMSNorm, its own embedding. Unlike the authors' code it keeps a real KV cache (a decode
+step does O(1) projections plus one attention row, and equals a full recompute) and scales
+attention by 1/sqrt(head_dim).
+
+This file is copied into saved model folders (trust_remote_code), so it imports only torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def default_router_dim(hidden_size: int) -> int:
+    """Router width proportionate to the backbone: hidden/4 rounded down to a multiple of 32,
+    within [64, 512] (Llama-2-7B: 4096 -> 512, the paper's; SmolLM2-135M: 576 -> 128)."""
+    return max(64, min(512, (hidden_size // 4) // 32 * 32))
+
+
+class RouterRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate halves of `x` ([B, heads, T, d]) by position-dependent angles (RoPE)."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.to(torch.float32)[:, None] * freqs[None, :]  # [T, d/2]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+@dataclass
+class RouterCache:
+    """Keys and values of every router layer for the tokens seen so far, per sequence batch."""
+
+    keys: list[torch.Tensor] = field(default_factory=list)  # per layer [B, heads, T, d]
+    values: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+        return self.keys[layer], self.values[layer]
+
+
+class RouterBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_dim: int, theta: float, eps: float) -> None:
+        super().__init__()
+        if dim % heads or (dim // heads) % 2:
+            raise ValueError(f"router dim {dim} must split into {heads} heads of even size")
+        self.heads, self.head_dim, self.theta = heads, dim // heads, theta
+        self.attn_norm = RouterRMSNorm(dim, eps)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.mlp_norm = RouterRMSNorm(dim, eps)
+        self.gate = nn.Linear(dim, mlp_dim, bias=False)
+        self.up = nn.Linear(dim, mlp_dim, bias=False)
+        self.down = nn.Linear(mlp_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, layer: int,
+                cache: RouterCache | None, past: int = 0) -> torch.Tensor:
+        """`past` = tokens already in `cache` before this call (positions start there)."""
+        batch, steps, dim = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).split(dim, dim=-1)
+        q, k, v = (t.view(batch, steps, self.heads, self.head_dim).transpose(1, 2)
+                   for t in (q, k, v))  # [B, heads, T, d]
+        q, k = rotary(q, positions, self.theta), rotary(k, positions, self.theta)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        # query i (absolute position past + i) attends to keys 0 .. past + i
+        allowed = (torch.arange(past + steps, device=x.device)[None, :]
+                   <= (past + torch.arange(steps, device=x.device))[:, None])  # [T, past+T]
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+                                              scale=1.0 / math.sqrt(self.head_dim))
+        x = x + self.out(attn.transpose(1, 2).reshape(batch, steps, dim))
+        h = self.mlp_norm(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class PreGatingRouter(nn.Module):
+    """Token ids `[B, T]` -> expert logits `[B, T, E]`, causal, with its own KV cache."""
+
+    def __init__(self, vocab_size: int, num_experts: int, dim: int = 128, layers: int = 1,
+                 heads: int = 4, mlp_dim: int | None = None, rope_theta: float = 10000.0,
+                 eps: float = 1e-6) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.blocks = nn.ModuleList(RouterBlock(dim, heads, mlp_dim or dim, rope_theta, eps)
+                                    for _ in range(layers))
+        self.norm = RouterRMSNorm(dim, eps)
+        self.head = nn.Linear(dim, num_experts, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, cache: RouterCache | None = None
+                ) -> torch.Tensor:
+        start = cache.length if cache is not None else 0
+        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        x = self.embed(input_ids)  # [B, T, dim]
+        for layer, block in enumerate(self.blocks):
+            x = block(x, positions, layer, cache, start)
+        return self.head(self.norm(x))  # [B, T, E]
+
+    @torch.no_grad()
+    def init_embedding_from(self, backbone_embedding: torch.Tensor) -> None:
+        """Start from the backbone's embedding projected onto its top principal directions
+        (the best linear compression to the router's width), scaled to the init's RMS."""
+        table = backbone_embedding.detach().float()  # [V, H]
+        dim = self.embed.weight.shape[1]
+        centred = table - table.mean(dim=0, keepdim=True)
+        rank = min(dim, *centred.shape)
+        _, _, basis = torch.linalg.svd(centred[:: max(1, table.shape[0] // 8192)],
+                                       full_matrices=False)
+        projected = centred @ basis[:rank].T  # [V, rank]
+        projected = projected / projected.pow(2).mean().sqrt().clamp_min(1e-8) * 0.02
+        self.embed.weight.zero_()
+        self.embed.weight[:, :rank] = projected.to(self.embed.weight.dtype)
