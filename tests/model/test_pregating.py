@@ -61,7 +61,7 @@ def test_embedding_init_keeps_backbone_geometry():
     router = make_router()
     backbone = torch.randn(50, 8) @ torch.randn(8, 64)  # rank-8 embedding, width 64
     router.init_embedding_from(backbone)
-    table = router.embed.weight
+    table = router.embed.weight.detach()
     centred = backbone - backbone.mean(0)
     # a projection onto the top principal directions preserves pairwise distances (rank 8 < 32)
     scale = (torch.cdist(table, table) / torch.cdist(centred, centred).clamp_min(1e-6))
