@@ -30,6 +30,10 @@ def make_routing(model, routing: str, model_dir: str | Path | None = None,
     if routing not in ROUTINGS:
         raise ReadmoeError(f"unknown routing {routing!r}; choose one of {', '.join(ROUTINGS)}")
     if routing == "router":
+        config = model.config
+        if config.router_type == "none" and config.needs_routing:
+            raise ReadmoeError("this ReadME model has no router yet; use --routing domain or "
+                               "--routing oracle, or train one with `readmoe train`")
         return None
     names = list(model.config.expert_names)
     if routing == "domain":
