@@ -14,7 +14,7 @@ from readmoe.errors import ReadmoeError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from readmoe.cli import data_cmds, eval_cmds, model_cmds, refactor_cmds
+    from readmoe.cli import data_cmds, eval_cmds, model_cmds, refactor_cmds, train_cmds
 
     parser = argparse.ArgumentParser(
         prog="readmoe",
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(Read-ME) and serve it.")
     parser.add_argument("--version", action="version", version=f"readmoe {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (model_cmds, data_cmds, refactor_cmds, eval_cmds):
+    for module in (model_cmds, data_cmds, refactor_cmds, train_cmds, eval_cmds):
         module.register(commands)
     return parser
 

@@ -1,0 +1,72 @@
+"""`readmoe train`: alternating router distillation and expert tuning."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from readmoe.train.config import EXPERT_PARAMS, ROUTER_TYPES, TrainConfig
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    d = TrainConfig()
+    train = commands.add_parser(
+        "train", help="train the router and tune the experts of a refactored model",
+        description="Alternating rounds (Read-ME section 4): router distillation from the "
+        "dense model's activations with the backbone frozen, then expert tuning with the "
+        "router frozen. Resumable: rerun the same command after a kill.")
+    train.add_argument("model", metavar="MOE_DIR", help="a folder written by `readmoe refactor`")
+    train.add_argument("--corpus", required=True, help="a folder of <domain>.jsonl files")
+    train.add_argument("--out", required=True, help="run folder (round-<r>/ per round)")
+    train.add_argument("--rounds", type=int, default=d.rounds)
+    train.add_argument("--router-steps", type=int, default=d.router_steps)
+    train.add_argument("--expert-steps", type=int, default=d.expert_steps)
+    train.add_argument("--lr-router", type=float, default=d.lr_router)
+    train.add_argument("--lr-experts", type=float, default=d.lr_experts)
+    train.add_argument("--decay", type=float, default=d.decay,
+                       help="learning-rate factor applied after every round")
+    train.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    train.add_argument("--batch-size", type=int, default=d.batch_size,
+                       help="sequences per step, over all processes")
+    train.add_argument("--block-size", type=int, default=d.block_size)
+    train.add_argument("--router-type", default=d.router_type, choices=ROUTER_TYPES,
+                       help="pregating (the paper's) or layerwise (the baseline)")
+    train.add_argument("--expert-params", default=d.expert_params, choices=EXPERT_PARAMS,
+                       help="tune the FFN experts only, or every backbone weight")
+    train.add_argument("--kd-weight", type=float, default=d.kd_weight,
+                       help="weight of KL to the dense model's logits during expert tuning")
+    train.add_argument("--eval-tokens", type=int, default=d.eval_tokens,
+                       help="held-out tokens per domain scored after every round")
+    train.add_argument("--hard-weight", type=float, default=d.router_loss.hard_weight)
+    train.add_argument("--soft-weight", type=float, default=d.router_loss.soft_weight)
+    train.add_argument("--label-smoothing", type=float, default=d.router_loss.label_smoothing)
+    train.add_argument("--seed", type=int, default=d.seed)
+    train.add_argument("--dense", help="the dense source model (default: the one in the plan)")
+    train.set_defaults(handler=run_train)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    from readmoe.train.losses import RouterLossConfig
+
+    return TrainConfig(
+        rounds=args.rounds, router_steps=args.router_steps, expert_steps=args.expert_steps,
+        lr_router=args.lr_router, lr_experts=args.lr_experts, decay=args.decay,
+        weight_decay=args.weight_decay, batch_size=args.batch_size, block_size=args.block_size,
+        router_type=args.router_type, expert_params=args.expert_params,
+        kd_weight=args.kd_weight, eval_tokens=args.eval_tokens, seed=args.seed,
+        router_loss=RouterLossConfig(hard_weight=args.hard_weight, soft_weight=args.soft_weight,
+                                     label_smoothing=args.label_smoothing))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from readmoe.train.rounds import Trainer, final_model_dir
+
+    trainer = Trainer(args.model, args.corpus, args.out, config_from_args(args), args.dense)
+    state = trainer.run()
+    if trainer.dist.is_main:
+        last = state["rounds"][str(max(int(k) for k in state["rounds"]))]
+        print(json.dumps({"model": str(final_model_dir(args.out)),
+                          "router_accuracy": last.get("router_accuracy", {}).get("mean"),
+                          "heldout_ppl": {d: v["ppl"] for d, v in last["heldout"].items()}},
+                         indent=2))
+    return 0

@@ -1,0 +1,53 @@
+"""Training configuration (defaults from the paper, section 4, scaled to a step budget)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from readmoe.errors import ReadmoeError
+from readmoe.train.losses import RouterLossConfig
+
+EXPERT_PARAMS = ("ffn", "all")
+ROUTER_TYPES = ("pregating", "layerwise")
+
+
+@dataclass
+class TrainConfig:
+    rounds: int = 8
+    router_steps: int = 100
+    expert_steps: int = 200
+    lr_router: float = 5e-4
+    lr_experts: float = 5e-5
+    decay: float = 0.8  # both learning rates are multiplied by this after every round
+    weight_decay: float = 0.01
+    batch_size: int = 8  # sequences per optimizer step (over all processes)
+    block_size: int = 512
+    router_type: str = "pregating"
+    expert_params: str = "ffn"  # "ffn": shared + routed experts; "all": every backbone weight
+    kd_weight: float = 0.0  # weight of KL(dense || ReadME) added to the LM loss in expert tuning
+    eval_tokens: int = 2048  # held-out tokens per domain for the per-round perplexity
+    seed: int = 0
+    router_loss: RouterLossConfig = field(default_factory=RouterLossConfig)
+
+    def validate(self) -> None:
+        if self.rounds < 1:
+            raise ReadmoeError(f"--rounds must be at least 1, got {self.rounds}")
+        if self.router_steps < 0 or self.expert_steps < 0:
+            raise ReadmoeError("--router-steps and --expert-steps must be >= 0")
+        if self.router_type not in ROUTER_TYPES:
+            raise ReadmoeError(f"--router-type must be one of {', '.join(ROUTER_TYPES)}")
+        if self.expert_params not in EXPERT_PARAMS:
+            raise ReadmoeError(f"--expert-params must be one of {', '.join(EXPERT_PARAMS)}")
+        if not 0.0 < self.decay <= 1.0:
+            raise ReadmoeError(f"--decay must be in (0, 1], got {self.decay}")
+        if self.batch_size < 1 or self.block_size < 8:
+            raise ReadmoeError("--batch-size must be >= 1 and --block-size >= 8")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        data = dict(data)
+        loss = RouterLossConfig(**data.pop("router_loss", {}))
+        return cls(**data, router_loss=loss)

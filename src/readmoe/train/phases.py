@@ -1,0 +1,153 @@
+"""The two alternating phases: router distillation (backbone frozen) and expert tuning
+(router frozen). Each phase builds a fresh AdamW with a cosine schedule over its own steps,
+so a phase is a pure function of (weights, data position, learning rate): checkpoints at
+phase boundaries make a resumed run identical to an uninterrupted one."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from tqdm import tqdm
+
+from readmoe.train.config import TrainConfig
+from readmoe.train.data import BlockSchedule
+from readmoe.train.losses import lm_loss, logit_kl, router_distillation_loss
+from readmoe.train.targets import DistillTargets
+
+
+def router_parameter_names(model) -> set[str]:
+    return {name for name, _ in model.named_parameters() if _is_router(name)}
+
+
+def _is_router(name: str) -> bool:
+    parts = name.split(".")
+    return "router" in parts or "layer_gate" in parts
+
+
+def expert_parameter_names(model, scope: str) -> set[str]:
+    names = set()
+    for name, _ in model.named_parameters():
+        if _is_router(name):
+            continue
+        if scope == "all" or ".mlp." in name:
+            names.add(name)
+    return names
+
+
+def set_trainable(model, names: set[str]) -> list[torch.nn.Parameter]:
+    params = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in names)
+        if name in names:
+            params.append(param)
+    return params
+
+
+def cosine(base: float, step: int, total: int) -> float:
+    return base * 0.5 * (1.0 + math.cos(math.pi * step / max(1, total)))
+
+
+class Distributed:
+    """Data-parallel helpers over torch.distributed (as set up by `accelerate launch`);
+    a no-op in a single process. Gradients are averaged by hand, so phases with different
+    trainable parameters need no wrapper rebuilt."""
+
+    def __init__(self) -> None:
+        dist = torch.distributed
+        self.active = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.active else 0
+        self.world = dist.get_world_size() if self.active else 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch[self.rank :: self.world]
+
+    def average_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
+        if not self.active:
+            return
+        for param in params:
+            if param.grad is not None:
+                torch.distributed.all_reduce(param.grad)
+                param.grad /= self.world
+
+    def mean(self, value: float) -> float:
+        if not self.active:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(tensor)
+        return float(tensor) / self.world
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+
+def _optimizer(params: list[torch.nn.Parameter], lr: float, config: TrainConfig):
+    return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay,
+                             betas=(0.9, 0.95))
+
+
+def router_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Pre-gating: `[B, T, E]` from the token ids alone (the backbone never runs);
+    layer-wise: `[B, T, L, E]` from a forward pass that records every layer's gate."""
+    if model.config.router_type == "pregating":
+        return model.route(input_ids)[1]
+    return model(input_ids=input_ids, output_router_logits=True).router_logits
+
+
+def run_router_phase(model, schedule: BlockSchedule, targets: DistillTargets, first_step: int,
+                     lr: float, config: TrainConfig, dist: Distributed) -> list[float]:
+    params = set_trainable(model, router_parameter_names(model))
+    optimizer = _optimizer(params, lr, config)
+    losses = []
+    model.train()
+    steps = config.router_steps
+    for step in tqdm(range(steps), desc="router", disable=not dist.is_main, leave=False):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine(lr, step, steps)
+        rows = schedule.indices(first_step + step)
+        rows = dist.shard(rows)
+        input_ids = targets.tokens[rows]  # [b, T]
+        logits = router_logits(model, input_ids)  # [b, T, E] or [b, T, L, E]
+        scores = targets.scores[rows].flatten(0, 1)  # [b*T, L, E]
+        loss = router_distillation_loss(logits.flatten(0, 1), scores, targets.expert_sizes,
+                                        config.router_loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        dist.average_gradients(params)
+        optimizer.step()
+        losses.append(dist.mean(float(loss)))
+    model.eval()
+    return losses
+
+
+def run_expert_phase(model, schedule: BlockSchedule, first_step: int, lr: float,
+                     config: TrainConfig, dist: Distributed, dense=None) -> list[float]:
+    params = set_trainable(model, expert_parameter_names(model, config.expert_params))
+    optimizer = _optimizer(params, lr, config)
+    losses = []
+    model.train()
+    steps = config.expert_steps
+    for step in tqdm(range(steps), desc="experts", disable=not dist.is_main, leave=False):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine(lr, step, steps)
+        input_ids = dist.shard(schedule.batch(first_step + step))  # [b, T]
+        logits = model(input_ids=input_ids).logits  # the model routes with its frozen router
+        loss = lm_loss(logits, input_ids)
+        if dense is not None and config.kd_weight > 0:
+            with torch.no_grad():
+                teacher = dense(input_ids=input_ids).logits
+            loss = loss + config.kd_weight * logit_kl(logits, teacher)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        dist.average_gradients(params)
+        optimizer.step()
+        losses.append(dist.mean(float(loss)))
+    model.eval()
+    set_trainable(model, set())
+    return losses

@@ -1,0 +1,183 @@
+"""Alternating rounds of router distillation and expert tuning (Read-ME section 4).
+
+Round r: `router_steps` router steps at lr_router * decay**r, then `expert_steps` expert steps
+at lr_experts * decay**r, each phase with its own cosine schedule. The data position
+advances across rounds. After every phase the model and `state.json` are written
+atomically (`checkpoint/`), so a killed run resumes at the phase it was in and ends with the
+same weights as an uninterrupted run; after every round the model is saved as `round-<r>/`
+and `train_log.json` gains the round's losses, router accuracy and held-out perplexity.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from readmoe.errors import ReadmoeError
+from readmoe.io import atomic_write_json
+from readmoe.train.config import TrainConfig
+from readmoe.train.data import BlockSchedule, mixed_blocks
+from readmoe.train.evaluate import RoundEvaluator
+from readmoe.train.phases import Distributed, run_expert_phase, run_router_phase
+from readmoe.train.targets import DistillTargets, build_targets
+
+STATE = "state.json"
+CHECKPOINT = "checkpoint"
+
+
+class Trainer:
+    def __init__(self, moe_dir: str | Path, corpus_spec: str, out: str | Path,
+                 config: TrainConfig, dense: str | None = None) -> None:
+        config.validate()
+        self.moe_dir, self.out, self.config = Path(moe_dir), Path(out), config
+        self.corpus_spec, self.dense_spec = corpus_spec, dense
+        self.dist = Distributed()
+        if config.batch_size % self.dist.world:
+            raise ReadmoeError(f"--batch-size {config.batch_size} must be divisible by the "
+                               f"number of processes ({self.dist.world})")
+
+    def phases(self) -> list[tuple[str, int]]:
+        """The phase sequence: (router, 0), (experts, 0), (router, 1), ... (empty ones left out)."""
+        order = []
+        for r in range(self.config.rounds):
+            if self.routed and self.config.router_steps:
+                order.append(("router", r))
+            if self.config.expert_steps:
+                order.append(("experts", r))
+        return order
+
+    def run(self, max_phases: int | None = None) -> dict:
+        """Train (resuming if `out` holds a matching state); `max_phases` stops early, as a
+        kill at a phase boundary would (used by tests)."""
+        from readmoe.data.corpus import load_corpus
+        from readmoe.models import load_model, load_tokenizer
+        from readmoe.refactor.plan import ExpertPlan
+
+        torch.manual_seed(self.config.seed)
+        self.plan = ExpertPlan.load(self._plan_dir())
+        self.corpus = load_corpus(self.corpus_spec)
+        self.tokenizer = load_tokenizer(str(self.moe_dir))
+        state = self._load_state()
+        model = load_model(str(self.out / CHECKPOINT if state["phases_done"] else self.moe_dir))
+        self.routed = model.config.needs_routing
+        if self.routed and model.config.router_type == "none":
+            model.attach_router(self.config.router_type)
+        dense = self._dense_model(load_model)
+        schedule = BlockSchedule(self._blocks(), self.config.batch_size)
+        targets = self._targets(dense, schedule) if self.routed else None
+        router_schedule = (BlockSchedule(targets.tokens, self.config.batch_size)
+                           if targets is not None else None)
+        evaluator = RoundEvaluator(self.corpus, self.tokenizer, self.config, dense, self.plan)
+        for index, (kind, r) in enumerate(self.phases()):
+            if index < state["phases_done"]:
+                continue
+            if max_phases is not None and index >= max_phases:
+                return state
+            started = time.time()
+            if kind == "router":
+                lr = self.config.lr_router * self.config.decay**r
+                losses = run_router_phase(model, router_schedule, targets,
+                                          r * self.config.router_steps, lr, self.config,
+                                          self.dist)
+            else:
+                lr = self.config.lr_experts * self.config.decay**r
+                losses = run_expert_phase(model, schedule, r * self.config.expert_steps, lr,
+                                          self.config, self.dist,
+                                          dense if self.config.kd_weight > 0 else None)
+            entry = state["rounds"].setdefault(str(r), {"round": r})
+            entry[kind] = {"lr": lr, "losses": losses, "seconds": round(time.time() - started, 1)}
+            last_of_round = index == len(self.phases()) - 1 or self.phases()[index + 1][1] != r
+            if last_of_round and self.dist.is_main:
+                entry.update(evaluator.evaluate(model))
+                self._save_model(model, self.out / f"round-{r}")
+            state["phases_done"] = index + 1
+            self._checkpoint(model, state)
+        return state
+
+    def _plan_dir(self) -> Path:
+        plan_dir = self.moe_dir / "plan"
+        if not plan_dir.is_dir():
+            raise ReadmoeError(f"{self.moe_dir} has no plan/ folder; train a folder written by "
+                               "`readmoe refactor`")
+        return plan_dir
+
+    def _dense_model(self, load_model):
+        from readmoe.models import resolve_model
+        from readmoe.refactor.fingerprint import model_fingerprint
+
+        source = self.dense_spec or self.plan.model
+        expected = self.plan.meta.get("fingerprint")
+        if expected and model_fingerprint(resolve_model(source)) != expected:
+            raise ReadmoeError(f"{source} is not the dense model {self.moe_dir} was carved from;"
+                               " pass the right one with --dense")
+        return load_model(source)
+
+    def _blocks(self) -> torch.Tensor:
+        c = self.config
+        needed = c.rounds * max(c.router_steps, c.expert_steps) * c.batch_size
+        return mixed_blocks(self.corpus, self.tokenizer, c.block_size, needed)
+
+    def _targets(self, dense, schedule: BlockSchedule) -> DistillTargets:
+        """Distillation targets for the blocks router phases read (cached in `out`)."""
+        from readmoe.refactor.oracle import OracleRouter
+
+        folder = self.out / "targets"
+        count = min(schedule.blocks.shape[0],
+                    self.config.rounds * self.config.router_steps * self.config.batch_size)
+        blocks = schedule.blocks[:count]
+        if (folder / "targets.json").is_file():
+            cached = DistillTargets.load(folder)
+            if torch.equal(cached.tokens, blocks):
+                return cached
+        targets = build_targets(OracleRouter(dense, self.plan), blocks,
+                                meta={"plan_fingerprint": self.plan.meta.get("fingerprint")})
+        if self.dist.is_main:
+            targets.save(folder)
+        return targets
+
+    def _load_state(self) -> dict:
+        fresh = {"config": self.config.to_dict(), "source": str(self.moe_dir),
+                 "corpus": self.corpus.fingerprint(), "phases_done": 0, "rounds": {}}
+        path = self.out / STATE
+        if not path.is_file():
+            if self.out.is_dir() and any(p.name != "targets" for p in self.out.iterdir()):
+                raise ReadmoeError(f"{self.out} is not empty and holds no training state; "
+                                   "choose another --out")
+            return fresh
+        state = json.loads(path.read_text())
+        for key in ("config", "source", "corpus"):
+            if state[key] != fresh[key]:
+                raise ReadmoeError(f"{self.out} holds a run with another {key}; resume with the "
+                                   "same arguments or choose another --out")
+        return state
+
+    def _checkpoint(self, model, state: dict) -> None:
+        if self.dist.is_main:
+            self._save_model(model, self.out / CHECKPOINT)
+            atomic_write_json(self.out / STATE, state)
+            log = {"config": state["config"], "source": state["source"],
+                   "rounds": [state["rounds"][k] for k in sorted(state["rounds"], key=int)]}
+            atomic_write_json(self.out / "train_log.json", log)
+        self.dist.barrier()
+
+    def _save_model(self, model, folder: Path) -> None:
+        from readmoe.refactor.slicing import save_readme
+
+        save_readme(model, folder, tokenizer=self.tokenizer, plan=self.plan)
+
+
+def final_model_dir(out: str | Path) -> Path:
+    """The last round's folder of a finished run."""
+    rounds = sorted(Path(out).glob("round-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not rounds:
+        raise ReadmoeError(f"{out} holds no finished round")
+    return rounds[-1]
+
+
+def clear_checkpoint(out: str | Path) -> None:
+    """Drop the phase checkpoint of a finished run (the round folders stay)."""
+    shutil.rmtree(Path(out) / CHECKPOINT, ignore_errors=True)
