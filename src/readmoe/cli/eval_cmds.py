@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from readmoe.cli.model_cmds import MODEL_HELP
+from readmoe.cli.tasks_cmds import register_tasks
 from readmoe.eval.domains import DEFAULT_TOKENS, DEFAULT_WINDOW
 from readmoe.eval.routing import ROUTINGS
 
@@ -29,6 +30,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                      "one recorded in the ReadME folder's plan)")
     ppl.add_argument("--json", help="write the result as JSON to this file")
     ppl.set_defaults(handler=run_ppl)
+    register_tasks(sub)
 
 
 def run_ppl(args: argparse.Namespace) -> int:

@@ -1,1 +1,1 @@
-"""Evaluation: held-out perplexity per domain (and later task benchmarks)."""
+"""Evaluation: held-out perplexity per domain and lm-evaluation-harness tasks offline."""
