@@ -1,7 +1,7 @@
 """Configuration of a ReadME model: a Llama-family backbone whose FFNs are refactored into experts.
 
 This file is copied into every saved model folder and loaded with ``trust_remote_code=True``,
-so it imports only ``transformers`` (never ``readmoe``).
+so it imports only ``transformers`` and its sibling files (never ``readmoe``).
 
 Per layer ``l`` the FFN holds a shared expert of ``shared_intermediate_sizes[l]`` channels (run
 for every token) and ``num_experts`` routed experts of ``expert_intermediate_sizes[l]`` channels
@@ -13,10 +13,16 @@ import copy
 
 from transformers.configuration_utils import PreTrainedConfig
 
+from .pregating import default_router_dim
+
 BACKBONE_TYPES = ("llama", "mistral", "qwen2")
-# Routers that compute expert_ids inside the model. "none": the caller passes expert_ids (an oracle,
-# a domain label, or a router run beforehand, as in serving).
-ROUTER_TYPES = ("none",)
+# What computes expert_ids when the caller does not pass them. "none": the caller always does (an
+# oracle, a domain label, or a router run beforehand, as in serving). "pregating": the paper's
+# router, one tiny causal transformer over token ids whose choice serves every layer.
+# "layerwise": the baseline, a linear gate per layer over that layer's FFN input.
+ROUTER_TYPES = ("none", "pregating", "layerwise")
+# The pre-gating router's shape fields (``ReadMEForCausalLM.attach_router`` takes them).
+ROUTER_DIMS = ("router_dim", "router_layers", "router_heads", "router_mlp_dim", "router_rope_theta")
 
 
 class ReadMEConfig(PreTrainedConfig):
@@ -29,7 +35,17 @@ class ReadMEConfig(PreTrainedConfig):
     dense_intermediate_size: FFN width of the dense model the experts were cut from.
     backbone_type: which transformers attention class to reuse: "llama" (bias set by
         ``attention_bias``), "mistral" (no bias, sliding window) or "qwen2" (q/k/v bias, no o bias).
-    router_type: what computes expert_ids when the caller does not pass them.
+    router_type: what computes expert_ids when the caller does not pass them (ROUTER_TYPES).
+
+    The pre-gating router's shape (used when router_type is "pregating"; paper Table 1 for
+    Llama-2-7B: 512 wide, 1 layer, 4 heads, MLP 512):
+
+    router_dim: embedding / feature width; default ``default_router_dim(hidden_size)``
+        (hidden/4 in multiples of 32, within [64, 512]).
+    router_layers: transformer blocks (default 1).
+    router_heads: attention heads (default 4); router_dim / router_heads must be even.
+    router_mlp_dim: SwiGLU width (default router_dim, as in the paper).
+    router_rope_theta: RoPE base (default 10000).
     """
 
     model_type = "readme"
@@ -61,6 +77,11 @@ class ReadMEConfig(PreTrainedConfig):
     shared_intermediate_sizes: list[int] | None = None
     expert_intermediate_sizes: list[int] | None = None
     router_type: str = "none"
+    router_dim: int | None = None
+    router_layers: int = 1
+    router_heads: int = 4
+    router_mlp_dim: int | None = None
+    router_rope_theta: float = 10000.0
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -77,7 +98,12 @@ class ReadMEConfig(PreTrainedConfig):
             self.expert_intermediate_sizes = [0] * self.num_hidden_layers
         if self.expert_names is None:
             self.expert_names = [f"expert_{index}" for index in range(self.num_experts)]
+        if self.router_dim is None:
+            self.router_dim = default_router_dim(self.hidden_size)
+        if self.router_mlp_dim is None:
+            self.router_mlp_dim = self.router_dim
         self._check_moe_fields()
+        self.check_router_fields()
         super().__post_init__(**kwargs)
 
     def _check_moe_fields(self) -> None:
@@ -85,8 +111,6 @@ class ReadMEConfig(PreTrainedConfig):
         if self.backbone_type not in BACKBONE_TYPES:
             raise ValueError(f"backbone_type must be one of {BACKBONE_TYPES}, "
                              f"got {self.backbone_type!r}")
-        if self.router_type not in ROUTER_TYPES:
-            raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be at least 1, got {self.num_experts}")
         if len(self.expert_names) != self.num_experts:
@@ -101,6 +125,17 @@ class ReadMEConfig(PreTrainedConfig):
             if shared < 0 or expert < 0 or shared + expert == 0:
                 raise ValueError(f"layer {layer}: shared size {shared} and expert size {expert} "
                                  "must be >= 0 and not both 0")
+
+    def check_router_fields(self) -> None:
+        """Validate router_type and the router's shape (also after ``attach_router`` edits them)."""
+        if self.router_type not in ROUTER_TYPES:
+            raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
+        for name in ("router_dim", "router_layers", "router_heads", "router_mlp_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.router_dim % self.router_heads or (self.router_dim // self.router_heads) % 2:
+            raise ValueError(f"router_dim {self.router_dim} must split into router_heads "
+                             f"{self.router_heads} heads of even width (RoPE rotates pairs)")
 
     @property
     def needs_routing(self) -> bool:
@@ -161,4 +196,4 @@ class ReadMEConfig(PreTrainedConfig):
 
 ReadMEConfig.register_for_auto_class()
 
-__all__ = ["ReadMEConfig"]
+__all__ = ["BACKBONE_TYPES", "ROUTER_DIMS", "ROUTER_TYPES", "ReadMEConfig"]

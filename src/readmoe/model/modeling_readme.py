@@ -4,25 +4,27 @@ Read-ME (Cai et al., NeurIPS 2024) refactors a dense model: each layer's FFN cha
 into a shared set (used by every token) and equal-size routed experts. ONE routing decision per
 token (``expert_ids``) serves every layer, so it can be made before the backbone runs (the
 paper's pre-gating router) and the tokens are grouped by expert once per forward pass.
-The refactor has no gate weight: a token's FFN output is ``shared(x) + routed_e(x)``.
+The refactor has no gate weight: a token's FFN output is ``shared(x) + routed_e(x)``, so
+routing decisions get no gradient from the LM loss; routers learn from their own logits
+(``output_router_logits=True``) against distillation targets.
+
+Who chooses ``expert_ids`` (config.router_type): the caller ("none"); the pre-gating router
+("pregating", ``model.router``), before the layers run, from token ids, with its own KV cache;
+or a linear gate per layer ("layerwise", ``model.layers.<l>.mlp.gate``) over that layer's FFN
+input, the layer-wise baseline with the very same experts. Explicit expert_ids always win.
 
 This file is copied into every saved model folder and loaded with ``trust_remote_code=True``,
-so it imports only torch, transformers and its sibling configuration file. Attention, RMSNorm
-and rotary embeddings are transformers' own Llama / Mistral / Qwen2 modules, imported.
+so it imports only torch, transformers and its sibling files. Attention, RMSNorm and rotary
+embeddings are transformers' own Llama / Mistral / Qwen2 modules, imported.
 """
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
@@ -37,94 +39,20 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_readme import ReadMEConfig
+from .configuration_readme import ROUTER_DIMS, ReadMEConfig
+from .experts import ExpertGroups, ReadMEExperts, ReadMEMoE, ReadMESharedExpert
+from .pregating import PreGatingRouter, RouterCache
+from .routing import (
+    ReadMECausalLMOutputWithPast,
+    ReadMEModelOutputWithPast,
+    check_expert_ids,
+    forget_router_cache,
+    reorder_router_cache,
+    router_cache_for,
+    stack_layer_routing,
+)
 
 ATTENTION_CLASSES = {"llama": LlamaAttention, "mistral": MistralAttention, "qwen2": Qwen2Attention}
-INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-
-
-@dataclass
-class ExpertGroups:
-    """The tokens of one forward pass grouped by routed expert.
-
-    Every layer routes a token to the same expert, so the sort is done once per forward pass
-    rather than once per layer.
-    """
-
-    order: torch.Tensor  # [N] int64: flat token positions, sorted by expert (stable)
-    counts: list[int]  # [E]: tokens per expert, in expert order
-
-    @classmethod
-    def from_expert_ids(cls, expert_ids: torch.Tensor, num_experts: int) -> "ExpertGroups":
-        flat = expert_ids.reshape(-1)  # [N]
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=num_experts).tolist()
-        return cls(order=order, counts=counts)
-
-
-class ReadMESharedExpert(nn.Module):
-    """The layer's always-on SwiGLU channels, stored once (never copied into each expert)."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self.act_fn = ACT2FN[hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, H]
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-
-class ReadMEExperts(nn.Module):
-    """E routed SwiGLU experts of equal width R, stacked so one layer is three tensors."""
-
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 hidden_act: str):
-        super().__init__()
-        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
-        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        self.act_fn = ACT2FN[hidden_act]
-
-    def forward(self, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
-        """x: [N, H] -> [N, H], each token through its own expert (weight 1, no gate)."""
-        grouped = x.index_select(0, groups.order)  # [N, H], tokens of expert 0 first
-        outputs = []
-        start = 0
-        for expert, count in enumerate(groups.counts):
-            if count == 0:
-                continue
-            tokens = grouped[start:start + count]  # [n, H]
-            hidden = (self.act_fn(F.linear(tokens, self.gate_proj[expert]))
-                      * F.linear(tokens, self.up_proj[expert]))  # [n, R]
-            outputs.append(F.linear(hidden, self.down_proj[expert]))  # [n, H]
-            start += count
-        # Every token has exactly one expert, so copying back fills every row.
-        return torch.empty_like(x).index_copy(0, groups.order, torch.cat(outputs))
-
-
-class ReadMEMoE(nn.Module):
-    """One layer's FFN: shared expert (none if S_l = 0) + routed experts (none if R_l = 0)."""
-
-    def __init__(self, config: ReadMEConfig, layer_idx: int):
-        super().__init__()
-        shared_size = config.shared_intermediate_sizes[layer_idx]
-        expert_size = config.expert_intermediate_sizes[layer_idx]
-        self.shared = (ReadMESharedExpert(config.hidden_size, shared_size, config.hidden_act)
-                       if shared_size > 0 else None)
-        self.experts = (ReadMEExperts(config.num_experts, config.hidden_size, expert_size,
-                                      config.hidden_act)
-                        if expert_size > 0 else None)
-
-    def forward(self, hidden_states: torch.Tensor, groups: ExpertGroups | None) -> torch.Tensor:
-        shape = hidden_states.shape  # [B, T, H]
-        flat = hidden_states.reshape(-1, shape[-1])  # [N, H]
-        output = self.shared(flat) if self.shared is not None else None
-        if self.experts is not None:
-            routed = self.experts(flat, groups)
-            output = routed if output is None else output + routed
-        return output.view(shape)
 
 
 class ReadMEDecoderLayer(GradientCheckpointingLayer):
@@ -142,13 +70,19 @@ class ReadMEDecoderLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         expert_groups: ExpertGroups | None = None,
+        output_router_logits: bool = False,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (hidden states [B, T, H], the layer-wise gate's logits [B, T, E] or None).
+
+        Without ``expert_groups`` the layer's gate routes its own tokens: the expert is known
+        only once the layer's attention has run (what makes layer-wise MoEs hard to serve).
+        """
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(
@@ -162,9 +96,15 @@ class ReadMEDecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = residual + hidden_states
         residual = hidden_states
-        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.post_attention_layernorm(hidden_states)  # [B, T, H]
+        gate_logits = None
+        if self.mlp.gate is not None and (expert_groups is None or output_router_logits):
+            gate_logits = self.mlp.gate(hidden_states)  # [B, T, E]
+            if expert_groups is None:
+                expert_groups = ExpertGroups.from_expert_ids(gate_logits.argmax(-1),
+                                                             gate_logits.shape[-1])
         hidden_states = self.mlp(hidden_states, expert_groups)
-        return residual + hidden_states
+        return residual + hidden_states, gate_logits
 
 
 class ReadMEPreTrainedModel(PreTrainedModel):
@@ -189,8 +129,72 @@ class ReadMEPreTrainedModel(PreTrainedModel):
             init.normal_(module.up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
 
+    def route(self, input_ids: torch.LongTensor, router_cache: RouterCache | None = None,
+              attention_mask: torch.Tensor | None = None
+              ) -> tuple[torch.LongTensor, torch.FloatTensor]:
+        """Run the pre-gating router alone: (expert_ids [B, T], router_logits [B, T, E]).
+
+        What a serving engine calls ahead of the backbone, then passes ``expert_ids`` to
+        forward. ``router_cache`` continues a sequence batch: feed only the new tokens, so a
+        decoded token costs one token's projections and one attention row, never a rerun of
+        the prefix. ``attention_mask`` [B, cached + T] (1 = token, 0 = padding) hides padding.
+        """
+        router = self.base_model.router
+        if router is None:
+            where = (" (a layer-wise gate decides inside each layer, once that layer runs)"
+                     if self.config.router_type == "layerwise" else "")
+            raise ValueError("route() needs the pre-gating router; this model's router_type is "
+                             f"{self.config.router_type!r}{where}")
+        router_logits = router(input_ids, router_cache, attention_mask)  # [B, T, E]
+        return router_logits.argmax(-1), router_logits
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        """The router's parameters (pre-gating router or layer-wise gates): what router
+        training updates with the backbone frozen, and what expert tuning freezes."""
+        return [param for module in self.base_model.router_modules()
+                for param in module.parameters()]
+
+    def attach_router(self, router_type: str, init_embedding: bool = True, seed: int = 0,
+                      **dims) -> None:
+        """Give the model a new router of ``router_type`` ("none" removes it) and record it in
+        the config, so ``save_pretrained`` writes it and loading rebuilds it.
+
+        ``dims`` are router config fields (ROUTER_DIMS); omitted ones keep the config's values.
+        New weights get the model's own init from a ``seed``ed generator (the global RNG is left
+        alone): small random layer-wise gates. The pre-gating router's embedding starts, with
+        ``init_embedding``, from the backbone's input embedding (``init_embedding_from``).
+        """
+        unknown = sorted(set(dims) - set(ROUTER_DIMS))
+        if unknown:
+            raise ValueError(f"unknown router fields {unknown}; expected some of {ROUTER_DIMS}")
+        config = self.config
+        previous = {name: getattr(config, name) for name in ("router_type", *ROUTER_DIMS)}
+        for name, value in {"router_type": router_type, **dims}.items():
+            setattr(config, name, value)
+        try:
+            config.check_router_fields()
+        except ValueError:
+            for name, value in previous.items():
+                setattr(config, name, value)
+            raise
+        base = self.base_model
+        embedding = base.embed_tokens.weight  # [V, H]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            base.build_router()
+            for module in base.router_modules():
+                module.apply(self._init_weights)
+                module.to(device=embedding.device, dtype=embedding.dtype)
+        if init_embedding and base.router is not None:
+            base.router.init_embedding_from(embedding)
+
 
 class ReadMEModel(ReadMEPreTrainedModel):
+    """The backbone, and the router that chooses its experts (pre-gating: ``router``;
+    layer-wise: each layer's ``mlp.gate``). Routers live here rather than in the causal-LM
+    head so that the base model alone maps token ids to hidden states, and loading a base
+    model from a causal-LM folder (``base_model_prefix``) keeps the router."""
+
     def __init__(self, config: ReadMEConfig):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
@@ -204,41 +208,73 @@ class ReadMEModel(ReadMEPreTrainedModel):
         self.gradient_checkpointing = False
         self.has_sliding_layers = "sliding_attention" in config.layer_types
         self.has_routed_experts = any(size > 0 for size in config.expert_intermediate_sizes)
+        self.build_router()
         self.post_init()
 
-    def resolve_expert_ids(self, expert_ids: torch.Tensor | None, batch_size: int, seq_len: int,
-                           device: torch.device) -> torch.Tensor:
-        """The routed expert of every token of this pass, [batch, seq] int64, validated.
+    def build_router(self) -> None:
+        """Create the router modules config.router_type names (uninitialised), drop others."""
+        config = self.config
+        self.router = (PreGatingRouter(
+            config.vocab_size, config.num_experts, dim=config.router_dim,
+            layers=config.router_layers, heads=config.router_heads,
+            mlp_dim=config.router_mlp_dim, rope_theta=config.router_rope_theta,
+            eps=config.rms_norm_eps) if config.router_type == "pregating" else None)
+        for layer in self.layers:
+            layerwise = config.router_type == "layerwise" and layer.mlp.experts is not None
+            layer.mlp.gate = (nn.Linear(config.hidden_size, config.num_experts, bias=False)
+                              if layerwise else None)
 
-        ``expert_ids`` is [batch, seq] (one expert per token) or [batch] (one expert per
-        sequence: domain routing, which also serves every KV-cached decode step). Without it
-        there must be nothing to route. A built-in router (config.router_type) goes here.
+    def router_modules(self) -> list[nn.Module]:
+        """The modules that choose experts: [router], the layer-wise gates, or []."""
+        if self.router is not None:
+            return [self.router]
+        return [layer.mlp.gate for layer in self.layers if layer.mlp.gate is not None]
+
+    def resolve_expert_ids(self, expert_ids: torch.Tensor | None, batch_size: int, seq_len: int,
+                           device: torch.device) -> torch.Tensor | None:
+        """The routed experts of this pass, validated: [batch, seq] or [batch, seq, layers]
+        int64, or None when each layer's gate will choose (layer-wise router).
+
+        ``expert_ids`` is [batch, seq] (one expert per token), [batch, seq, layers] (one per
+        token and layer, e.g. oracle per-layer routing) or [batch] (one per sequence: domain
+        routing, which also serves every KV-cached decode step). Without it and without a
+        router there must be nothing to route.
         """
         num_experts = self.config.num_experts
-        if expert_ids is None:
-            if self.config.needs_routing:
-                raise ValueError(
-                    f"this ReadME model has {num_experts} routed experts and no router "
-                    f"(router_type={self.config.router_type!r}): pass expert_ids, ints in "
-                    f"[0, {num_experts}) of shape [batch, seq] (per token) or [batch] "
-                    "(per sequence)")
-            return torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
-        expert_ids = torch.as_tensor(expert_ids, device=device)
-        if expert_ids.dtype not in INTEGER_DTYPES:
-            raise ValueError(f"expert_ids must be an integer tensor, got dtype {expert_ids.dtype}")
-        if expert_ids.dim() == 1 and expert_ids.shape[0] == batch_size:
-            expert_ids = expert_ids[:, None].expand(batch_size, seq_len)  # [B] -> [B, T]
-        elif expert_ids.dim() != 2 or tuple(expert_ids.shape) != (batch_size, seq_len):
+        if expert_ids is not None:
+            return check_expert_ids(expert_ids, batch_size, seq_len, self.config.num_hidden_layers,
+                                    num_experts, device)
+        if self.config.router_type == "layerwise":
+            return None
+        if self.config.needs_routing:
             raise ValueError(
-                f"expert_ids has shape {tuple(expert_ids.shape)}; expected [batch, seq] = "
-                f"[{batch_size}, {seq_len}] (one expert per input token) or [batch] = "
-                f"[{batch_size}] (one expert per sequence)")
-        if expert_ids.numel():
-            low, high = (int(value) for value in torch.aminmax(expert_ids))
-            if low < 0 or high >= num_experts:
-                raise ValueError(f"expert_ids must lie in [0, {num_experts}) (the model has "
-                                 f"{num_experts} experts), got values from {low} to {high}")
-        return expert_ids.long()
+                f"this ReadME model has {num_experts} routed experts and no router "
+                f"(router_type={self.config.router_type!r}): pass expert_ids, ints in "
+                f"[0, {num_experts}) of shape [batch, seq] (per token), [batch, seq, layers] "
+                "(per token and layer) or [batch] (per sequence)")
+        return torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
+
+    def _pregate(self, input_ids: torch.LongTensor | None,
+                 attention_mask: torch.Tensor | dict | None, cache: Cache | None,
+                 expert_ids: torch.Tensor | None, output_router_logits: bool
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(router_logits [B, T, E] or None, expert_ids): the pre-gating router runs when it
+        must choose the experts or its logits are asked for, with the RouterCache travelling
+        with ``cache`` (see routing.py), before the layers add this step to ``cache``."""
+        if self.router is None:
+            return None, expert_ids
+        if expert_ids is not None and not output_router_logits:
+            if cache is not None:
+                forget_router_cache(cache)
+            return None, expert_ids
+        if input_ids is None:
+            raise ValueError("the pre-gating router reads token ids: pass input_ids (not only "
+                             "inputs_embeds), or pass expert_ids")
+        padding = (attention_mask if isinstance(attention_mask, torch.Tensor)
+                   and attention_mask.dim() == 2 else None)  # [B, past + T]
+        router_cache = router_cache_for(cache) if cache is not None else None
+        chosen, router_logits = self.route(input_ids, router_cache, padding)
+        return router_logits, chosen if expert_ids is None else expert_ids
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @merge_with_config_defaults
@@ -252,19 +288,25 @@ class ReadMEModel(ReadMEPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         expert_ids: torch.LongTensor | None = None,
+        output_router_logits: bool = False,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> BaseModelOutputWithPast:
+    ) -> ReadMEModelOutputWithPast:
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # [B, T, H]
         batch_size, seq_len = inputs_embeds.shape[:2]
-        expert_ids = self.resolve_expert_ids(expert_ids, batch_size, seq_len, inputs_embeds.device)
-        expert_groups = (ExpertGroups.from_expert_ids(expert_ids, self.config.num_experts)
-                         if self.has_routed_experts else None)
-
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        router_logits, expert_ids = self._pregate(input_ids, attention_mask, cache, expert_ids,
+                                                  output_router_logits)
+        expert_ids = self.resolve_expert_ids(expert_ids, batch_size, seq_len, inputs_embeds.device)
+        num_experts = self.config.num_experts
+        grouped = self.has_routed_experts and expert_ids is not None
+        # [B, T] ids serve every layer: sort the tokens once. [B, T, L]: per layer, below.
+        shared_groups = (ExpertGroups.from_expert_ids(expert_ids, num_experts)
+                         if grouped and expert_ids.dim() == 2 else None)
+
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(seq_len, device=inputs_embeds.device) + past_seen_tokens
@@ -286,10 +328,15 @@ class ReadMEModel(ReadMEPreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        gate_logits = []  # per layer [B, T, E] or None
         for layer_idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-            hidden_states = decoder_layer(
+            groups = shared_groups
+            if grouped and expert_ids.dim() == 3 and decoder_layer.mlp.experts is not None:
+                groups = ExpertGroups.from_expert_ids(expert_ids[..., layer_idx], num_experts)
+            hidden_states, layer_logits = decoder_layer(
                 hidden_states,
-                expert_groups=expert_groups,
+                expert_groups=groups,
+                output_router_logits=output_router_logits,
                 attention_mask=causal_mask_mapping[self.config.layer_types[layer_idx]],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
@@ -297,8 +344,14 @@ class ReadMEModel(ReadMEPreTrainedModel):
                 use_cache=use_cache,
                 **kwargs,
             )
+            gate_logits.append(layer_logits)
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+        if not output_router_logits:
+            return ReadMEModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+        if self.config.router_type == "layerwise":
+            router_logits, expert_ids = stack_layer_routing(gate_logits, expert_ids)
+        return ReadMEModelOutputWithPast(last_hidden_state=hidden_states, cache=cache,
+                                         router_logits=router_logits, expert_ids=expert_ids)
 
 
 class ReadMEForCausalLM(ReadMEPreTrainedModel, GenerationMixin):
@@ -324,10 +377,13 @@ class ReadMEForCausalLM(ReadMEPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         expert_ids: torch.LongTensor | None = None,
+        output_router_logits: bool = False,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> CausalLMOutputWithPast:
-        """LlamaForCausalLM.forward plus ``expert_ids``: [batch, seq] or [batch] routed experts."""
-        outputs: BaseModelOutputWithPast = self.model(
+    ) -> ReadMECausalLMOutputWithPast:
+        """LlamaForCausalLM.forward plus ``expert_ids`` ([batch, seq], [batch, seq, layers] or
+        [batch] routed experts; omitted: the model's router chooses) and
+        ``output_router_logits`` (return the router's logits and the expert_ids used)."""
+        outputs: ReadMEModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -335,6 +391,7 @@ class ReadMEForCausalLM(ReadMEPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             expert_ids=expert_ids,
+            output_router_logits=output_router_logits,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
@@ -343,31 +400,43 @@ class ReadMEForCausalLM(ReadMEPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels,
                                       vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
+        return ReadMECausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+            expert_ids=outputs.expert_ids,
         )
+
+    def _reorder_cache(self, cache: Cache, beam_idx: torch.LongTensor) -> Cache:
+        """Beam search keeps some beams: reorder the router's cache along with the backbone's."""
+        cache.reorder_cache(beam_idx)
+        reorder_router_cache(cache, beam_idx)
+        return cache
 
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
         next_sequence_length: int | None = None,
         cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         expert_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> dict:
         """GenerationMixin's inputs, plus the expert_ids of the positions this step feeds.
 
-        [batch] expert_ids (domain routing) pass through unchanged to every step. [batch, seq]
-        expert_ids are sliced to the step's positions, so they must cover the prompt AND every
-        generated token; a prompt-only tensor is refused when the first new token needs an expert.
+        Without expert_ids the model's router chooses (the pre-gating router on the step's new
+        tokens only, thanks to its cache). [batch] expert_ids (domain routing) pass through
+        unchanged to every step. [batch, seq] and [batch, seq, layers] expert_ids are sliced to
+        the step's positions, so they must cover the prompt AND every generated token; a
+        prompt-only tensor is refused when the first new token needs an expert.
         """
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, next_sequence_length=next_sequence_length, cache=cache, **kwargs)
-        if expert_ids is not None and expert_ids.dim() == 2:
+            input_ids, next_sequence_length=next_sequence_length, cache=cache,
+            inputs_embeds=inputs_embeds, **kwargs)
+        if expert_ids is not None and expert_ids.dim() >= 2:
             step_input = model_inputs.get("input_ids")
             if step_input is None:
                 step_input = model_inputs["inputs_embeds"]
@@ -388,9 +457,11 @@ ReadMEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "ExpertGroups",
+    "ReadMECausalLMOutputWithPast",
     "ReadMEExperts",
     "ReadMEForCausalLM",
     "ReadMEModel",
+    "ReadMEModelOutputWithPast",
     "ReadMEPreTrainedModel",
     "ReadMESharedExpert",
 ]

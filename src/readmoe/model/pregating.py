@@ -68,6 +68,20 @@ class RouterCache:
             self.values[layer] = torch.cat([self.values[layer], v], dim=2)
         return self.keys[layer], self.values[layer]
 
+    def crop(self, length: int) -> None:
+        """Keep the first `length` tokens: the router is causal, so their keys and values are
+        still exact after the later tokens are rolled back (assisted decoding, a reset cache)."""
+        if length == 0:
+            self.keys, self.values = [], []  # a new sequence batch may have another batch size
+            return
+        self.keys = [k[:, :, :length] for k in self.keys]
+        self.values = [v[:, :, :length] for v in self.values]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` ([B'] int), in that order (beam search's surviving beams)."""
+        self.keys = [k.index_select(0, index.to(k.device)) for k in self.keys]
+        self.values = [v.index_select(0, index.to(v.device)) for v in self.values]
+
 
 class RouterBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_dim: int, theta: float, eps: float) -> None:
@@ -84,8 +98,10 @@ class RouterBlock(nn.Module):
         self.down = nn.Linear(mlp_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, layer: int,
-                cache: RouterCache | None, past: int = 0) -> torch.Tensor:
-        """`past` = tokens already in `cache` before this call (positions start there)."""
+                cache: RouterCache | None, past: int = 0,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`past` = tokens already in `cache` before this call (positions start there);
+        `key_mask` [B, past + T] bool, False at padding, which no query attends to."""
         batch, steps, dim = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).split(dim, dim=-1)
         q, k, v = (t.view(batch, steps, self.heads, self.head_dim).transpose(1, 2)
@@ -94,8 +110,13 @@ class RouterBlock(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         # query i (absolute position past + i) attends to keys 0 .. past + i
-        allowed = (torch.arange(past + steps, device=x.device)[None, :]
-                   <= (past + torch.arange(steps, device=x.device))[:, None])  # [T, past+T]
+        keys = torch.arange(past + steps, device=x.device)  # [past+T]
+        queries = past + torch.arange(steps, device=x.device)  # [T]
+        allowed = keys[None, :] <= queries[:, None]  # [T, past+T]
+        if key_mask is not None:
+            # A query always sees itself, so a padding query's row is never empty (no NaN).
+            allowed = ((allowed & key_mask[:, None, None, :])
+                       | (keys[None, :] == queries[:, None]))  # [B, 1, T, past+T]
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
                                               scale=1.0 / math.sqrt(self.head_dim))
         x = x + self.out(attn.transpose(1, 2).reshape(batch, steps, dim))
@@ -116,13 +137,24 @@ class PreGatingRouter(nn.Module):
         self.norm = RouterRMSNorm(dim, eps)
         self.head = nn.Linear(dim, num_experts, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, cache: RouterCache | None = None
-                ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: RouterCache | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`attention_mask`: [B, past + T] 1 for tokens, 0 for padding (HF's 2D mask, covering
+        the cached tokens too). Without it every token is real. RoPE is relative, so with the
+        mask a left-padded sequence routes as it would unpadded."""
         start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        batch, steps = input_ids.shape
+        key_mask = None
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (batch, start + steps):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; the "
+                                 f"router expects [batch, cached + new] = [{batch}, "
+                                 f"{start + steps}]")
+            key_mask = attention_mask.to(device=input_ids.device, dtype=torch.bool)
+        positions = torch.arange(start, start + steps, device=input_ids.device)
         x = self.embed(input_ids)  # [B, T, dim]
         for layer, block in enumerate(self.blocks):
-            x = block(x, positions, layer, cache, start)
+            x = block(x, positions, layer, cache, start, key_mask)
         return self.head(self.norm(x))  # [B, T, E]
 
     @torch.no_grad()

@@ -6,6 +6,7 @@ phase boundaries make a resumed run identical to an uninterrupted one."""
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 
 import torch
@@ -18,18 +19,16 @@ from readmoe.train.targets import DistillTargets
 
 
 def router_parameter_names(model) -> set[str]:
-    return {name for name, _ in model.named_parameters() if _is_router(name)}
-
-
-def _is_router(name: str) -> bool:
-    parts = name.split(".")
-    return "router" in parts or "layer_gate" in parts
+    """Names of the router's parameters (pre-gating router or layer-wise gates)."""
+    router = {id(p) for p in model.router_parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in router}
 
 
 def expert_parameter_names(model, scope: str) -> set[str]:
+    router = router_parameter_names(model)
     names = set()
     for name, _ in model.named_parameters():
-        if _is_router(name):
+        if name in router:
             continue
         if scope == "all" or ".mlp." in name:
             names.add(name)
@@ -56,6 +55,10 @@ class Distributed:
 
     def __init__(self) -> None:
         dist = torch.distributed
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+            from accelerate import PartialState
+
+            PartialState()  # joins the process group `accelerate launch` describes
         self.active = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.active else 0
         self.world = dist.get_world_size() if self.active else 1
@@ -121,7 +124,7 @@ def run_router_phase(model, schedule: BlockSchedule, targets: DistillTargets, fi
         loss.backward()
         dist.average_gradients(params)
         optimizer.step()
-        losses.append(dist.mean(float(loss)))
+        losses.append(dist.mean(float(loss.detach())))
     model.eval()
     return losses
 
@@ -147,7 +150,7 @@ def run_expert_phase(model, schedule: BlockSchedule, first_step: int, lr: float,
         loss.backward()
         dist.average_gradients(params)
         optimizer.step()
-        losses.append(dist.mean(float(loss)))
+        losses.append(dist.mean(float(loss.detach())))
     model.eval()
     set_trainable(model, set())
     return losses

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from readmoe.cli import main
+from readmoe.errors import ReadmoeError
+from readmoe.train.config import TrainConfig
+from readmoe.train.rounds import Trainer
+
+SMALL = ["--rounds", "2", "--router-steps", "3", "--expert-steps", "2", "--batch-size", "4",
+         "--block-size", "32", "--eval-tokens", "64", "--lr-router", "3e-3",
+         "--lr-experts", "1e-3"]
+
+
+def small_config(**overrides) -> TrainConfig:
+    fields = dict(rounds=2, router_steps=3, expert_steps=2, batch_size=4, block_size=32,
+                  eval_tokens=64, lr_router=3e-3, lr_experts=1e-3)
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_train_cli_writes_rounds_log_and_a_routed_model(tmp_path, tiny_moe_dir,
+                                                        train_corpus_dir):
+    out = tmp_path / "run"
+    assert main(["train", str(tiny_moe_dir), "--corpus", str(train_corpus_dir), "--out",
+                 str(out), *SMALL]) == 0
+    log = json.loads((out / "train_log.json").read_text())
+    assert [r["round"] for r in log["rounds"]] == [0, 1]
+    first = log["rounds"][0]
+    assert len(first["router"]["losses"]) == 3 and len(first["experts"]["losses"]) == 2
+    assert log["rounds"][1]["router"]["lr"] == pytest.approx(3e-3 * 0.8)
+    assert 0.0 <= first["router_accuracy"]["mean"] <= 1.0
+    assert set(first["heldout"]) == {"digits", "lower", "upper"}
+    from readmoe.models import load_model
+
+    model = load_model(str(out / "round-1"))
+    assert model.config.router_type == "pregating"
+    ids = torch.randint(3, 60, (1, 10))
+    out_ids = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out_ids.shape == (1, 14)
+
+
+def test_router_training_learns_the_domain_experts(tmp_path, tiny_moe_dir, train_corpus_dir):
+    """Domains use disjoint characters, so the oracle label is easy: accuracy must rise."""
+    config = small_config(rounds=1, router_steps=40, expert_steps=0, lr_router=1e-2)
+    state = Trainer(tiny_moe_dir, str(train_corpus_dir), tmp_path / "r", config).run()
+    assert state["rounds"]["0"]["router_accuracy"]["mean"] > 0.6
+    losses = state["rounds"]["0"]["router"]["losses"]
+    assert losses[-1] < losses[0]
+
+
+def test_resume_after_kill_gives_identical_weights(tmp_path, tiny_moe_dir, train_corpus_dir):
+    config = small_config()
+    straight = tmp_path / "straight"
+    Trainer(tiny_moe_dir, str(train_corpus_dir), straight, config).run()
+    killed = tmp_path / "killed"
+    for stop in (1, 3):  # killed after the first router phase, then inside round 1
+        Trainer(tiny_moe_dir, str(train_corpus_dir), killed, small_config()).run(max_phases=stop)
+    Trainer(tiny_moe_dir, str(train_corpus_dir), killed, small_config()).run()
+    a, b = weights(straight / "round-1"), weights(killed / "round-1")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_with_other_arguments_is_refused(tmp_path, tiny_moe_dir, train_corpus_dir):
+    out = tmp_path / "run"
+    Trainer(tiny_moe_dir, str(train_corpus_dir), out, small_config()).run(max_phases=1)
+    with pytest.raises(ReadmoeError, match="another config"):
+        Trainer(tiny_moe_dir, str(train_corpus_dir), out, small_config(rounds=3)).run()
+
+
+def test_prune_baseline_trains_experts_only(tmp_path, tiny_llama_dir, train_corpus_dir):
+    stats = tmp_path / "stats"
+    main(["stats", str(tiny_llama_dir), "--corpus", str(train_corpus_dir), "--out", str(stats),
+          "--tokens", "256", "--block-size", "32"])
+    prune = tmp_path / "prune"
+    main(["refactor", str(tiny_llama_dir), "--corpus", str(train_corpus_dir), "--out",
+          str(prune), "--method", "prune", "--stats", str(stats)])
+    state = Trainer(prune, str(train_corpus_dir), tmp_path / "run", small_config()).run()
+    assert "router" not in state["rounds"]["0"]
+    assert len(state["rounds"]["1"]["experts"]["losses"]) == 2
+
+
+def test_layerwise_router_trains(tmp_path, tiny_moe_dir, train_corpus_dir):
+    config = small_config(rounds=1, router_type="layerwise")
+    state = Trainer(tiny_moe_dir, str(train_corpus_dir), tmp_path / "lw", config).run()
+    assert 0.0 <= state["rounds"]["0"]["router_accuracy"]["mean"] <= 1.0
+
+
+def test_two_processes_with_accelerate_match_one(tmp_path, tiny_moe_dir, train_corpus_dir):
+    pytest.importorskip("accelerate")
+    single = tmp_path / "single"
+    assert main(["train", str(tiny_moe_dir), "--corpus", str(train_corpus_dir), "--out",
+                 str(single), *SMALL]) == 0
+    double = tmp_path / "double"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu",
+               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "-m", "readmoe.cli", "train", str(tiny_moe_dir),
+               "--corpus", str(train_corpus_dir), "--out", str(double), *SMALL]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = weights(single / "round-1"), weights(double / "round-1")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
