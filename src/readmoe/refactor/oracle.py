@@ -42,7 +42,7 @@ class OracleRouter:
         scores: dict[int, torch.Tensor] = {}
 
         def sink(layer: int, act: torch.Tensor) -> None:  # act: [B, T, I]
-            top = act.abs().topk(self.top_k, dim=-1).indices  # [B, T, k]
+            top = act.abs().topk(self.top_k, dim=-1, sorted=False).indices  # [B, T, k]
             mask = torch.zeros_like(act).scatter_(-1, top, 1.0)  # [B, T, I]
             scores[layer] = mask @ self.membership[layer].to(act)  # [B, T, E]
 
