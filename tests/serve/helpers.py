@@ -1,0 +1,77 @@
+"""Shared test helpers: requests with a known future, and a model-free serving loop."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from readmoe.serve.queue import RequestQueue
+from readmoe.serve.routing import MarkovRouting
+from readmoe.serve.schedulers import Scheduler
+from readmoe.serve.types import Batch, Budget, Request
+
+
+@dataclass
+class Planned:
+    """A request arriving at ``step`` whose every token's expert is fixed in advance."""
+
+    request_id: str
+    step: int
+    experts: list[int]  # prompt, then the fed-back outputs
+    prompt_len: int
+    max_tokens: int
+
+
+@dataclass
+class Trace:
+    batches: list[Batch] = field(default_factory=list)
+    queue: RequestQueue = field(default_factory=RequestQueue)
+    max_wait_seen: int = 0  # largest steps_waited of any ready request, checked every step
+
+
+def planned(request_id: str, step: int, prompt: Sequence[int], outputs: Sequence[int],
+            max_tokens: int | None = None) -> Planned:
+    max_tokens = len(outputs) + 1 if max_tokens is None else max_tokens
+    return Planned(request_id, step, [*prompt, *outputs], len(prompt), max_tokens)
+
+
+def markov_requests(count: int, seed: int, *, experts: int = 8, max_prompt: int = 12,
+                    max_output: int = 10, spread: int = 0) -> list[Planned]:
+    """``count`` requests with Markov routing, arriving over ``spread`` steps."""
+    rng = random.Random(seed)
+    routing = MarkovRouting(experts)
+    result = []
+    for i in range(count):
+        prompt_len, max_tokens = rng.randint(1, max_prompt), rng.randint(1, max_output)
+        sequence = routing.extend((), prompt_len + max_tokens - 1, rng)
+        result.append(Planned(f"r{i}", rng.randint(0, spread), sequence, prompt_len, max_tokens))
+    return result
+
+
+def serve(plan: Sequence[Planned], scheduler: Scheduler, budget: Budget,
+          max_steps: int = 100_000) -> Trace:
+    """Run ``plan`` to completion with one time unit per step; reveal outputs as sampled."""
+    trace = Trace()
+    truth = {p.request_id: p for p in plan}
+    arrivals = sorted(plan, key=lambda p: p.step)
+    admitted = 0
+    for step in range(max_steps):
+        while admitted < len(arrivals) and arrivals[admitted].step <= step:
+            p = arrivals[admitted]
+            trace.queue.add(Request(p.request_id, float(p.step), p.experts[:p.prompt_len],
+                                    p.max_tokens))
+            admitted += 1
+        if admitted == len(arrivals) and not (trace.queue.waiting or trace.queue.running):
+            return trace
+        ready = trace.queue.pending()
+        trace.max_wait_seen = max([trace.max_wait_seen, *(r.steps_waited for r in ready)])
+        if not ready:
+            continue
+        batch = trace.queue.schedule(scheduler, budget)
+        trace.batches.append(batch)
+        sampled = {c.request_id: truth[c.request_id].experts[c.start + c.num_tokens]
+                   for c in batch.chunks
+                   if c.samples and c.start + c.num_tokens < len(truth[c.request_id].experts)}
+        trace.queue.complete(batch, sampled, now=float(step))
+    raise AssertionError(f"not finished after {max_steps} steps")

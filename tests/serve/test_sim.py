@@ -1,0 +1,146 @@
+import random
+
+import pytest
+
+from readmoe.errors import ReadmoeError
+from readmoe.serve.cost import (
+    PROFILES,
+    CostModel,
+    StepSample,
+    fit_cost_model,
+    get_profile,
+    layer_timeline,
+)
+from readmoe.serve.metrics import aggregate
+from readmoe.serve.routing import MarkovRouting
+from readmoe.serve.sim import SimConfig, simulate
+from readmoe.serve.types import Budget
+from readmoe.serve.workload import LengthModel, routed_prompts, synthetic_workload
+
+# small and fast: 4 layers, a 1 ms load per expert, compute of the same order
+COST = CostModel(num_layers=4, expert_bytes=(1_000_000,) * 4, step_overhead_s=1e-3,
+                 layer_fixed_s=4e-4, token_s=1e-5, expert_s=2e-4, load_bandwidth=1e9)
+ROUTING = MarkovRouting(8)
+SHORT = {"prompt_lengths": LengthModel(12.0, 0.8, 64),
+         "output_lengths": LengthModel(16.0, 0.6, 64)}
+
+
+def _workload(rate, count=40, seed=0):
+    return synthetic_workload(count, rate, routed_prompts(ROUTING), seed=seed, **SHORT)
+
+
+def _config(**overrides):
+    base = {"scheduler": "expert-aware", "policy": "belady", "capacity": 3,
+            "budget": Budget(32, 16), "cost": COST}
+    return SimConfig(**{**base, **overrides})
+
+
+def test_every_request_finishes_once_with_max_tokens_outputs():
+    specs = _workload(50.0)
+    for scheduler in ("fcfs", "decode-first", "prefill-first", "expert-aware"):
+        result = simulate(specs, ROUTING, _config(scheduler=scheduler))
+        by_id = {r.request_id: r for r in result.requests}
+        assert sorted(by_id) == sorted(s.request_id for s in specs)
+        for spec in specs:
+            request = by_id[spec.request_id]
+            assert request.num_output == spec.max_tokens
+            assert request.output_times == sorted(request.output_times)
+            assert request.output_times[0] > spec.arrival_time
+
+
+def test_simulation_is_deterministic_for_a_seed():
+    specs = _workload(30.0)
+    for policy in ("random", "belady"):
+        first = simulate(specs, ROUTING, _config(policy=policy, seed=5))
+        second = simulate(specs, ROUTING, _config(policy=policy, seed=5))
+        assert first.steps == second.steps and first.cache == second.cache
+        assert [r.output_times for r in first.requests] == [
+            r.output_times for r in second.requests]
+
+
+def test_prefetch_is_never_slower_than_on_demand():
+    specs = _workload(float("inf"))  # all at once: both runs schedule the very same steps
+    for capacity in (1, 2, 4):
+        runs = [simulate(specs, ROUTING, _config(capacity=capacity, prefetch=prefetch))
+                for prefetch in (True, False)]
+        prefetched, on_demand = runs
+        assert [s.num_tokens for s in prefetched.steps] == [s.num_tokens for s in on_demand.steps]
+        for fast, slow in zip(prefetched.steps, on_demand.steps, strict=True):
+            assert fast.end_time - fast.start_time <= slow.end_time - slow.start_time + 1e-12
+        hidden = aggregate(prefetched.requests, prefetched.steps)["load_hidden_fraction"]
+        assert 0 < hidden <= 1
+        assert aggregate(on_demand.requests, on_demand.steps)["load_hidden_fraction"] == 0
+
+
+def test_layer_timeline_prefetch_bound_on_random_layers():
+    rng = random.Random(0)
+    for _ in range(500):
+        layers = rng.randint(1, 6)
+        compute = [rng.random() for _ in range(layers)]
+        ahead = [rng.random() * rng.choice([0, 1, 3]) for _ in range(layers)]
+        serial = [rng.random() * rng.choice([0, 0, 1]) for _ in range(layers)]
+        fast, fast_stall = layer_timeline(compute, ahead, serial, prefetch=True)
+        slow, slow_stall = layer_timeline(compute, ahead, serial, prefetch=False)
+        assert fast <= slow + 1e-12 and fast_stall <= slow_stall + 1e-12
+        assert slow == pytest.approx(sum(compute) + sum(ahead) + sum(serial))
+        assert fast >= sum(compute) + sum(serial) - 1e-12
+
+
+def test_layer_timeline_overlaps_next_layer_loads_with_compute():
+    duration, stall = layer_timeline([2.0, 2.0, 2.0], [1.0, 1.0, 3.0], [0.0] * 3, prefetch=True)
+    # layer 0 waits 1; layer 1's load hides under layer 0; layer 2's load (3) outlasts layer 1
+    assert (duration, stall) == (8.0, 2.0)
+
+
+def test_layer_wise_router_hides_the_future():
+    specs = _workload(40.0)
+    blind = {policy: simulate(specs, ROUTING, _config(router="layer-wise", prefetch=False,
+                                                      policy=policy))
+             for policy in ("belady", "lru")}
+    assert blind["belady"].cache == blind["lru"].cache  # no known future: Belady is LRU
+    with pytest.raises(ReadmoeError, match="cannot prefetch"):
+        SimConfig(router="layer-wise", prefetch=True)
+    with pytest.raises(ReadmoeError, match="layer-wise router has none"):
+        SimConfig(router="layer-wise", prefetch=False, future="oracle")
+
+
+def test_belady_gains_from_the_oracle_future():
+    # all at once, and every request runs every step: the same steps for every policy, and
+    # the oracle's estimate of when each future token runs is exact
+    specs = _workload(float("inf"), count=10)
+    hits = {(policy, future): simulate(specs, ROUTING, _config(
+        policy=policy, future=future, capacity=2, budget=Budget(1024, 64))).cache.hit_ratio
+        for policy, future in (("lru", "known"), ("belady", "known"), ("belady", "oracle"))}
+    assert hits["belady", "known"] >= hits["lru", "known"]
+    assert hits["belady", "oracle"] > hits["lru", "known"] + 0.04, hits
+
+
+def test_expert_aware_uses_fewer_experts_per_step_in_the_simulator():
+    specs = _workload(200.0, count=60)
+    mean = {}
+    for name in ("fcfs", "expert-aware"):
+        result = simulate(specs, ROUTING, _config(scheduler=name, budget=Budget(16, 16)))
+        mean[name] = aggregate(result.requests, result.steps)["distinct_experts_per_step"]
+    assert mean["expert-aware"] < 0.75 * mean["fcfs"], mean
+
+
+def test_fit_cost_model_recovers_a_known_profile():
+    truth = PROFILES["a100-llama2-7b"]
+    layers = truth.num_layers
+    samples = [StepSample(tokens, experts, truth.step_overhead_s
+                          + layers * truth.layer_compute(tokens, experts))
+               for tokens in (1, 16, 64, 256) for experts in (1, 3, 8)]
+    fitted = fit_cost_model(samples, expert_bytes=truth.expert_bytes,
+                            load_bandwidth=truth.load_bandwidth,
+                            step_overhead_s=truth.step_overhead_s)
+    for name in ("layer_fixed_s", "token_s", "expert_s"):
+        assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-6)
+    with pytest.raises(ReadmoeError, match="vary both"):
+        fit_cost_model(samples[:1], expert_bytes=(1,), load_bandwidth=1.0)
+
+
+def test_profile_registry():
+    assert get_profile("a100-llama2-7b").load_time(0, 1) == pytest.approx(81.15e6 / 25e9,
+                                                                           rel=1e-3)
+    with pytest.raises(ReadmoeError, match="unknown cost profile"):
+        get_profile("h100")
