@@ -131,8 +131,9 @@ class Trainer:
         blocks = schedule.blocks[:count]
         if (folder / "targets.json").is_file():
             cached = DistillTargets.load(folder)
-            if torch.equal(cached.tokens, blocks):
-                return cached
+            if cached.tokens.shape[0] >= count and torch.equal(cached.tokens[:count], blocks):
+                return DistillTargets(cached.tokens[:count], cached.scores[:count],
+                                      cached.expert_sizes, cached.meta)
         targets = build_targets(OracleRouter(dense, self.plan), blocks,
                                 meta={"plan_fingerprint": self.plan.meta.get("fingerprint")})
         if self.dist.is_main:
