@@ -16,6 +16,7 @@ from readmoe.errors import ReadmoeError
 def build_parser() -> argparse.ArgumentParser:
     from readmoe.cli import (
         analyze_cmds,
+        bench_cmds,
         data_cmds,
         eval_cmds,
         model_cmds,
@@ -29,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(Read-ME) and serve it.")
     parser.add_argument("--version", action="version", version=f"readmoe {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (model_cmds, data_cmds, refactor_cmds, train_cmds, eval_cmds, analyze_cmds):
+    for module in (model_cmds, data_cmds, refactor_cmds, train_cmds, eval_cmds, analyze_cmds,
+                   bench_cmds):
         module.register(commands)
     return parser
 

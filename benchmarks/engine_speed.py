@@ -1,0 +1,182 @@
+"""Decode speed of the serving engine against HF ``generate`` on the same ReadME weights, and
+against the machine's memory-bandwidth roofline measured in the same run.
+
+Model: ``--model`` (a ReadME folder); by default runs/bench/train-readme/round-3 when it exists,
+else the untrained refactor runs/bench/moe-readme with a fresh pre-gating router attached
+(speed does not depend on router quality beyond how many experts a batch touches), refactored
+from smollm2-135m over runs/bench/corpus first if that folder is missing too.
+
+Both sides decode the same equal-length prompts greedily for exactly ``--new-tokens`` tokens
+(EOS ignored), after a warm-up. Decode tokens/s = batch * (new - 1) / (time(new) - time(1)),
+so prefill is excluded on both sides. Roofline tokens/s = batch * bandwidth / bytes read per
+decode step (every weight matrix once, the routed experts the engine's decode steps really
+touched, and the KV cache at the mean context); bandwidth is a timed sum over a 512 MiB tensor.
+
+Writes results/engine_speed.{json,md}.
+
+    .venv/bin/python benchmarks/engine_speed.py [--model DIR] [--batches 1 8 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from readmoe.data.corpus import load_corpus
+from readmoe.io import atomic_write_json, atomic_write_text
+from readmoe.models import load_model, load_tokenizer
+from readmoe.serve.engine import Engine
+from readmoe.serve.sampling import SamplingParams
+from readmoe.serve.types import Budget
+
+TRAINED = Path("runs/bench/train-readme/round-3")
+REFACTORED = Path("runs/bench/moe-readme")
+CORPUS = Path("runs/bench/corpus")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a ReadME model folder")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for both sides (default: torch's own choice); on a "
+                             "shared machine 1 avoids OpenMP wake-up stalls in small ops")
+    parser.add_argument("--repeats", type=int, default=2, help="best of this many timings")
+    parser.add_argument("--results", default="results")
+    return parser.parse_args()
+
+
+def load(spec: str | None):
+    """(model, tokenizer, description) of the benchmarked ReadME model."""
+    if spec is None and TRAINED.is_dir():
+        spec = str(TRAINED)
+    if spec is not None:
+        return load_model(spec), load_tokenizer(spec), spec
+    if not REFACTORED.is_dir():
+        from readmoe.refactor.pipeline import run_refactor
+
+        run_refactor("smollm2-135m", str(CORPUS), REFACTORED)
+    model = load_model(str(REFACTORED))
+    model.attach_router("pregating", seed=0)
+    return model, load_tokenizer(str(REFACTORED)), f"{REFACTORED} + untrained pre-gating router"
+
+
+def prompts(tokenizer, count: int, length: int) -> list[list[int]]:
+    """``count`` prompts of exactly ``length`` tokens, cut from the corpus's documents."""
+    corpus = load_corpus(CORPUS)
+    out = []
+    for domain in corpus.domains:
+        for text in corpus.documents(domain)[:8]:
+            ids = tokenizer.encode(text)
+            out += [ids[i:i + length] for i in range(0, len(ids) - length, length)][:4]
+            if len(out) >= count:
+                return out[:count]
+    raise SystemExit("the corpus has too little text for the prompts")
+
+
+def bandwidth_gbs() -> float:
+    """Read bandwidth in GB/s: the best of 5 timed sums over a 512 MiB fp32 tensor."""
+    x = torch.ones(128 * 1024 * 1024)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(5))
+    return x.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def hf_time(model, batch: list[list[int]], new: int) -> float:
+    ids = torch.tensor(batch)
+    with torch.inference_mode():
+        return _timed(lambda: model.generate(ids, attention_mask=torch.ones_like(ids),
+                                             max_new_tokens=new, min_new_tokens=new,
+                                             do_sample=False))
+
+
+def engine_time(model, tokenizer, batch: list[list[int]], new: int) -> tuple[float, Engine]:
+    blocks = len(batch) * -(-(len(batch[0]) + new) // 16)
+    engine = Engine(model, tokenizer, "fcfs", Budget(max_tokens=4096, max_seqs=len(batch)),
+                    kv_blocks=blocks, block_size=16)
+    params = SamplingParams(max_tokens=new, ignore_eos=True)
+    return _timed(lambda: engine.generate(batch, params)), engine
+
+
+def step_bytes(model, distinct: float, batch: int, context: float) -> float:
+    """Bytes one decode step reads: every weight once, ``distinct`` routed experts per
+    layer (the engine's measured mean), and the batch's KV cache at ``context`` tokens."""
+    config = model.config
+    total = 0.0
+    for name, param in model.named_parameters():
+        if ".router." in name or name.endswith("embed_tokens.weight"):
+            continue  # the router is not the backbone; embedding: B rows, negligible
+        size = param.numel() * param.element_size()
+        total += size * distinct / config.num_experts if ".experts." in name else size
+    kv_per_token = (2 * config.num_hidden_layers * config.num_key_value_heads
+                    * model.model.layers[0].self_attn.head_dim * 4)
+    return total + batch * context * kv_per_token
+
+
+def main() -> int:
+    args = parse_args()
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer, described = load(args.model)
+    pool = prompts(tokenizer, max(args.batches), args.prompt_len)
+    gbs = bandwidth_gbs()
+    hf_time(model, pool[:2], 4)  # warm-up
+    engine_time(model, tokenizer, pool[:2], 4)
+    rows = []
+    for b in args.batches:
+        batch = pool[:b]
+        hf = (min(hf_time(model, batch, args.new_tokens) for _ in range(args.repeats))
+              - min(hf_time(model, batch, 1) for _ in range(args.repeats)))
+        runs = [engine_time(model, tokenizer, batch, args.new_tokens)
+                for _ in range(args.repeats)]
+        full, engine = min(runs, key=lambda run: run[0])
+        eng = full - min(engine_time(model, tokenizer, batch, 1)[0] for _ in range(args.repeats))
+        decode_steps = [s for s in engine.steps if s.num_tokens == b]
+        distinct = sum(s.distinct_experts for s in decode_steps) / max(1, len(decode_steps))
+        tokens = b * (args.new_tokens - 1)
+        roof = b * gbs * 1e9 / step_bytes(model, distinct, b, args.prompt_len + args.new_tokens / 2)
+        rows.append({"batch": b, "hf_tokens_per_s": tokens / hf, "engine_tokens_per_s":
+                     tokens / eng, "speedup": hf / eng, "roofline_tokens_per_s": roof,
+                     "engine_fraction_of_roofline": tokens / eng / roof,
+                     "distinct_experts_per_decode_step": distinct})
+        print(rows[-1], flush=True)
+    result = {"command": " ".join([sys.executable, *sys.argv]), "model": described,
+              "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                          "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "torch": torch.__version__},
+              "dtype": "float32", "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "bandwidth_gb_per_s": gbs, "rows": rows}
+    out = Path(args.results)
+    atomic_write_json(out / "engine_speed.json", result)
+    lines = ["# Engine decode speed vs HF generate and the bandwidth roofline", "",
+             f"Model: {described}; fp32; {args.prompt_len}-token prompts, {args.new_tokens} new "
+             f"tokens, greedy; measured read bandwidth {gbs:.1f} GB/s.", "",
+             f"Command: `{result['command']}`  ", f"Machine: {result['machine']}", "",
+             "| batch | HF tok/s | engine tok/s | speedup | roofline tok/s | engine / roofline "
+             "| experts per step |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['batch']} | {r['hf_tokens_per_s']:.1f} | {r['engine_tokens_per_s']:.1f} | "
+              f"{r['speedup']:.2f}x | {r['roofline_tokens_per_s']:.1f} | "
+              f"{r['engine_fraction_of_roofline']:.0%} | "
+              f"{r['distinct_experts_per_decode_step']:.2f} |" for r in rows]
+    atomic_write_text(out / "engine_speed.md", "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""`readmoe bench serve ...`: replay a synthetic workload through the serving engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from readmoe.cli.serve_suite_cmds import register_suite
+from readmoe.serve.schedulers import SCHEDULERS
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser("bench", help="serving benchmarks")
+    sub = bench.add_subparsers(dest="bench_command", required=True, metavar="SUBCOMMAND")
+    serve = sub.add_parser(
+        "serve", help="synthetic Chatbot-Arena-like requests through the engine: latency "
+        "(TTFT, TPOT, normalized), throughput and distinct experts per step")
+    serve.add_argument("model", help="a ReadME model folder")
+    serve.add_argument("--corpus", required=True,
+                       help="a folder of <domain>.jsonl files: prompt text comes from it")
+    serve.add_argument("--scheduler", default="fcfs", choices=sorted(SCHEDULERS))
+    serve.add_argument("--rate", type=float, default=float("inf"),
+                       help="requests per second (Gamma arrivals; default: all at once)")
+    serve.add_argument("--burstiness", type=float, default=1.0)
+    serve.add_argument("--requests", type=int, default=32)
+    serve.add_argument("--max-output", type=int, default=None,
+                       help="cap on each request's output tokens (default: the workload's)")
+    serve.add_argument("--max-batch-tokens", type=int, default=256)
+    serve.add_argument("--max-seqs", type=int, default=32)
+    serve.add_argument("--kv-blocks", type=int, default=1024)
+    serve.add_argument("--block-size", type=int, default=16)
+    serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--json", help="write the metrics as JSON to this file")
+    serve.set_defaults(handler=run_serve)
+    register_suite(sub)
+
+
+def corpus_prompts(tokenizer, corpus_spec: str, docs_per_domain: int = 32):
+    """A workload prompt provider: ``length`` consecutive tokens of one corpus document,
+    at a random place (documents shorter than the prompt are skipped)."""
+    from readmoe.data.corpus import load_corpus
+    from readmoe.errors import ReadmoeError
+    from readmoe.serve.workload import Prompt
+
+    corpus = load_corpus(corpus_spec)
+    docs = [tokenizer.encode(text) for domain in corpus.domains
+            for text in corpus.documents(domain)[:docs_per_domain]]
+
+    def provide(length, rng):
+        fitting = [d for d in docs if len(d) >= length]
+        if not fitting:
+            raise ReadmoeError(f"no corpus document has {length} tokens for a prompt")
+        doc = rng.choice(fitting)
+        start = rng.randrange(len(doc) - length + 1)
+        return Prompt(length, tokens=tuple(doc[start:start + length]))
+
+    return provide
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from readmoe.io import atomic_write_json
+    from readmoe.models import load_model, load_tokenizer
+    from readmoe.serve.engine import Engine
+    from readmoe.serve.types import Budget
+    from readmoe.serve.workload import synthetic_workload
+
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    specs = synthetic_workload(args.requests, args.rate, corpus_prompts(tokenizer, args.corpus),
+                               burstiness=args.burstiness, seed=args.seed)
+    if args.max_output:
+        specs = [replace(s, max_tokens=min(s.max_tokens, args.max_output)) for s in specs]
+    engine = Engine(model, tokenizer, args.scheduler,
+                    Budget(args.max_batch_tokens, args.max_seqs), args.kv_blocks, args.block_size)
+    result = {"model": args.model, "scheduler": args.scheduler, "rate": args.rate,
+              **engine.run_workload(specs)}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        atomic_write_json(args.json, result)
+    return 0

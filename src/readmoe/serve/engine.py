@@ -1,0 +1,292 @@
+"""The serving engine: requests in, tokens out, one scheduled step at a time.
+
+One step: admit arrived requests the KV cache can hold; ask the scheduler (through
+``RequestQueue.schedule``) for a batch of chunks; run it (``ModelRunner``); sample one token per
+sampling chunk; route each new token at once with the pre-gating router, so its expert is known
+(``RequestQueue.complete``) before the step that feeds it back; free the KV of ended requests.
+
+The router runs ahead of the backbone. On admission the whole prompt is routed with a fresh
+per-request ``RouterCache``, so ``Request.prompt_experts`` are real and the scheduler (and an
+expert cache reading the queue) sees every pending token's expert; each sampled token then
+costs the router one cached step. With a layer-wise router the experts are
+``UNKNOWN_EXPERT`` until each layer's gate runs inside the runner; a model without routed
+choice (``router_type`` "none" with one expert, e.g. the prune baseline) uses expert 0.
+
+Admission policy: requests are admitted in arrival order, each only when the KV cache can
+reserve its largest footprint (prompt + max_tokens - 1 tokens, see kv_cache.py); the first one
+that does not fit blocks those behind it (no overtaking, so a long request is never starved).
+Only admitted requests reach the scheduler, and running requests never run out of KV blocks.
+
+Time is wall clock (``time.perf_counter``) relative to the engine's start; the queue's finished
+requests and ``steps`` (StepReports) feed ``serve.metrics.aggregate`` (``metrics()``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from readmoe.errors import ReadmoeError
+from readmoe.model import RouterCache
+from readmoe.serve.kv_cache import PagedKVCache
+from readmoe.serve.metrics import aggregate
+from readmoe.serve.queue import RequestQueue
+from readmoe.serve.runner import ModelRunner, RunnerChunk
+from readmoe.serve.sampling import SamplingParams, find_stop, sample
+from readmoe.serve.schedulers import make_scheduler
+from readmoe.serve.types import UNKNOWN_EXPERT, Budget, Request, RequestState, StepReport
+from readmoe.serve.workload import RequestSpec
+
+DEFAULT_BUDGET = Budget(max_tokens=256, max_seqs=32)
+WORKLOAD_PARAMS = SamplingParams(ignore_eos=True)
+"""Replayed workloads produce exactly each spec's max_tokens (vLLM's benchmark convention)."""
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """A request's progress after a step: the tokens it just produced and all so far.
+
+    ``text`` is the decoded output (cut before a stop string), filled once ``finished``;
+    ``finish_reason`` is "length", "eos", "stop" or "abort".
+    """
+
+    request_id: str
+    new_token_ids: list[int]
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+    text: str = ""
+
+
+@dataclass
+class _Sequence:
+    """The engine's side of one request: its tokens, sampler state and router cache."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    arrival_time: float
+    output_ids: list[int] = field(default_factory=list)
+    router_cache: RouterCache | None = None
+    request: Request | None = None
+    finish_reason: str | None = None
+    text: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def output(self, new: list[int]) -> RequestOutput:
+        return RequestOutput(self.request_id, new, list(self.output_ids), self.finished,
+                             self.finish_reason, self.text)
+
+
+class Engine:
+    """Continuous batching over a ReadME model with a paged KV cache."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, scheduler: str = "fcfs",
+                 budget: Budget = DEFAULT_BUDGET,
+                 kv_blocks: int = 512, block_size: int = 16) -> None:
+        config = model.config
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.scheduler = make_scheduler(scheduler)
+        self.budget = budget
+        self.layerwise = config.router_type == "layerwise"
+        self.pregating = model.model.router is not None
+        if not (self.pregating or self.layerwise) and config.needs_routing:
+            raise ReadmoeError(f"the model has {config.num_experts} routed experts and no router "
+                               "(router_type 'none'): attach one before serving")
+        attn = model.model.layers[0].self_attn
+        weight = model.model.embed_tokens.weight
+        self.kv = PagedKVCache(config.num_hidden_layers, kv_blocks, block_size,
+                               config.num_key_value_heads, attn.head_dim, weight.dtype,
+                               weight.device)
+        self.runner = ModelRunner(model, self.kv)
+        eos = model.generation_config.eos_token_id
+        eos = tokenizer.eos_token_id if eos is None else eos
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.queue = RequestQueue()
+        self.steps: list[StepReport] = []
+        self._seqs: dict[str, _Sequence] = {}
+        self._arrived: list[_Sequence] = []  # not yet admitted, in arrival order
+        self._next_id = 0
+        self._start = time.perf_counter()
+
+    def now(self) -> float:
+        """Seconds since the engine started (the clock of arrivals and output times)."""
+        return time.perf_counter() - self._start
+
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, arrival_time: float | None = None) -> str:
+        """Queue a prompt (text or token ids); returns its request id."""
+        params = params or SamplingParams()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ReadmoeError("the prompt has no tokens")
+        if request_id is None:
+            request_id, self._next_id = f"req-{self._next_id}", self._next_id + 1
+        if request_id in self._seqs:
+            raise ReadmoeError(f"request id {request_id!r} is already in use")
+        footprint = len(ids) + params.max_tokens - 1
+        if self.kv.blocks_for(footprint) > self.kv.num_blocks:
+            raise ReadmoeError(f"request {request_id!r} needs {footprint} tokens of KV cache; "
+                               f"the cache holds {self.kv.num_blocks * self.kv.block_size}")
+        seq = _Sequence(request_id, ids, params, params.generator(),
+                        self.now() if arrival_time is None else arrival_time)
+        self._seqs[request_id] = seq
+        self._arrived.append(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Drop an unfinished request at once and free its KV blocks (no-op if finished)."""
+        seq = self._seqs[request_id]
+        if seq.finished:
+            return
+        seq.finish_reason = "abort"
+        seq.router_cache = None
+        if seq in self._arrived:
+            self._arrived.remove(seq)
+        request = seq.request
+        if request is not None:  # RequestQueue has no abort: take it out of its lists
+            request.state = RequestState.FINISHED
+            for pool in (self.queue.waiting, self.queue.running):
+                if request in pool:
+                    pool.remove(request)
+            self.kv.free(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._arrived or self.queue.waiting or self.queue.running)
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; return the outputs of the requests that produced a token."""
+        self._admit()
+        started = self.now()
+        batch = self.queue.schedule(self.scheduler, self.budget)
+        if not batch.chunks:
+            return []
+        chunks, experts = [], []
+        for chunk in batch.chunks:
+            seq = self._seqs[chunk.request_id]
+            end = chunk.start + chunk.num_tokens
+            self.kv.grow(seq.request_id, end)
+            tokens = (seq.prompt_ids + seq.output_ids)[chunk.start:end]
+            chunks.append(RunnerChunk(tokens, chunk.start, self.kv.slots(seq.request_id, 0, end),
+                                      chunk.samples))
+            experts.extend(chunk.experts)
+        logits = self.runner.forward(chunks, None if self.layerwise else experts)  # [S, V]
+        sampling = [self._seqs[c.request_id] for c in batch.chunks if c.samples]
+        tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
+        revealed = {seq.request_id: self._accept(seq, token)
+                    for seq, token in zip(sampling, tokens, strict=True)}
+        for request in self.queue.complete(batch, revealed, self.now()):
+            seq = self._seqs[request.request_id]
+            if seq.finish_reason != "stop":  # a stop already set the text, cut
+                seq.finish_reason = seq.finish_reason or "length"
+                seq.text = self._decode(seq.output_ids)
+            seq.router_cache = None
+            self.kv.free(seq.request_id)
+        self.steps.append(StepReport(len(self.steps), started, self.now(), batch.num_tokens,
+                                     batch.num_seqs, len(batch.experts), 0.0, 0.0))
+        return [seq.output([token]) for seq, token in zip(sampling, tokens, strict=True)]
+
+    def stream(self, request_id: str) -> Iterator[int]:
+        """Yield ``request_id``'s tokens as they are produced, stepping the engine (which
+        advances every other request too; their outputs stay readable via ``output``)."""
+        seq = self._seqs[request_id]
+        sent = 0
+        while True:
+            while sent < len(seq.output_ids):
+                sent += 1
+                yield seq.output_ids[sent - 1]
+            if seq.finished:
+                return
+            self.step()
+
+    def output(self, request_id: str) -> RequestOutput:
+        """A request's output so far (final once finished)."""
+        return self._seqs[request_id].output([])
+
+    def generate(self, prompts: Sequence[str | Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Submit every prompt together and run until all finish; outputs in prompt order."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        while not all(self._seqs[i].finished for i in ids):
+            self.step()
+        return [self.output(i) for i in ids]
+
+    def run_workload(self, specs: Sequence[RequestSpec],
+                     params: SamplingParams = WORKLOAD_PARAMS) -> dict:
+        """Replay ``specs`` (arrival times relative to now, each spec's own max_tokens) and
+        return ``serve.metrics.aggregate`` over its requests and steps."""
+        pending = sorted(specs, key=lambda s: s.arrival_time)
+        base, first_step = self.now(), len(self.steps)
+        added = []
+        while pending or self.has_unfinished():
+            while pending and base + pending[0].arrival_time <= self.now():
+                spec = pending.pop(0)
+                prompt = spec.prompt.tokens if spec.prompt.tokens is not None else spec.prompt.text
+                added.append(self.add_request(prompt, replace(params, max_tokens=spec.max_tokens),
+                                              spec.request_id, base + spec.arrival_time))
+            if self.has_unfinished():
+                self.step()
+            elif pending:
+                time.sleep(max(0.0, base + pending[0].arrival_time - self.now()))
+        done = [self._seqs[i].request for i in added if self._seqs[i].finish_reason != "abort"]
+        return aggregate(done, self.steps[first_step:])
+
+    def metrics(self) -> dict:
+        """``serve.metrics.aggregate`` over every finished (not aborted) request and step."""
+        return aggregate(self.queue.finished, self.steps)
+
+    def _admit(self) -> None:
+        while self._arrived:
+            seq = self._arrived[0]
+            footprint = len(seq.prompt_ids) + seq.params.max_tokens - 1
+            if not self.kv.can_admit(footprint):
+                return
+            self._arrived.pop(0)
+            self.kv.admit(seq.request_id, footprint)
+            seq.request = Request(seq.request_id, seq.arrival_time, self._route_prompt(seq),
+                                  seq.params.max_tokens)
+            self.queue.add(seq.request)
+
+    def _route_prompt(self, seq: _Sequence) -> list[int]:
+        if self.layerwise:
+            return [UNKNOWN_EXPERT] * len(seq.prompt_ids)
+        if not self.pregating:
+            return [0] * len(seq.prompt_ids)
+        seq.router_cache = RouterCache()
+        ids = torch.tensor([seq.prompt_ids], device=self.model.device)  # [1, T]
+        return self.model.route(ids, seq.router_cache)[0][0].tolist()
+
+    def _accept(self, seq: _Sequence, token: int) -> int | None:
+        """Record a sampled token; return its expert, or None when the request ends here."""
+        seq.output_ids.append(token)
+        params = seq.params
+        if token in self.eos_ids and not params.ignore_eos:
+            seq.finish_reason = "eos"
+        elif params.stop:
+            text = self._decode(seq.output_ids)
+            cut = find_stop(text, params.stop)
+            if cut is not None:
+                seq.finish_reason, seq.text = "stop", text[:cut]
+        if seq.finished or len(seq.output_ids) == params.max_tokens:
+            return None
+        if self.layerwise:
+            return UNKNOWN_EXPERT
+        if not self.pregating:
+            return 0
+        ids = torch.tensor([[token]], device=self.model.device)  # [1, 1]
+        return int(self.model.route(ids, seq.router_cache)[0][0, 0])
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)

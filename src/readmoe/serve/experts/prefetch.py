@@ -1,0 +1,115 @@
+"""Overlapping expert loads with compute: layer ``l + 1``'s missing experts load while layer
+``l`` computes.
+
+Why it is possible: the pre-gating router has chosen every scheduled token's expert before the
+backbone runs, so the experts of every layer of the step are known when the step starts.
+
+``AsyncLoader`` is the copy engine: one worker thread fed by one queue, so loads run one at a
+time in the order issued, like one copy stream. On CUDA its copies go on a side stream from
+pinned host memory, after the compute stream's work queued so far (an evicted slot may still be
+read by it); the worker waits for the copy's event before it reports a load done,
+so "done" means the bytes are on the device; the caller's stream then waits on that event too.
+A load in flight for a key the caller needs is waited on, never issued twice.
+
+``run_layers`` is the per-step loop an engine (or a test) runs: at the step's start layer 0's
+loads are issued; then for each layer, take its experts (waiting only for loads not yet done),
+issue the next routed layer's loads, and compute. Cache accesses thus happen in layer order at
+``step * num_layers + layer``, exactly as in the simulator, so hit ratios agree.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import torch
+
+from readmoe.serve.experts.future import ExpertKey, FutureUses
+from readmoe.serve.experts.link import EmulatedLink
+
+if TYPE_CHECKING:
+    from readmoe.serve.experts.store import ExpertStore, ExpertWeights
+
+
+class AsyncLoader:
+    """A single background copy worker; ``load_s`` sums the seconds its loads took."""
+
+    def __init__(self, device: torch.device, link: EmulatedLink | None = None) -> None:
+        self.link = link
+        self.load_s = 0.0
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-loader")
+        self._inflight: dict[ExpertKey, Future] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, key: ExpertKey, copy: Callable[[], None], nbytes: int) -> Future:
+        """Queue ``copy`` (which fills ``key``'s slot); a load of ``key`` in flight is reused."""
+        with self._lock:
+            running = self._inflight.get(key)
+            if running is not None and not running.done():
+                return running
+            ready = None
+            if self._stream is not None:  # the slot may still be read by queued compute
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(self._stream.device))
+            future = self._pool.submit(self._run, copy, nbytes, ready)
+            self._inflight[key] = future
+            return future
+
+    def _run(self, copy: Callable[[], None], nbytes: int,
+             ready: torch.cuda.Event | None) -> torch.cuda.Event | None:
+        started = time.perf_counter()
+        event = None
+        if self._stream is not None:
+            self._stream.wait_event(ready)
+            with torch.cuda.stream(self._stream):
+                copy()
+                event = torch.cuda.Event()
+                event.record(self._stream)
+            event.synchronize()
+        else:
+            copy()
+        if self.link is not None:
+            self.link.hold(started, nbytes)
+        self.load_s += time.perf_counter() - started  # only this worker thread writes it
+        return event
+
+    def wait(self, futures: Iterable[Future]) -> float:
+        """Block until ``futures`` are done; return the seconds the caller waited."""
+        started = time.perf_counter()
+        for future in futures:
+            event = future.result()
+            if event is not None:
+                torch.cuda.current_stream().wait_event(event)
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def run_layers(store: ExpertStore, experts: Iterable[int], step: int,
+               compute: Callable[[int, dict[int, ExpertWeights]], None], future: FutureUses,
+               prefetch: bool = True) -> None:
+    """Run one step's layers: ``compute(layer, weights)`` for every layer, in order.
+
+    ``experts`` are the distinct routed experts of the step's tokens (every layer uses them, as
+    in ReadME); layers without routed experts get an empty dict. With ``prefetch`` the next
+    routed layer's loads are issued before this layer computes; without, each layer loads its
+    misses when reached (on demand).
+    """
+    needed = sorted(set(experts))
+    routed = store.routed_layers
+    times = {layer: step * store.num_layers + layer for layer in routed}
+    if prefetch and routed and needed:
+        store.prefetch(routed[0], needed, times[routed[0]], future)
+    following = dict(zip(routed, routed[1:], strict=False))
+    for layer in range(store.num_layers):
+        weights: dict[int, ExpertWeights] = {}
+        if layer in times and needed:
+            weights = store.experts_for(layer, needed, times[layer], future)
+            if prefetch and layer in following:
+                store.prefetch(following[layer], needed, times[following[layer]], future)
+        compute(layer, weights)

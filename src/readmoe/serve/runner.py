@@ -1,0 +1,218 @@
+"""One engine step as a lean forward pass over a flattened batch of chunks.
+
+The engine's step mixes prefill chunks and decode tokens of many requests. Instead of padding
+them into a [batch, seq] tensor (what HF ``generate`` does), the runner flattens every token of
+the step into one row of ``[N, H]``: projections, norms and the FFN run once over all N rows,
+and only attention looks at requests separately, each against its own paged KV (gathered from
+the pool by slot). Decode rows (one query each) share one batched attention call; prefill
+chunks (causal within the chunk) share another, padded to the longest chunk.
+
+The weights are the ReadME model's own modules, read directly: RMSNorm is the norms' forward
+and rotary embeddings come from ``model.model.rotary_emb`` and transformers'
+``apply_rotary_pos_emb``, so the logits equal ``model(...)``'s (tested at fp32).
+
+The MoE FFN is the shared expert on all rows plus, per routed expert present in the step, that
+expert on its rows. Expert weights come from ONE method, ``experts_for(layer, experts)``: here
+the resident stacked parameters; an expert store overrides it to supply (and prefetch)
+offloaded weights. With the pre-gating router the rows are grouped by expert once per step;
+with a layer-wise router (``experts`` None) each layer's gate groups them inside the layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from readmoe.errors import ReadmoeError
+from readmoe.serve.experts.store import ExpertWeights
+from readmoe.serve.kv_cache import PagedKVCache
+
+
+@dataclass(frozen=True)
+class RunnerChunk:
+    """The tokens of one request in one step.
+
+    ``context_slots`` are the KV pool slots of positions ``0 .. start + len(tokens) - 1``: the
+    cached prefix then this chunk's own tokens (written before attention reads them).
+    """
+
+    tokens: Sequence[int]
+    start: int
+    context_slots: torch.Tensor  # [start + n] int64
+    samples: bool
+
+
+@dataclass(frozen=True)
+class _AttentionGroup:
+    """Chunks attended in one padded call: queries [B, Tq] against keys [B, L]."""
+
+    query_rows: torch.Tensor  # [B, Tq] rows of the flat batch (padding: row 0)
+    key_slots: torch.Tensor  # [B, L] pool slots (padding: slot 0)
+    bias: torch.Tensor  # [B, 1, groups * Tq, L] additive: 0 = attend, -inf = masked
+    valid: torch.Tensor  # [V] positions in the flattened [B * Tq] that are real queries
+    targets: torch.Tensor  # [V] their rows in the flat batch
+
+
+def _group(chunks: Sequence[RunnerChunk], offsets: Sequence[int], groups: int,
+           dtype: torch.dtype, device: torch.device) -> _AttentionGroup:
+    sizes = [len(c.tokens) for c in chunks]
+    ends = [c.start + n for c, n in zip(chunks, sizes, strict=True)]
+    width, length = max(sizes), max(ends)
+    query_rows = torch.zeros(len(chunks), width, dtype=torch.long)
+    key_slots = torch.zeros(len(chunks), length, dtype=torch.long)
+    for b, (chunk, size, offset) in enumerate(zip(chunks, sizes, offsets, strict=True)):
+        query_rows[b, :size] = torch.arange(offset, offset + size)
+        key_slots[b, :ends[b]] = chunk.context_slots
+    starts = torch.tensor([c.start for c in chunks])[:, None, None]  # [B, 1, 1]
+    keys = torch.arange(length)[None, None, :]  # [1, 1, L]
+    queries = torch.arange(width)[None, :, None]  # [1, Tq, 1]
+    # Query i of a chunk sits at position start + i and sees keys up to it; a padding query
+    # (i >= size) sees the request's keys too, so its softmax row is never empty (no NaN).
+    mask = (keys <= starts + queries) & (keys < torch.tensor(ends)[:, None, None])
+    valid = (torch.arange(width)[None, :] < torch.tensor(sizes)[:, None]).reshape(-1)
+    # query rows are (GQA group, query) pairs, group-major: the mask repeats per group
+    bias = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+    targets = query_rows.reshape(-1)[valid]
+    return _AttentionGroup(*(t.to(device) for t in (
+        query_rows, key_slots, bias[:, None].repeat(1, 1, groups, 1), valid.nonzero()[:, 0],
+        targets)))
+
+
+class ModelRunner:
+    """Runs steps of a ReadME model against a paged KV cache."""
+
+    def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache) -> None:
+        config = model.config
+        if "sliding_attention" in getattr(config, "layer_types", []):
+            raise ReadmoeError("the serving runner does not implement sliding-window attention")
+        self.model = model
+        self.kv = kv_cache
+        self.layers = list(model.model.layers)
+        self.num_experts = config.num_experts
+        first = self.layers[0].self_attn
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = first.head_dim
+        self.scaling = first.scaling
+
+    def experts_for(self, layer: int, experts: Sequence[int]) -> dict[int, ExpertWeights]:
+        """The weights of routed ``experts`` in ``layer``: the one hook for an expert store
+        (``ExpertStore.experts_for`` supplies the same type from its cache slots)."""
+        stacked = self.layers[layer].mlp.experts
+        return {e: ExpertWeights(stacked.gate_proj[e], stacked.up_proj[e], stacked.down_proj[e])
+                for e in experts}
+
+    @torch.inference_mode()
+    def forward(self, chunks: Sequence[RunnerChunk],
+                experts: Sequence[int] | None) -> torch.Tensor:
+        """Process every chunk's tokens; return logits [S, V] of the sampling chunks' last
+        tokens, in chunk order. ``experts`` gives each token's routed expert, flattened in
+        chunk order ([N]); None lets each layer's gate choose (layer-wise router)."""
+        model = self.model.model
+        offsets, total = [], 0
+        for chunk in chunks:
+            offsets.append(total)
+            total += len(chunk.tokens)
+        device = model.embed_tokens.weight.device
+        hidden_dtype = model.embed_tokens.weight.dtype
+        tokens = torch.tensor([t for c in chunks for t in c.tokens], device=device)  # [N]
+        positions = torch.cat([torch.arange(c.start, c.start + len(c.tokens))
+                               for c in chunks]).to(device)  # [N]
+        write_slots = torch.cat([c.context_slots[c.start:] for c in chunks]).to(device)  # [N]
+        decode = [i for i, c in enumerate(chunks) if len(c.tokens) == 1]
+        prefill = [i for i, c in enumerate(chunks) if len(c.tokens) > 1]
+        groups = [_group([chunks[i] for i in ids], [offsets[i] for i in ids],
+                         self.heads // self.kv_heads, hidden_dtype, device)
+                  for ids in (decode, prefill) if ids]
+        routing = (self._grouping(torch.tensor(experts, device=device))
+                   if experts is not None else None)
+
+        hidden = model.embed_tokens(tokens)  # [N, H]
+        cos, sin = model.rotary_emb(hidden, positions[None])  # [1, N, D] each
+        for index, layer in enumerate(self.layers):
+            attn_in = layer.input_layernorm(hidden)
+            hidden = hidden + self._attention(index, layer.self_attn, attn_in, cos[0], sin[0],
+                                              write_slots, groups)
+            hidden = hidden + self._ffn(index, layer.mlp, layer.post_attention_layernorm(hidden),
+                                        routing)
+        last = torch.tensor([offsets[i] + len(c.tokens) - 1
+                             for i, c in enumerate(chunks) if c.samples],
+                            dtype=torch.long, device=device)  # [S]
+        return self.model.lm_head(model.norm(hidden.index_select(0, last)))  # [S, V]
+
+    def _attention(self, layer: int, attn: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, write_slots: torch.Tensor,
+                   groups: Sequence[_AttentionGroup]) -> torch.Tensor:
+        """x [N, H] -> attention output [N, H]; writes the step's keys and values first."""
+        rows = x.shape[0]
+        q = attn.q_proj(x).view(rows, self.heads, self.head_dim)  # [N, h, D]
+        k = attn.k_proj(x).view(rows, self.kv_heads, self.head_dim)  # [N, kvh, D]
+        v = attn.v_proj(x).view(rows, self.kv_heads, self.head_dim)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+        self.kv.write(layer, write_slots, k, v)
+        key_pool, value_pool = self.kv.keys[layer], self.kv.values[layer]  # [slots, kvh, D]
+        out = x.new_empty(rows, self.heads * self.head_dim)  # [N, h*D]
+        for group in groups:
+            # Plain ops: at serving sizes SDPA, bmm and softmax spread tiny work over threads
+            # whose wake-ups dominate on a busy CPU; index_select beats advanced indexing.
+            batch, width = group.query_rows.shape
+            length = group.key_slots.shape[1]
+            kvh, dim = self.kv_heads, self.head_dim
+            queries = (q.index_select(0, group.query_rows.reshape(-1))
+                       .view(batch, width, kvh, -1, dim).permute(0, 2, 3, 1, 4)
+                       .reshape(batch, kvh, -1, dim))  # [B, kvh, g*Tq, D]
+            slots = group.key_slots.reshape(-1)
+            keys = key_pool.index_select(0, slots).view(batch, length, kvh, dim)
+            values = value_pool.index_select(0, slots).view(batch, length, kvh, dim)
+            keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, kvh, L, D]
+            if width == 1:  # decode: elementwise ops stay single-threaded at these sizes
+                scores = (queries[:, :, :, None] * keys[:, :, None]).sum(-1) * self.scaling
+                scores = scores + group.bias  # [B, kvh, g, L]
+                weights = (scores - scores.amax(-1, keepdim=True)).exp()
+                weights = weights / weights.sum(-1, keepdim=True)
+                result = (weights[..., None] * values[:, :, None]).sum(-2)  # [B, kvh, g, D]
+            else:
+                scores = torch.matmul(queries, keys.transpose(2, 3)) * self.scaling
+                weights = torch.softmax(scores + group.bias, dim=-1)  # [B, kvh, g*Tq, L]
+                result = torch.matmul(weights, values)  # [B, kvh, g*Tq, D]
+            flat = (result.view(batch, kvh, -1, width, dim).permute(0, 3, 1, 2, 4)
+                    .reshape(batch * width, -1))  # [B*Tq, h*D]
+            out.index_copy_(0, group.targets, flat.index_select(0, group.valid))
+        return attn.o_proj(out)
+
+    def _grouping(self, experts: torch.Tensor) -> tuple[torch.Tensor | None, list[int]]:
+        """(row order sorted by expert, or None when one expert holds every row; counts [E])."""
+        counts = torch.bincount(experts, minlength=self.num_experts).tolist()
+        if max(counts) == experts.numel():
+            return None, counts
+        return torch.argsort(experts, stable=True), counts
+
+    def _ffn(self, layer: int, mlp: torch.nn.Module, x: torch.Tensor,
+             routing: tuple[torch.Tensor | None, list[int]] | None) -> torch.Tensor:
+        """x [N, H] -> shared expert + each row's routed expert, [N, H]."""
+        out = None
+        if mlp.shared is not None:
+            shared = mlp.shared
+            out = shared.down_proj(shared.act_fn(shared.gate_proj(x)) * shared.up_proj(x))
+        if mlp.experts is None:
+            return out
+        if routing is None:  # layer-wise router: this layer's gate decides now
+            routing = self._grouping(mlp.gate(x).argmax(-1))
+        order, counts = routing
+        present = [e for e, count in enumerate(counts) if count]
+        weights = self.experts_for(layer, present)
+        act = mlp.experts.act_fn
+        grouped = x if order is None else x.index_select(0, order)  # [N, H] by expert
+        parts, start = [], 0
+        for e in present:
+            w = weights[e]
+            rows = grouped[start:start + counts[e]]
+            parts.append(F.linear(act(F.linear(rows, w.gate)) * F.linear(rows, w.up), w.down))
+            start += counts[e]
+        routed = parts[0] if order is None else x.new_empty(x.shape).index_copy_(
+            0, order, torch.cat(parts))
+        return routed if out is None else out + routed

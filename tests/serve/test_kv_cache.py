@@ -1,0 +1,69 @@
+"""The paged KV cache: slot mapping, reservations, growth, and no leaked blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from readmoe.errors import ReadmoeError
+from readmoe.serve.kv_cache import PagedKVCache
+
+
+def cache(blocks: int = 6, size: int = 4) -> PagedKVCache:
+    return PagedKVCache(num_layers=2, num_blocks=blocks, block_size=size, kv_heads=2, head_dim=3)
+
+
+def test_pools_are_preallocated_per_layer():
+    kv = cache()
+    assert len(kv.keys) == len(kv.values) == 2
+    assert tuple(kv.keys[0].shape) == (6 * 4, 2, 3)
+
+
+def test_slots_follow_the_block_table():
+    kv = cache()
+    kv.admit("a", 3)
+    kv.admit("b", 10)
+    kv.grow("a", 3)
+    kv.grow("b", 6)
+    kv.grow("a", 3)  # already covered: no new block
+    assert kv.num_free == 3
+    a, b = kv._tables["a"], kv._tables["b"]
+    assert kv.slots("a", 0, 3).tolist() == [a[0] * 4 + i for i in range(3)]
+    assert kv.slots("b", 3, 3).tolist() == [b[0] * 4 + 3, b[1] * 4, b[1] * 4 + 1]
+
+
+def test_reservations_limit_admission_and_growth():
+    kv = cache(blocks=4)
+    assert kv.can_admit(16) and not kv.can_admit(17)
+    kv.admit("a", 9)  # 3 blocks reserved, none taken yet
+    assert kv.num_free == 4 and kv.num_available == 1
+    assert not kv.can_admit(5)
+    with pytest.raises(ReadmoeError):
+        kv.admit("b", 5)
+    kv.grow("a", 9)
+    with pytest.raises(ReadmoeError, match="outgrew"):
+        kv.grow("a", 13)
+    with pytest.raises(ReadmoeError, match="already"):
+        kv.admit("a", 1)
+
+
+def test_write_lands_in_the_slots():
+    kv = cache()
+    kv.admit("a", 5)
+    kv.grow("a", 5)
+    slots = kv.slots("a", 0, 5)
+    keys, values = torch.randn(5, 2, 3), torch.randn(5, 2, 3)
+    kv.write(1, slots, keys, values)
+    assert torch.equal(kv.keys[1][slots], keys) and torch.equal(kv.values[1][slots], values)
+
+
+def test_free_restores_every_block():
+    kv = cache()
+    for i, tokens in enumerate([5, 9, 2]):
+        kv.admit(f"r{i}", tokens)
+        kv.grow(f"r{i}", tokens - 1)
+    for i in range(3):
+        kv.free(f"r{i}")
+        assert not kv.holds(f"r{i}")
+    kv.free("never-admitted")
+    assert kv.num_free == kv.num_available == kv.num_blocks
