@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 
 from readmoe.data.corpus import build_corpus, load_corpus
-from readmoe.eval.domains import domain_perplexity, format_ppl_table
-from readmoe.eval.routing import make_routing
-from readmoe.io import atomic_write_json, atomic_write_text
-from readmoe.models import load_model, load_tokenizer
+from readmoe.eval.domains import domain_wins, evaluate_model, format_ppl_table
+from readmoe.io import atomic_save_figure, atomic_write_json, atomic_write_text
+from readmoe.models import load_tokenizer
 from readmoe.refactor.pipeline import run_refactor, run_stats
 
 VARIANTS = [  # (label, method, routing)
@@ -56,24 +55,17 @@ def main() -> int:
     stats, stats_dir = run_stats(args.model, str(corpus_dir), tokens=args.stats_tokens)
     tokenizer = load_tokenizer(args.model)
 
-    def evaluate(spec: str, label: str, routing: str = "router") -> dict:
-        model = load_model(spec)
-        route = make_routing(model, routing, model_dir=spec)
-        report = domain_perplexity(model, tokenizer, corpus, model_name=spec,
-                                   max_tokens=args.eval_tokens, routing=route,
-                                   extra={"label": label, "routing": routing})
-        print(f"{label}: " + ", ".join(f"{d} {v['ppl']:.1f}"
-                                       for d, v in report["domains"].items()), flush=True)
-        return report
 
-    reports = [evaluate(args.model, "dense")]
+    reports = [evaluate_model(args.model, "dense", tokenizer, corpus,
+                              max_tokens=args.eval_tokens)]
     plans = {}
     for label, method, routing in VARIANTS:
         folder = work / f"moe-{method}"
         if method not in plans:
             plans[method] = run_refactor(args.model, str(corpus_dir), folder, method=method,
                                          keep=args.keep, stats_dir=stats_dir)
-        reports.append(evaluate(str(folder), label, routing))
+        reports.append(evaluate_model(str(folder), label, tokenizer, corpus,
+                                      max_tokens=args.eval_tokens, routing=routing))
 
     readme = plans["readme"]
     summary = {
@@ -86,7 +78,7 @@ def main() -> int:
         "expert_channels_per_layer": [lp.expert_size for lp in readme.layers],
         "dense_ffn_channels": readme.intermediate_size,
         "reports": reports,
-        "readme_oracle_beats_prune": _wins(reports, "readme+oracle", "prune"),
+        "readme_oracle_beats_prune": domain_wins(reports, "readme+oracle", "prune"),
     }
     results.mkdir(parents=True, exist_ok=True)
     atomic_write_json(results / "refactor_quality.json", summary)
@@ -95,11 +87,6 @@ def main() -> int:
     print(render_markdown(summary))
     return 0
 
-
-def _wins(reports: list[dict], a: str, b: str) -> dict:
-    by_label = {r["label"]: r["domains"] for r in reports}
-    wins = [d for d in by_label[a] if by_label[a][d]["ppl"] < by_label[b][d]["ppl"]]
-    return {"domains": sorted(wins), "count": len(wins), "of": len(by_label[a])}
 
 
 def render_markdown(summary: dict) -> str:
@@ -149,10 +136,8 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_title(f"{summary['model']}: dense vs refactorings at equal active width")
     ax.legend(fontsize=8, ncol=3)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_save_figure(fig, path)
     plt.close(fig)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 
 from readmoe.data.corpus import build_corpus, load_corpus
-from readmoe.eval.domains import domain_perplexity, format_ppl_table
+from readmoe.eval.domains import domain_wins, evaluate_model, format_ppl_table
 from readmoe.eval.router_cost import router_share
-from readmoe.eval.routing import make_routing
-from readmoe.io import atomic_write_json, atomic_write_text
+from readmoe.io import atomic_save_figure, atomic_write_json, atomic_write_text
 from readmoe.models import load_model, load_tokenizer
 from readmoe.refactor.pipeline import run_refactor, run_stats
 from readmoe.train.config import TrainConfig
@@ -73,23 +72,14 @@ def main() -> int:
         runs[method] = {"dir": str(final_model_dir(out)), "state": state,
                         "untrained": str(moe)}
 
-    def evaluate(spec: str, label: str, routing: str = "router") -> dict:
-        model = load_model(spec)
-        report = domain_perplexity(model, tokenizer, corpus, model_name=spec,
-                                   max_tokens=args.eval_tokens,
-                                   routing=make_routing(model, routing, model_dir=spec),
-                                   extra={"label": label, "routing": routing})
-        print(label, {d: round(v["ppl"], 1) for d, v in report["domains"].items()}, flush=True)
-        return report
-
-    reports = [
-        evaluate(args.model, "dense"),
-        evaluate(runs["readme"]["untrained"], "readme untrained (oracle)", "oracle"),
-        evaluate(runs["readme"]["dir"], "readme trained (router)"),
-        evaluate(runs["readme"]["dir"], "readme trained (oracle)", "oracle"),
-        evaluate(runs["prune"]["untrained"], "prune untrained"),
-        evaluate(runs["prune"]["dir"], "prune trained"),
-    ]
+    variants = [(args.model, "dense", "router"),
+                (runs["readme"]["untrained"], "readme untrained (oracle)", "oracle"),
+                (runs["readme"]["dir"], "readme trained (router)", "router"),
+                (runs["readme"]["dir"], "readme trained (oracle)", "oracle"),
+                (runs["prune"]["untrained"], "prune untrained", "router"),
+                (runs["prune"]["dir"], "prune trained", "router")]
+    reports = [evaluate_model(spec, label, tokenizer, corpus, max_tokens=args.eval_tokens,
+                              routing=routing) for spec, label, routing in variants]
     trained = load_model(runs["readme"]["dir"])
     cost = [router_share(trained, batch) for batch in (1, 32)]
     last = runs["readme"]["state"]["rounds"][str(args.rounds - 1)]
@@ -107,7 +97,7 @@ def main() -> int:
         "router_accuracy_final": last["router_accuracy"],
         "router_cost": cost,
         "reports": reports,
-        "readme_beats_prune": _wins(reports, "readme trained (router)", "prune trained"),
+        "readme_beats_prune": domain_wins(reports, "readme trained (router)", "prune trained"),
     }
     results.mkdir(parents=True, exist_ok=True)
     atomic_write_json(results / "train_quality.json", summary)
@@ -116,11 +106,6 @@ def main() -> int:
     print(render(summary))
     return 0
 
-
-def _wins(reports: list[dict], a: str, b: str) -> dict:
-    by = {r["label"]: r["domains"] for r in reports}
-    wins = sorted(d for d in by[a] if by[a][d]["ppl"] < by[b][d]["ppl"])
-    return {"domains": wins, "count": len(wins), "of": len(by[a])}
 
 
 def render(summary: dict) -> str:
@@ -168,10 +153,8 @@ def plot(runs: dict, path: Path) -> None:
     right.set_xlabel("router step")
     right.set_ylabel("distillation loss")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_save_figure(fig, path)
     plt.close(fig)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -51,3 +51,12 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_save_figure(fig, path: str | Path, dpi: int = 110) -> None:
+    """Save a matplotlib figure as PNG atomically."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -27,3 +27,28 @@ def test_random_model_perplexity_is_near_vocabulary_size():
     model = tiny_model()
     blocks = torch.randint(0, 128, (4, 32))
     assert 64 < window_nll(model, blocks).ppl < 256
+
+
+def test_domain_wins_counts_lower_perplexity():
+    from readmoe.eval.domains import domain_wins
+
+    reports = [{"label": "a", "domains": {"x": {"ppl": 2.0}, "y": {"ppl": 9.0}}},
+               {"label": "b", "domains": {"x": {"ppl": 3.0}, "y": {"ppl": 5.0}}}]
+    assert domain_wins(reports, "a", "b") == {"domains": ["x"], "count": 1, "of": 2}
+
+
+def test_evaluate_model_labels_its_report(tiny_llama_dir, tmp_path):
+    import json
+
+    from readmoe.data.corpus import load_corpus
+    from readmoe.eval.domains import evaluate_model
+    from tests.conftest import char_tokenizer
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for domain in ("a", "b"):
+        (folder / f"{domain}.jsonl").write_text("".join(
+            json.dumps({"text": f"{domain} text number {i} " * 8}) + "\n" for i in range(12)))
+    report = evaluate_model(str(tiny_llama_dir), "tiny", char_tokenizer(), load_corpus(folder),
+                            max_tokens=64)
+    assert report["label"] == "tiny" and set(report["domains"]) == {"a", "b"}

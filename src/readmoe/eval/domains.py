@@ -55,3 +55,26 @@ def format_ppl_table(reports: list[dict]) -> str:
         tokens = next(r["domains"][domain]["tokens"] for r in reports if domain in r["domains"])
         lines.append(f"| {domain} | " + " | ".join(cells) + f" | {tokens} |")
     return "\n".join(lines)
+
+
+def evaluate_model(spec: str, label: str, tokenizer, corpus, *, max_tokens: int = DEFAULT_TOKENS,
+                   routing: str = "router") -> dict:
+    """Load `spec` and score every domain under `routing`; prints a one-line summary."""
+    from readmoe.eval.routing import make_routing
+    from readmoe.models import load_model
+
+    model = load_model(str(spec))
+    report = domain_perplexity(model, tokenizer, corpus, model_name=str(spec),
+                               max_tokens=max_tokens,
+                               routing=make_routing(model, routing, model_dir=spec),
+                               extra={"label": label, "routing": routing})
+    print(f"{label}: " + ", ".join(f"{d} {v['ppl']:.1f}" for d, v in report["domains"].items()),
+          flush=True)
+    return report
+
+
+def domain_wins(reports: list[dict], a: str, b: str) -> dict:
+    """On which domains the report labelled `a` has lower perplexity than the one labelled `b`."""
+    by_label = {r["label"]: r["domains"] for r in reports}
+    wins = sorted(d for d in by_label[a] if by_label[a][d]["ppl"] < by_label[b][d]["ppl"])
+    return {"domains": wins, "count": len(wins), "of": len(by_label[a])}

@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+import os
+
+from readmoe.io import atomic_save_figure, atomic_write_json
+
+
+def test_atomic_writes_leave_no_temp_files_and_readable_modes(tmp_path):
+    atomic_write_json(tmp_path / "a.json", {"x": 1})
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure()
+    fig.add_subplot().plot([0, 1], [1, 0])
+    atomic_save_figure(fig, tmp_path / "f.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "f.png"]
+    assert (tmp_path / "f.png").read_bytes().startswith(b"\x89PNG")
+    assert os.stat(tmp_path / "a.json").st_mode & 0o044
