@@ -48,7 +48,7 @@ def test_evaluate_model_labels_its_report(tiny_llama_dir, tmp_path):
     folder.mkdir()
     for domain in ("a", "b"):
         (folder / f"{domain}.jsonl").write_text("".join(
-            json.dumps({"text": f"{domain} text number {i} " * 8}) + "\n" for i in range(12)))
+            json.dumps({"text": f"{domain} text number {i} " * 60}) + "\n" for i in range(12)))
     report = evaluate_model(str(tiny_llama_dir), "tiny", char_tokenizer(), load_corpus(folder),
-                            max_tokens=64)
+                            max_tokens=512)
     assert report["label"] == "tiny" and set(report["domains"]) == {"a", "b"}
