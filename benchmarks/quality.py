@@ -61,7 +61,7 @@ def main() -> int:
         spec = report["model"]
         model = load_model(spec)
         counts = parameter_counts(model)
-        trained = "trained" in label
+        trained = label.startswith(("readme trained", "prune trained"))
         row = {"label": label, "model": spec, "routing": report.get("routing"),
                "parameters": counts,
                "training_tokens": train["expert_tuning_tokens"] if trained else 0,
