@@ -88,7 +88,6 @@ def main() -> int:
     return 0
 
 
-
 def render_markdown(summary: dict) -> str:
     shared = summary["shared_channels_per_layer"]
     expert = summary["expert_channels_per_layer"]

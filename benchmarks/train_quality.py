@@ -107,7 +107,6 @@ def main() -> int:
     return 0
 
 
-
 def render(summary: dict) -> str:
     wins = summary["readme_beats_prune"]
     acc = summary["router_accuracy_per_round"]

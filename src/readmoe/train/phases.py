@@ -103,49 +103,18 @@ def router_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids, output_router_logits=True).router_logits
 
 
-def run_router_phase(model, schedule: BlockSchedule, targets: DistillTargets, first_step: int,
-                     lr: float, config: TrainConfig, dist: Distributed) -> list[float]:
-    params = set_trainable(model, router_parameter_names(model))
+def _run_phase(model, names: set[str], lr: float, steps: int, desc: str, config: TrainConfig,
+               dist: Distributed, step_loss) -> list[float]:
+    """The loop both phases share: train only `names` for `steps` AdamW steps under a cosine
+    schedule from `lr`, averaging gradients over processes; `step_loss(step)` gives the loss."""
+    params = set_trainable(model, names)
     optimizer = _optimizer(params, lr, config)
     losses = []
     model.train()
-    steps = config.router_steps
-    for step in tqdm(range(steps), desc="router", disable=not dist.is_main, leave=False):
+    for step in tqdm(range(steps), desc=desc, disable=not dist.is_main, leave=False):
         for group in optimizer.param_groups:
             group["lr"] = cosine(lr, step, steps)
-        rows = schedule.indices(first_step + step)
-        rows = dist.shard(rows)
-        input_ids = targets.tokens[rows]  # [b, T]
-        logits = router_logits(model, input_ids)  # [b, T, E] or [b, T, L, E]
-        scores = targets.scores[rows].flatten(0, 1)  # [b*T, L, E]
-        loss = router_distillation_loss(logits.flatten(0, 1), scores, targets.expert_sizes,
-                                        config.router_loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        dist.average_gradients(params)
-        optimizer.step()
-        losses.append(dist.mean(float(loss.detach())))
-    model.eval()
-    return losses
-
-
-def run_expert_phase(model, schedule: BlockSchedule, first_step: int, lr: float,
-                     config: TrainConfig, dist: Distributed, dense=None) -> list[float]:
-    params = set_trainable(model, expert_parameter_names(model, config.expert_params))
-    optimizer = _optimizer(params, lr, config)
-    losses = []
-    model.train()
-    steps = config.expert_steps
-    for step in tqdm(range(steps), desc="experts", disable=not dist.is_main, leave=False):
-        for group in optimizer.param_groups:
-            group["lr"] = cosine(lr, step, steps)
-        input_ids = dist.shard(schedule.batch(first_step + step))  # [b, T]
-        logits = model(input_ids=input_ids).logits  # the model routes with its frozen router
-        loss = lm_loss(logits, input_ids)
-        if dense is not None and config.kd_weight > 0:
-            with torch.no_grad():
-                teacher = dense(input_ids=input_ids).logits
-            loss = loss + config.kd_weight * logit_kl(logits, teacher)
+        loss = step_loss(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         dist.average_gradients(params)
@@ -154,3 +123,33 @@ def run_expert_phase(model, schedule: BlockSchedule, first_step: int, lr: float,
     model.eval()
     set_trainable(model, set())
     return losses
+
+
+def run_router_phase(model, schedule: BlockSchedule, targets: DistillTargets, first_step: int,
+                     lr: float, config: TrainConfig, dist: Distributed) -> list[float]:
+    def step_loss(step: int) -> torch.Tensor:
+        rows = dist.shard(schedule.indices(first_step + step))
+        input_ids = targets.tokens[rows]  # [b, T]
+        logits = router_logits(model, input_ids)  # [b, T, E] or [b, T, L, E]
+        scores = targets.scores[rows].flatten(0, 1)  # [b*T, L, E]
+        return router_distillation_loss(logits.flatten(0, 1), scores, targets.expert_sizes,
+                                        config.router_loss)
+
+    return _run_phase(model, router_parameter_names(model), lr, config.router_steps, "router",
+                      config, dist, step_loss)
+
+
+def run_expert_phase(model, schedule: BlockSchedule, first_step: int, lr: float,
+                     config: TrainConfig, dist: Distributed, dense=None) -> list[float]:
+    def step_loss(step: int) -> torch.Tensor:
+        input_ids = dist.shard(schedule.batch(first_step + step))  # [b, T]
+        logits = model(input_ids=input_ids).logits  # the model routes with its frozen router
+        loss = lm_loss(logits, input_ids)
+        if dense is not None and config.kd_weight > 0:
+            with torch.no_grad():
+                teacher = dense(input_ids=input_ids).logits
+            loss = loss + config.kd_weight * logit_kl(logits, teacher)
+        return loss
+
+    return _run_phase(model, expert_parameter_names(model, config.expert_params), lr,
+                      config.expert_steps, "experts", config, dist, step_loss)
