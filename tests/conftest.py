@@ -42,6 +42,36 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
     return AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides)).eval()
 
 
+ALPHABETS = {"digits": "0123456789 ", "lower": "abcdefghij ", "upper": "ABCDEFGHIJ "}
+
+
+def write_alphabet_corpus(folder: Path, docs: int, length: int) -> Path:
+    """Three domains whose documents use disjoint characters: routing by domain is easy."""
+    import json
+    import random
+
+    folder.mkdir(parents=True)
+    rng = random.Random(0)
+    for domain, alphabet in ALPHABETS.items():
+        texts = ["".join(rng.choice(alphabet) for _ in range(length)) for _ in range(docs)]
+        (folder / f"{domain}.jsonl").write_text(
+            "".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return folder
+
+
+def refactor_tiny(tmp_path: Path, model_dir: Path, corpus_dir: Path) -> Path:
+    """Statistics and a `readme` refactoring of a tiny model through the CLI."""
+    from readmoe.cli import main
+
+    stats = tmp_path / "stats"
+    assert main(["stats", str(model_dir), "--corpus", str(corpus_dir), "--out", str(stats),
+                 "--tokens", "256", "--block-size", "32"]) == 0
+    out = tmp_path / "moe"
+    assert main(["refactor", str(model_dir), "--corpus", str(corpus_dir), "--out", str(out),
+                 "--stats", str(stats)]) == 0
+    return out
+
+
 @pytest.fixture
 def tokenizer():
     return char_tokenizer()

@@ -9,17 +9,12 @@ import torch
 
 from readmoe.cli import main
 from readmoe.refactor.plan import ExpertPlan
+from tests.conftest import refactor_tiny
 
 
 @pytest.fixture
 def refactored(tmp_path, tiny_llama_dir, tiny_corpus_dir):
-    stats = tmp_path / "stats"
-    assert main(["stats", str(tiny_llama_dir), "--corpus", str(tiny_corpus_dir), "--out",
-                 str(stats), "--tokens", "256", "--block-size", "32"]) == 0
-    out = tmp_path / "moe"
-    assert main(["refactor", str(tiny_llama_dir), "--corpus", str(tiny_corpus_dir), "--out",
-                 str(out), "--stats", str(stats)]) == 0
-    return out
+    return refactor_tiny(tmp_path, tiny_llama_dir, tiny_corpus_dir)
 
 
 def test_refactor_writes_a_loadable_readme_folder(refactored, tiny_llama_dir):
