@@ -6,6 +6,8 @@ import argparse
 import json
 
 from readmoe.cli.serve_suite_cmds import register_suite
+from readmoe.serve.experts import POLICIES
+from readmoe.serve.experts.store import TIERS
 from readmoe.serve.schedulers import SCHEDULERS
 
 
@@ -30,6 +32,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--kv-blocks", type=int, default=1024)
     serve.add_argument("--block-size", type=int, default=16)
     serve.add_argument("--seed", type=int, default=0)
+    store = serve.add_argument_group(
+        "expert offloading", "with --capacity, routed experts live in a slow tier and at most "
+        "that many per layer in the fast tier (default: all resident)")
+    store.add_argument("--capacity", type=int, default=None, help="routed experts per layer "
+                       "in the fast tier")
+    store.add_argument("--cache-policy", default="belady", choices=sorted(POLICIES))
+    store.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
+                       help="load layer l+1's experts while layer l computes (default) or "
+                       "on demand (--no-prefetch)")
+    store.add_argument("--tier", default="file", choices=TIERS,
+                       help="slow tier: the model's safetensors read on demand, or CPU RAM")
+    store.add_argument("--bandwidth", type=float, default=None,
+                       help="emulate a link of this many bytes/s (e.g. 25e9 for PCIe 4.0 x16); "
+                       "results are then labelled emulated")
     serve.add_argument("--json", help="write the metrics as JSON to this file")
     serve.set_defaults(handler=run_serve)
     register_suite(sub)
@@ -58,23 +74,39 @@ def corpus_prompts(tokenizer, corpus_spec: str, docs_per_domain: int = 32):
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
     from dataclasses import replace
 
+    from readmoe.errors import ReadmoeError
     from readmoe.io import atomic_write_json
     from readmoe.models import load_model, load_tokenizer
     from readmoe.serve.engine import Engine
+    from readmoe.serve.experts.store import ExpertStore
     from readmoe.serve.types import Budget
     from readmoe.serve.workload import synthetic_workload
 
+    if args.capacity is None and (args.bandwidth is not None or args.tier != "file"):
+        raise ReadmoeError("--tier and --bandwidth describe expert offloading: add --capacity K")
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     specs = synthetic_workload(args.requests, args.rate, corpus_prompts(tokenizer, args.corpus),
                                burstiness=args.burstiness, seed=args.seed)
     if args.max_output:
         specs = [replace(s, max_tokens=min(s.max_tokens, args.max_output)) for s in specs]
-    engine = Engine(model, tokenizer, args.scheduler,
-                    Budget(args.max_batch_tokens, args.max_seqs), args.kv_blocks, args.block_size)
-    result = {"model": args.model, "scheduler": args.scheduler, "rate": args.rate,
-              **engine.run_workload(specs)}
+    store = (ExpertStore(args.model, capacity=args.capacity, policy=args.cache_policy,
+                         tier=args.tier, bandwidth=args.bandwidth)
+             if args.capacity is not None else nullcontext())
+    with store:
+        offloaded = args.capacity is not None
+        engine = Engine(model, tokenizer, args.scheduler,
+                        Budget(args.max_batch_tokens, args.max_seqs), args.kv_blocks,
+                        args.block_size, expert_store=store if offloaded else None,
+                        prefetch=args.prefetch and offloaded)
+        experts = ({"store": store.describe(), "capacity": args.capacity,
+                    "cache_policy": args.cache_policy, "prefetch": args.prefetch,
+                    "emulated_link": args.bandwidth}
+                   if offloaded else {"store": "all routed experts resident"})
+        result = {"model": args.model, "scheduler": args.scheduler, "rate": args.rate,
+                  "experts": experts, **engine.run_workload(specs)}
     print(json.dumps(result, indent=2))
     if args.json:
         atomic_write_json(args.json, result)

@@ -29,7 +29,8 @@ from readmoe.errors import ReadmoeError
 
 @dataclass(frozen=True)
 class CostModel:
-    """Seconds per unit of work, per layer; ``expert_bytes`` is one routed expert's size."""
+    """Seconds per unit of work, per layer; ``expert_bytes`` is one routed expert's size (0:
+    the layer has no routed experts, so nothing of it is cached or loaded)."""
 
     num_layers: int
     expert_bytes: tuple[int, ...]

@@ -17,6 +17,13 @@ reserve its largest footprint (prompt + max_tokens - 1 tokens, see kv_cache.py);
 that does not fit blocks those behind it (no overtaking, so a long request is never starved).
 Only admitted requests reach the scheduler, and running requests never run out of KV blocks.
 
+Expert residency: with an ``ExpertStore`` the runner takes routed weights from the store's fast
+tier (``StepAccess``): each step's accesses happen layer by layer at the simulator's times
+``step * num_layers + layer``, Belady reads the future ``FutureUses.from_schedule`` builds from
+the queue (as the simulator does), and with ``prefetch`` layer ``l + 1``'s misses load while
+layer ``l`` computes. A layer-wise model's experts are known only inside each layer, so it runs
+on demand with no known future. The model's own stacked routed weights are then not read.
+
 Time is wall clock (``time.perf_counter``) relative to the engine's start; the queue's finished
 requests and ``steps`` (StepReports) feed ``serve.metrics.aggregate`` (``metrics()``).
 """
@@ -31,6 +38,9 @@ import torch
 
 from readmoe.errors import ReadmoeError
 from readmoe.model import RouterCache
+from readmoe.serve.experts import FutureUses
+from readmoe.serve.experts.prefetch import StepAccess
+from readmoe.serve.experts.store import ExpertStore
 from readmoe.serve.kv_cache import PagedKVCache
 from readmoe.serve.metrics import aggregate
 from readmoe.serve.queue import RequestQueue
@@ -86,11 +96,12 @@ class _Sequence:
 
 
 class Engine:
-    """Continuous batching over a ReadME model with a paged KV cache."""
+    """Continuous batching over a ReadME model with a paged KV cache, optionally with routed
+    experts offloaded to an ``ExpertStore`` (the caller owns it and closes it)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, scheduler: str = "fcfs",
-                 budget: Budget = DEFAULT_BUDGET,
-                 kv_blocks: int = 512, block_size: int = 16) -> None:
+                 budget: Budget = DEFAULT_BUDGET, kv_blocks: int = 512, block_size: int = 16,
+                 expert_store: ExpertStore | None = None, prefetch: bool = True) -> None:
         config = model.config
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -101,6 +112,10 @@ class Engine:
         if not (self.pregating or self.layerwise) and config.needs_routing:
             raise ReadmoeError(f"the model has {config.num_experts} routed experts and no router "
                                "(router_type 'none'): attach one before serving")
+        if expert_store is not None:
+            self._check_store(expert_store, prefetch)
+        self.store = expert_store
+        self.prefetch = prefetch and expert_store is not None
         attn = model.model.layers[0].self_attn
         weight = model.model.embed_tokens.weight
         self.kv = PagedKVCache(config.num_hidden_layers, kv_blocks, block_size,
@@ -179,7 +194,12 @@ class Engine:
             chunks.append(RunnerChunk(tokens, chunk.start, self.kv.slots(seq.request_id, 0, end),
                                       chunk.samples))
             experts.extend(chunk.experts)
-        logits = self.runner.forward(chunks, None if self.layerwise else experts)  # [S, V]
+        source, before = None, None
+        if self.store is not None:
+            before = self.store.stats
+            source = self._step_access(batch)
+        logits = self.runner.forward(chunks, None if self.layerwise else experts,
+                                     source)  # [S, V]
         sampling = [self._seqs[c.request_id] for c in batch.chunks if c.samples]
         tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
         revealed = {seq.request_id: self._accept(seq, token)
@@ -191,8 +211,12 @@ class Engine:
                 seq.text = self._decode(seq.output_ids)
             seq.router_cache = None
             self.kv.free(seq.request_id)
+        load_s = stall_s = 0.0
+        if before is not None:
+            spent = self.store.stats.since(before)
+            load_s, stall_s = spent.load_s, spent.stall_s
         self.steps.append(StepReport(len(self.steps), started, self.now(), batch.num_tokens,
-                                     batch.num_seqs, len(batch.experts), 0.0, 0.0))
+                                     batch.num_seqs, len(batch.experts), load_s, stall_s))
         return [seq.output([token]) for seq, token in zip(sampling, tokens, strict=True)]
 
     def stream(self, request_id: str) -> Iterator[int]:
@@ -229,6 +253,7 @@ class Engine:
         return ``serve.metrics.aggregate`` over its requests and steps."""
         pending = sorted(specs, key=lambda s: s.arrival_time)
         base, first_step = self.now(), len(self.steps)
+        store_before = self.store.stats if self.store is not None else None
         added = []
         while pending or self.has_unfinished():
             while pending and base + pending[0].arrival_time <= self.now():
@@ -241,11 +266,35 @@ class Engine:
             elif pending:
                 time.sleep(max(0.0, base + pending[0].arrival_time - self.now()))
         done = [self._seqs[i].request for i in added if self._seqs[i].finish_reason != "abort"]
-        return aggregate(done, self.steps[first_step:])
+        cache = self.store.stats.since(store_before) if store_before is not None else None
+        return aggregate(done, self.steps[first_step:], cache)
 
     def metrics(self) -> dict:
         """``serve.metrics.aggregate`` over every finished (not aborted) request and step."""
-        return aggregate(self.queue.finished, self.steps)
+        return aggregate(self.queue.finished, self.steps,
+                         self.store.stats if self.store is not None else None)
+
+    def _check_store(self, store: ExpertStore, prefetch: bool) -> None:
+        config = self.model.config
+        if self.layerwise and prefetch:
+            raise ReadmoeError("a layer-wise router knows no expert before its layer runs, so "
+                               "its experts cannot be prefetched: run it with prefetch off")
+        routed = [i for i, layer in enumerate(self.model.model.layers)
+                  if layer.mlp.experts is not None]
+        if (store.num_layers, store.routed_layers) != (config.num_hidden_layers, routed) or (
+                routed and store.num_experts != config.num_experts):
+            raise ReadmoeError("the expert store holds another model's experts: build it from "
+                               "the served model's folder")
+
+    def _step_access(self, batch) -> StepAccess:
+        """This step's expert accesses, with the future the simulator would give Belady."""
+        step = len(self.steps)
+        if self.layerwise:
+            return StepAccess(self.store, step, FutureUses(), None, prefetch=False)
+        future = FutureUses.from_schedule(step, self.store.num_layers, batch,
+                                          [*self.queue.running, *self.queue.waiting],
+                                          self.budget.max_tokens)
+        return StepAccess(self.store, step, future, batch.experts, self.prefetch)
 
     def _admit(self) -> None:
         while self._arrived:

@@ -12,16 +12,19 @@ and rotary embeddings come from ``model.model.rotary_emb`` and transformers'
 ``apply_rotary_pos_emb``, so the logits equal ``model(...)``'s (tested at fp32).
 
 The MoE FFN is the shared expert on all rows plus, per routed expert present in the step, that
-expert on its rows. Expert weights come from ONE method, ``experts_for(layer, experts)``: here
-the resident stacked parameters; an expert store overrides it to supply (and prefetch)
-offloaded weights. With the pre-gating router the rows are grouped by expert once per step;
-with a layer-wise router (``experts`` None) each layer's gate groups them inside the layer.
+expert on its rows. Routed weights come from an ``ExpertSource``: by default the model's own
+resident stacked parameters (``experts_for``); an engine with an expert store passes the
+step's ``StepAccess``, which supplies (and prefetches) offloaded weights and fixes the order
+the experts compute in. With the pre-gating router the rows are grouped by expert once per
+step; with a layer-wise router (``experts`` None) each layer's gate groups them inside the
+layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch.nn import functional as F
@@ -30,6 +33,12 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from readmoe.errors import ReadmoeError
 from readmoe.serve.experts.store import ExpertWeights
 from readmoe.serve.kv_cache import PagedKVCache
+
+
+class ExpertSource(Protocol):
+    def layer(self, layer: int, experts: Sequence[int]) -> Mapping[int, ExpertWeights]:
+        """``layer``'s routed weights of ``experts``, to compute in the mapping's order."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -107,11 +116,12 @@ class ModelRunner:
                 for e in experts}
 
     @torch.inference_mode()
-    def forward(self, chunks: Sequence[RunnerChunk],
-                experts: Sequence[int] | None) -> torch.Tensor:
+    def forward(self, chunks: Sequence[RunnerChunk], experts: Sequence[int] | None,
+                source: ExpertSource | None = None) -> torch.Tensor:
         """Process every chunk's tokens; return logits [S, V] of the sampling chunks' last
         tokens, in chunk order. ``experts`` gives each token's routed expert, flattened in
-        chunk order ([N]); None lets each layer's gate choose (layer-wise router)."""
+        chunk order ([N]); None lets each layer's gate choose (layer-wise router).
+        ``source`` supplies routed weights (default: the model's resident ones)."""
         model = self.model.model
         offsets, total = [], 0
         for chunk in chunks:
@@ -138,7 +148,7 @@ class ModelRunner:
             hidden = hidden + self._attention(index, layer.self_attn, attn_in, cos[0], sin[0],
                                               write_slots, groups)
             hidden = hidden + self._ffn(index, layer.mlp, layer.post_attention_layernorm(hidden),
-                                        routing)
+                                        routing, source)
         last = torch.tensor([offsets[i] + len(c.tokens) - 1
                              for i, c in enumerate(chunks) if c.samples],
                             dtype=torch.long, device=device)  # [S]
@@ -192,7 +202,8 @@ class ModelRunner:
         return torch.argsort(experts, stable=True), counts
 
     def _ffn(self, layer: int, mlp: torch.nn.Module, x: torch.Tensor,
-             routing: tuple[torch.Tensor | None, list[int]] | None) -> torch.Tensor:
+             routing: tuple[torch.Tensor | None, list[int]] | None,
+             source: ExpertSource | None) -> torch.Tensor:
         """x [N, H] -> shared expert + each row's routed expert, [N, H]."""
         out = None
         if mlp.shared is not None:
@@ -204,15 +215,19 @@ class ModelRunner:
             routing = self._grouping(mlp.gate(x).argmax(-1))
         order, counts = routing
         present = [e for e, count in enumerate(counts) if count]
-        weights = self.experts_for(layer, present)
+        weights = (source.layer(layer, present) if source is not None
+                   else self.experts_for(layer, present))
         act = mlp.experts.act_fn
-        grouped = x if order is None else x.index_select(0, order)  # [N, H] by expert
-        parts, start = [], 0
-        for e in present:
-            w = weights[e]
-            rows = grouped[start:start + counts[e]]
-            parts.append(F.linear(act(F.linear(rows, w.gate)) * F.linear(rows, w.up), w.down))
-            start += counts[e]
-        routed = parts[0] if order is None else x.new_empty(x.shape).index_copy_(
-            0, order, torch.cat(parts))
+        if order is None:  # every row has one expert
+            w = weights[present[0]]
+            routed = F.linear(act(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)
+        else:
+            grouped = x.index_select(0, order)  # [N, H] rows sorted by expert
+            starts = [sum(counts[:e]) for e in range(len(counts))]
+            result = torch.empty_like(grouped)
+            for e in weights:  # the source's order: a store may load while earlier ones compute
+                w, rows = weights[e], slice(starts[e], starts[e] + counts[e])
+                part = grouped[rows]
+                result[rows] = F.linear(act(F.linear(part, w.gate)) * F.linear(part, w.up), w.down)
+            routed = x.new_empty(x.shape).index_copy_(0, order, result)
         return routed if out is None else out + routed

@@ -80,7 +80,9 @@ def _run_layers(cache: ExpertCache, config: SimConfig, step: int, experts: set[i
     cost, layers = config.cost, config.cost.num_layers
     ahead, serial = [], []
     for layer, keys in enumerate(step_needs(experts, layers)):
-        missed = len(cache.access(keys, step * layers + layer, future))
+        if not cost.expert_bytes[layer]:  # a layer without routed experts (e.g. kept dense)
+            keys = []
+        missed = len(cache.access(keys, step * layers + layer, future)) if keys else 0
         early = min(missed, config.capacity - (len(keys) - missed))  # into slots not in use
         ahead.append(cost.load_time(layer, early))
         serial.append(cost.load_time(layer, missed - early))

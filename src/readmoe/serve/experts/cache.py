@@ -65,6 +65,13 @@ class ExpertCache:
 
     def access(self, keys: Sequence[ExpertKey], time: int, future: FutureUses) -> list[ExpertKey]:
         """Use ``keys`` at ``time``; return the keys that missed and were loaded, in load order."""
+        return [key for key, _ in self.access_loads(keys, time, future)]
+
+    def access_loads(self, keys: Sequence[ExpertKey], time: int, future: FutureUses
+                     ) -> list[tuple[ExpertKey, ExpertKey | None]]:
+        """``access``, also saying whose slot each load takes: (missed key, evicted key or None
+        for a free slot). An owner that copies weights needs it: a load that evicts a key this
+        access needs must wait until that key's expert has computed."""
         needed = sorted(set(keys))
         by_layer: dict[int, set[int]] = defaultdict(set)
         for layer, expert in needed:
@@ -74,8 +81,10 @@ class ExpertCache:
             if key[1] in self._resident[key[0]]:
                 self.stats.hits += 1
                 self.policy.touched(key)
+        loads = []
         for layer, expert in misses:
             slots = self._resident[layer]
+            victim = None
             if len(slots) >= self.capacity:
                 keep = by_layer[layer] if len(by_layer[layer]) <= self.capacity else set()
                 victim = self.policy.victim(sorted((layer, e) for e in slots - keep), time,
@@ -86,4 +95,5 @@ class ExpertCache:
             self.stats.misses += 1
             self.stats.bytes_moved += self.expert_bytes[layer]
             self.policy.touched((layer, expert))
-        return misses
+            loads.append(((layer, expert), victim))
+        return loads

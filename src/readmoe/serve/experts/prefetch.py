@@ -11,9 +11,10 @@ read by it); the worker waits for the copy's event before it reports a load done
 so "done" means the bytes are on the device; the caller's stream then waits on that event too.
 A load in flight for a key the caller needs is waited on, never issued twice.
 
-``run_layers`` is the per-step loop an engine (or a test) runs: at the step's start layer 0's
-loads are issued; then for each layer, take its experts (waiting only for loads not yet done),
-issue the next routed layer's loads, and compute. Cache accesses thus happen in layer order at
+``StepAccess`` is what an engine's runner asks for weights during one step (``run_layers``
+drives it with a stand-in compute): at the step's start layer 0's loads are issued; then for
+each layer, take its experts (waiting only for loads not yet done), issue the next routed
+layer's loads, and compute. Cache accesses thus happen in layer order at
 ``step * num_layers + layer``, exactly as in the simulator, so hit ratios agree.
 """
 
@@ -21,12 +22,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import torch
 
+from readmoe.errors import ReadmoeError
 from readmoe.serve.experts.future import ExpertKey, FutureUses
 from readmoe.serve.experts.link import EmulatedLink
 
@@ -90,8 +92,44 @@ class AsyncLoader:
         self._pool.shutdown(wait=True)
 
 
+class StepAccess:
+    """One step's expert accesses on a store, layer by layer: the runner's source of routed
+    weights (``layer``), and the place where prefetching happens.
+
+    ``experts`` are the step's distinct routed experts when known before the backbone runs
+    (pre-gating router; every layer uses them), or None when each layer's gate decides as the
+    layer runs (layer-wise router), which rules prefetching out. With ``prefetch`` the first
+    routed layer's loads are issued now and each layer's access issues the next routed layer's.
+    """
+
+    def __init__(self, store: ExpertStore, step: int, future: FutureUses,
+                 experts: Iterable[int] | None, prefetch: bool) -> None:
+        if prefetch and experts is None:
+            raise ReadmoeError("experts chosen inside each layer (a layer-wise router) are not "
+                               "known ahead, so they cannot be prefetched: disable prefetch")
+        self.store, self.step, self.future = store, step, future
+        self.needed = sorted(set(experts)) if experts is not None else None
+        self.prefetch = prefetch and bool(self.needed)
+        routed = store.routed_layers
+        self._next = dict(zip(routed, routed[1:], strict=False))
+        if self.prefetch and routed:
+            store.prefetch(routed[0], self.needed, self.time(routed[0]), future)
+
+    def time(self, layer: int) -> int:
+        return self.step * self.store.num_layers + layer
+
+    def layer(self, layer: int, experts: Sequence[int]) -> Mapping[int, ExpertWeights]:
+        """``layer``'s weights of ``experts`` (the step's experts, with a pre-gating router);
+        compute them in the mapping's order."""
+        weights = self.store.experts_for(layer, experts, self.time(layer), self.future)
+        following = self._next.get(layer)
+        if self.prefetch and following is not None:
+            self.store.prefetch(following, self.needed, self.time(following), self.future)
+        return weights
+
+
 def run_layers(store: ExpertStore, experts: Iterable[int], step: int,
-               compute: Callable[[int, dict[int, ExpertWeights]], None], future: FutureUses,
+               compute: Callable[[int, Mapping[int, ExpertWeights]], None], future: FutureUses,
                prefetch: bool = True) -> None:
     """Run one step's layers: ``compute(layer, weights)`` for every layer, in order.
 
@@ -100,16 +138,8 @@ def run_layers(store: ExpertStore, experts: Iterable[int], step: int,
     routed layer's loads are issued before this layer computes; without, each layer loads its
     misses when reached (on demand).
     """
-    needed = sorted(set(experts))
-    routed = store.routed_layers
-    times = {layer: step * store.num_layers + layer for layer in routed}
-    if prefetch and routed and needed:
-        store.prefetch(routed[0], needed, times[routed[0]], future)
-    following = dict(zip(routed, routed[1:], strict=False))
+    access = StepAccess(store, step, future, experts, prefetch)
+    routed = set(store.routed_layers)
     for layer in range(store.num_layers):
-        weights: dict[int, ExpertWeights] = {}
-        if layer in times and needed:
-            weights = store.experts_for(layer, needed, times[layer], future)
-            if prefetch and layer in following:
-                store.prefetch(following[layer], needed, times[following[layer]], future)
-        compute(layer, weights)
+        needed = access.needed if layer in routed else None
+        compute(layer, access.layer(layer, needed) if needed else {})

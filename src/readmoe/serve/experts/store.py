@@ -13,17 +13,17 @@ Either can sit behind an emulated link of ``bandwidth`` bytes/s (``link.Emulated
 lets a CPU-only machine model a PCIe-bound accelerator; results then say "emulated".
 
 One access is all the experts one layer of one step needs, at the simulator's time
-``step * num_layers + layer``; it may hold at most ``capacity`` experts (they are resident
-together while the layer computes; an engine with more splits them). The returned weights are
-views of the fast tier, valid until the next access of the same layer.
+``step * num_layers + layer``. Within ``capacity`` its experts are resident together while the
+layer computes; beyond it the layer computes expert by expert and some loads wait for the
+expert they evict (``LayerWeights``), exactly as ``ExpertCache`` accounts it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 from time import perf_counter
 
@@ -80,6 +80,11 @@ class StoreStats:
         """Share of load time that compute did not wait for (0 on demand)."""
         return max(0.0, 1.0 - self.stall_s / self.load_s) if self.load_s > 0 else None
 
+    def since(self, earlier: StoreStats) -> StoreStats:
+        """The counters accumulated after ``earlier`` was read."""
+        return StoreStats(*(now - then for now, then in zip(astuple(self), astuple(earlier),
+                                                              strict=True)))
+
     def to_dict(self) -> dict:
         return {**asdict(self), "hit_ratio": self.hit_ratio,
                 "hidden_fraction": self.hidden_fraction}
@@ -132,6 +137,39 @@ class _RamTier:
         return [self._experts[expert_name(layer, part)][expert] for part in PARTS]
 
 
+class LayerWeights(Mapping[int, ExpertWeights]):
+    """One layer's experts for one access, in compute order: its hits, then its misses in load
+    order. Indexing an expert waits for its load (views into the fast tier, valid until the
+    next access of the layer).
+
+    When an access needs more experts than the layer has slots, some loads must overwrite an
+    expert of this same access (the cache's victim); those are issued only when their expert
+    is asked for, and the caller must therefore compute the experts in iteration order (every
+    victim is earlier in it). Within capacity every load starts at access time.
+    """
+
+    def __init__(self, store: ExpertStore, layer: int, order: list[int], slot_for: dict[int, int],
+                 started: dict[int, Future], deferred: dict[int, Callable[[], None]]) -> None:
+        self._store, self._layer, self._order, self._slot_for = store, layer, order, slot_for
+        self.started, self._deferred = started, deferred
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __getitem__(self, expert: int) -> ExpertWeights:
+        slot = self._slot_for[expert]
+        copy = self._deferred.pop(expert, None)
+        if copy is not None:
+            self._store._load_now(self._layer, expert, copy)
+        elif expert in self.started:
+            self._store._wait([self.started.pop(expert)])
+        gate, up, down = self._store._slots[self._layer]
+        return ExpertWeights(gate[slot], up[slot], down[slot])
+
+
 class ExpertStore:
     """Routed experts behind a fast tier of ``capacity`` slots per layer (module docstring).
 
@@ -179,7 +217,7 @@ class ExpertStore:
         policy = make_policy(policy) if isinstance(policy, str) else policy
         self.cache = ExpertCache(capacity, self.expert_bytes, policy)
         self._slot_of: dict[int, dict[int, int]] = {layer: {} for layer in self.routed_layers}
-        self._pending: dict[int, tuple[int, tuple[int, ...], list[Future]]] = {}
+        self._pending: dict[int, tuple[int, tuple[int, ...], LayerWeights]] = {}
         self._loader = AsyncLoader(self.device, self.link)
         self._stall_s = 0.0
 
@@ -200,26 +238,29 @@ class ExpertStore:
                           stall_s=self._stall_s)
 
     def _access(self, layer: int, experts: tuple[int, ...], time: int,
-                future: FutureUses) -> list[Future]:
-        """Cache bookkeeping for one access, then queue the loads of its misses."""
+                future: FutureUses) -> LayerWeights:
+        """Cache bookkeeping for one access; queue the loads that may start now."""
         if layer not in self._slot_of:
             raise ReadmoeError(f"layer {layer} has no routed experts")
-        if len(experts) > self.capacity:
-            raise ReadmoeError(f"layer {layer} needs {len(experts)} experts at once but holds "
-                               f"{self.capacity}; split the access")
         if layer in self._pending:
             raise ReadmoeError(f"layer {layer} has a prefetched access not yet taken")
         slot_of = self._slot_of[layer]
-        missed = self.cache.access([(layer, e) for e in experts], time, future)
-        resident = self.cache.resident(layer)
-        free = [slot_of.pop(e) for e in sorted(set(slot_of) - resident)]
-        free += sorted(set(range(self.capacity)) - set(slot_of.values()) - set(free))
-        loads = []
-        for _, expert in missed:
-            slot = slot_of[expert] = free.pop(0)
-            loads.append(self._loader.submit((layer, expert), self._copier(layer, expert, slot),
-                                             self.expert_bytes[layer]))
-        return loads
+        loads = self.cache.access_loads([(layer, e) for e in experts], time, future)
+        missed = [expert for (_, expert), _ in loads]
+        hits = [e for e in experts if e not in missed]
+        slot_for = {e: slot_of[e] for e in hits}
+        free = sorted(set(range(self.capacity)) - set(slot_of.values()))
+        started, deferred = {}, {}
+        for (_, expert), victim in loads:
+            slot = free.pop(0) if victim is None else slot_of.pop(victim[1])
+            slot_of[expert] = slot_for[expert] = slot
+            copy = self._copier(layer, expert, slot)
+            if victim is not None and victim[1] in experts:
+                deferred[expert] = copy  # its slot holds an expert of this access, not yet used
+            else:
+                started[expert] = self._loader.submit((layer, expert), copy,
+                                                      self.expert_bytes[layer])
+        return LayerWeights(self, layer, hits + missed, slot_for, started, deferred)
 
     def _copier(self, layer: int, expert: int, slot: int):
         async_copy = self.device.type == "cuda"
@@ -230,6 +271,15 @@ class ExpertStore:
                 buffer[slot].copy_(host, non_blocking=async_copy)
         return copy
 
+    def _load_now(self, layer: int, expert: int, copy) -> None:
+        """Issue a deferred load and wait for it (the caller stalls for all of it)."""
+        started = perf_counter()
+        self._loader.wait([self._loader.submit((layer, expert), copy, self.expert_bytes[layer])])
+        self._stall_s += perf_counter() - started
+
+    def _wait(self, futures: Sequence[Future]) -> None:
+        self._stall_s += self._loader.wait(futures)
+
     def prefetch(self, layer: int, experts: Sequence[int], time: int,
                  future: FutureUses) -> None:
         """Access ``layer`` now and start loading its misses in the background."""
@@ -237,23 +287,21 @@ class ExpertStore:
         self._pending[layer] = (time, needed, self._access(layer, needed, time, future))
 
     def experts_for(self, layer: int, experts: Sequence[int], time: int,
-                    future: FutureUses) -> dict[int, ExpertWeights]:
-        """The weights of ``experts`` at ``layer``, waiting for (or doing) their loads."""
+                    future: FutureUses) -> LayerWeights:
+        """The weights of ``experts`` at ``layer`` (see ``LayerWeights``): prefetched by
+        ``prefetch``, or accessed now, on demand."""
         needed = tuple(sorted(set(experts)))
         pending = self._pending.pop(layer, None)
         if pending is None:  # on demand: the caller waits for the whole load, issue included
             started = perf_counter()
-            self._loader.wait(self._access(layer, needed, time, future))
+            weights = self._access(layer, needed, time, future)
+            self._loader.wait(weights.started.values())
             self._stall_s += perf_counter() - started
-        elif pending[:2] == (time, needed):
-            self._stall_s += self._loader.wait(pending[2])
-        else:
+            return weights
+        if pending[:2] != (time, needed):
             raise ReadmoeError(f"layer {layer} was prefetched for experts {pending[1]} at time "
                                f"{pending[0]}, not {needed} at {time}")
-        gate, up, down = self._slots[layer]
-        slot_of = self._slot_of[layer]
-        return {e: ExpertWeights(gate[slot_of[e]], up[slot_of[e]], down[slot_of[e]])
-                for e in needed}
+        return pending[2]
 
     def close(self) -> None:
         self._loader.close()

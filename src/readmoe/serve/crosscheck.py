@@ -1,0 +1,105 @@
+"""The engine against the simulator on one workload: same scheduler and cache, real vs modelled
+clock.
+
+Why: the simulator projects the engine to other machines and scales, so it must first model
+this one. Protocol (``engine_vs_simulator``):
+
+1. Every request arrives at time 0 and decodes exactly its ``max_tokens`` greedily, so both
+   sides admit everything at the first step and their schedules can be compared step by step.
+2. A resident run (every routed expert in memory) measures step times; ``fit_cost_model`` turns
+   them into the simulator's compute parameters.
+3. An offloaded run (``ExpertStore``: capacity, policy, prefetch) records each request's real
+   expert sequence and the store's counters; its copy bandwidth (bytes moved over seconds
+   loading) is the simulator's load bandwidth.
+4. The simulator replays the recorded sequences (``ReplayRouting``) with that cost model.
+
+Hit and miss counts must agree exactly (the same cache and policy objects see the same
+accesses at the same times with the same known future); latency agrees only up to the cost
+model's error (a linear fit of a noisy machine), which the result reports as relative
+differences for the caller to hold against its tolerance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import torch
+
+from readmoe.errors import ReadmoeError
+from readmoe.serve.cost import CostModel, StepSample, fit_cost_model
+from readmoe.serve.engine import DEFAULT_BUDGET, Engine
+from readmoe.serve.experts.store import ExpertStore
+from readmoe.serve.metrics import aggregate
+from readmoe.serve.sim import SimConfig, simulate
+from readmoe.serve.traces import ReplayRouting
+from readmoe.serve.types import Budget
+from readmoe.serve.workload import RequestSpec
+
+
+def _relative(measured: float | None, modelled: float | None) -> float | None:
+    if not measured or modelled is None:
+        return None
+    return modelled / measured - 1.0
+
+
+def engine_vs_simulator(model: torch.nn.Module, tokenizer, specs: Sequence[RequestSpec],
+                        open_store: Callable[[], ExpertStore], *, scheduler: str = "fcfs",
+                        budget: Budget = DEFAULT_BUDGET, prefetch: bool = True,
+                        kv_blocks: int = 512, block_size: int = 16,
+                        cost: CostModel | None = None) -> dict:
+    """Run ``specs`` (arrivals ignored: all at 0) on the engine, resident then offloaded to
+    ``open_store()``, and on the simulator; return both sides' counters and latencies.
+
+    ``cost``: the simulator's cost model; by default fitted to the resident run and the
+    offloaded run's measured copy bandwidth (module docstring).
+    """
+    if model.config.router_type != "pregating":
+        raise ReadmoeError("the cross-check replays pre-gating routing; a layer-wise model "
+                           "chooses per layer, which the simulator's trace does not hold")
+    specs = [replace(s, arrival_time=0.0) for s in specs]
+
+    def run(store: ExpertStore | None) -> Engine:
+        engine = Engine(model, tokenizer, scheduler, budget, kv_blocks, block_size,
+                        expert_store=store, prefetch=prefetch)
+        engine.run_workload(specs)
+        return engine
+
+    resident = run(None)
+    with open_store() as store:
+        offloaded = run(store)
+        stats, expert_bytes = store.stats, store.expert_bytes
+        policy, capacity = store.cache.policy.name, store.capacity
+    if cost is None:
+        samples = [StepSample(s.num_tokens, s.distinct_experts, s.end_time - s.start_time)
+                   for s in resident.steps]
+        bandwidth = stats.bytes_moved / stats.load_s if stats.load_s > 0 else float("inf")
+        cost = fit_cost_model(samples, expert_bytes=expert_bytes, load_bandwidth=bandwidth)
+    requests = offloaded.queue.finished
+    routing = ReplayRouting([(r.prompt_len, r.prompt_experts + r.output_experts)
+                             for r in sorted(requests, key=lambda r: r.request_id)])
+    by_id = {r.request_id: r for r in requests}
+    sim_specs = [replace(s, prompt=replace(s.prompt, experts=tuple(
+        by_id[s.request_id].prompt_experts))) for s in specs]
+    simulated = simulate(sim_specs, routing, SimConfig(
+        scheduler=scheduler, policy=policy, capacity=capacity, budget=budget, cost=cost,
+        prefetch=prefetch))
+
+    engine_metrics = aggregate(requests, offloaded.steps, stats)
+    sim_metrics = aggregate(simulated.requests, simulated.steps, simulated.cache)
+    same_schedule = [s.distinct_experts for s in offloaded.steps] == [
+        s.distinct_experts for s in simulated.steps]
+    makespan = offloaded.steps[-1].end_time - offloaded.steps[0].start_time
+    return {
+        "requests": len(specs), "scheduler": scheduler, "policy": policy, "capacity": capacity,
+        "prefetch": prefetch, "store": store.describe(),
+        "cost_model": {k: v for k, v in vars(cost).items() if k != "expert_bytes"},
+        "engine": {"makespan_s": makespan, **engine_metrics},
+        "simulator": {"makespan_s": simulated.steps[-1].end_time, **sim_metrics},
+        "hits_agree": (stats.hits, stats.misses) == (simulated.cache.hits,
+                                                     simulated.cache.misses),
+        "schedules_agree": same_schedule,
+        "makespan_error": _relative(makespan, simulated.steps[-1].end_time),
+        "mean_latency_error": _relative(engine_metrics["e2e_s"]["mean"],
+                                        sim_metrics["e2e_s"]["mean"]),
+    }
