@@ -121,7 +121,7 @@ class Engine:
         self.kv = PagedKVCache(config.num_hidden_layers, kv_blocks, block_size,
                                config.num_key_value_heads, attn.head_dim, weight.dtype,
                                weight.device)
-        self.runner = ModelRunner(model, self.kv)
+        self.runner = ModelRunner(model, self.kv, pack_experts=expert_store is None)
         eos = model.generation_config.eos_token_id
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])

@@ -7,9 +7,10 @@ and only attention looks at requests separately, each against its own paged KV (
 the pool by slot). Decode rows (one query each) share one batched attention call; prefill
 chunks (causal within the chunk) share another, padded to the longest chunk.
 
-The weights are the ReadME model's own modules, read directly: RMSNorm is the norms' forward
-and rotary embeddings come from ``model.model.rotary_emb`` and transformers'
-``apply_rotary_pos_emb``, so the logits equal ``model(...)``'s (tested at fp32).
+The weights are the ReadME model's own, packed for speed (``packed.py``: q|k|v and each
+expert's gate|up fused, ``[in, out]`` on CPU); RMSNorm is ``torch.rms_norm`` with the norms'
+weights and rotary embeddings come from ``model.model.rotary_emb`` and transformers'
+``rotate_half``, so the logits equal ``model(...)``'s (tested at fp32).
 
 The MoE FFN is the shared expert on all rows plus, per routed expert present in the step, that
 expert on its rows. Routed weights come from an ``ExpertSource``: by default the model's own
@@ -28,11 +29,12 @@ from typing import Protocol
 
 import torch
 from torch.nn import functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import rotate_half
 
 from readmoe.errors import ReadmoeError
 from readmoe.serve.experts.store import ExpertWeights
 from readmoe.serve.kv_cache import PagedKVCache
+from readmoe.serve.packed import PackedExpert, PackedLayer, PackedMatrix, pack_layer
 
 
 class ExpertSource(Protocol):
@@ -92,15 +94,22 @@ def _group(chunks: Sequence[RunnerChunk], offsets: Sequence[int], groups: int,
 
 
 class ModelRunner:
-    """Runs steps of a ReadME model against a paged KV cache."""
+    """Runs steps of a ReadME model against a paged KV cache.
 
-    def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache) -> None:
+    ``pack_experts`` False leaves the routed experts unpacked: an engine whose experts live
+    in a store passes a ``source`` every step instead.
+    """
+
+    def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache,
+                 pack_experts: bool = True) -> None:
         config = model.config
         if "sliding_attention" in getattr(config, "layer_types", []):
             raise ReadmoeError("the serving runner does not implement sliding-window attention")
         self.model = model
         self.kv = kv_cache
         self.layers = list(model.model.layers)
+        self.packed = [pack_layer(layer, pack_experts) for layer in self.layers]
+        self.lm_head = PackedMatrix.of_linears(model.lm_head)
         self.num_experts = config.num_experts
         first = self.layers[0].self_attn
         self.heads = config.num_attention_heads
@@ -108,9 +117,13 @@ class ModelRunner:
         self.head_dim = first.head_dim
         self.scaling = first.scaling
 
-    def experts_for(self, layer: int, experts: Sequence[int]) -> dict[int, ExpertWeights]:
-        """The weights of routed ``experts`` in ``layer``: the one hook for an expert store
-        (``ExpertStore.experts_for`` supplies the same type from its cache slots)."""
+    def experts_for(self, layer: int, experts: Sequence[int]
+                    ) -> dict[int, PackedExpert | ExpertWeights]:
+        """The resident weights of routed ``experts`` in ``layer`` (packed when the runner
+        packed them, else the model's stacked parameters)."""
+        packed = self.packed[layer].experts
+        if packed is not None:
+            return {e: packed[e] for e in experts}
         stacked = self.layers[layer].mlp.experts
         return {e: ExpertWeights(stacked.gate_proj[e], stacked.up_proj[e], stacked.down_proj[e])
                 for e in experts}
@@ -121,7 +134,7 @@ class ModelRunner:
         """Process every chunk's tokens; return logits [S, V] of the sampling chunks' last
         tokens, in chunk order. ``experts`` gives each token's routed expert, flattened in
         chunk order ([N]); None lets each layer's gate choose (layer-wise router).
-        ``source`` supplies routed weights (default: the model's resident ones)."""
+        ``source`` supplies routed weights (default: the resident ones)."""
         model = self.model.model
         offsets, total = [], 0
         for chunk in chunks:
@@ -143,35 +156,36 @@ class ModelRunner:
 
         hidden = model.embed_tokens(tokens)  # [N, H]
         cos, sin = model.rotary_emb(hidden, positions[None])  # [1, N, D] each
-        for index, layer in enumerate(self.layers):
-            attn_in = layer.input_layernorm(hidden)
-            hidden = hidden + self._attention(index, layer.self_attn, attn_in, cos[0], sin[0],
-                                              write_slots, groups)
-            hidden = hidden + self._ffn(index, layer.mlp, layer.post_attention_layernorm(hidden),
+        cos, sin = cos[0, :, None], sin[0, :, None]  # [N, 1, D]: broadcast over heads
+        for index, (layer, packed) in enumerate(zip(self.layers, self.packed, strict=True)):
+            hidden = hidden + self._attention(index, packed, _norm(layer.input_layernorm, hidden),
+                                              cos, sin, write_slots, groups)
+            hidden = hidden + self._ffn(index, layer.mlp, packed,
+                                        _norm(layer.post_attention_layernorm, hidden),
                                         routing, source)
         last = torch.tensor([offsets[i] + len(c.tokens) - 1
                              for i, c in enumerate(chunks) if c.samples],
                             dtype=torch.long, device=device)  # [S]
-        return self.model.lm_head(model.norm(hidden.index_select(0, last)))  # [S, V]
+        return self.lm_head(_norm(model.norm, hidden.index_select(0, last)))  # [S, V]
 
-    def _attention(self, layer: int, attn: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor,
+    def _attention(self, layer: int, packed: PackedLayer, x: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor, write_slots: torch.Tensor,
                    groups: Sequence[_AttentionGroup]) -> torch.Tensor:
         """x [N, H] -> attention output [N, H]; writes the step's keys and values first."""
         rows = x.shape[0]
-        q = attn.q_proj(x).view(rows, self.heads, self.head_dim)  # [N, h, D]
-        k = attn.k_proj(x).view(rows, self.kv_heads, self.head_dim)  # [N, kvh, D]
-        v = attn.v_proj(x).view(rows, self.kv_heads, self.head_dim)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+        heads, kvh, dim = self.heads, self.kv_heads, self.head_dim
+        qkv = packed.qkv(x)  # [N, (h + 2 kvh) * D]
+        qk = qkv[:, :(heads + kvh) * dim].view(rows, heads + kvh, dim)
+        qk = qk * cos + rotate_half(qk) * sin  # RoPE on queries and keys at once
+        q, k = qk[:, :heads], qk[:, heads:]  # [N, h, D], [N, kvh, D]
+        v = qkv[:, (heads + kvh) * dim:].view(rows, kvh, dim)
         self.kv.write(layer, write_slots, k, v)
         key_pool, value_pool = self.kv.keys[layer], self.kv.values[layer]  # [slots, kvh, D]
-        out = x.new_empty(rows, self.heads * self.head_dim)  # [N, h*D]
+        out = x.new_empty(rows, heads * dim)  # [N, h*D]
         for group in groups:
-            # Plain ops: at serving sizes SDPA, bmm and softmax spread tiny work over threads
-            # whose wake-ups dominate on a busy CPU; index_select beats advanced indexing.
+            # index_select beats advanced indexing at these sizes
             batch, width = group.query_rows.shape
             length = group.key_slots.shape[1]
-            kvh, dim = self.kv_heads, self.head_dim
             queries = (q.index_select(0, group.query_rows.reshape(-1))
                        .view(batch, width, kvh, -1, dim).permute(0, 2, 3, 1, 4)
                        .reshape(batch, kvh, -1, dim))  # [B, kvh, g*Tq, D]
@@ -179,20 +193,13 @@ class ModelRunner:
             keys = key_pool.index_select(0, slots).view(batch, length, kvh, dim)
             values = value_pool.index_select(0, slots).view(batch, length, kvh, dim)
             keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, kvh, L, D]
-            if width == 1:  # decode: elementwise ops stay single-threaded at these sizes
-                scores = (queries[:, :, :, None] * keys[:, :, None]).sum(-1) * self.scaling
-                scores = scores + group.bias  # [B, kvh, g, L]
-                weights = (scores - scores.amax(-1, keepdim=True)).exp()
-                weights = weights / weights.sum(-1, keepdim=True)
-                result = (weights[..., None] * values[:, :, None]).sum(-2)  # [B, kvh, g, D]
-            else:
-                scores = torch.matmul(queries, keys.transpose(2, 3)) * self.scaling
-                weights = torch.softmax(scores + group.bias, dim=-1)  # [B, kvh, g*Tq, L]
-                result = torch.matmul(weights, values)  # [B, kvh, g*Tq, D]
+            scores = torch.matmul(queries, keys.transpose(2, 3)) * self.scaling
+            weights = torch.softmax(scores + group.bias, dim=-1)  # [B, kvh, g*Tq, L]
+            result = torch.matmul(weights, values)  # [B, kvh, g*Tq, D]
             flat = (result.view(batch, kvh, -1, width, dim).permute(0, 3, 1, 2, 4)
                     .reshape(batch * width, -1))  # [B*Tq, h*D]
             out.index_copy_(0, group.targets, flat.index_select(0, group.valid))
-        return attn.o_proj(out)
+        return packed.o(out)
 
     def _grouping(self, experts: torch.Tensor) -> tuple[torch.Tensor | None, list[int]]:
         """(row order sorted by expert, or None when one expert holds every row; counts [E])."""
@@ -201,14 +208,12 @@ class ModelRunner:
             return None, counts
         return torch.argsort(experts, stable=True), counts
 
-    def _ffn(self, layer: int, mlp: torch.nn.Module, x: torch.Tensor,
+    def _ffn(self, layer: int, mlp: torch.nn.Module, packed: PackedLayer, x: torch.Tensor,
              routing: tuple[torch.Tensor | None, list[int]] | None,
              source: ExpertSource | None) -> torch.Tensor:
         """x [N, H] -> shared expert + each row's routed expert, [N, H]."""
-        out = None
-        if mlp.shared is not None:
-            shared = mlp.shared
-            out = shared.down_proj(shared.act_fn(shared.gate_proj(x)) * shared.up_proj(x))
+        act = mlp.experts.act_fn if mlp.experts is not None else mlp.shared.act_fn
+        out = _expert(packed.shared, x, act) if packed.shared is not None else None
         if mlp.experts is None:
             return out
         if routing is None:  # layer-wise router: this layer's gate decides now
@@ -217,17 +222,28 @@ class ModelRunner:
         present = [e for e, count in enumerate(counts) if count]
         weights = (source.layer(layer, present) if source is not None
                    else self.experts_for(layer, present))
-        act = mlp.experts.act_fn
         if order is None:  # every row has one expert
-            w = weights[present[0]]
-            routed = F.linear(act(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)
+            routed = _expert(weights[present[0]], x, act)
         else:
             grouped = x.index_select(0, order)  # [N, H] rows sorted by expert
             starts = [sum(counts[:e]) for e in range(len(counts))]
             result = torch.empty_like(grouped)
             for e in weights:  # the source's order: a store may load while earlier ones compute
-                w, rows = weights[e], slice(starts[e], starts[e] + counts[e])
-                part = grouped[rows]
-                result[rows] = F.linear(act(F.linear(part, w.gate)) * F.linear(part, w.up), w.down)
+                rows = slice(starts[e], starts[e] + counts[e])
+                result[rows] = _expert(weights[e], grouped[rows], act)
             routed = x.new_empty(x.shape).index_copy_(0, order, result)
         return routed if out is None else out + routed
+
+
+def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A Llama RMSNorm as one fused op (equal to its forward at fp32)."""
+    return torch.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+def _expert(weights: PackedExpert | ExpertWeights, x: torch.Tensor, act) -> torch.Tensor:
+    """One SwiGLU expert on rows x [n, H] -> [n, H], packed or as a store's slot views."""
+    if isinstance(weights, ExpertWeights):
+        return F.linear(act(F.linear(x, weights.gate)) * F.linear(x, weights.up), weights.down)
+    gate_up = weights.gate_up(x)  # [n, 2R]
+    half = gate_up.shape[-1] // 2
+    return weights.down(act(gate_up[:, :half]) * gate_up[:, half:])
