@@ -1,20 +1,26 @@
 """Decode speed of the serving engine against HF ``generate`` on the same ReadME weights, and
-against the machine's memory-bandwidth roofline measured in the same run.
+against the machine's limits measured in the same run.
 
-Model: ``--model`` (a ReadME folder); by default runs/bench/train-readme/round-3 when it exists,
-else the untrained refactor runs/bench/moe-readme with a fresh pre-gating router attached
-(speed does not depend on router quality beyond how many experts a batch touches), refactored
-from smollm2-135m over runs/bench/corpus first if that folder is missing too.
+Model: ``--model`` (a ReadME folder); by default the last round of runs/bench/train-readme when
+it exists (``benchmarks/train_quality.py`` trains it), else the untrained refactor
+runs/bench/moe-readme with a fresh pre-gating router attached (speed does not depend on router
+quality beyond how many experts a batch touches), refactored from smollm2-135m over
+runs/bench/corpus first if that folder is missing too.
 
 Both sides decode the same equal-length prompts greedily for exactly ``--new-tokens`` tokens
 (EOS ignored), after a warm-up. Decode tokens/s = batch * (new - 1) / (time(new) - time(1)),
-so prefill is excluded on both sides. Roofline tokens/s = batch * bandwidth / bytes read per
+so prefill is excluded on both sides.
+
+Limits. Matmul floor: the seconds the engine's packed matrix products alone take for one decode
+step of the batch (every layer, the shared expert on all rows, the rows split evenly over the
+step's measured distinct experts, the LM head); HF's step time over it bounds what any engine
+using these kernels can gain here. Roofline tokens/s = batch * bandwidth / bytes read per
 decode step (every weight matrix once, the routed experts the engine's decode steps really
 touched, and the KV cache at the mean context); bandwidth is a timed sum over a 512 MiB tensor.
 
 Writes results/engine_speed.{json,md}.
 
-    .venv/bin/python benchmarks/engine_speed.py [--model DIR] [--batches 1 8 32]
+    .venv/bin/python benchmarks/engine_speed.py [--model DIR] [--batches 1 8 32] [--threads N]
 """
 
 from __future__ import annotations
@@ -32,10 +38,12 @@ from readmoe.data.corpus import load_corpus
 from readmoe.io import atomic_write_json, atomic_write_text
 from readmoe.models import load_model, load_tokenizer
 from readmoe.serve.engine import Engine
+from readmoe.serve.packed import PackedExpert
 from readmoe.serve.sampling import SamplingParams
 from readmoe.serve.types import Budget
+from readmoe.train.rounds import final_model_dir
 
-TRAINED = Path("runs/bench/train-readme/round-3")
+TRAINED_RUN = Path("runs/bench/train-readme")
 REFACTORED = Path("runs/bench/moe-readme")
 CORPUS = Path("runs/bench/corpus")
 
@@ -57,8 +65,8 @@ def parse_args() -> argparse.Namespace:
 
 def load(spec: str | None):
     """(model, tokenizer, description) of the benchmarked ReadME model."""
-    if spec is None and TRAINED.is_dir():
-        spec = str(TRAINED)
+    if spec is None and any(TRAINED_RUN.glob("round-*")):
+        spec = str(final_model_dir(TRAINED_RUN))
     if spec is not None:
         return load_model(spec), load_tokenizer(spec), spec
     if not REFACTORED.is_dir():
@@ -113,6 +121,35 @@ def engine_time(model, tokenizer, batch: list[list[int]], new: int) -> tuple[flo
     return _timed(lambda: engine.generate(batch, params)), engine
 
 
+@torch.inference_mode()
+def matmul_floor(engine: Engine, batch: int, distinct: float, repeats: int) -> float:
+    """Seconds of one decode step's packed matrix products alone (module docstring)."""
+    runner = engine.runner
+    config = engine.model.config
+    hidden = config.hidden_size
+    experts = max(1, min(batch, round(distinct)))
+    rows = [len(part) for part in torch.arange(batch).tensor_split(experts)]
+    x = torch.randn(batch, hidden)
+    attn = torch.randn(batch, runner.heads * runner.head_dim)
+
+    def expert(weights: PackedExpert, inputs: torch.Tensor) -> None:
+        gate_up = weights.gate_up(inputs)
+        weights.down(gate_up[:, :gate_up.shape[1] // 2])
+
+    def step() -> None:
+        for packed in runner.packed:
+            packed.qkv(x)
+            packed.o(attn)
+            if packed.shared is not None:
+                expert(packed.shared, x)
+            for e, count in enumerate(rows if packed.experts is not None else []):
+                expert(packed.experts[e % len(packed.experts)], x[:count])
+        runner.lm_head(x)
+
+    step()
+    return min(_timed(step) for _ in range(max(3, repeats)))
+
+
 def step_bytes(model, distinct: float, batch: int, context: float) -> float:
     """Bytes one decode step reads: every weight once, ``distinct`` routed experts per
     layer (the engine's measured mean), and the batch's KV cache at ``context`` tokens."""
@@ -151,9 +188,12 @@ def main() -> int:
         distinct = sum(s.distinct_experts for s in decode_steps) / max(1, len(decode_steps))
         tokens = b * (args.new_tokens - 1)
         roof = b * gbs * 1e9 / step_bytes(model, distinct, b, args.prompt_len + args.new_tokens / 2)
+        floor = matmul_floor(engine, b, distinct, args.repeats)
         rows.append({"batch": b, "hf_tokens_per_s": tokens / hf, "engine_tokens_per_s":
                      tokens / eng, "speedup": hf / eng, "roofline_tokens_per_s": roof,
                      "engine_fraction_of_roofline": tokens / eng / roof,
+                     "matmul_floor_tokens_per_s": b / floor,
+                     "speedup_bound": hf / (args.new_tokens - 1) / floor,
                      "distinct_experts_per_decode_step": distinct})
         print(rows[-1], flush=True)
     result = {"command": " ".join([sys.executable, *sys.argv]), "model": described,
@@ -168,10 +208,12 @@ def main() -> int:
              f"Model: {described}; fp32; {args.prompt_len}-token prompts, {args.new_tokens} new "
              f"tokens, greedy; measured read bandwidth {gbs:.1f} GB/s.", "",
              f"Command: `{result['command']}`  ", f"Machine: {result['machine']}", "",
-             "| batch | HF tok/s | engine tok/s | speedup | roofline tok/s | engine / roofline "
-             "| experts per step |", "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| batch | HF tok/s | engine tok/s | speedup | matmul floor tok/s | speedup bound "
+             "(HF / floor) | roofline tok/s | engine / roofline | experts per step |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['batch']} | {r['hf_tokens_per_s']:.1f} | {r['engine_tokens_per_s']:.1f} | "
-              f"{r['speedup']:.2f}x | {r['roofline_tokens_per_s']:.1f} | "
+              f"{r['speedup']:.2f}x | {r['matmul_floor_tokens_per_s']:.1f} | "
+              f"{r['speedup_bound']:.2f}x | {r['roofline_tokens_per_s']:.1f} | "
               f"{r['engine_fraction_of_roofline']:.0%} | "
               f"{r['distinct_experts_per_decode_step']:.2f} |" for r in rows]
     atomic_write_text(out / "engine_speed.md", "\n".join(lines) + "\n")
