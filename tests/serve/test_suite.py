@@ -12,13 +12,14 @@ from readmoe.data.corpus import load_corpus
 from readmoe.refactor.slicing import save_readme
 from readmoe.serve.suite import (
     SuiteConfig,
+    engine_cross_check,
     run_suite,
-    store_cross_check,
     trace_input,
     write_results,
 )
 from readmoe.serve.traces import ReplayRouting, route_corpus
 from readmoe.serve.workload import LengthModel
+from tests.conftest import char_tokenizer
 from tests.model.test_modeling_readme import NUM_EXPERTS, VOCAB, tiny_readme
 
 SHORT = {"prompt_lengths": LengthModel(8.0, 0.5, 40), "output_lengths": LengthModel(10.0, 0.5, 40)}
@@ -92,16 +93,20 @@ def test_suite_runs_end_to_end_and_writes_its_files(setup, tmp_path):
             assert 0.0 <= result["cache"][policy][capacity]["hit_ratio"] <= 1.0
     assert result["prefetch"]["2"]["prefetch_mean_s"] <= result["prefetch"]["2"][
         "on_demand_mean_s"] + 1e-12
-    result["store_cross_check"] = store_cross_check(root / "model", trace, capacity=2, batch=2,
-                                                    steps=4, bandwidth=1e8, compute_s=1e-3)
+    model = setup[0]
+    result["engine_cross_check"] = engine_cross_check(root / "model", trace, requests=4,
+                                                      max_tokens=6, bandwidth=1e8, model=model,
+                                                      tokenizer=char_tokenizer())
     for mode in ("on_demand", "prefetch"):
-        assert result["store_cross_check"][mode]["cache_model_agrees"]
+        check = result["engine_cross_check"][mode]
+        assert check["hits_agree"] and check["schedules_agree"]
     paths = write_results(result, tmp_path, "test", "test machine", "- tiny")
     assert all(path.is_file() and path.stat().st_size > 0 for path in paths)
     saved = json.loads(paths[0].read_text())
     assert saved["pregating_source"] == "tiny trace" and '"normalized":' not in json.dumps(saved)
     markdown = paths[1].read_text()
     assert "Table 4" in markdown and "44.16%" in markdown and "projection" in markdown
+    assert "real engine against the simulator" in markdown
 
 
 def test_markov_fallback_is_labelled(setup, tmp_path):

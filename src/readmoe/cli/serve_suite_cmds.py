@@ -41,9 +41,9 @@ def run_serve_suite(model: str | None, corpus: str, out: str, *, requests: int =
     from readmoe.serve.suite import (
         MIXTRAL_REUSE,
         SuiteConfig,
+        engine_cross_check,
         markov_input,
         run_suite,
-        store_cross_check,
         trace_input,
         write_results,
     )
@@ -84,7 +84,7 @@ def run_serve_suite(model: str | None, corpus: str, out: str, *, requests: int =
                           "(Mixtral's measured locality)", seed)
     result = run_suite(pregating, lw, config)
     if cross_check and trace is not None:
-        result["store_cross_check"] = store_cross_check(model, trace)
+        result["engine_cross_check"] = engine_cross_check(model, trace)
     template = DIFFERENCES_TRACE if trace is not None else DIFFERENCES_MARKOV
     differences = template.format(experts=experts, layerwise=lw.label)
     machine = (f"{platform.platform()}, {platform.processor() or platform.machine()}, "
@@ -112,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rates", type=float, nargs=2, default=[0.5, 2.0],
                         help="the two request rates (requests/s)")
     parser.add_argument("--no-cross-check", action="store_true",
-                        help="skip the short run on the real expert store")
+                        help="skip the short engine-vs-simulator run on the real model")
     parser.add_argument("--seed", type=int, default=0)
 
 
