@@ -14,6 +14,7 @@ from readmoe.serve.cost import (
 from readmoe.serve.metrics import aggregate
 from readmoe.serve.routing import MarkovRouting
 from readmoe.serve.sim import SimConfig, simulate
+from readmoe.serve.traces import ReplayRouting
 from readmoe.serve.types import Budget
 from readmoe.serve.workload import LengthModel, routed_prompts, synthetic_workload
 
@@ -144,3 +145,26 @@ def test_profile_registry():
                                                                            rel=1e-3)
     with pytest.raises(ReadmoeError, match="unknown cost profile"):
         get_profile("h100")
+
+
+def test_per_layer_choices_drive_the_cache_of_a_layer_wise_router():
+    specs = _workload(50.0, count=12)
+    truth = {s.request_id: ROUTING.extend(s.prompt.experts, s.prompt.length + s.max_tokens - 1,
+                                          random.Random(i)) for i, s in enumerate(specs)}
+    same = {rid: [[e] * COST.num_layers for e in seq] for rid, seq in truth.items()}
+    config = _config(router="layer-wise", prefetch=False, policy="lru")
+
+    def replay():
+        return ReplayRouting([(s.prompt.length, truth[s.request_id]) for s in specs])
+
+    plain = simulate(specs, replay(), config)
+    layered = simulate(specs, replay(), config, same)  # every layer agrees: nothing changes
+    assert (layered.cache.hits, layered.cache.misses) == (plain.cache.hits, plain.cache.misses)
+    rng = random.Random(5)
+    mixed = {rid: [[rng.randrange(8) for _ in range(COST.num_layers)] for _ in seq]
+             for rid, seq in truth.items()}
+    result = simulate(specs, replay(), config, mixed)
+    assert all(s.distinct_experts <= min(8, s.num_tokens) for s in result.steps)
+    needed = sum(s.distinct_experts * COST.num_layers for s in result.steps)
+    assert result.cache.hits + result.cache.misses == pytest.approx(needed)
+    assert result.cache.misses > plain.cache.misses  # choices without locality miss more

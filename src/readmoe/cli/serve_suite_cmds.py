@@ -75,9 +75,9 @@ def run_serve_suite(model: str | None, corpus: str, out: str, *, requests: int =
         lw_trace = route_corpus(lw_model, load_tokenizer(layerwise), load_corpus(corpus),
                                 requests, seed=seed)
         middle = lw_model.config.num_hidden_layers // 2
-        lw = trace_input(lw_trace, f"layer-wise gates of {layerwise}, layer {middle}'s choice "
-                         "standing for every layer (the simulator keys one expert per token)",
-                         layer=middle, seed=seed)
+        lw = trace_input(lw_trace, f"layer-wise gates of {layerwise}: each layer's own "
+                         f"choices on the same held-out text (layer {middle}'s as the token's "
+                         "expert where one is needed)", layer=middle, seed=seed)
     else:
         lw = markov_input(experts, MIXTRAL_REUSE, requests,
                           f"MARKOV STAND-IN: {experts} experts, reuse 850/4096 "

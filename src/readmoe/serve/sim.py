@@ -28,7 +28,14 @@ from dataclasses import dataclass, field
 
 from readmoe.errors import ReadmoeError
 from readmoe.serve.cost import PROFILES, CostModel, layer_timeline
-from readmoe.serve.experts import CacheStats, ExpertCache, FutureUses, make_policy, step_needs
+from readmoe.serve.experts import (
+    CacheStats,
+    ExpertCache,
+    ExpertKey,
+    FutureUses,
+    make_policy,
+    step_needs,
+)
 from readmoe.serve.queue import RequestQueue
 from readmoe.serve.routing import RoutingSource
 from readmoe.serve.schedulers import make_scheduler
@@ -74,26 +81,31 @@ class SimResult:
     cache: CacheStats
 
 
-def _run_layers(cache: ExpertCache, config: SimConfig, step: int, experts: set[int],
-                num_tokens: int, future: FutureUses) -> tuple[float, float, float]:
+def _run_layers(cache: ExpertCache, config: SimConfig, step: int,
+                needs: Sequence[Sequence[ExpertKey]], num_tokens: int,
+                future: FutureUses) -> tuple[float, float, float]:
     """Access each layer's experts in order; return the layers' (duration, load, stall)."""
     cost, layers = config.cost, config.cost.num_layers
-    ahead, serial = [], []
-    for layer, keys in enumerate(step_needs(experts, layers)):
+    ahead, serial, compute = [], [], []
+    for layer, keys in enumerate(needs):
+        compute.append(cost.layer_compute(num_tokens, len(keys)))
         if not cost.expert_bytes[layer]:  # a layer without routed experts (e.g. kept dense)
             keys = []
         missed = len(cache.access(keys, step * layers + layer, future)) if keys else 0
         early = min(missed, config.capacity - (len(keys) - missed))  # into slots not in use
         ahead.append(cost.load_time(layer, early))
         serial.append(cost.load_time(layer, missed - early))
-    compute = [cost.layer_compute(num_tokens, len(experts))] * layers
     duration, stall = layer_timeline(compute, ahead, serial, config.prefetch)
     return duration, sum(ahead) + sum(serial), stall
 
 
-def simulate(specs: Sequence[RequestSpec], routing: RoutingSource,
-             config: SimConfig) -> SimResult:
-    """Serve ``specs`` to completion; outputs not fixed by the specs come from ``routing``."""
+def simulate(specs: Sequence[RequestSpec], routing: RoutingSource, config: SimConfig,
+             per_layer: Mapping[str, Sequence[Sequence[int]]] | None = None) -> SimResult:
+    """Serve ``specs`` to completion; outputs not fixed by the specs come from ``routing``.
+
+    ``per_layer`` (request id -> [token][layer] expert ids) gives each layer its own choices,
+    as a layer-wise router makes them; the cache then sees those, while the scheduler still
+    sees ``routing``'s one expert per token (unknown, with the layer-wise router)."""
     cost, layers, budget = config.cost, config.cost.num_layers, config.budget
     scheduler = make_scheduler(config.scheduler, **config.scheduler_options)
     cache = ExpertCache(config.capacity, cost.expert_bytes, make_policy(config.policy, config.seed))
@@ -126,10 +138,17 @@ def simulate(specs: Sequence[RequestSpec], routing: RoutingSource,
                                f"{len(queue.pending())} requests wait")
         experts = {e for chunk in batch.chunks
                    for e in truth[chunk.request_id][chunk.start:chunk.start + chunk.num_tokens]}
+        if per_layer is None:
+            needs = step_needs(experts, layers)
+        else:
+            needs = [sorted({(layer, int(per_layer[c.request_id][t][layer]))
+                             for c in batch.chunks for t in range(c.start, c.start + c.num_tokens)})
+                     for layer in range(layers)]
+            experts = {e for keys in needs for _, e in keys}  # all layers' (for the record)
         future = FutureUses() if blind else FutureUses.from_schedule(
             step, layers, batch, [*queue.running, *queue.waiting], budget.max_tokens,
             truth if config.future == "oracle" else None)
-        duration, load, stall = _run_layers(cache, config, step, experts, batch.num_tokens,
+        duration, load, stall = _run_layers(cache, config, step, needs, batch.num_tokens,
                                             future)
         end = now + cost.step_overhead_s + duration
         sampled = {}
@@ -141,6 +160,7 @@ def simulate(specs: Sequence[RequestSpec], routing: RoutingSource,
         queue.complete(batch, sampled, end)
         steps.append(StepReport(step=step, start_time=now, end_time=end,
                                 num_tokens=batch.num_tokens, num_seqs=batch.num_seqs,
-                                distinct_experts=len(experts), load_s=load, stall_s=stall))
+                                distinct_experts=sum(map(len, needs)) / layers, load_s=load,
+                                stall_s=stall))
         now = end
     return SimResult(requests=queue.finished, steps=steps, cache=cache.stats)

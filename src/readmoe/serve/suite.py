@@ -19,7 +19,7 @@ latency within ``LATENCY_TOLERANCE``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -57,13 +57,18 @@ class RoutingInput:
     num_experts: int
     specs: Callable[[float], list[RequestSpec]]
     routing: Callable[[], RoutingSource]
+    per_layer: dict[str, Sequence[Sequence[int]]] | None = None  # layer-wise choices
 
 
 def trace_input(trace: RoutedTrace, label: str, layer: int | None = None,
                 seed: int = 0) -> RoutingInput:
+    """Requests and routing of a trace; ``layer`` picks one layer's choices of a layer-wise
+    trace as each token's expert, while the cache sees every layer's own (``per_layer``)."""
+    per_layer = ({r.request_id: r.layers for r in trace.requests}
+                 if layer is not None else None)
     return RoutingInput(label, trace.num_experts,
                         lambda rate: trace.specs(rate, seed=seed, layer=layer),
-                        lambda: trace.routing(layer))
+                        lambda: trace.routing(layer), per_layer)
 
 
 def markov_input(num_experts: int, reuse: float, num_requests: int, label: str,
@@ -90,7 +95,7 @@ class SuiteConfig:
 def _simulate(source: RoutingInput, rate: float, config: SuiteConfig, **options) -> dict:
     sim = SimConfig(**{"budget": config.budget, "cost": get_profile(config.profile),
                        "seed": config.seed, **options})
-    result = simulate(source.specs(rate), source.routing(), sim)
+    result = simulate(source.specs(rate), source.routing(), sim, source.per_layer)
     metrics = aggregate(result.requests, result.steps, result.cache)
     return {"distinct_experts_per_step": metrics["distinct_experts_per_step"],
             "normalized_latency_s": metrics["normalized_latency_s"],

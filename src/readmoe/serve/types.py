@@ -142,8 +142,9 @@ class Batch:
 class StepReport:
     """What one executed step cost, for the metrics (the engine and the simulator fill it).
 
-    ``load_s`` is the time spent copying missed experts; ``stall_s`` the part of it the
-    compute stream waited for (equal to ``load_s`` without prefetch).
+    ``distinct_experts`` is per layer (averaged over layers when they differ, as with a
+    layer-wise router). ``load_s`` is the time spent copying missed experts; ``stall_s`` the
+    part of it the compute stream waited for (equal to ``load_s`` without prefetch).
     """
 
     step: int
@@ -151,6 +152,6 @@ class StepReport:
     end_time: float
     num_tokens: int
     num_seqs: int
-    distinct_experts: int
+    distinct_experts: float
     load_s: float
     stall_s: float
