@@ -11,6 +11,7 @@ import torch
 from readmoe.data.corpus import load_corpus
 from readmoe.refactor.slicing import save_readme
 from readmoe.serve.suite import (
+    ORACLE_BELADY,
     SuiteConfig,
     engine_cross_check,
     run_suite,
@@ -88,9 +89,10 @@ def test_suite_runs_end_to_end_and_writes_its_files(setup, tmp_path):
                          schedulers=("fcfs", "expert-aware"), scheduler_capacity=3)
     result = run_suite(trace_input(trace, "tiny trace"), trace_input(trace, "tiny stand-in"),
                        config)
-    for policy in ("lru", "belady"):
+    for policy in ("lru", "belady", ORACLE_BELADY):
         for capacity in ("2", "3"):
             assert 0.0 <= result["cache"][policy][capacity]["hit_ratio"] <= 1.0
+    assert set(result["layerwise"]) == {"lru", "belady"}
     assert result["prefetch"]["2"]["prefetch_mean_s"] <= result["prefetch"]["2"][
         "on_demand_mean_s"] + 1e-12
     model = setup[0]
@@ -106,7 +108,7 @@ def test_suite_runs_end_to_end_and_writes_its_files(setup, tmp_path):
     assert saved["pregating_source"] == "tiny trace" and '"normalized":' not in json.dumps(saved)
     markdown = paths[1].read_text()
     assert "Table 4" in markdown and "44.16%" in markdown and "projection" in markdown
-    assert "real engine against the simulator" in markdown
+    assert "real engine against the simulator" in markdown and ORACLE_BELADY in markdown
 
 
 def test_markov_fallback_is_labelled(setup, tmp_path):
