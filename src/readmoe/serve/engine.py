@@ -7,10 +7,11 @@ sampling chunk; route each new token at once with the pre-gating router, so its 
 
 The router runs ahead of the backbone. On admission the whole prompt is routed with a fresh
 per-request ``RouterCache``, so ``Request.prompt_experts`` are real and the scheduler (and an
-expert cache reading the queue) sees every pending token's expert; each sampled token then
-costs the router one cached step. With a layer-wise router the experts are
-``UNKNOWN_EXPERT`` until each layer's gate runs inside the runner; a model without routed
-choice (``router_type`` "none" with one expert, e.g. the prune baseline) uses expert 0.
+expert cache reading the queue) sees every pending token's expert; the tokens a step sampled
+are then routed together, one batched cached router step (``router_step.route_next``). With
+a layer-wise router the experts are ``UNKNOWN_EXPERT`` until each layer's gate runs inside the
+runner; a model without routed choice (``router_type`` "none" with one expert, e.g. the prune
+baseline) uses expert 0.
 
 Admission policy: requests are admitted in arrival order, each only when the KV cache can
 reserve its largest footprint (prompt + max_tokens - 1 tokens, see kv_cache.py); the first one
@@ -44,6 +45,7 @@ from readmoe.serve.experts.store import ExpertStore
 from readmoe.serve.kv_cache import PagedKVCache
 from readmoe.serve.metrics import aggregate
 from readmoe.serve.queue import RequestQueue
+from readmoe.serve.router_step import route_next
 from readmoe.serve.runner import ModelRunner, RunnerChunk
 from readmoe.serve.sampling import SamplingParams, find_stop, sample
 from readmoe.serve.schedulers import make_scheduler
@@ -202,8 +204,8 @@ class Engine:
                                      source)  # [S, V]
         sampling = [self._seqs[c.request_id] for c in batch.chunks if c.samples]
         tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
-        revealed = {seq.request_id: self._accept(seq, token)
-                    for seq, token in zip(sampling, tokens, strict=True)}
+        revealed = self._reveal([seq for seq, token in zip(sampling, tokens, strict=True)
+                                 if self._accept(seq, token)], sampling)
         for request in self.queue.complete(batch, revealed, self.now()):
             seq = self._seqs[request.request_id]
             if seq.finish_reason != "stop":  # a stop already set the text, cut
@@ -317,8 +319,8 @@ class Engine:
         ids = torch.tensor([seq.prompt_ids], device=self.model.device)  # [1, T]
         return self.model.route(ids, seq.router_cache)[0][0].tolist()
 
-    def _accept(self, seq: _Sequence, token: int) -> int | None:
-        """Record a sampled token; return its expert, or None when the request ends here."""
+    def _accept(self, seq: _Sequence, token: int) -> bool:
+        """Record a sampled token; return whether it will be fed back (the request goes on)."""
         seq.output_ids.append(token)
         params = seq.params
         if token in self.eos_ids and not params.ignore_eos:
@@ -328,14 +330,21 @@ class Engine:
             cut = find_stop(text, params.stop)
             if cut is not None:
                 seq.finish_reason, seq.text = "stop", text[:cut]
-        if seq.finished or len(seq.output_ids) == params.max_tokens:
-            return None
-        if self.layerwise:
-            return UNKNOWN_EXPERT
-        if not self.pregating:
-            return 0
-        ids = torch.tensor([[token]], device=self.model.device)  # [1, 1]
-        return int(self.model.route(ids, seq.router_cache)[0][0, 0])
+        return not seq.finished and len(seq.output_ids) < params.max_tokens
+
+    def _reveal(self, going_on: list[_Sequence], sampling: list[_Sequence]
+                ) -> dict[str, int | None]:
+        """Each sampling request's new token's expert (None where the request ends), routed
+        in one batched router call (``router_step.route_next``)."""
+        revealed: dict[str, int | None] = {seq.request_id: None for seq in sampling}
+        if self.layerwise or not self.pregating:
+            revealed.update({seq.request_id: UNKNOWN_EXPERT if self.layerwise else 0
+                             for seq in going_on})
+            return revealed
+        experts = route_next(self.model.model.router, [seq.output_ids[-1] for seq in going_on],
+                             [seq.router_cache for seq in going_on])
+        revealed.update({seq.request_id: e for seq, e in zip(going_on, experts, strict=True)})
+        return revealed
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
