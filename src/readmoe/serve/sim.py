@@ -105,7 +105,9 @@ def simulate(specs: Sequence[RequestSpec], routing: RoutingSource, config: SimCo
 
     ``per_layer`` (request id -> [token][layer] expert ids) gives each layer its own choices,
     as a layer-wise router makes them; the cache then sees those, while the scheduler still
-    sees ``routing``'s one expert per token (unknown, with the layer-wise router)."""
+    sees ``routing``'s one expert per token (unknown, with the layer-wise router). Rows with
+    another number of layers than the cost model are spread evenly over its layers (layer
+    ``l`` reads column ``l * len(row) // num_layers``), to project a smaller model's routing."""
     cost, layers, budget = config.cost, config.cost.num_layers, config.budget
     scheduler = make_scheduler(config.scheduler, **config.scheduler_options)
     cache = ExpertCache(config.capacity, cost.expert_bytes, make_policy(config.policy, config.seed))
@@ -141,8 +143,9 @@ def simulate(specs: Sequence[RequestSpec], routing: RoutingSource, config: SimCo
         if per_layer is None:
             needs = step_needs(experts, layers)
         else:
-            needs = [sorted({(layer, int(per_layer[c.request_id][t][layer]))
-                             for c in batch.chunks for t in range(c.start, c.start + c.num_tokens)})
+            needs = [sorted({(layer, int(row[layer * len(row) // layers]))
+                             for c in batch.chunks
+                             for row in per_layer[c.request_id][c.start:c.start + c.num_tokens]})
                      for layer in range(layers)]
             experts = {e for keys in needs for _, e in keys}  # all layers' (for the record)
         future = FutureUses() if blind else FutureUses.from_schedule(
