@@ -73,40 +73,57 @@ def corpus_prompts(tokenizer, corpus_spec: str, docs_per_domain: int = 32):
     return provide
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def serve_workload(model_dir: str, corpus: str, *, scheduler: str = "fcfs",
+                   rate: float = float("inf"), burstiness: float = 1.0, requests: int = 32,
+                   max_output: int | None = None, max_batch_tokens: int = 256,
+                   max_seqs: int = 32, kv_blocks: int = 1024, block_size: int = 16,
+                   seed: int = 0, capacity: int | None = None, cache_policy: str = "belady",
+                   prefetch: bool = True, tier: str = "file",
+                   bandwidth: float | None = None) -> dict:
+    """Replay a synthetic workload through the engine (experts resident, or offloaded to a
+    store when ``capacity`` is given); return the metrics with what produced them."""
     from contextlib import nullcontext
     from dataclasses import replace
 
     from readmoe.errors import ReadmoeError
-    from readmoe.io import atomic_write_json
     from readmoe.models import load_model, load_tokenizer
     from readmoe.serve.engine import Engine
     from readmoe.serve.experts.store import ExpertStore
     from readmoe.serve.types import Budget
     from readmoe.serve.workload import synthetic_workload
 
-    if args.capacity is None and (args.bandwidth is not None or args.tier != "file"):
+    if capacity is None and (bandwidth is not None or tier != "file"):
         raise ReadmoeError("--tier and --bandwidth describe expert offloading: add --capacity K")
-    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
-    specs = synthetic_workload(args.requests, args.rate, corpus_prompts(tokenizer, args.corpus),
-                               burstiness=args.burstiness, seed=args.seed)
-    if args.max_output:
-        specs = [replace(s, max_tokens=min(s.max_tokens, args.max_output)) for s in specs]
-    store = (ExpertStore(args.model, capacity=args.capacity, policy=args.cache_policy,
-                         tier=args.tier, bandwidth=args.bandwidth)
-             if args.capacity is not None else nullcontext())
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    specs = synthetic_workload(requests, rate, corpus_prompts(tokenizer, corpus),
+                               burstiness=burstiness, seed=seed)
+    if max_output:
+        specs = [replace(s, max_tokens=min(s.max_tokens, max_output)) for s in specs]
+    offloaded = capacity is not None
+    store = (ExpertStore(model_dir, capacity=capacity, policy=cache_policy, tier=tier,
+                         bandwidth=bandwidth) if offloaded else nullcontext())
     with store:
-        offloaded = args.capacity is not None
-        engine = Engine(model, tokenizer, args.scheduler,
-                        Budget(args.max_batch_tokens, args.max_seqs), args.kv_blocks,
-                        args.block_size, expert_store=store if offloaded else None,
-                        prefetch=args.prefetch and offloaded)
-        experts = ({"store": store.describe(), "capacity": args.capacity,
-                    "cache_policy": args.cache_policy, "prefetch": args.prefetch,
-                    "emulated_link": args.bandwidth}
+        engine = Engine(model, tokenizer, scheduler, Budget(max_batch_tokens, max_seqs),
+                        kv_blocks, block_size, expert_store=store if offloaded else None,
+                        prefetch=prefetch and offloaded)
+        experts = ({"store": store.describe(), "capacity": capacity,
+                    "cache_policy": cache_policy, "prefetch": prefetch,
+                    "emulated_link": bandwidth}
                    if offloaded else {"store": "all routed experts resident"})
-        result = {"model": args.model, "scheduler": args.scheduler, "rate": args.rate,
-                  "experts": experts, **engine.run_workload(specs)}
+        return {"model": model_dir, "scheduler": scheduler, "rate": rate, "experts": experts,
+                **engine.run_workload(specs)}
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from readmoe.io import atomic_write_json
+
+    result = serve_workload(
+        args.model, args.corpus, scheduler=args.scheduler, rate=args.rate,
+        burstiness=args.burstiness, requests=args.requests, max_output=args.max_output,
+        max_batch_tokens=args.max_batch_tokens, max_seqs=args.max_seqs,
+        kv_blocks=args.kv_blocks, block_size=args.block_size, seed=args.seed,
+        capacity=args.capacity, cache_policy=args.cache_policy, prefetch=args.prefetch,
+        tier=args.tier, bandwidth=args.bandwidth)
     print(json.dumps(result, indent=2))
     if args.json:
         atomic_write_json(args.json, result)
