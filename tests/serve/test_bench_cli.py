@@ -39,6 +39,10 @@ def test_offloaded_serving_reports_cache_counters(served, tmp_path):
     assert offloaded["output_tokens"] == resident["output_tokens"]
     assert offloaded["cache"]["misses"] > 0 and "emulated" in offloaded["experts"]["store"]
     assert offloaded["load_hidden_fraction"] == pytest.approx(0.0, abs=0.05)
+    capped = _bench(folder, corpus, tmp_path / "capped.json", "--scheduler", "expert-aware",
+                    "--max-experts", "1", "--capacity", "1")
+    assert capped["scheduler_options"] == {"max_experts": 1}
+    assert capped["output_tokens"] == resident["output_tokens"]
 
 
 def test_offloading_flags_without_capacity_are_refused(served, tmp_path, capsys):

@@ -123,3 +123,22 @@ def test_registry_errors():
         make_scheduler("fcfs", max_wait=3)
     with pytest.raises(ReadmoeError, match="max_wait"):
         make_scheduler("expert-aware", max_wait=0)
+
+
+def test_expert_aware_cap_keeps_steps_to_max_experts_and_the_aging_bound():
+    plan = markov_requests(64, 11, max_prompt=6, max_output=40, spread=20)
+    budget, max_wait, cap = Budget(max_tokens=64, max_seqs=64), 6, 2
+    trace = serve(plan, make_scheduler("expert-aware", max_wait=max_wait, max_experts=cap),
+                  budget)
+    assert len(trace.queue.finished) == len(plan)
+    assert trace.max_wait_seen <= max_wait + len(plan) - 1
+    uncapped = serve(plan, make_scheduler("expert-aware", max_wait=max_wait), budget)
+    mean = {name: sum(len(b.experts) for b in t.batches) / len(t.batches)
+            for name, t in (("capped", trace), ("uncapped", uncapped))}
+    assert mean["capped"] < mean["uncapped"]
+    # without aging (max_wait out of reach) no step ever exceeds the cap
+    never_aged = serve(plan, make_scheduler("expert-aware", max_wait=10_000, max_experts=cap),
+                       budget)
+    assert max(len(b.experts) for b in never_aged.batches) == cap
+    with pytest.raises(ReadmoeError, match="max_experts"):
+        make_scheduler("expert-aware", max_experts=0)

@@ -21,6 +21,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--corpus", required=True,
                        help="a folder of <domain>.jsonl files: prompt text comes from it")
     serve.add_argument("--scheduler", default="fcfs", choices=sorted(SCHEDULERS))
+    serve.add_argument("--max-experts", type=int, default=None,
+                       help="expert-aware only: choose at most this many experts per step "
+                       "(aged requests excepted); e.g. the expert cache's --capacity")
     serve.add_argument("--rate", type=float, default=float("inf"),
                        help="requests per second (Gamma arrivals; default: all at once)")
     serve.add_argument("--burstiness", type=float, default=1.0)
@@ -77,7 +80,8 @@ def serve_workload(model_dir: str, corpus: str, *, scheduler: str = "fcfs",
                    rate: float = float("inf"), burstiness: float = 1.0, requests: int = 32,
                    max_output: int | None = None, max_batch_tokens: int = 256,
                    max_seqs: int = 32, kv_blocks: int = 1024, block_size: int = 16,
-                   seed: int = 0, capacity: int | None = None, cache_policy: str = "belady",
+                   seed: int = 0, max_experts: int | None = None,
+                   capacity: int | None = None, cache_policy: str = "belady",
                    prefetch: bool = True, tier: str = "file",
                    bandwidth: float | None = None) -> dict:
     """Replay a synthetic workload through the engine (experts resident, or offloaded to a
@@ -89,9 +93,12 @@ def serve_workload(model_dir: str, corpus: str, *, scheduler: str = "fcfs",
     from readmoe.models import load_model, load_tokenizer
     from readmoe.serve.engine import Engine
     from readmoe.serve.experts.store import ExpertStore
+    from readmoe.serve.schedulers import make_scheduler
     from readmoe.serve.types import Budget
     from readmoe.serve.workload import synthetic_workload
 
+    options = {} if max_experts is None else {"max_experts": max_experts}
+    policy = make_scheduler(scheduler, **options)
     if capacity is None and (bandwidth is not None or tier != "file"):
         raise ReadmoeError("--tier and --bandwidth describe expert offloading: add --capacity K")
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
@@ -103,14 +110,15 @@ def serve_workload(model_dir: str, corpus: str, *, scheduler: str = "fcfs",
     store = (ExpertStore(model_dir, capacity=capacity, policy=cache_policy, tier=tier,
                          bandwidth=bandwidth) if offloaded else nullcontext())
     with store:
-        engine = Engine(model, tokenizer, scheduler, Budget(max_batch_tokens, max_seqs),
+        engine = Engine(model, tokenizer, policy, Budget(max_batch_tokens, max_seqs),
                         kv_blocks, block_size, expert_store=store if offloaded else None,
                         prefetch=prefetch and offloaded)
         experts = ({"store": store.describe(), "capacity": capacity,
                     "cache_policy": cache_policy, "prefetch": prefetch,
                     "emulated_link": bandwidth}
                    if offloaded else {"store": "all routed experts resident"})
-        return {"model": model_dir, "scheduler": scheduler, "rate": rate, "experts": experts,
+        return {"model": model_dir, "scheduler": scheduler, "scheduler_options": options,
+                "rate": rate, "experts": experts,
                 **engine.run_workload(specs)}
 
 
@@ -122,8 +130,8 @@ def run_serve(args: argparse.Namespace) -> int:
         burstiness=args.burstiness, requests=args.requests, max_output=args.max_output,
         max_batch_tokens=args.max_batch_tokens, max_seqs=args.max_seqs,
         kv_blocks=args.kv_blocks, block_size=args.block_size, seed=args.seed,
-        capacity=args.capacity, cache_policy=args.cache_policy, prefetch=args.prefetch,
-        tier=args.tier, bandwidth=args.bandwidth)
+        max_experts=args.max_experts, capacity=args.capacity, cache_policy=args.cache_policy,
+        prefetch=args.prefetch, tier=args.tier, bandwidth=args.bandwidth)
     print(json.dumps(result, indent=2))
     if args.json:
         atomic_write_json(args.json, result)

@@ -48,7 +48,7 @@ from readmoe.serve.queue import RequestQueue
 from readmoe.serve.router_step import route_next
 from readmoe.serve.runner import ModelRunner, RunnerChunk
 from readmoe.serve.sampling import SamplingParams, find_stop, sample
-from readmoe.serve.schedulers import make_scheduler
+from readmoe.serve.schedulers import Scheduler, make_scheduler
 from readmoe.serve.types import UNKNOWN_EXPERT, Budget, Request, RequestState, StepReport
 from readmoe.serve.workload import RequestSpec
 
@@ -101,13 +101,13 @@ class Engine:
     """Continuous batching over a ReadME model with a paged KV cache, optionally with routed
     experts offloaded to an ``ExpertStore`` (the caller owns it and closes it)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, scheduler: str = "fcfs",
+    def __init__(self, model: torch.nn.Module, tokenizer, scheduler: str | Scheduler = "fcfs",
                  budget: Budget = DEFAULT_BUDGET, kv_blocks: int = 512, block_size: int = 16,
                  expert_store: ExpertStore | None = None, prefetch: bool = True) -> None:
         config = model.config
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.scheduler = make_scheduler(scheduler)
+        self.scheduler = make_scheduler(scheduler) if isinstance(scheduler, str) else scheduler
         self.budget = budget
         self.layerwise = config.router_type == "layerwise"
         self.pregating = model.model.router is not None

@@ -12,8 +12,9 @@ SCHEDULERS: dict[str, type[Scheduler]] = {
 }
 
 
-def make_scheduler(name: str, **options: int) -> Scheduler:
-    """Build the scheduler registered as ``name`` (options: ``max_wait`` for expert-aware)."""
+def make_scheduler(name: str, **options: int | None) -> Scheduler:
+    """Build the scheduler registered as ``name`` (options: ``max_wait`` and ``max_experts``
+    for expert-aware)."""
     if name not in SCHEDULERS:
         raise ReadmoeError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     try:

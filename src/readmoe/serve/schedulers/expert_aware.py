@@ -28,6 +28,13 @@ One step (``schedule``), with ``S`` the set of experts chosen so far:
 It ends: each pass of 3 adds a new expert, and there are finitely many (the printed algorithm
 never stops once every queue is empty).
 
+Cap (our extension, off by default): with ``max_experts`` K, step 3 adds no expert once ``S``
+holds K, so a step's experts fit an expert cache of K per layer; tokens of other experts wait
+for a later step. Aged requests (step 1) still run whatever their expert, so ``S`` may exceed
+K then, and the aging bound below is unchanged (its proof uses step 1 only). Why: the paper's
+rule stops only when the budget is full, so under a light load every queue fits and it
+schedules every expert; with experts offloaded, a step's misses cost far more than waiting.
+
 Aging bound. Let ``W = max_wait`` and ``R`` the largest number of requests with pending tokens
 at one time. A request waits at most ``W + R - 1`` consecutive steps. Proof: order requests by
 (wait desc, arrival, id). Step 1 always schedules the first aged request (the budget is empty
@@ -61,14 +68,18 @@ def _runs(experts: Sequence[int]) -> list[tuple[int, int]]:
 
 
 class ExpertAware(Scheduler):
-    """Longest expert queue first, with aging after ``max_wait`` steps (module docstring)."""
+    """Longest expert queue first, with aging after ``max_wait`` steps and an optional cap of
+    ``max_experts`` chosen experts per step (module docstring)."""
 
     name = "expert-aware"
 
-    def __init__(self, max_wait: int = 8) -> None:
+    def __init__(self, max_wait: int = 8, max_experts: int | None = None) -> None:
         if max_wait < 1:
             raise ReadmoeError(f"expert-aware max_wait must be at least 1 step, got {max_wait}")
+        if max_experts is not None and max_experts < 1:
+            raise ReadmoeError(f"expert-aware max_experts must be at least 1, got {max_experts}")
         self.max_wait = max_wait
+        self.max_experts = max_experts
 
     def schedule(self, waiting: Sequence[Request], running: Sequence[Request],
                  budget: Budget) -> Batch:
@@ -85,6 +96,8 @@ class ExpertAware(Scheduler):
                 step.chosen.add(expert)
 
         while not step.close(order) and not step.builder.full:
+            if self.max_experts is not None and len(step.chosen) >= self.max_experts:
+                break
             queues: dict[int, tuple[int, int]] = {}
             for rank, request in enumerate(order):
                 if (expert := step.next_expert(request)) is not None:
