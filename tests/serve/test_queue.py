@@ -82,3 +82,15 @@ def test_queue_rejects_a_scheduler_that_breaks_the_rules():
         queue.schedule(_Greedy(), Budget(2, 4))
     with pytest.raises(ReadmoeError, match="chunking rule"):
         queue.schedule(_Greedy(skip=1), Budget(8, 4))
+
+
+def test_abort_takes_a_request_out_once():
+    queue = RequestQueue()
+    first, second = Request("a", 0.0, [0, 1], 2), Request("b", 0.0, [1], 2)
+    queue.add(first)
+    queue.add(second)
+    queue.schedule(make_scheduler("fcfs"), Budget(2, 1))  # "a" runs, "b" waits
+    assert queue.abort("a") is first and queue.abort("b") is second
+    assert not queue.waiting and not queue.running and not queue.finished
+    with pytest.raises(ReadmoeError, match="not waiting or running"):
+        queue.abort("a")

@@ -49,7 +49,7 @@ from readmoe.serve.router_step import route_next
 from readmoe.serve.runner import ModelRunner, RunnerChunk
 from readmoe.serve.sampling import SamplingParams, find_stop, sample
 from readmoe.serve.schedulers import Scheduler, make_scheduler
-from readmoe.serve.types import UNKNOWN_EXPERT, Budget, Request, RequestState, StepReport
+from readmoe.serve.types import UNKNOWN_EXPERT, Budget, Request, StepReport
 from readmoe.serve.workload import RequestSpec
 
 DEFAULT_BUDGET = Budget(max_tokens=256, max_seqs=32)
@@ -168,12 +168,8 @@ class Engine:
         seq.router_cache = None
         if seq in self._arrived:
             self._arrived.remove(seq)
-        request = seq.request
-        if request is not None:  # RequestQueue has no abort: take it out of its lists
-            request.state = RequestState.FINISHED
-            for pool in (self.queue.waiting, self.queue.running):
-                if request in pool:
-                    pool.remove(request)
+        if seq.request is not None:  # admitted: in the queue, holding KV blocks
+            self.queue.abort(request_id)
             self.kv.free(request_id)
 
     def has_unfinished(self) -> bool:

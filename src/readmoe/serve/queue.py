@@ -10,6 +10,7 @@ waiting -> running -> finished, and ages, by one set of rules:
 - ``complete`` records the outputs of an executed batch: each sampling chunk yields one token
   at time ``now``; the caller passes each new token's expert (from the pre-gating router), or
   None to end the request early (EOS, stop string). A request ends after ``max_tokens`` outputs.
+- ``abort`` drops an unfinished request at once; it is not counted among the finished.
 """
 
 from __future__ import annotations
@@ -37,6 +38,15 @@ class RequestQueue:
             raise ReadmoeError(f"request {request.request_id} was already started")
         self._by_id[request.request_id] = request
         self.waiting.append(request)
+
+    def abort(self, request_id: str) -> Request:
+        """Take an unfinished request out of the queue (marked finished, not in ``finished``)."""
+        request = self._by_id.get(request_id)
+        if request is None or request.state is RequestState.FINISHED:
+            raise ReadmoeError(f"request {request_id!r} is not waiting or running")
+        (self.waiting if request.state is RequestState.WAITING else self.running).remove(request)
+        request.state = RequestState.FINISHED
+        return request
 
     def pending(self) -> list[Request]:
         """Unfinished requests with a known token to process: running first, then waiting."""
