@@ -21,6 +21,7 @@ differences for the caller to hold against its tolerance.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -47,17 +48,20 @@ def engine_vs_simulator(model: torch.nn.Module, tokenizer, specs: Sequence[Reque
                         open_store: Callable[[], ExpertStore], *, scheduler: str = "fcfs",
                         budget: Budget = DEFAULT_BUDGET, prefetch: bool = True,
                         kv_blocks: int = 512, block_size: int = 16,
-                        cost: CostModel | None = None) -> dict:
+                        cost: CostModel | None = None, threads: int | None = None) -> dict:
     """Run ``specs`` (arrivals ignored: all at 0) on the engine, resident then offloaded to
     ``open_store()``, and on the simulator; return both sides' counters and latencies.
 
     ``cost``: the simulator's cost model; by default fitted to the resident run and the
-    offloaded run's measured copy bandwidth (module docstring).
+    offloaded run's measured copy bandwidth (module docstring). Both runs use ``threads``
+    compute threads, by default one less than the CPUs: the copy worker needs a core of its
+    own, or it slows the compute it should overlap with.
     """
     if model.config.router_type != "pregating":
         raise ReadmoeError("the cross-check replays pre-gating routing; a layer-wise model "
                            "chooses per layer, which the simulator's trace does not hold")
     specs = [replace(s, arrival_time=0.0) for s in specs]
+    threads = threads or max(1, (os.cpu_count() or 2) - 1)
 
     def run(store: ExpertStore | None) -> Engine:
         engine = Engine(model, tokenizer, scheduler, budget, kv_blocks, block_size,
@@ -65,11 +69,16 @@ def engine_vs_simulator(model: torch.nn.Module, tokenizer, specs: Sequence[Reque
         engine.run_workload(specs)
         return engine
 
-    resident = run(None)
-    with open_store() as store:
-        offloaded = run(store)
-        stats, expert_bytes = store.stats, store.expert_bytes
-        policy, capacity = store.cache.policy.name, store.capacity
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        resident = run(None)
+        with open_store() as store:
+            offloaded = run(store)
+            stats, expert_bytes = store.stats, store.expert_bytes
+            policy, capacity = store.cache.policy.name, store.capacity
+    finally:
+        torch.set_num_threads(previous)
     if cost is None:
         samples = [StepSample(s.num_tokens, s.distinct_experts, s.end_time - s.start_time)
                    for s in resident.steps]
@@ -92,6 +101,7 @@ def engine_vs_simulator(model: torch.nn.Module, tokenizer, specs: Sequence[Reque
     makespan = offloaded.steps[-1].end_time - offloaded.steps[0].start_time
     return {
         "requests": len(specs), "scheduler": scheduler, "policy": policy, "capacity": capacity,
+        "threads": threads,
         "prefetch": prefetch, "store": store.describe(),
         "cost_model": {k: v for k, v in vars(cost).items() if k != "expert_bytes"},
         "engine": {"makespan_s": makespan, **engine_metrics},

@@ -241,6 +241,7 @@ def report_markdown(result: dict, command: str, machine: str, differences: str) 
         first = check["on_demand"]
         lines += ["", "## Cross-check: the real engine against the simulator", "",
                   f"{first['requests']} requests (all at time 0, greedy), {first['scheduler']}, "
+                  f"{first['threads']} compute thread(s) (a core left to the copy worker), "
                   f"{first['policy']}, capacity {first['capacity']}; store: {first['store']} "
                   "(**emulated** link). The simulator replays the engine's own routing with a "
                   "cost model fitted to the engine's resident run (measured on this machine). "
