@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from readmoe.errors import ReadmoeError
 from readmoe.refactor.slicing import save_readme
 from readmoe.serve.experts import FutureUses
 from readmoe.serve.experts.prefetch import AsyncLoader, run_layers
@@ -80,3 +81,25 @@ def test_a_load_in_flight_is_waited_on_not_repeated():
         assert calls == [1, 1]
     finally:
         loader.close()
+
+
+def test_urgent_loads_jump_the_queue_and_errors_reach_the_caller():
+    order = []
+    gate = threading.Event()
+    loader = AsyncLoader(torch.device("cpu"))
+    try:
+        blocker = loader.submit((0, 0), lambda: gate.wait(5), 0)  # occupies the worker
+        queued = [loader.submit((1, e), lambda e=e: order.append(e), 0) for e in (1, 2)]
+        urgent = loader.submit((0, 3), lambda: order.append(3), 0, urgent=True)
+        gate.set()
+        loader.wait([blocker, *queued, urgent])
+        assert order == [3, 1, 2]
+
+        def broken():
+            raise OSError("disk gone")
+        with pytest.raises(OSError, match="disk gone"):
+            loader.wait([loader.submit((2, 0), broken, 0)])
+    finally:
+        loader.close()
+    with pytest.raises(ReadmoeError, match="closed"):
+        loader.submit((3, 0), lambda: None, 0)

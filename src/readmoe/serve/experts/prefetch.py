@@ -5,10 +5,10 @@ Why it is possible: the pre-gating router has chosen every scheduled token's exp
 backbone runs, so the experts of every layer of the step are known when the step starts.
 
 ``AsyncLoader`` is the copy engine: one worker thread fed by one queue, so loads run one at a
-time in the order issued, like one copy stream. On CUDA its copies go on a side stream from
-pinned host memory, after the compute stream's work queued so far (an evicted slot may still be
-read by it); the worker waits for the copy's event before it reports a load done,
-so "done" means the bytes are on the device; the caller's stream then waits on that event too.
+time in the order issued (urgent ones first), like one copy stream. On CUDA its copies go on a
+side stream from pinned host memory, after the compute stream's work queued so far (an evicted
+slot may still be read by it); the worker waits for the copy's event before it reports a load
+done, so "done" means the bytes are on the device; the caller's stream then waits on that event too.
 A load in flight for a key the caller needs is waited on, never issued twice.
 
 ``StepAccess`` is what an engine's runner asks for weights during one step (``run_layers``
@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,19 +38,31 @@ if TYPE_CHECKING:
 
 
 class AsyncLoader:
-    """A single background copy worker; ``load_s`` sums the seconds its loads took."""
+    """A single background copy worker; ``load_s`` sums the seconds its loads took.
+
+    Loads run in the order issued, except ``urgent`` ones, which go to the front of the
+    queue: a load the compute is already waiting for (one that had to wait for the expert it
+    evicts) must not queue behind the next layer's prefetches.
+    """
 
     def __init__(self, device: torch.device, link: EmulatedLink | None = None) -> None:
         self.link = link
         self.load_s = 0.0
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-loader")
+        self._queue: deque[tuple[Future, Callable[[], None], int, torch.cuda.Event | None]] = (
+            deque())
         self._inflight: dict[ExpertKey, Future] = {}
-        self._lock = threading.Lock()
+        self._ready = threading.Condition()
+        self._closed = False
+        self._worker = threading.Thread(target=self._work, name="expert-loader", daemon=True)
+        self._worker.start()
 
-    def submit(self, key: ExpertKey, copy: Callable[[], None], nbytes: int) -> Future:
+    def submit(self, key: ExpertKey, copy: Callable[[], None], nbytes: int,
+               urgent: bool = False) -> Future:
         """Queue ``copy`` (which fills ``key``'s slot); a load of ``key`` in flight is reused."""
-        with self._lock:
+        with self._ready:
+            if self._closed:
+                raise ReadmoeError("the expert loader is closed")
             running = self._inflight.get(key)
             if running is not None and not running.done():
                 return running
@@ -57,9 +70,27 @@ class AsyncLoader:
             if self._stream is not None:  # the slot may still be read by queued compute
                 ready = torch.cuda.Event()
                 ready.record(torch.cuda.current_stream(self._stream.device))
-            future = self._pool.submit(self._run, copy, nbytes, ready)
+            future: Future = Future()
+            item = (future, copy, nbytes, ready)
+            (self._queue.appendleft if urgent else self._queue.append)(item)
             self._inflight[key] = future
+            self._ready.notify()
             return future
+
+    def _work(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue and not self._closed:
+                    self._ready.wait()
+                if not self._queue:
+                    return  # closed and drained
+                future, copy, nbytes, ready = self._queue.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(self._run(copy, nbytes, ready))
+            except BaseException as exc:  # the caller re-raises it from future.result()
+                future.set_exception(exc)
 
     def _run(self, copy: Callable[[], None], nbytes: int,
              ready: torch.cuda.Event | None) -> torch.cuda.Event | None:
@@ -89,7 +120,11 @@ class AsyncLoader:
         return time.perf_counter() - started
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        """Finish the queued loads, then stop the worker."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+        self._worker.join()
 
 
 class StepAccess:

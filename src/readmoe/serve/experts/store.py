@@ -274,7 +274,8 @@ class ExpertStore:
     def _load_now(self, layer: int, expert: int, copy) -> None:
         """Issue a deferred load and wait for it (the caller stalls for all of it)."""
         started = perf_counter()
-        self._loader.wait([self._loader.submit((layer, expert), copy, self.expert_bytes[layer])])
+        self._loader.wait([self._loader.submit((layer, expert), copy, self.expert_bytes[layer],
+                                               urgent=True)])
         self._stall_s += perf_counter() - started
 
     def _wait(self, futures: Sequence[Future]) -> None:
