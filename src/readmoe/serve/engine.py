@@ -276,7 +276,8 @@ class Engine:
         config = self.model.config
         if self.layerwise and prefetch:
             raise ReadmoeError("a layer-wise router knows no expert before its layer runs, so "
-                               "its experts cannot be prefetched: run it with prefetch off")
+                               "its experts cannot be prefetched: run it with prefetch off "
+                               "(--no-prefetch)")
         routed = [i for i, layer in enumerate(self.model.model.layers)
                   if layer.mlp.experts is not None]
         if (store.num_layers, store.routed_layers) != (config.num_hidden_layers, routed) or (
