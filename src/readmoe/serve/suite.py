@@ -218,7 +218,10 @@ def report_markdown(result: dict, command: str, machine: str, differences: str) 
               "request's next expert is revealed only after the step that samples it, so while "
               "every request decodes the known future is nearly empty and Belady falls back to "
               f"LRU. `{ORACLE_BELADY}` is told every request's whole routing (what the paper's "
-              "\"pre-computed routing\" suggests): the bound a known future can reach.", "",
+              "\"pre-computed routing\" suggests): the bound a known future can reach. When a "
+              "step needs more experts than the capacity (most steps here, with "
+              f"{result['num_experts']} experts), the layer cycles through its slots whatever "
+              "the policy, so the policies differ little.", "",
               "## (c) Prefetch vs on-demand (Belady, expert-aware)", "",
               "| capacity | prefetch mean (ms) | on-demand mean (ms) | reduction | "
               "load hidden |", "|---:|---:|---:|---:|---:|"]
