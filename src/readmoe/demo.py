@@ -207,8 +207,9 @@ class Demo:
 
         requests = self.args.serve_requests
         step(f"serving: {requests} requests at 4/s through the engine (expert-aware scheduler)")
-        lines = ["| experts | TTFT p50 (ms) | TPOT mean (ms) | norm. latency mean (ms) | "
-                 "tokens/s | hit ratio | load hidden |", "|---|---:|---:|---:|---:|---:|---:|"]
+        lines = ["| experts | routed expert memory (MB) | TTFT p50 (ms) | TPOT mean (ms) | "
+                 "norm. latency mean (ms) | tokens/s | hit ratio | load hidden |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
         runs = {}
         for label, capacity in (("resident", None), ("offloaded, 3 per layer", 3)):
             run = serve_workload(str(model_dir), str(self.corpus_dir), scheduler="expert-aware",
@@ -218,7 +219,9 @@ class Demo:
             cache = run["cache"] or {}
             hit = cache.get("hit_ratio")
             hidden = run["load_hidden_fraction"]
-            lines.append(f"| {label} | {1e3 * run['ttft_s']['p50']:.0f} | "
+            memory = run["experts"].get("fast_tier_bytes",
+                                        run["experts"].get("routed_expert_bytes", 0))
+            lines.append(f"| {label} | {memory / 1e6:.0f} | {1e3 * run['ttft_s']['p50']:.0f} | "
                          f"{1e3 * run['tpot_s']['mean']:.0f} | "
                          f"{1e3 * run['normalized_latency_s']['mean']:.0f} | "
                          f"{run['throughput_tokens_per_s']:.1f} | "

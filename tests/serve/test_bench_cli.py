@@ -38,6 +38,8 @@ def test_offloaded_serving_reports_cache_counters(served, tmp_path):
                        "--bandwidth", "1e9")
     assert offloaded["output_tokens"] == resident["output_tokens"]
     assert offloaded["cache"]["misses"] > 0 and "emulated" in offloaded["experts"]["store"]
+    assert offloaded["experts"]["expert_bytes_released"] == resident["experts"][
+        "routed_expert_bytes"] > offloaded["experts"]["fast_tier_bytes"] > 0
     assert offloaded["load_hidden_fraction"] == pytest.approx(0.0, abs=0.05)
     capped = _bench(folder, corpus, tmp_path / "capped.json", "--scheduler", "expert-aware",
                     "--max-experts", "1", "--capacity", "1")

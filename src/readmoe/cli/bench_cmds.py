@@ -93,6 +93,7 @@ def serve_workload(model_dir: str, corpus: str, *, scheduler: str = "fcfs",
     from readmoe.models import load_model, load_tokenizer
     from readmoe.serve.engine import Engine
     from readmoe.serve.experts.store import ExpertStore
+    from readmoe.serve.placement import place_for_offload, routed_expert_bytes
     from readmoe.serve.schedulers import make_scheduler
     from readmoe.serve.types import Budget
     from readmoe.serve.workload import synthetic_workload
@@ -109,14 +110,17 @@ def serve_workload(model_dir: str, corpus: str, *, scheduler: str = "fcfs",
     offloaded = capacity is not None
     store = (ExpertStore(model_dir, capacity=capacity, policy=cache_policy, tier=tier,
                          bandwidth=bandwidth) if offloaded else nullcontext())
+    released = place_for_offload(model, model.device) if offloaded else 0
     with store:
         engine = Engine(model, tokenizer, policy, Budget(max_batch_tokens, max_seqs),
                         kv_blocks, block_size, expert_store=store if offloaded else None,
                         prefetch=prefetch and offloaded)
         experts = ({"store": store.describe(), "capacity": capacity,
                     "cache_policy": cache_policy, "prefetch": prefetch,
-                    "emulated_link": bandwidth}
-                   if offloaded else {"store": "all routed experts resident"})
+                    "emulated_link": bandwidth, "expert_bytes_released": released,
+                    "fast_tier_bytes": store.fast_tier_bytes}
+                   if offloaded else {"store": "all routed experts resident",
+                                      "routed_expert_bytes": routed_expert_bytes(model)})
         return {"model": model_dir, "scheduler": scheduler, "scheduler_options": options,
                 "rate": rate, "experts": experts,
                 **engine.run_workload(specs)}

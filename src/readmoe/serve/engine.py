@@ -44,6 +44,7 @@ from readmoe.serve.experts.prefetch import StepAccess
 from readmoe.serve.experts.store import ExpertStore
 from readmoe.serve.kv_cache import PagedKVCache
 from readmoe.serve.metrics import aggregate
+from readmoe.serve.placement import experts_offloaded
 from readmoe.serve.queue import RequestQueue
 from readmoe.serve.router_step import route_next
 from readmoe.serve.runner import ModelRunner, RunnerChunk
@@ -116,6 +117,9 @@ class Engine:
                                "(router_type 'none'): attach one before serving")
         if expert_store is not None:
             self._check_store(expert_store, prefetch)
+        elif experts_offloaded(model):
+            raise ReadmoeError("the model's routed experts were placed for offload "
+                               "(place_for_offload): serve it with an ExpertStore")
         self.store = expert_store
         self.prefetch = prefetch and expert_store is not None
         attn = model.model.layers[0].self_attn

@@ -225,6 +225,11 @@ class ExpertStore:
     def capacity(self) -> int:
         return self.cache.capacity
 
+    @property
+    def fast_tier_bytes(self) -> int:
+        """Bytes of the fast tier's slots: ``capacity`` experts of every routed layer."""
+        return self.capacity * sum(self.expert_bytes)
+
     def describe(self) -> str:
         tier = "safetensors file" if self.tier == "file" else "CPU RAM"
         link = f" + {self.link.describe()}" if self.link else ""
