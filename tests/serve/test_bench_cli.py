@@ -52,3 +52,23 @@ def test_offloading_flags_without_capacity_are_refused(served, tmp_path, capsys)
     assert main(["bench", "serve", str(folder), "--corpus", str(corpus),
                  "--bandwidth", "1e9"]) == 2
     assert "--capacity" in capsys.readouterr().err
+
+
+def test_a_jsonl_trace_is_replayed(served, tmp_path):
+    folder, _ = served
+    trace = tmp_path / "trace.jsonl"
+    records = [{"arrival_time": 0.0, "prompt": "abcabcab", "max_tokens": 3, "id": "x"},
+               {"arrival_time": 0.05, "prompt": [5, 6, 7], "max_tokens": 4},
+               {"arrival_time": 0.1, "prompt": "defdef", "max_tokens": 2}]
+    trace.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "trace.json"
+    assert main(["bench", "serve", str(folder), "--trace", str(trace), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["requests"] == 3 and result["output_tokens"] == 9
+    assert result["workload"] == {"trace": str(trace)}
+
+
+def test_a_workload_source_is_required(served, capsys):
+    folder, _ = served
+    assert main(["bench", "serve", str(folder)]) == 2
+    assert "--corpus" in capsys.readouterr().err

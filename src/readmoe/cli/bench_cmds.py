@@ -15,11 +15,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="serving benchmarks")
     sub = bench.add_subparsers(dest="bench_command", required=True, metavar="SUBCOMMAND")
     serve = sub.add_parser(
-        "serve", help="synthetic Chatbot-Arena-like requests through the engine: latency "
-        "(TTFT, TPOT, normalized), throughput and distinct experts per step")
+        "serve", help="synthetic Chatbot-Arena-like requests, or a replayed JSONL trace, "
+        "through the engine: latency (TTFT, TPOT, ITL, normalized), throughput, distinct "
+        "experts per step and, offloaded, the expert cache's counters")
     serve.add_argument("model", help="a ReadME model folder")
-    serve.add_argument("--corpus", required=True,
-                       help="a folder of <domain>.jsonl files: prompt text comes from it")
+    serve.add_argument("--corpus", help="a folder of <domain>.jsonl files: the synthetic "
+                       "workload's prompt text comes from it")
+    serve.add_argument("--trace", help="replay this JSONL trace instead (one request per line: "
+                       "arrival_time, prompt (text or token ids), max_tokens, optional id)")
     serve.add_argument("--scheduler", default="fcfs", choices=sorted(SCHEDULERS))
     serve.add_argument("--max-experts", type=int, default=None,
                        help="expert-aware only: choose at most this many experts per step "
@@ -76,7 +79,8 @@ def corpus_prompts(tokenizer, corpus_spec: str, docs_per_domain: int = 32):
     return provide
 
 
-def serve_workload(model_dir: str, corpus: str, *, scheduler: str = "fcfs",
+def serve_workload(model_dir: str, corpus: str | None, *, trace: str | None = None,
+                   scheduler: str = "fcfs",
                    rate: float = float("inf"), burstiness: float = 1.0, requests: int = 32,
                    max_output: int | None = None, max_batch_tokens: int = 256,
                    max_seqs: int = 32, kv_blocks: int = 1024, block_size: int = 16,
@@ -84,8 +88,9 @@ def serve_workload(model_dir: str, corpus: str, *, scheduler: str = "fcfs",
                    capacity: int | None = None, cache_policy: str = "belady",
                    prefetch: bool = True, tier: str = "file",
                    bandwidth: float | None = None) -> dict:
-    """Replay a synthetic workload through the engine (experts resident, or offloaded to a
-    store when ``capacity`` is given); return the metrics with what produced them."""
+    """Replay a synthetic workload (prompts from ``corpus``) or a JSONL ``trace`` through the
+    engine (experts resident, or offloaded to a store when ``capacity`` is given); return the
+    metrics with what produced them."""
     from contextlib import nullcontext
     from dataclasses import replace
 
@@ -96,15 +101,21 @@ def serve_workload(model_dir: str, corpus: str, *, scheduler: str = "fcfs",
     from readmoe.serve.placement import place_for_offload, routed_expert_bytes
     from readmoe.serve.schedulers import make_scheduler
     from readmoe.serve.types import Budget
-    from readmoe.serve.workload import synthetic_workload
+    from readmoe.serve.workload import load_trace, synthetic_workload
 
     options = {} if max_experts is None else {"max_experts": max_experts}
     policy = make_scheduler(scheduler, **options)
     if capacity is None and (bandwidth is not None or tier != "file"):
         raise ReadmoeError("--tier and --bandwidth describe expert offloading: add --capacity K")
+    if (corpus is None) == (trace is None):
+        raise ReadmoeError("give either --corpus (a synthetic workload) or --trace (a JSONL "
+                           "trace to replay)")
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-    specs = synthetic_workload(requests, rate, corpus_prompts(tokenizer, corpus),
-                               burstiness=burstiness, seed=seed)
+    if trace is not None:
+        specs = load_trace(trace, tokenizer.encode)
+    else:
+        specs = synthetic_workload(requests, rate, corpus_prompts(tokenizer, corpus),
+                                   burstiness=burstiness, seed=seed)
     if max_output:
         specs = [replace(s, max_tokens=min(s.max_tokens, max_output)) for s in specs]
     offloaded = capacity is not None
@@ -121,8 +132,10 @@ def serve_workload(model_dir: str, corpus: str, *, scheduler: str = "fcfs",
                     "fast_tier_bytes": store.fast_tier_bytes}
                    if offloaded else {"store": "all routed experts resident",
                                       "routed_expert_bytes": routed_expert_bytes(model)})
+        workload = ({"trace": trace} if trace is not None else
+                    {"corpus": corpus, "rate": rate, "requests": requests, "seed": seed})
         return {"model": model_dir, "scheduler": scheduler, "scheduler_options": options,
-                "rate": rate, "experts": experts,
+                "workload": workload, "experts": experts,
                 **engine.run_workload(specs)}
 
 
@@ -130,7 +143,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from readmoe.io import atomic_write_json
 
     result = serve_workload(
-        args.model, args.corpus, scheduler=args.scheduler, rate=args.rate,
+        args.model, args.corpus, trace=args.trace, scheduler=args.scheduler, rate=args.rate,
         burstiness=args.burstiness, requests=args.requests, max_output=args.max_output,
         max_batch_tokens=args.max_batch_tokens, max_seqs=args.max_seqs,
         kv_blocks=args.kv_blocks, block_size=args.block_size, seed=args.seed,
