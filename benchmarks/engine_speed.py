@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from readmoe.data.corpus import load_corpus
-from readmoe.io import atomic_write_json, atomic_write_text
+from readmoe.io import write_results
 from readmoe.models import load_model, load_tokenizer
 from readmoe.serve.engine import Engine
 from readmoe.serve.packed import PackedExpert
@@ -208,8 +208,6 @@ def main() -> int:
                           "cpus": os.cpu_count(), "torch": torch.__version__},
               "dtype": "float32", "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "bandwidth_gb_per_s": gbs, "rows": rows}
-    out = Path(args.results)
-    atomic_write_json(out / "engine_speed.json", result)
     lines = ["# Engine decode speed vs HF generate and the machine's limits", "",
              f"Model: {described}; fp32; {args.prompt_len}-token prompts, {args.new_tokens} new "
              f"tokens, greedy; measured read bandwidth {gbs:.1f} GB/s.", "",
@@ -226,7 +224,7 @@ def main() -> int:
               "packed matrix products alone, timed here); no engine built on these kernels "
               "can beat it on this machine. At batch 1 the products stream the weights from "
               "memory; at batch 32 they are compute-bound."]
-    atomic_write_text(out / "engine_speed.md", "\n".join(lines) + "\n")
+    write_results(args.results, "engine_speed", result, "\n".join(lines))
     return 0
 
 

@@ -22,7 +22,7 @@ import torch
 from readmoe.errors import ReadmoeError
 from readmoe.eval.params import parameter_counts
 from readmoe.eval.tasks import evaluate_tasks, prepare_tasks
-from readmoe.io import atomic_write_json, atomic_write_text
+from readmoe.io import write_results
 from readmoe.models import load_model, load_tokenizer
 
 DEFAULT_TASKS = "arc_easy,arc_challenge,hellaswag,winogrande,piqa,sciq,boolq"
@@ -77,9 +77,7 @@ def main() -> int:
                "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, fp32",
                "seconds": round(time.time() - started), "limit": args.limit, "tasks": tasks,
                "rows": rows}
-    atomic_write_json(results / "quality.json", summary)
-    atomic_write_text(results / "quality.md", render(summary))
-    print(render(summary))
+    write_results(results, "quality", summary, render(summary))
     return 0
 
 

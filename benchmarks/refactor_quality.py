@@ -19,7 +19,7 @@ import torch
 
 from readmoe.data.corpus import build_corpus, load_corpus
 from readmoe.eval.domains import domain_wins, evaluate_model, format_ppl_table
-from readmoe.io import atomic_save_figure, atomic_write_json, atomic_write_text
+from readmoe.io import atomic_save_figure, write_results
 from readmoe.models import load_tokenizer
 from readmoe.refactor.pipeline import run_refactor, run_stats
 
@@ -80,11 +80,8 @@ def main() -> int:
         "reports": reports,
         "readme_oracle_beats_prune": domain_wins(reports, "readme+oracle", "prune"),
     }
-    results.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(results / "refactor_quality.json", summary)
-    atomic_write_text(results / "refactor_quality.md", render_markdown(summary))
+    write_results(results, "refactor_quality", summary, render_markdown(summary))
     plot(summary, results / "refactor_quality.png")
-    print(render_markdown(summary))
     return 0
 
 

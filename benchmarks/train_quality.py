@@ -20,7 +20,7 @@ import torch
 from readmoe.data.corpus import build_corpus, load_corpus
 from readmoe.eval.domains import domain_wins, evaluate_model, format_ppl_table
 from readmoe.eval.router_cost import router_share
-from readmoe.io import atomic_save_figure, atomic_write_json, atomic_write_text
+from readmoe.io import atomic_save_figure, write_results
 from readmoe.models import load_model, load_tokenizer
 from readmoe.refactor.pipeline import run_refactor, run_stats
 from readmoe.train.config import TrainConfig
@@ -99,11 +99,8 @@ def main() -> int:
         "reports": reports,
         "readme_beats_prune": domain_wins(reports, "readme trained (router)", "prune trained"),
     }
-    results.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(results / "train_quality.json", summary)
-    atomic_write_text(results / "train_quality.md", render(summary))
+    write_results(results, "train_quality", summary, render(summary))
     plot(runs, results / "train_quality.png")
-    print(render(summary))
     return 0
 
 

@@ -18,3 +18,14 @@ def test_atomic_writes_leave_no_temp_files_and_readable_modes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "f.png"]
     assert (tmp_path / "f.png").read_bytes().startswith(b"\x89PNG")
     assert os.stat(tmp_path / "a.json").st_mode & 0o044
+
+
+def test_write_results_writes_json_and_markdown(tmp_path, capsys):
+    import json
+
+    from readmoe.io import write_results
+
+    paths = write_results(tmp_path / "new", "bench", {"speedup": 1.5}, "# Bench")
+    assert [p.name for p in paths] == ["bench.json", "bench.md"]
+    assert json.loads(paths[0].read_text()) == {"speedup": 1.5}
+    assert paths[1].read_text() == "# Bench\n" and "# Bench" in capsys.readouterr().out

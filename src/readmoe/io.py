@@ -60,3 +60,14 @@ def atomic_save_figure(fig, path: str | Path, dpi: int = 110) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_results(folder: str | Path, name: str, data: dict, markdown: str) -> list[Path]:
+    """A benchmark's result: ``<folder>/<name>.json`` and ``.md``, each written atomically
+    (the markdown is printed too, so a run shows what it wrote)."""
+    folder = Path(folder)
+    paths = [folder / f"{name}.json", folder / f"{name}.md"]
+    atomic_write_json(paths[0], data)
+    atomic_write_text(paths[1], markdown if markdown.endswith("\n") else markdown + "\n")
+    print(markdown)
+    return paths
