@@ -138,3 +138,19 @@ def test_cuda_copies_are_bitwise(saved):
             for e in (1, 2):
                 ref = model.model.layers[0].mlp.experts.down_proj[e]
                 assert torch.equal(got[e].down.cpu(), ref)
+
+
+def test_next_layer_prefetch_waits_for_this_layers_serial_loads(saved):
+    _, folder = saved
+    with ExpertStore(folder, capacity=1, policy="lru") as store:
+        weights = store.experts_for(0, [0, 1], 0, FutureUses())  # 1 must evict 0: serial
+        called = []
+        weights.after_serial_loads(lambda: called.append("prefetch"))
+        assert list(weights) == [0, 1] and not called
+        weights[0]
+        assert not called
+        weights[1]
+        assert called == ["prefetch"]
+        within = store.experts_for(1, [2], 1, FutureUses())
+        within.after_serial_loads(lambda: called.append("at once"))
+        assert called == ["prefetch", "at once"]

@@ -14,8 +14,9 @@ A load in flight for a key the caller needs is waited on, never issued twice.
 ``StepAccess`` is what an engine's runner asks for weights during one step (``run_layers``
 drives it with a stand-in compute): at the step's start layer 0's loads are issued; then for
 each layer, take its experts (waiting only for loads not yet done), issue the next routed
-layer's loads, and compute. Cache accesses thus happen in layer order at
-``step * num_layers + layer``, exactly as in the simulator, so hit ratios agree.
+layer's loads once this layer's own serial loads are done (at once when it has none, as the
+simulator's timeline orders the copy stream), and compute. Cache accesses thus happen in layer
+order at ``step * num_layers + layer``, exactly as in the simulator, so hit ratios agree.
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ class StepAccess:
         weights = self.store.experts_for(layer, experts, self.time(layer), self.future)
         following = self._next.get(layer)
         if self.prefetch and following is not None:
-            self.store.prefetch(following, self.needed, self.time(following), self.future)
+            weights.after_serial_loads(lambda: self.store.prefetch(
+                following, self.needed, self.time(following), self.future))
         return weights
 
 

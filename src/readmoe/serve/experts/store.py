@@ -152,6 +152,16 @@ class LayerWeights(Mapping[int, ExpertWeights]):
                  started: dict[int, Future], deferred: dict[int, Callable[[], None]]) -> None:
         self._store, self._layer, self._order, self._slot_for = store, layer, order, slot_for
         self.started, self._deferred = started, deferred
+        self._then: Callable[[], None] | None = None
+
+    def after_serial_loads(self, then: Callable[[], None]) -> None:
+        """Call ``then`` once this access's deferred loads are done (at once if it has none):
+        where a prefetcher issues the next layer's loads, so they never hold up a load the
+        compute is waiting for."""
+        if self._deferred:
+            self._then = then
+        else:
+            then()
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._order)
@@ -164,6 +174,9 @@ class LayerWeights(Mapping[int, ExpertWeights]):
         copy = self._deferred.pop(expert, None)
         if copy is not None:
             self._store._load_now(self._layer, expert, copy)
+            if not self._deferred and self._then is not None:
+                self._then, then = None, self._then
+                then()
         elif expert in self.started:
             self._store._wait([self.started.pop(expert)])
         gate, up, down = self._store._slots[self._layer]
