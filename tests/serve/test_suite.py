@@ -93,6 +93,7 @@ def test_suite_runs_end_to_end_and_writes_its_files(setup, tmp_path):
         for capacity in ("2", "3"):
             assert 0.0 <= result["cache"][policy][capacity]["hit_ratio"] <= 1.0
     assert set(result["layerwise"]) == {"lru", "belady"}
+    assert set(result["capped_cache"]) == {"lru", "belady"}
     assert result["prefetch"]["2"]["prefetch_mean_s"] <= result["prefetch"]["2"][
         "on_demand_mean_s"] + 1e-12
     model = setup[0]

@@ -127,6 +127,10 @@ def run_suite(pregating: RoutingInput, layerwise: RoutingInput,
         cache[ORACLE_BELADY] = {str(c): _simulate(pregating, high, config, policy="belady",
                                                   capacity=c, future="oracle")
                                 for c in config.capacities}
+    # the same with steps capped to the capacity's experts: where a policy can matter
+    capped_cache = {policy: {str(c): _simulate(pregating, high, config, policy=policy,
+                                               capacity=c, scheduler_options={"max_experts": c})
+                             for c in config.capacities} for policy in config.policies}
     on_demand = {str(c): _simulate(pregating, high, config, capacity=c, prefetch=False)
                  for c in config.capacities}
     prefetch = {}
@@ -142,7 +146,8 @@ def run_suite(pregating: RoutingInput, layerwise: RoutingInput,
     return {"pregating_source": pregating.label, "layerwise_source": layerwise.label,
             "num_experts": pregating.num_experts, "profile": config.profile,
             "config": {**asdict(config), "budget": asdict(config.budget)},
-            "schedulers": schedulers, "cache": cache, "on_demand": on_demand,
+            "schedulers": schedulers, "cache": cache, "capped_cache": capped_cache,
+            "on_demand": on_demand,
             "prefetch": prefetch, "layerwise": layer_wise}
 
 
@@ -221,7 +226,18 @@ def report_markdown(result: dict, command: str, machine: str, differences: str) 
               "\"pre-computed routing\" suggests): the bound a known future can reach. When a "
               "step needs more experts than the capacity (most steps here, with "
               f"{result['num_experts']} experts), the layer cycles through its slots whatever "
-              "the policy, so the policies differ little.", "",
+              "the policy, so the policies differ little.", ""]
+    capped = result.get("capped_cache")
+    if capped:
+        names = list(capped)
+        lines += ["With the capped expert-aware scheduler (at most `capacity` experts per step, "
+                  "aged requests excepted), each step fits the cache and the policy decides what "
+                  "stays between steps:", "",
+                  "| capacity | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+        lines += [f"| {c} | " + " | ".join(_pct(capped[p][c]["hit_ratio"]) for p in names)
+                  + " |" for c in result["prefetch"]]
+        lines += [""]
+    lines += [
               "## (c) Prefetch vs on-demand (Belady, expert-aware)", "",
               "| capacity | prefetch mean (ms) | on-demand mean (ms) | reduction | "
               "load hidden |", "|---:|---:|---:|---:|---:|"]
