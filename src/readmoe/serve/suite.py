@@ -231,8 +231,10 @@ def report_markdown(result: dict, command: str, machine: str, differences: str) 
     if capped:
         names = list(capped)
         lines += ["With the capped expert-aware scheduler (at most `capacity` experts per step, "
-                  "aged requests excepted), each step fits the cache and the policy decides what "
-                  "stays between steps:", "",
+                  "aged requests excepted) each step fits the cache, but the scheduler fills it: "
+                  "a step of exactly `capacity` experts leaves one possible victim per miss, so "
+                  "the policies tie. A policy only has a choice when steps use fewer experts "
+                  "than the slots hold:", "",
                   "| capacity | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
         lines += [f"| {c} | " + " | ".join(_pct(capped[p][c]["hit_ratio"]) for p in names)
                   + " |" for c in result["prefetch"]]
