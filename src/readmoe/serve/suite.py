@@ -232,9 +232,9 @@ def report_markdown(result: dict, command: str, machine: str, differences: str) 
         names = list(capped)
         lines += ["With the capped expert-aware scheduler (at most `capacity` experts per step, "
                   "aged requests excepted) each step fits the cache, but the scheduler fills it: "
-                  "a step of exactly `capacity` experts leaves one possible victim per miss, so "
-                  "the policies tie. A policy only has a choice when steps use fewer experts "
-                  "than the slots hold:", "",
+                  "a step of exactly `capacity` experts evicts every resident expert it does not "
+                  "need, so the policies tie. A policy only has a choice when steps use fewer "
+                  "experts than the slots hold:", "",
                   "| capacity | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
         lines += [f"| {c} | " + " | ".join(_pct(capped[p][c]["hit_ratio"]) for p in names)
                   + " |" for c in result["prefetch"]]
