@@ -6,10 +6,12 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from readmoe.refactor.slicing import save_readme
 from readmoe.serve.queue import RequestQueue
 from readmoe.serve.routing import MarkovRouting
 from readmoe.serve.schedulers import Scheduler
 from readmoe.serve.types import Batch, Budget, Request
+from tests.model.test_modeling_readme import tiny_readme
 
 
 @dataclass
@@ -75,3 +77,11 @@ def serve(plan: Sequence[Planned], scheduler: Scheduler, budget: Budget,
                    if c.samples and c.start + c.num_tokens < len(truth[c.request_id].experts)}
         trace.queue.complete(batch, sampled, now=float(step))
     raise AssertionError(f"not finished after {max_steps} steps")
+
+
+def saved_tiny_readme(tmp_path_factory, seed: int, name: str):
+    """(a tiny ReadME model, the folder it was saved to): what store and prefetch tests read."""
+    model = tiny_readme(seed)
+    folder = tmp_path_factory.mktemp(name) / "model"
+    save_readme(model, folder)
+    return model, folder

@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from readmoe.errors import ReadmoeError
-from readmoe.refactor.slicing import save_readme
 from readmoe.serve.experts import FutureUses
 from readmoe.serve.experts.prefetch import AsyncLoader, run_layers
 from readmoe.serve.experts.store import ExpertStore
-from tests.model.test_modeling_readme import tiny_readme
+from tests.serve.helpers import saved_tiny_readme
 
 LAYER1_EXPERT_BYTES = 3 * 40 * 64 * 4
 BANDWIDTH = LAYER1_EXPERT_BYTES / 0.02  # 20 ms per layer-1 expert, 8 ms per layer-0 expert
@@ -24,10 +23,7 @@ STEPS = [(0, 1), (2,), (0, 2), (1,), (1, 2), (0,)]
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    model = tiny_readme(5)
-    folder = tmp_path_factory.mktemp("prefetch") / "model"
-    save_readme(model, folder)
-    return model, folder
+    return saved_tiny_readme(tmp_path_factory, 5, "prefetch")
 
 
 def _serve(model, folder, prefetch: bool):

@@ -10,21 +10,18 @@ import pytest
 import torch
 
 from readmoe.errors import ReadmoeError
-from readmoe.refactor.slicing import save_readme
 from readmoe.serve.experts import ExpertCache, FutureUses, make_policy
 from readmoe.serve.experts.link import EmulatedLink
 from readmoe.serve.experts.store import ExpertStore
-from tests.model.test_modeling_readme import NUM_EXPERTS, tiny_readme
+from tests.model.test_modeling_readme import NUM_EXPERTS
+from tests.serve.helpers import saved_tiny_readme
 
 ROUTED = (0, 1)  # the tiny model's layer 2 has no routed experts
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    model = tiny_readme(3)
-    folder = tmp_path_factory.mktemp("store") / "model"
-    save_readme(model, folder)
-    return model, folder
+    return saved_tiny_readme(tmp_path_factory, 3, "store")
 
 
 def _sources(saved):

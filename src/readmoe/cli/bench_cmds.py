@@ -104,7 +104,7 @@ def serve_workload(model_dir: str, corpus: str | None, *, trace: str | None = No
     from readmoe.serve.workload import load_trace, synthetic_workload
 
     options = {} if max_experts is None else {"max_experts": max_experts}
-    policy = make_scheduler(scheduler, **options)
+    batching = make_scheduler(scheduler, **options)
     if capacity is None and (bandwidth is not None or tier != "file"):
         raise ReadmoeError("--tier and --bandwidth describe expert offloading: add --capacity K")
     if (corpus is None) == (trace is None):
@@ -123,7 +123,7 @@ def serve_workload(model_dir: str, corpus: str | None, *, trace: str | None = No
                          bandwidth=bandwidth) if offloaded else nullcontext())
     released = place_for_offload(model, model.device) if offloaded else 0
     with store:
-        engine = Engine(model, tokenizer, policy, Budget(max_batch_tokens, max_seqs),
+        engine = Engine(model, tokenizer, batching, Budget(max_batch_tokens, max_seqs),
                         kv_blocks, block_size, expert_store=store if offloaded else None,
                         prefetch=prefetch and offloaded)
         experts = ({"store": store.describe(), "capacity": capacity,

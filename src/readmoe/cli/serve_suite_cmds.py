@@ -55,8 +55,8 @@ def run_serve_suite(model: str | None, corpus: str, out: str, *, requests: int =
         from readmoe.models import load_model, load_tokenizer
         from readmoe.serve.traces import route_corpus
 
-        trace = route_corpus(load_model(model), load_tokenizer(model), load_corpus(corpus),
-                             requests, seed=seed)
+        served, tokenizer = load_model(model), load_tokenizer(model)
+        trace = route_corpus(served, tokenizer, load_corpus(corpus), requests, seed=seed)
         pregating = trace_input(trace, f"pre-gating router of {model} on {corpus} (held-out "
                                 f"text, teacher-forced; {trace.shortened} requests shortened)",
                                 seed=seed)
@@ -84,7 +84,8 @@ def run_serve_suite(model: str | None, corpus: str, out: str, *, requests: int =
                           "(Mixtral's measured locality)", seed)
     result = run_suite(pregating, lw, config)
     if cross_check and trace is not None:
-        result["engine_cross_check"] = engine_cross_check(model, trace)
+        result["engine_cross_check"] = engine_cross_check(model, trace, model=served,
+                                                          tokenizer=tokenizer)
     template = DIFFERENCES_TRACE if trace is not None else DIFFERENCES_MARKOV
     differences = template.format(experts=experts, layerwise=lw.label)
     machine = (f"{platform.platform()}, {platform.processor() or platform.machine()}, "

@@ -127,7 +127,7 @@ def run_suite(pregating: RoutingInput, layerwise: RoutingInput,
         cache[ORACLE_BELADY] = {str(c): _simulate(pregating, high, config, policy="belady",
                                                   capacity=c, future="oracle")
                                 for c in config.capacities}
-    # the same with steps capped to the capacity's experts: where a policy can matter
+    # the same with each step capped to the capacity's experts (expert-aware, max_experts)
     capped_cache = {policy: {str(c): _simulate(pregating, high, config, policy=policy,
                                                capacity=c, scheduler_options={"max_experts": c})
                              for c in config.capacities} for policy in config.policies}
