@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from readmoe.refactor.slicing import save_readme
+from readmoe.serve.experts import ExpertCache, FutureUses, make_policy
 from readmoe.serve.queue import RequestQueue
-from readmoe.serve.routing import MarkovRouting
+from readmoe.serve.routing_sources import MarkovRouting
 from readmoe.serve.schedulers import Scheduler
-from readmoe.serve.types import Batch, Budget, Request
+from readmoe.serve.types import Batch, Budget, CacheView, Request
 from tests.model.test_modeling_readme import tiny_readme
 
 
@@ -30,6 +31,8 @@ class Trace:
     batches: list[Batch] = field(default_factory=list)
     queue: RequestQueue = field(default_factory=RequestQueue)
     max_wait_seen: int = 0  # largest steps_waited of any ready request, checked every step
+    max_ready: int = 0  # most requests with a pending token at one step (the bound's R)
+    cache: ExpertCache | None = None  # the LRU expert cache the scheduler was shown
 
 
 def planned(request_id: str, step: int, prompt: Sequence[int], outputs: Sequence[int],
@@ -52,9 +55,11 @@ def markov_requests(count: int, seed: int, *, experts: int = 8, max_prompt: int 
 
 
 def serve(plan: Sequence[Planned], scheduler: Scheduler, budget: Budget,
-          max_steps: int = 100_000) -> Trace:
-    """Run ``plan`` to completion with one time unit per step; reveal outputs as sampled."""
-    trace = Trace()
+          max_steps: int = 100_000, capacity: int | None = None) -> Trace:
+    """Run ``plan`` to completion with one time unit per step; reveal outputs as sampled.
+    With ``capacity``, a one-layer LRU expert cache of that many slots serves every batch and
+    the scheduler is shown what it holds."""
+    trace = Trace(cache=ExpertCache(capacity, [1], make_policy("lru")) if capacity else None)
     truth = {p.request_id: p for p in plan}
     arrivals = sorted(plan, key=lambda p: p.step)
     admitted = 0
@@ -68,10 +73,15 @@ def serve(plan: Sequence[Planned], scheduler: Scheduler, budget: Budget,
             return trace
         ready = trace.queue.pending()
         trace.max_wait_seen = max([trace.max_wait_seen, *(r.steps_waited for r in ready)])
+        trace.max_ready = max(trace.max_ready, len(ready))
         if not ready:
             continue
-        batch = trace.queue.schedule(scheduler, budget)
+        view = (CacheView(trace.cache.resident(0), capacity) if trace.cache is not None
+                else None)
+        batch = trace.queue.schedule(scheduler, budget, view)
         trace.batches.append(batch)
+        if trace.cache is not None:
+            trace.cache.plan_access(0, batch.experts, step, FutureUses())
         sampled = {c.request_id: truth[c.request_id].experts[c.start + c.num_tokens]
                    for c in batch.chunks
                    if c.samples and c.start + c.num_tokens < len(truth[c.request_id].experts)}

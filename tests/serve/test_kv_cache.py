@@ -27,7 +27,7 @@ def test_slots_follow_the_block_table():
     kv.grow("b", 6)
     kv.grow("a", 3)  # already covered: no new block
     assert kv.num_free == 3
-    a, b = kv._tables["a"], kv._tables["b"]
+    a, b = kv.table("a"), kv.table("b")
     assert kv.slots("a", 0, 3).tolist() == [a[0] * 4 + i for i in range(3)]
     assert kv.slots("b", 3, 3).tolist() == [b[0] * 4 + 3, b[1] * 4, b[1] * 4 + 1]
 

@@ -69,7 +69,7 @@ class _Greedy(Scheduler):
     def __init__(self, skip=0):
         self.skip = skip
 
-    def schedule(self, waiting, running, budget):
+    def schedule(self, waiting, running, budget, view=None):
         r = [*running, *waiting][0]
         return Batch((Chunk(r.request_id, r.num_computed + self.skip,
                             tuple(r.pending_experts[self.skip:]), True, True),))

@@ -95,24 +95,26 @@ def _adversarial(rare_prompt):
     return plan
 
 
-def test_expert_aware_aging_bound_for_one_token_chunks():
+@pytest.mark.parametrize("name", ["expert-aware", "cache-aware"])
+def test_aging_bound_for_one_token_chunks(name):
     budget, max_wait = Budget(max_tokens=6, max_seqs=6), 4
     plan = _adversarial([7])
-    trace = serve(plan, make_scheduler("expert-aware", max_wait=max_wait), budget)
-    ready_max = len(plan)  # R: an upper bound on requests ready at once
+    trace = serve(plan, make_scheduler(name, max_wait=max_wait), budget, capacity=2)
     capacity = min(budget.max_seqs, budget.max_tokens)
-    assert trace.max_wait_seen <= max_wait + math.ceil((ready_max - 1) / capacity)
+    bound = max_wait + math.ceil((trace.max_ready - 1) / capacity)
+    assert trace.max_wait_seen <= bound
     # the longest-queue rule alone starves the rare request while expert 0's queue is long
-    starved = serve(plan, make_scheduler("expert-aware", max_wait=10_000), budget)
-    assert starved.max_wait_seen > max_wait + math.ceil((ready_max - 1) / capacity)
+    starved = serve(plan, make_scheduler(name, max_wait=10_000), budget, capacity=2)
+    assert starved.max_wait_seen > max_wait + math.ceil((starved.max_ready - 1) / capacity)
 
 
-def test_expert_aware_aging_general_bound_with_chunked_prompts():
+@pytest.mark.parametrize("name", ["expert-aware", "cache-aware"])
+def test_aging_general_bound_with_chunked_prompts(name):
     budget, max_wait = Budget(max_tokens=5, max_seqs=3), 3
     plan = _adversarial([7, 7, 3, 3, 3, 7, 1, 1, 1, 1, 7, 7])
     plan += markov_requests(10, 5, max_prompt=20, max_output=20, spread=30)
-    trace = serve(plan, make_scheduler("expert-aware", max_wait=max_wait), budget)
-    assert trace.max_wait_seen <= max_wait + len(plan) - 1
+    trace = serve(plan, make_scheduler(name, max_wait=max_wait), budget, capacity=2)
+    assert trace.max_wait_seen <= max_wait + trace.max_ready - 1
     assert len(trace.queue.finished) == len(plan)
 
 
@@ -131,7 +133,7 @@ def test_expert_aware_cap_keeps_steps_to_max_experts_and_the_aging_bound():
     trace = serve(plan, make_scheduler("expert-aware", max_wait=max_wait, max_experts=cap),
                   budget)
     assert len(trace.queue.finished) == len(plan)
-    assert trace.max_wait_seen <= max_wait + len(plan) - 1
+    assert trace.max_wait_seen <= max_wait + trace.max_ready - 1
     uncapped = serve(plan, make_scheduler("expert-aware", max_wait=max_wait), budget)
     mean = {name: sum(len(b.experts) for b in t.batches) / len(t.batches)
             for name, t in (("capped", trace), ("uncapped", uncapped))}
@@ -142,3 +144,47 @@ def test_expert_aware_cap_keeps_steps_to_max_experts_and_the_aging_bound():
     assert max(len(b.experts) for b in never_aged.batches) == cap
     with pytest.raises(ReadmoeError, match="max_experts"):
         make_scheduler("expert-aware", max_experts=0)
+
+
+def _resident_view(resident, capacity=2):
+    from readmoe.serve.types import CacheView
+
+    return CacheView(frozenset(resident), capacity)
+
+
+def test_cache_aware_prefers_resident_experts_over_a_longer_queue():
+    waiting = [Request("a", 0.0, [3] * 5, 2), Request("b", 0.1, [1, 1], 2),
+               Request("c", 0.2, [2], 2)]
+    budget = Budget(16, 8)
+    aware = make_scheduler("cache-aware").schedule(waiting, [], budget, _resident_view({1, 2}))
+    assert aware.experts == (1, 2)  # the cap (2 slots) is filled with resident experts
+    blind = make_scheduler("expert-aware", max_experts=2).schedule(waiting, [], budget)
+    assert blind.experts == (1, 3)  # expert-aware takes the longest queue, 3, first
+
+
+def test_cache_aware_admits_a_cold_expert_only_for_a_long_enough_queue():
+    waiting = [Request("a", 0.0, [1] * 4, 2), Request("b", 0.1, [3, 3], 2)]
+    budget = Budget(16, 8)
+    view = _resident_view({1})
+    strict = make_scheduler("cache-aware", load_ratio=1.0).schedule(waiting, [], budget, view)
+    assert strict.experts == (1,)  # 2 tokens of expert 3 < 1.0 x the step's 4 tokens
+    loose = make_scheduler("cache-aware", load_ratio=0.25).schedule(waiting, [], budget, view)
+    assert loose.experts == (1, 3)
+    cold = make_scheduler("cache-aware").schedule(waiting, [], budget, _resident_view(set()))
+    assert cold.num_tokens > 0  # nothing resident: a step still runs
+
+
+def test_cache_aware_saves_loads_under_locality_and_keeps_the_budget():
+    plan = markov_requests(48, 7, experts=6, max_prompt=6, max_output=30, spread=20)
+    budget = Budget(max_tokens=16, max_seqs=16)
+    misses = {}
+    for name in ("fcfs", "cache-aware"):
+        trace = serve(plan, make_scheduler(name, **({"max_wait": 6} if name != "fcfs" else {})),
+                      budget, capacity=2)
+        assert len(trace.queue.finished) == len(plan)
+        assert all(b.num_tokens <= budget.max_tokens and b.num_seqs <= budget.max_seqs
+                   for b in trace.batches)
+        misses[name] = trace.cache.stats.misses
+    assert misses["cache-aware"] < 0.6 * misses["fcfs"], misses
+    with pytest.raises(ReadmoeError, match="load_ratio"):
+        make_scheduler("cache-aware", load_ratio=-1)

@@ -1,18 +1,13 @@
 import random
+from dataclasses import replace
 
 import pytest
 
 from readmoe.errors import ReadmoeError
-from readmoe.serve.cost import (
-    PROFILES,
-    CostModel,
-    StepSample,
-    fit_cost_model,
-    get_profile,
-    layer_timeline,
-)
+from readmoe.serve.cost import PROFILES, CostModel, StepSample, fit_cost_model, get_profile
+from readmoe.serve.experts import CoDesign
 from readmoe.serve.metrics import aggregate
-from readmoe.serve.routing import MarkovRouting
+from readmoe.serve.routing_sources import MarkovRouting
 from readmoe.serve.sim import SimConfig, simulate
 from readmoe.serve.traces import ReplayRouting
 from readmoe.serve.types import Budget
@@ -38,8 +33,9 @@ def _config(**overrides):
 
 def test_every_request_finishes_once_with_max_tokens_outputs():
     specs = _workload(50.0)
-    for scheduler in ("fcfs", "decode-first", "prefill-first", "expert-aware"):
-        result = simulate(specs, ROUTING, _config(scheduler=scheduler))
+    for scheduler in ("fcfs", "decode-first", "prefill-first", "expert-aware", "cache-aware"):
+        result = simulate(specs, ROUTING, _config(scheduler=scheduler,
+                                                  codesign=CoDesign("last", 1)))
         by_id = {r.request_id: r for r in result.requests}
         assert sorted(by_id) == sorted(s.request_id for s in specs)
         for spec in specs:
@@ -61,36 +57,16 @@ def test_simulation_is_deterministic_for_a_seed():
 
 def test_prefetch_is_never_slower_than_on_demand():
     specs = _workload(float("inf"))  # all at once: both runs schedule the very same steps
-    for capacity in (1, 2, 4):
+    for capacity in (1, 2, 4):  # 1: accesses beyond capacity wait for compute in both
         runs = [simulate(specs, ROUTING, _config(capacity=capacity, prefetch=prefetch))
                 for prefetch in (True, False)]
         prefetched, on_demand = runs
         assert [s.num_tokens for s in prefetched.steps] == [s.num_tokens for s in on_demand.steps]
         for fast, slow in zip(prefetched.steps, on_demand.steps, strict=True):
             assert fast.end_time - fast.start_time <= slow.end_time - slow.start_time + 1e-12
-        hidden = aggregate(prefetched.requests, prefetched.steps)["load_hidden_fraction"]
-        assert 0 < hidden <= 1
-        assert aggregate(on_demand.requests, on_demand.steps)["load_hidden_fraction"] == 0
-
-
-def test_layer_timeline_prefetch_bound_on_random_layers():
-    rng = random.Random(0)
-    for _ in range(500):
-        layers = rng.randint(1, 6)
-        compute = [rng.random() for _ in range(layers)]
-        ahead = [rng.random() * rng.choice([0, 1, 3]) for _ in range(layers)]
-        serial = [rng.random() * rng.choice([0, 0, 1]) for _ in range(layers)]
-        fast, fast_stall = layer_timeline(compute, ahead, serial, prefetch=True)
-        slow, slow_stall = layer_timeline(compute, ahead, serial, prefetch=False)
-        assert fast <= slow + 1e-12 and fast_stall <= slow_stall + 1e-12
-        assert slow == pytest.approx(sum(compute) + sum(ahead) + sum(serial))
-        assert fast >= sum(compute) + sum(serial) - 1e-12
-
-
-def test_layer_timeline_overlaps_next_layer_loads_with_compute():
-    duration, stall = layer_timeline([2.0, 2.0, 2.0], [1.0, 1.0, 3.0], [0.0] * 3, prefetch=True)
-    # layer 0 waits 1; layer 1's load hides under layer 0; layer 2's load (3) outlasts layer 1
-    assert (duration, stall) == (8.0, 2.0)
+        assert (prefetched.cache.hits, prefetched.cache.misses) == (on_demand.cache.hits,
+                                                                   on_demand.cache.misses)
+        assert prefetched.cache.stall_s < on_demand.cache.stall_s
 
 
 def test_layer_wise_router_hides_the_future():
@@ -168,3 +144,54 @@ def test_per_layer_choices_drive_the_cache_of_a_layer_wise_router():
     needed = sum(s.distinct_experts * COST.num_layers for s in result.steps)
     assert result.cache.hits + result.cache.misses == pytest.approx(needed)
     assert result.cache.misses > plain.cache.misses  # choices without locality miss more
+
+
+def test_kv_admission_bounds_concurrency_as_the_engine_does():
+    fixed = {"prompt_lengths": LengthModel(12.0, 1e-9, 64),
+             "output_lengths": LengthModel(16.0, 1e-9, 64)}  # 27 tokens: 2 blocks of 16 each
+    specs = synthetic_workload(20, float("inf"), routed_prompts(ROUTING), **fixed)
+    roomy = simulate(specs, ROUTING, _config())
+    tight = simulate(specs, ROUTING, _config(kv_blocks=5))  # room for 2 requests at a time
+    assert len(tight.requests) == len(roomy.requests) == len(specs)
+    assert max(s.num_seqs for s in tight.steps) <= 2 < max(s.num_seqs for s in roomy.steps)
+    with pytest.raises(ReadmoeError, match="KV blocks"):
+        simulate(specs, ROUTING, _config(kv_blocks=1))
+
+
+def test_accesses_and_per_step_experts_are_recorded():
+    specs = _workload(40.0, count=10)
+    result = simulate(specs, ROUTING, _config())
+    assert len(result.accesses) == len(result.steps) * COST.num_layers
+    for step in result.steps:
+        assert step.experts == tuple(sorted(set(step.token_experts)))
+        assert len(step.token_experts) == step.num_tokens
+    hits_and_misses = result.cache.hits + result.cache.misses
+    assert hits_and_misses == sum(len(experts) for _, experts in result.accesses)
+
+
+def test_next_step_prefetch_loads_ahead_and_hides_load_time():
+    specs = _workload(20.0, count=30)
+    plain = simulate(specs, ROUTING, _config(scheduler="cache-aware", capacity=2))
+    ahead = simulate(specs, ROUTING, _config(scheduler="cache-aware", capacity=2,
+                                             codesign=CoDesign("last", 1)))
+    assert ahead.cache.prefetched > 0 and ahead.cache.prefetch_used > 0
+    assert ahead.cache.hit_ratio > plain.cache.hit_ratio
+    with pytest.raises(ReadmoeError, match="needs prefetch"):
+        _config(prefetch=False, codesign=CoDesign("last", 1))
+
+
+def test_the_dense_stream_loads_its_streamed_layers_every_step():
+    dense = CostModel(num_layers=4, expert_bytes=(1000,) * 4, step_overhead_s=1e-3,
+                      layer_fixed_s=1e-4, token_s=1e-6, expert_s=1e-4, load_bandwidth=1e6)
+    specs = [replace(s, prompt=replace(s.prompt, experts=(0,) * s.prompt.length))
+             for s in _workload(30.0, count=8)]
+    zeros = ReplayRouting([(s.prompt.length, [0] * (s.prompt.length + s.max_tokens))
+                           for s in specs])
+    result = simulate(specs, zeros, _config(scheduler="fcfs", cost=dense, stream_budget=4000))
+    assert result.cache.misses == 4  # everything fits: each layer loads once
+    zeros = ReplayRouting([(s.prompt.length, [0] * (s.prompt.length + s.max_tokens))
+                           for s in specs])
+    tight = simulate(specs, zeros, _config(scheduler="fcfs", cost=dense, stream_budget=3000))
+    steps = len(tight.steps)
+    assert tight.cache.misses == 1 + 3 * steps  # 1 resident (cold load), 3 streamed each step
+    assert tight.steps[-1].end_time > result.steps[-1].end_time

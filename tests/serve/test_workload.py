@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from readmoe.errors import ReadmoeError
-from readmoe.serve.routing import PAPER_REUSE, MarkovRouting
+from readmoe.serve.routing_sources import PAPER_REUSE, MarkovRouting
 from readmoe.serve.workload import (
     ARENA_OUTPUT,
     ARENA_PROMPT,

@@ -53,7 +53,7 @@ class RoutingChoices:
 
 def load_readme(spec: str | Path, role: str):
     """Load a ReadME folder, refusing anything else with the reason and the fix."""
-    from readmoe.eval.routing import is_readme
+    from readmoe.eval.routing_modes import is_readme
     from readmoe.models import load_model
 
     model = load_model(str(spec))
@@ -99,7 +99,7 @@ def collect_choices(model_dir: str | Path, corpus_dir: str | Path, *, tokens: in
     oracle, MODEL's pre-gating router (if it has one) and the ``layerwise`` baseline."""
     from readmoe.data.corpus import load_corpus
     from readmoe.eval.domains import heldout_blocks
-    from readmoe.eval.routing import oracle_for
+    from readmoe.eval.routing_modes import oracle_for
     from readmoe.models import load_tokenizer
 
     if batch_size < 1:

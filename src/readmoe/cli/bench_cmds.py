@@ -25,8 +25,15 @@ def register(commands: argparse._SubParsersAction) -> None:
                        "arrival_time, prompt (text or token ids), max_tokens, optional id)")
     serve.add_argument("--scheduler", default="fcfs", choices=sorted(SCHEDULERS))
     serve.add_argument("--max-experts", type=int, default=None,
-                       help="expert-aware only: choose at most this many experts per step "
-                       "(aged requests excepted); e.g. the expert cache's --capacity")
+                       help="expert-aware and cache-aware: choose at most this many experts "
+                       "per step (aged requests excepted); cache-aware defaults to --capacity")
+    serve.add_argument("--max-wait", type=int, default=None,
+                       help="expert-aware and cache-aware: steps a request may wait before "
+                       "it is served first (default 8)")
+    serve.add_argument("--load-ratio", type=float, default=None,
+                       help="cache-aware: a non-resident expert joins a step only if its queue "
+                       "holds this many times the step's tokens (about the seconds to load "
+                       "it into every layer over one step's; default 1)")
     serve.add_argument("--rate", type=float, default=float("inf"),
                        help="requests per second (Gamma arrivals; default: all at once)")
     serve.add_argument("--burstiness", type=float, default=1.0)
@@ -52,21 +59,28 @@ def register(commands: argparse._SubParsersAction) -> None:
     store.add_argument("--bandwidth", type=float, default=None,
                        help="emulate a link of this many bytes/s (e.g. 25e9 for PCIe 4.0 x16); "
                        "results are then labelled emulated")
+    store.add_argument("--predictor", default=None,
+                       help="predict each decoding request's next expert ('last' or 'mode-K') "
+                       "so Belady and the prefetcher see past the current step")
+    store.add_argument("--prefetch-rate", type=float, default=0.0,
+                       help="with --predictor: experts per step loaded ahead for the next step "
+                       "from the predicted demand, on average (fractions allowed: what the "
+                       "copy stream loads in one step's compute; default 0: none)")
     serve.add_argument("--json", help="write the metrics as JSON to this file")
     serve.set_defaults(handler=run_serve)
     register_suite(sub)
 
 
-def corpus_prompts(tokenizer, corpus_spec: str, docs_per_domain: int = 32):
-    """A workload prompt provider: ``length`` consecutive tokens of one corpus document,
-    at a random place (documents shorter than the prompt are skipped)."""
+def corpus_prompts(tokenizer, corpus_spec: str, docs_per_domain: int = 32, split: str = "all"):
+    """A workload prompt provider: ``length`` consecutive tokens of one corpus document of
+    ``split``, at a random place (documents shorter than the prompt are skipped)."""
     from readmoe.data.corpus import load_corpus
     from readmoe.errors import ReadmoeError
     from readmoe.serve.workload import Prompt
 
     corpus = load_corpus(corpus_spec)
     docs = [tokenizer.encode(text) for domain in corpus.domains
-            for text in corpus.documents(domain)[:docs_per_domain]]
+            for text in corpus.documents(domain, split)[:docs_per_domain]]
 
     def provide(length, rng):
         fitting = [d for d in docs if len(d) >= length]
@@ -85,9 +99,11 @@ def serve_workload(model_dir: str, corpus: str | None, *, trace: str | None = No
                    max_output: int | None = None, max_batch_tokens: int = 256,
                    max_seqs: int = 32, kv_blocks: int = 1024, block_size: int = 16,
                    seed: int = 0, max_experts: int | None = None,
+                   max_wait: int | None = None, load_ratio: float | None = None,
                    capacity: int | None = None, cache_policy: str = "belady",
                    prefetch: bool = True, tier: str = "file",
-                   bandwidth: float | None = None) -> dict:
+                   bandwidth: float | None = None, predictor: str | None = None,
+                   prefetch_rate: float = 0.0) -> dict:
     """Replay a synthetic workload (prompts from ``corpus``) or a JSONL ``trace`` through the
     engine (experts resident, or offloaded to a store when ``capacity`` is given); return the
     metrics with what produced them."""
@@ -97,16 +113,22 @@ def serve_workload(model_dir: str, corpus: str | None, *, trace: str | None = No
     from readmoe.errors import ReadmoeError
     from readmoe.models import load_model, load_tokenizer
     from readmoe.serve.engine import Engine
+    from readmoe.serve.experts import CoDesign
     from readmoe.serve.experts.store import ExpertStore
     from readmoe.serve.placement import place_for_offload, routed_expert_bytes
     from readmoe.serve.schedulers import make_scheduler
     from readmoe.serve.types import Budget
     from readmoe.serve.workload import load_trace, synthetic_workload
 
-    options = {} if max_experts is None else {"max_experts": max_experts}
+    options = {name: value for name, value in (("max_experts", max_experts),
+                                               ("max_wait", max_wait),
+                                               ("load_ratio", load_ratio)) if value is not None}
     batching = make_scheduler(scheduler, **options)
-    if capacity is None and (bandwidth is not None or tier != "file"):
-        raise ReadmoeError("--tier and --bandwidth describe expert offloading: add --capacity K")
+    codesign = CoDesign(predictor, prefetch_rate)
+    if capacity is None and (bandwidth is not None or tier != "file" or predictor
+                             or prefetch_rate):
+        raise ReadmoeError("--tier, --bandwidth, --predictor and --prefetch-rate describe "
+                           "expert offloading: add --capacity K")
     if (corpus is None) == (trace is None):
         raise ReadmoeError("give either --corpus (a synthetic workload) or --trace (a JSONL "
                            "trace to replay)")
@@ -125,9 +147,11 @@ def serve_workload(model_dir: str, corpus: str | None, *, trace: str | None = No
     with store:
         engine = Engine(model, tokenizer, batching, Budget(max_batch_tokens, max_seqs),
                         kv_blocks, block_size, expert_store=store if offloaded else None,
-                        prefetch=prefetch and offloaded)
+                        prefetch=prefetch and offloaded,
+                        codesign=codesign if offloaded else None)
         experts = ({"store": store.describe(), "capacity": capacity,
                     "cache_policy": cache_policy, "prefetch": prefetch,
+                    "predictor": predictor, "prefetch_rate": prefetch_rate,
                     "emulated_link": bandwidth, "expert_bytes_released": released,
                     "fast_tier_bytes": store.fast_tier_bytes}
                    if offloaded else {"store": "all routed experts resident",
@@ -147,8 +171,10 @@ def run_serve(args: argparse.Namespace) -> int:
         burstiness=args.burstiness, requests=args.requests, max_output=args.max_output,
         max_batch_tokens=args.max_batch_tokens, max_seqs=args.max_seqs,
         kv_blocks=args.kv_blocks, block_size=args.block_size, seed=args.seed,
-        max_experts=args.max_experts, capacity=args.capacity, cache_policy=args.cache_policy,
-        prefetch=args.prefetch, tier=args.tier, bandwidth=args.bandwidth)
+        max_experts=args.max_experts, max_wait=args.max_wait, load_ratio=args.load_ratio,
+        capacity=args.capacity, cache_policy=args.cache_policy, prefetch=args.prefetch,
+        tier=args.tier, bandwidth=args.bandwidth, predictor=args.predictor,
+        prefetch_rate=args.prefetch_rate)
     print(json.dumps(result, indent=2))
     if args.json:
         atomic_write_json(args.json, result)

@@ -7,7 +7,7 @@ import argparse
 from readmoe.cli.model_cmds import MODEL_HELP
 from readmoe.cli.tasks_cmds import register_tasks
 from readmoe.eval.domains import DEFAULT_TOKENS, DEFAULT_WINDOW
-from readmoe.eval.routing import ROUTINGS
+from readmoe.eval.routing_modes import ROUTINGS
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -36,7 +36,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run_ppl(args: argparse.Namespace) -> int:
     from readmoe.data.corpus import load_corpus
     from readmoe.eval.domains import domain_perplexity, format_ppl_table
-    from readmoe.eval.routing import is_readme, make_routing
+    from readmoe.eval.routing_modes import is_readme, make_routing
     from readmoe.io import atomic_write_json
     from readmoe.models import load_model, load_tokenizer
 

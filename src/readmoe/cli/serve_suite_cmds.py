@@ -37,7 +37,7 @@ def run_serve_suite(model: str | None, corpus: str, out: str, *, requests: int =
                     layerwise: str | None = None, rates: tuple[float, float] = (0.5, 2.0),
                     cross_check: bool = True, seed: int = 0) -> list[Path]:
     """Build the routing inputs, run the suite, write the files; return their paths."""
-    from readmoe.serve.routing import PAPER_REUSE
+    from readmoe.serve.routing_sources import PAPER_REUSE
     from readmoe.serve.suite import (
         MIXTRAL_REUSE,
         SuiteConfig,
@@ -45,8 +45,8 @@ def run_serve_suite(model: str | None, corpus: str, out: str, *, requests: int =
         markov_input,
         run_suite,
         trace_input,
-        write_results,
     )
+    from readmoe.serve.suite_report import write_results
 
     config = SuiteConfig(rates=rates, seed=seed)
     trace = None

@@ -60,7 +60,7 @@ def format_ppl_table(reports: list[dict]) -> str:
 def evaluate_model(spec: str, label: str, tokenizer, corpus, *, max_tokens: int = DEFAULT_TOKENS,
                    routing: str = "router") -> dict:
     """Load `spec` and score every domain under `routing`; prints a one-line summary."""
-    from readmoe.eval.routing import make_routing
+    from readmoe.eval.routing_modes import make_routing
     from readmoe.models import load_model
 
     model = load_model(str(spec))

@@ -69,3 +69,17 @@ def run_refactor(model_spec: str, corpus_spec: str, out: str | Path, *, method: 
     model = slice_dense(dense, plan)
     save_readme(model, out, tokenizer=load_tokenizer(model_spec), plan=plan)
     return plan
+
+
+def write_dense_experts(model_spec: str, out: str | Path) -> ExpertPlan:
+    """Write the dense model as a one-expert ReadME folder (``plan.dense_plan``): the same
+    weights and logits, servable by the engine and streamable by ``DenseStream``."""
+    from readmoe.models import load_model, load_tokenizer
+    from readmoe.refactor.plan import dense_plan
+    from readmoe.refactor.slicing import save_readme, slice_dense
+
+    dense = load_model(model_spec)
+    config = dense.config
+    plan = dense_plan(model_spec, config.intermediate_size, config.num_hidden_layers)
+    save_readme(slice_dense(dense, plan), out, tokenizer=load_tokenizer(model_spec), plan=plan)
+    return plan

@@ -1,20 +1,11 @@
-"""What a step costs: the simulator's cost model, its named profiles, and the layer timeline.
+"""What a step costs: the simulator's cost model and its named profiles.
 
-Step time = ``step_overhead_s`` + for each layer: compute + the part of its expert loads that
-compute had to wait for. A layer computes in
+Step time = ``step_overhead_s`` + for each layer: compute + the time compute waited for loads
+(``timeline.py`` lays out the compute and copy streams). A layer computes in
 ``layer_fixed_s + token_s * tokens + expert_s * distinct_experts`` (the paper: latency grows
-linearly with the distinct experts of a batch); loading ``n`` missed experts of layer ``l``
-takes ``n * expert_bytes[l] / load_bandwidth``. Attention's dependence on context length is
-left out (it is the same for every scheduler and cache policy compared here).
-
-Timeline (``layer_timeline``): one copy stream and one compute stream. On demand, a layer's
-misses are loaded when the layer is reached, and compute waits for them. With prefetch, the
-loads of layer ``l + 1`` are issued when layer ``l`` starts computing (its experts are known
-from the pre-gating router), so they overlap layer ``l``'s compute; layer 0's loads start with
-the step. Only loads into slots that the layer's own hits do not occupy can go ahead; when a
-layer needs more experts than it has slots, the rest (``serial``) evict experts the layer has
-just used, so they wait for its compute and stall in both modes. Prefetch never makes a step
-slower: each layer starts no later than on demand.
+linearly with the distinct experts of a batch); loading one expert of layer ``l`` takes
+``expert_bytes[l] / load_bandwidth + load_latency_s``. Attention's dependence on context length
+is left out (it is the same for every scheduler and cache policy compared here).
 """
 
 from __future__ import annotations
@@ -39,19 +30,22 @@ class CostModel:
     token_s: float
     expert_s: float
     load_bandwidth: float  # bytes per second, host to accelerator
+    load_latency_s: float = 0.0  # fixed cost of one load (issue, hand-off), measured
 
     def __post_init__(self) -> None:
         if self.num_layers < 1 or len(self.expert_bytes) != self.num_layers:
             raise ReadmoeError(f"cost model needs one expert size per layer ({self.num_layers})")
         if self.load_bandwidth <= 0 or min(self.step_overhead_s, self.layer_fixed_s,
-                                           self.token_s, self.expert_s) < 0:
+                                           self.token_s, self.expert_s,
+                                           self.load_latency_s) < 0:
             raise ReadmoeError("cost model times must be >= 0 and the bandwidth positive")
 
     def layer_compute(self, num_tokens: int, distinct_experts: int) -> float:
         return self.layer_fixed_s + self.token_s * num_tokens + self.expert_s * distinct_experts
 
     def load_time(self, layer: int, num_experts: int) -> float:
-        return num_experts * self.expert_bytes[layer] / self.load_bandwidth
+        return num_experts * (self.expert_bytes[layer] / self.load_bandwidth
+                              + self.load_latency_s)
 
 
 def _a100_llama2_7b() -> CostModel:
@@ -75,7 +69,20 @@ def _a100_llama2_7b() -> CostModel:
                      expert_s=expert_bytes / hbm, load_bandwidth=25e9)
 
 
-PROFILES = {"a100-llama2-7b": _a100_llama2_7b()}
+def _a100_llama2_7b_dense() -> CostModel:
+    """Dense Llama-2-7B (bf16) on the same A100, its FFN as the one streamable unit per layer
+    (the dense baseline, ``experts/stream.py``): 3 * 4096 * 11008 * 2 B = 270.5 MB per layer's
+    FFN, read at 1.6 TB/s in 169 us; attention 4 * 4096^2 * 2 B in 84 us; 2 * 202M parameters
+    per token per layer at 156 TFLOP/s; the same step overhead and PCIe link."""
+    hbm = 1.6e12
+    ffn_bytes = 3 * 4096 * 11008 * 2
+    return CostModel(num_layers=32, expert_bytes=(ffn_bytes,) * 32, step_overhead_s=1.2e-3,
+                     layer_fixed_s=4 * 4096 * 4096 * 2 / hbm,
+                     token_s=2 * (4 * 4096 * 4096 + 3 * 4096 * 11008) / 156e12,
+                     expert_s=ffn_bytes / hbm, load_bandwidth=25e9)
+
+
+PROFILES = {"a100-llama2-7b": _a100_llama2_7b(), "a100-llama2-7b-dense": _a100_llama2_7b_dense()}
 
 
 def get_profile(name: str) -> CostModel:
@@ -94,13 +101,15 @@ class StepSample:
 
 
 def fit_cost_model(samples: Sequence[StepSample], *, expert_bytes: Sequence[int],
-                   load_bandwidth: float, step_overhead_s: float = 0.0) -> CostModel:
+                   load_bandwidth: float, step_overhead_s: float = 0.0,
+                   load_latency_s: float = 0.0) -> CostModel:
     """A profile from measurements: least squares of step seconds on tokens and experts.
 
     ``seconds ~ a + b * tokens + c * distinct`` over the samples, then per layer:
     ``token_s = b / L``, ``expert_s = c / L``, ``layer_fixed_s = (a - step_overhead_s) / L``
     (the intercept is weight reading spread over the layers, less the measured host overhead).
-    ``expert_bytes`` (per layer) and ``load_bandwidth`` are measured apart (copy one expert).
+    ``expert_bytes`` (per layer), ``load_bandwidth`` and ``load_latency_s`` are measured apart
+    (the copy engine's loads).
     Coefficients that noise drives below zero are clipped to zero.
     """
     design = np.array([[1.0, s.num_tokens, s.distinct_experts] for s in samples]).reshape(-1, 3)
@@ -114,27 +123,4 @@ def fit_cost_model(samples: Sequence[StepSample], *, expert_bytes: Sequence[int]
                      step_overhead_s=step_overhead_s,
                      layer_fixed_s=max(0.0, float(a) - step_overhead_s) / layers,
                      token_s=max(0.0, float(b)) / layers, expert_s=max(0.0, float(c)) / layers,
-                     load_bandwidth=load_bandwidth)
-
-
-def layer_timeline(compute: Sequence[float], ahead: Sequence[float], serial: Sequence[float],
-                   prefetch: bool) -> tuple[float, float]:
-    """(duration, stall) of one step's layers; ``stall`` is the time compute waited for loads.
-
-    Per layer: ``compute`` seconds, ``ahead`` seconds of loads that may be prefetched and
-    ``serial`` seconds of loads that must wait for the layer itself (module docstring).
-    """
-    if not len(compute) == len(ahead) == len(serial):
-        raise ReadmoeError("layer_timeline needs one compute, ahead and serial time per layer")
-    clock = stall = 0.0
-    copy_done = ahead[0] if prefetch and ahead else 0.0
-    for layer, work in enumerate(compute):
-        if prefetch:
-            start = max(clock, copy_done)
-            if layer + 1 < len(ahead):  # after this layer's serial loads on the copy stream
-                copy_done = start + serial[layer] + ahead[layer + 1]
-        else:
-            start = clock + ahead[layer]
-        stall += start - clock + serial[layer]
-        clock = start + serial[layer] + work
-    return clock, stall
+                     load_bandwidth=load_bandwidth, load_latency_s=load_latency_s)

@@ -13,10 +13,10 @@ this one. Protocol (``engine_vs_simulator``):
    loading) is the simulator's load bandwidth.
 4. The simulator replays the recorded sequences (``ReplayRouting``) with that cost model.
 
-Hit and miss counts must agree exactly (the same cache and policy objects see the same
-accesses at the same times with the same known future); latency agrees only up to the cost
-model's error (a linear fit of a noisy machine), which the result reports as relative
-differences for the caller to hold against its tolerance.
+Hit and miss counts and every step's expert set must agree exactly (the same scheduler,
+planner, cache and policy objects see the same requests, KV admission and known or predicted
+future); latency agrees only up to the cost model's error (a linear fit of a noisy machine),
+which the result reports as relative differences for the caller to hold against its tolerance.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ import torch
 from readmoe.errors import ReadmoeError
 from readmoe.serve.cost import CostModel, StepSample, fit_cost_model
 from readmoe.serve.engine import DEFAULT_BUDGET, Engine
+from readmoe.serve.experts import CoDesign
 from readmoe.serve.experts.store import ExpertStore
 from readmoe.serve.metrics import aggregate
+from readmoe.serve.schedulers import make_scheduler
 from readmoe.serve.sim import SimConfig, simulate
 from readmoe.serve.traces import ReplayRouting
 from readmoe.serve.types import Budget
@@ -46,7 +48,9 @@ def _relative(measured: float | None, modelled: float | None) -> float | None:
 
 def engine_vs_simulator(model: torch.nn.Module, tokenizer, specs: Sequence[RequestSpec],
                         open_store: Callable[[], ExpertStore], *, scheduler: str = "fcfs",
+                        scheduler_options: dict | None = None,
                         budget: Budget = DEFAULT_BUDGET, prefetch: bool = True,
+                        codesign: CoDesign | None = None,
                         kv_blocks: int = 512, block_size: int = 16,
                         cost: CostModel | None = None, threads: int | None = None) -> dict:
     """Run ``specs`` (arrivals ignored: all at 0) on the engine, resident then offloaded to
@@ -62,10 +66,14 @@ def engine_vs_simulator(model: torch.nn.Module, tokenizer, specs: Sequence[Reque
                            "chooses per layer, which the simulator's trace does not hold")
     specs = [replace(s, arrival_time=0.0) for s in specs]
     threads = threads or max(1, (os.cpu_count() or 2) - 1)
+    options = scheduler_options or {}
+    codesign = codesign or CoDesign()
 
     def run(store: ExpertStore | None) -> Engine:
-        engine = Engine(model, tokenizer, scheduler, budget, kv_blocks, block_size,
-                        expert_store=store, prefetch=prefetch)
+        engine = Engine(model, tokenizer, make_scheduler(scheduler, **options), budget,
+                        kv_blocks, block_size, expert_store=store,
+                        prefetch=prefetch and store is not None,
+                        codesign=codesign if store is not None else None)
         engine.run_workload(specs)
         return engine
 
@@ -91,13 +99,14 @@ def engine_vs_simulator(model: torch.nn.Module, tokenizer, specs: Sequence[Reque
     sim_specs = [replace(s, prompt=replace(s.prompt, experts=tuple(
         by_id[s.request_id].prompt_experts))) for s in specs]
     simulated = simulate(sim_specs, routing, SimConfig(
-        scheduler=scheduler, policy=policy, capacity=capacity, budget=budget, cost=cost,
-        prefetch=prefetch))
+        scheduler=scheduler, scheduler_options=options, policy=policy, capacity=capacity,
+        budget=budget, cost=cost, prefetch=prefetch, codesign=codesign, kv_blocks=kv_blocks,
+        block_size=block_size))
 
     engine_metrics = aggregate(requests, offloaded.steps, stats)
     sim_metrics = aggregate(simulated.requests, simulated.steps, simulated.cache)
-    same_schedule = [s.distinct_experts for s in offloaded.steps] == [
-        s.distinct_experts for s in simulated.steps]
+    same_schedule = [(s.num_tokens, s.experts) for s in offloaded.steps] == [
+        (s.num_tokens, s.experts) for s in simulated.steps]
     makespan = offloaded.steps[-1].end_time - offloaded.steps[0].start_time
     return {
         "requests": len(specs), "scheduler": scheduler, "policy": policy, "capacity": capacity,
@@ -106,8 +115,8 @@ def engine_vs_simulator(model: torch.nn.Module, tokenizer, specs: Sequence[Reque
         "cost_model": {k: v for k, v in vars(cost).items() if k != "expert_bytes"},
         "engine": {"makespan_s": makespan, **engine_metrics},
         "simulator": {"makespan_s": simulated.steps[-1].end_time, **sim_metrics},
-        "hits_agree": (stats.hits, stats.misses) == (simulated.cache.hits,
-                                                     simulated.cache.misses),
+        "hits_agree": (stats.hits, stats.misses, stats.prefetched) == (
+            simulated.cache.hits, simulated.cache.misses, simulated.cache.prefetched),
         "schedules_agree": same_schedule,
         "makespan_error": _relative(makespan, simulated.steps[-1].end_time),
         "mean_latency_error": _relative(engine_metrics["e2e_s"]["mean"],

@@ -19,11 +19,14 @@ that does not fit blocks those behind it (no overtaking, so a long request is ne
 Only admitted requests reach the scheduler, and running requests never run out of KV blocks.
 
 Expert residency: with an ``ExpertStore`` the runner takes routed weights from the store's fast
-tier (``StepAccess``): each step's accesses happen layer by layer at the simulator's times
-``step * num_layers + layer``, Belady reads the future ``FutureUses.from_schedule`` builds from
-the queue (as the simulator does), and with ``prefetch`` layer ``l + 1``'s misses load while
-layer ``l`` computes. A layer-wise model's experts are known only inside each layer, so it runs
-on demand with no known future. The model's own stacked routed weights are then not read.
+tier. Each step is planned by an ``ExpertPlanner`` over the store's cache, the very planner the
+simulator runs: the scheduler is told what is resident (``CacheView``), then every routed
+layer's access is planned at once (hits, victims, slots, and with ``CoDesign`` the predicted
+future and the next step's prefetches), and the store executes the plan: with ``prefetch`` all
+of the step's loads are issued at its start and run on the copy engine while compute goes
+layer by layer; without, each layer loads its misses when reached. A layer-wise model's experts
+are known only inside each layer, so each layer is planned as it runs, on demand, with no
+future. The model's own stacked routed weights are then not read.
 
 Time is wall clock (``time.perf_counter``) relative to the engine's start; the queue's finished
 requests and ``steps`` (StepReports) feed ``serve.metrics.aggregate`` (``metrics()``).
@@ -39,9 +42,9 @@ import torch
 
 from readmoe.errors import ReadmoeError
 from readmoe.model import RouterCache
-from readmoe.serve.experts import FutureUses
-from readmoe.serve.experts.prefetch import StepAccess
-from readmoe.serve.experts.store import ExpertStore
+from readmoe.serve.experts import CoDesign, StepPlan
+from readmoe.serve.experts.store import ExpertStore, StepAccess
+from readmoe.serve.experts.stream import DenseStream
 from readmoe.serve.kv_cache import PagedKVCache
 from readmoe.serve.metrics import aggregate
 from readmoe.serve.placement import experts_offloaded
@@ -104,8 +107,10 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer, scheduler: str | Scheduler = "fcfs",
                  budget: Budget = DEFAULT_BUDGET, kv_blocks: int = 512, block_size: int = 16,
-                 expert_store: ExpertStore | None = None, prefetch: bool = True) -> None:
+                 expert_store: ExpertStore | DenseStream | None = None, prefetch: bool = True,
+                 codesign: CoDesign | None = None) -> None:
         config = model.config
+        codesign = codesign or CoDesign()
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.scheduler = make_scheduler(scheduler) if isinstance(scheduler, str) else scheduler
@@ -116,12 +121,13 @@ class Engine:
             raise ReadmoeError(f"the model has {config.num_experts} routed experts and no router "
                                "(router_type 'none'): attach one before serving")
         if expert_store is not None:
-            self._check_store(expert_store, prefetch)
+            self._check_store(expert_store, prefetch, codesign)
         elif experts_offloaded(model):
             raise ReadmoeError("the model's routed experts were placed for offload "
                                "(place_for_offload): serve it with an ExpertStore")
         self.store = expert_store
         self.prefetch = prefetch and expert_store is not None
+        self.planner = expert_store.planner(codesign) if expert_store is not None else None
         attn = model.model.layers[0].self_attn
         weight = model.model.embed_tokens.weight
         self.kv = PagedKVCache(config.num_hidden_layers, kv_blocks, block_size,
@@ -165,7 +171,7 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Drop an unfinished request at once and free its KV blocks (no-op if finished)."""
-        seq = self._seqs[request_id]
+        seq = self._sequence(request_id)
         if seq.finished:
             return
         seq.finish_reason = "abort"
@@ -184,7 +190,8 @@ class Engine:
         """Run one scheduled step; return the outputs of the requests that produced a token."""
         self._admit()
         started = self.now()
-        batch = self.queue.schedule(self.scheduler, self.budget)
+        batch = self.queue.schedule(self.scheduler, self.budget,
+                                    self.planner.view() if self.planner is not None else None)
         if not batch.chunks:
             return []
         chunks, experts = [], []
@@ -202,6 +209,8 @@ class Engine:
             source = self._step_access(batch)
         logits = self.runner.forward(chunks, None if self.layerwise else experts,
                                      source)  # [S, V]
+        if source is not None:
+            source.finish()
         sampling = [self._seqs[c.request_id] for c in batch.chunks if c.samples]
         tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
         revealed = self._reveal([seq for seq, token in zip(sampling, tokens, strict=True)
@@ -218,13 +227,14 @@ class Engine:
             spent = self.store.stats.since(before)
             load_s, stall_s = spent.load_s, spent.stall_s
         self.steps.append(StepReport(len(self.steps), started, self.now(), batch.num_tokens,
-                                     batch.num_seqs, len(batch.experts), load_s, stall_s))
+                                     batch.num_seqs, len(batch.experts), load_s, stall_s,
+                                     batch.experts, tuple(experts)))
         return [seq.output([token]) for seq, token in zip(sampling, tokens, strict=True)]
 
     def stream(self, request_id: str) -> Iterator[int]:
         """Yield ``request_id``'s tokens as they are produced, stepping the engine (which
         advances every other request too; their outputs stay readable via ``output``)."""
-        seq = self._seqs[request_id]
+        seq = self._sequence(request_id)
         sent = 0
         while True:
             while sent < len(seq.output_ids):
@@ -236,7 +246,7 @@ class Engine:
 
     def output(self, request_id: str) -> RequestOutput:
         """A request's output so far (final once finished)."""
-        return self._seqs[request_id].output([])
+        return self._sequence(request_id).output([])
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None
@@ -276,12 +286,26 @@ class Engine:
         return aggregate(self.queue.finished, self.steps,
                          self.store.stats if self.store is not None else None)
 
-    def _check_store(self, store: ExpertStore, prefetch: bool) -> None:
+    def _sequence(self, request_id: str) -> _Sequence:
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            raise ReadmoeError(f"unknown request id {request_id!r}: use the id add_request "
+                               "returned")
+        return seq
+
+    def _check_store(self, store: ExpertStore | DenseStream, prefetch: bool,
+                     codesign: CoDesign) -> None:
         config = self.model.config
-        if self.layerwise and prefetch:
+        if isinstance(store, DenseStream) and (codesign.predictor or codesign.prefetch_rate):
+            raise ReadmoeError("a dense stream has no experts to predict: serve it without "
+                               "co-design options")
+        if self.layerwise and (prefetch or codesign.prefetch_rate or codesign.predictor):
             raise ReadmoeError("a layer-wise router knows no expert before its layer runs, so "
-                               "its experts cannot be prefetched: run it with prefetch off "
-                               "(--no-prefetch)")
+                               "its experts cannot be prefetched or predicted ahead: run it "
+                               "with prefetch off (--no-prefetch) and no co-design")
+        if codesign.prefetch_rate and not prefetch:
+            raise ReadmoeError("loading the next step's experts ahead is a prefetch: it needs "
+                               "prefetch on")
         routed = [i for i, layer in enumerate(self.model.model.layers)
                   if layer.mlp.experts is not None]
         if (store.num_layers, store.routed_layers) != (config.num_hidden_layers, routed) or (
@@ -290,14 +314,14 @@ class Engine:
                                "the served model's folder")
 
     def _step_access(self, batch) -> StepAccess:
-        """This step's expert accesses, with the future the simulator would give Belady."""
+        """Plan this step's expert accesses and start executing them on the store."""
         step = len(self.steps)
         if self.layerwise:
-            return StepAccess(self.store, step, FutureUses(), None, prefetch=False)
-        future = FutureUses.from_schedule(step, self.store.num_layers, batch,
-                                          [*self.queue.running, *self.queue.waiting],
-                                          self.budget.max_tokens)
-        return StepAccess(self.store, step, future, batch.experts, self.prefetch)
+            return self.store.begin_step(StepPlan(step), prefetch=False, plan_layer=(
+                lambda layer, experts: self.planner.plan_layer(step, layer, experts)))
+        plan = self.planner.plan(step, batch, [*self.queue.running, *self.queue.waiting],
+                                 self.budget.max_tokens)
+        return self.store.begin_step(plan, self.prefetch)
 
     def _admit(self) -> None:
         while self._arrived:
@@ -327,10 +351,14 @@ class Engine:
         if token in self.eos_ids and not params.ignore_eos:
             seq.finish_reason = "eos"
         elif params.stop:
-            text = self._decode(seq.output_ids)
-            cut = find_stop(text, params.stop)
-            if cut is not None:
-                seq.finish_reason, seq.text = "stop", text[:cut]
+            # a stop string ending at this token lies within its last len(stop) tokens, so
+            # decode a short window per token and the whole output only on a match
+            window = self._decode(seq.output_ids[-(max(map(len, params.stop)) + 4):])
+            if find_stop(window, params.stop) is not None:
+                text = self._decode(seq.output_ids)
+                cut = find_stop(text, params.stop)
+                if cut is not None:
+                    seq.finish_reason, seq.text = "stop", text[:cut]
         return not seq.finished and len(seq.output_ids) < params.max_tokens
 
     def _reveal(self, going_on: list[_Sequence], sampling: list[_Sequence]

@@ -18,16 +18,12 @@ import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from readmoe.errors import ReadmoeError
 from readmoe.serve.experts import CacheStats
 from readmoe.serve.types import Request, StepReport
-
-if TYPE_CHECKING:
-    from readmoe.serve.experts.store import StoreStats
 
 
 @dataclass(frozen=True)
@@ -67,7 +63,7 @@ def summarize(values: Sequence[float]) -> dict[str, float | None]:
 
 
 def aggregate(requests: Sequence[Request], steps: Sequence[StepReport],
-              cache: CacheStats | StoreStats | None = None) -> dict:
+              cache: CacheStats | None = None) -> dict:
     """All serving metrics of a run as a JSON-ready dict."""
     per_request = [request_metrics(r) for r in requests]
     outputs = sum(m.output_len for m in per_request)

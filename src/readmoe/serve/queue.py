@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 from readmoe.errors import ReadmoeError
 from readmoe.serve.schedulers import Scheduler
-from readmoe.serve.types import Batch, Budget, Request, RequestState
+from readmoe.serve.types import Batch, Budget, CacheView, Request, RequestState
 
 
 class RequestQueue:
@@ -52,10 +52,12 @@ class RequestQueue:
         """Unfinished requests with a known token to process: running first, then waiting."""
         return [r for r in [*self.running, *self.waiting] if r.pending_experts]
 
-    def schedule(self, scheduler: Scheduler, budget: Budget) -> Batch:
-        """Ask ``scheduler`` for the next batch and mark its tokens as computed."""
+    def schedule(self, scheduler: Scheduler, budget: Budget,
+                 view: CacheView | None = None) -> Batch:
+        """Ask ``scheduler`` for the next batch (telling it what the expert cache holds, if
+        ``view``) and mark its tokens as computed."""
         ready = self.pending()
-        batch = scheduler.schedule(self.waiting, self.running, budget)
+        batch = scheduler.schedule(self.waiting, self.running, budget, view)
         self._check(batch, budget, scheduler.name)
         scheduled = {chunk.request_id for chunk in batch.chunks}
         for chunk in batch.chunks:

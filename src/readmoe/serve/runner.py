@@ -13,33 +13,33 @@ weights and rotary embeddings come from ``model.model.rotary_emb`` and transform
 ``rotate_half``, so the logits equal ``model(...)``'s (tested at fp32).
 
 The MoE FFN is the shared expert on all rows plus, per routed expert present in the step, that
-expert on its rows. Routed weights come from an ``ExpertSource``: by default the model's own
-resident stacked parameters (``experts_for``); an engine with an expert store passes the
-step's ``StepAccess``, which supplies (and prefetches) offloaded weights and fixes the order
-the experts compute in. With the pre-gating router the rows are grouped by expert once per
-step; with a layer-wise router (``experts`` None) each layer's gate groups them inside the
-layer.
+expert on its rows. Routed weights come from an ``ExpertSource``: by default the runner's own
+packed copies of the model's experts (``experts_for``); an engine with an expert store passes
+the step's ``StepAccess``, which supplies offloaded weights in the same packed layout, fixes
+the order the experts compute in, and learns from the iteration when each has computed (its
+copy engine may then reuse that slot). With the pre-gating router the rows are grouped by
+expert once per step; with a layer-wise router (``experts`` None) each layer's gate groups
+them inside the layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from torch.nn import functional as F
 from transformers.models.llama.modeling_llama import rotate_half
 
 from readmoe.errors import ReadmoeError
-from readmoe.serve.experts.store import ExpertWeights
 from readmoe.serve.kv_cache import PagedKVCache
 from readmoe.serve.packed import PackedExpert, PackedLayer, PackedMatrix, pack_layer
 
 
 class ExpertSource(Protocol):
-    def layer(self, layer: int, experts: Sequence[int]) -> Mapping[int, ExpertWeights]:
-        """``layer``'s routed weights of ``experts``, to compute in the mapping's order."""
+    def layer(self, layer: int, experts: Sequence[int]) -> Iterator[tuple[int, PackedExpert]]:
+        """``layer``'s routed weights of ``experts`` as (expert, weights), in compute order;
+        each is computed before the next is asked for."""
         ...
 
 
@@ -118,15 +118,13 @@ class ModelRunner:
         self.scaling = first.scaling
 
     def experts_for(self, layer: int, experts: Sequence[int]
-                    ) -> dict[int, PackedExpert | ExpertWeights]:
-        """The resident weights of routed ``experts`` in ``layer`` (packed when the runner
-        packed them, else the model's stacked parameters)."""
+                    ) -> Iterator[tuple[int, PackedExpert]]:
+        """The runner's packed copies of routed ``experts`` in ``layer``."""
         packed = self.packed[layer].experts
-        if packed is not None:
-            return {e: packed[e] for e in experts}
-        stacked = self.layers[layer].mlp.experts
-        return {e: ExpertWeights(stacked.gate_proj[e], stacked.up_proj[e], stacked.down_proj[e])
-                for e in experts}
+        if packed is None:
+            raise ReadmoeError("the runner did not pack the routed experts (an expert store "
+                               "serves them): pass the step's expert source")
+        return ((e, packed[e]) for e in experts)
 
     @torch.inference_mode()
     def forward(self, chunks: Sequence[RunnerChunk], experts: Sequence[int] | None,
@@ -223,14 +221,15 @@ class ModelRunner:
         weights = (source.layer(layer, present) if source is not None
                    else self.experts_for(layer, present))
         if order is None:  # every row has one expert
-            routed = _expert(weights[present[0]], x, act)
+            for _, expert in weights:
+                routed = _expert(expert, x, act)
         else:
             grouped = x.index_select(0, order)  # [N, H] rows sorted by expert
             starts = [sum(counts[:e]) for e in range(len(counts))]
             result = torch.empty_like(grouped)
-            for e in weights:  # the source's order: a store may load while earlier ones compute
+            for e, expert in weights:  # the source's order: a store loads while others compute
                 rows = slice(starts[e], starts[e] + counts[e])
-                result[rows] = _expert(weights[e], grouped[rows], act)
+                result[rows] = _expert(expert, grouped[rows], act)
             routed = x.new_empty(x.shape).index_copy_(0, order, result)
         return routed if out is None else out + routed
 
@@ -240,10 +239,8 @@ def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
-def _expert(weights: PackedExpert | ExpertWeights, x: torch.Tensor, act) -> torch.Tensor:
-    """One SwiGLU expert on rows x [n, H] -> [n, H], packed or as a store's slot views."""
-    if isinstance(weights, ExpertWeights):
-        return F.linear(act(F.linear(x, weights.gate)) * F.linear(x, weights.up), weights.down)
+def _expert(weights: PackedExpert, x: torch.Tensor, act) -> torch.Tensor:
+    """One SwiGLU expert on rows x [n, H] -> [n, H] (the runner's or a store slot's)."""
     gate_up = weights.gate_up(x)  # [n, 2R]
     half = gate_up.shape[-1] // 2
     return weights.down(act(gate_up[:, :half]) * gate_up[:, half:])

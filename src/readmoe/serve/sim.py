@@ -1,23 +1,25 @@
-"""A discrete-event simulator of the server: the real scheduler and cache, a modelled clock.
+"""A discrete-event simulator of the server: the real scheduler, cache and planner, a modelled
+clock.
 
 Why: to compare schedulers, cache policies, capacities and prefetching on long workloads in
 seconds, without a model. It drives the very objects the engine uses (``RequestQueue``, a
-registered ``Scheduler``, an ``ExpertCache`` with a registered policy); only the clock is
-modelled (``cost.CostModel``).
+registered ``Scheduler`` told what is resident, an ``ExpertPlanner`` over an ``ExpertCache``
+with a registered policy, ``BlockAllocator`` for KV admission); only the clock is modelled
+(``cost.CostModel`` laid out by ``timeline.run_step``).
 
 Each request's whole expert sequence (prompt, then outputs) is drawn up front from a routing
 source, and revealed as the chosen router would: with the ``pre-gating`` router, the prompt's
 experts at admission and each output token's right after the step that sampled it (so the
 scheduler and Belady see exactly what a real ReadME server would); with a ``layer-wise``
 router (the baseline: the same experts, routed inside the backbone), nothing before the layer
-runs: the scheduler sees ``UNKNOWN_EXPERT``, Belady sees no future (so it acts as LRU), and
-prefetching is impossible. ``future="oracle"`` instead shows Belady every request's whole
-routing (not realisable: an upper bound on what a known future is worth).
+runs: the scheduler sees ``UNKNOWN_EXPERT``, each layer is planned as it runs with no future
+(Belady acts as LRU), and prefetching is impossible. ``future="oracle"`` instead shows Belady
+every request's whole routing (not realisable).
 
-One step: admit the requests that have arrived; schedule; for each layer in order, access its
-experts in the cache at time ``step * num_layers + layer``; lay out loads and compute
-(``cost.layer_timeline``); the outputs appear at the step's end. When nothing is pending the
-clock jumps to the next arrival. Everything is seeded, so a run repeats exactly.
+One step, as the engine's: admit arrived requests, in arrival order, while the KV cache can
+reserve their largest footprint (the first that does not fit blocks the rest); schedule; plan;
+time the plan; the outputs appear at the step's end. When nothing is pending the clock jumps to
+the next arrival. Everything is seeded, so a run repeats exactly.
 """
 
 from __future__ import annotations
@@ -27,18 +29,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from readmoe.errors import ReadmoeError
-from readmoe.serve.cost import PROFILES, CostModel, layer_timeline
+from readmoe.serve.cost import PROFILES, CostModel
 from readmoe.serve.experts import (
     CacheStats,
+    CoDesign,
     ExpertCache,
-    ExpertKey,
-    FutureUses,
+    ExpertPlanner,
+    StepPlan,
     make_policy,
-    step_needs,
 )
+from readmoe.serve.experts.stream import StreamPlanner, split_budget
+from readmoe.serve.kv_blocks import BlockAllocator
 from readmoe.serve.queue import RequestQueue
-from readmoe.serve.routing import RoutingSource
+from readmoe.serve.routing_sources import RoutingSource
 from readmoe.serve.schedulers import make_scheduler
+from readmoe.serve.timeline import StreamClock, run_step
 from readmoe.serve.types import UNKNOWN_EXPERT, Budget, Request, StepReport
 from readmoe.serve.workload import RequestSpec
 
@@ -48,17 +53,27 @@ FUTURES = ("known", "oracle")
 
 @dataclass(frozen=True)
 class SimConfig:
-    """One simulated server, by registry names (so a result can record what produced it)."""
+    """One simulated server, by registry names (so a result can record what produced it).
+
+    ``kv_blocks`` x ``block_size`` tokens of KV cache bound admission as in the engine.
+    ``stream_budget`` (bytes) simulates the dense baseline instead (``experts/stream.py``): a
+    one-expert model whose FFNs stream through that budget; ``policy`` and ``capacity`` are
+    then unused.
+    """
 
     scheduler: str = "expert-aware"
-    scheduler_options: Mapping[str, int] = field(default_factory=dict)
+    scheduler_options: Mapping[str, float] = field(default_factory=dict)
     policy: str = "belady"
     capacity: int = 4
     budget: Budget = Budget(max_tokens=256, max_seqs=64)
     cost: CostModel = PROFILES["a100-llama2-7b"]
     prefetch: bool = True
+    codesign: CoDesign = CoDesign()
     router: str = "pre-gating"
     future: str = "known"
+    kv_blocks: int = 1 << 16
+    block_size: int = 16
+    stream_budget: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -69,34 +84,26 @@ class SimConfig:
         if self.router == "layer-wise" and self.future == "oracle":
             raise ReadmoeError("the oracle future reads pre-computed routing; a layer-wise "
                                "router has none")
-        if self.router == "layer-wise" and self.prefetch:
+        if self.router == "layer-wise" and (self.prefetch or self.codesign.prefetch_rate):
             raise ReadmoeError("a layer-wise router knows no expert before its layer runs, so it "
                                "cannot prefetch: set prefetch=False")
+        if self.codesign.prefetch_rate and not self.prefetch:
+            raise ReadmoeError("loading the next step's experts ahead needs prefetch=True")
 
 
 @dataclass
 class SimResult:
+    """The finished requests, the steps, the cache counters and every (layer, experts) access
+    in time order (for ``optimum.bounds``)."""
+
     requests: list[Request]
     steps: list[StepReport]
     cache: CacheStats
+    accesses: list[tuple[int, tuple[int, ...]]]
 
 
-def _run_layers(cache: ExpertCache, config: SimConfig, step: int,
-                needs: Sequence[Sequence[ExpertKey]], num_tokens: int,
-                future: FutureUses) -> tuple[float, float, float]:
-    """Access each layer's experts in order; return the layers' (duration, load, stall)."""
-    cost, layers = config.cost, config.cost.num_layers
-    ahead, serial, compute = [], [], []
-    for layer, keys in enumerate(needs):
-        compute.append(cost.layer_compute(num_tokens, len(keys)))
-        if not cost.expert_bytes[layer]:  # a layer without routed experts (e.g. kept dense)
-            keys = []
-        missed = len(cache.access(keys, step * layers + layer, future)) if keys else 0
-        early = min(missed, config.capacity - (len(keys) - missed))  # into slots not in use
-        ahead.append(cost.load_time(layer, early))
-        serial.append(cost.load_time(layer, missed - early))
-    duration, stall = layer_timeline(compute, ahead, serial, config.prefetch)
-    return duration, sum(ahead) + sum(serial), stall
+def _routed_layers(cost: CostModel) -> list[int]:
+    return [layer for layer in range(cost.num_layers) if cost.expert_bytes[layer]]
 
 
 def simulate(specs: Sequence[RequestSpec], routing: RoutingSource, config: SimConfig,
@@ -111,6 +118,11 @@ def simulate(specs: Sequence[RequestSpec], routing: RoutingSource, config: SimCo
     cost, layers, budget = config.cost, config.cost.num_layers, config.budget
     scheduler = make_scheduler(config.scheduler, **config.scheduler_options)
     cache = ExpertCache(config.capacity, cost.expert_bytes, make_policy(config.policy, config.seed))
+    routed = _routed_layers(cost)
+    planner: ExpertPlanner | StreamPlanner = ExpertPlanner(cache, layers, routed, config.codesign)
+    if config.stream_budget is not None:
+        resident = split_budget(len(routed), cost.expert_bytes[routed[0]], config.stream_budget)
+        planner = StreamPlanner(layers, routed, resident, cost.expert_bytes)
     blind = config.router == "layer-wise"
     rng = random.Random(config.seed)
     arrivals = sorted(specs, key=lambda s: s.arrival_time)
@@ -119,51 +131,78 @@ def simulate(specs: Sequence[RequestSpec], routing: RoutingSource, config: SimCo
              for s in arrivals}
     if len(truth) != len(arrivals):
         raise ReadmoeError("request ids in a workload must be unique")
+    kv = BlockAllocator(config.kv_blocks, config.block_size)
+    for spec in arrivals:
+        if kv.blocks_for(spec.prompt.length + spec.max_tokens - 1) > kv.num_blocks:
+            raise ReadmoeError(f"request {spec.request_id} needs more KV blocks than the "
+                               f"simulated cache holds ({kv.num_blocks})")
 
-    queue, steps = RequestQueue(), []
-    now, admitted = 0.0, 0
+    queue, steps, accesses = RequestQueue(), [], []
+    clock = StreamClock()
+    now, arrived, admitted = 0.0, 0, 0
     while admitted < len(arrivals) or queue.waiting or queue.running:
-        while admitted < len(arrivals) and arrivals[admitted].arrival_time <= now:
+        while arrived < len(arrivals) and arrivals[arrived].arrival_time <= now:
+            arrived += 1
+        while admitted < arrived:
             spec = arrivals[admitted]
+            footprint = spec.prompt.length + spec.max_tokens - 1
+            if not kv.can_admit(footprint):
+                break
+            kv.admit(spec.request_id, footprint)
             prompt = truth[spec.request_id][:spec.prompt.length]
             queue.add(Request(spec.request_id, spec.arrival_time,
                               [UNKNOWN_EXPERT] * len(prompt) if blind else prompt,
                               spec.max_tokens))
             admitted += 1
         if not queue.pending():
-            now = max(now, arrivals[admitted].arrival_time)
+            if arrived == len(arrivals):
+                raise ReadmoeError("requests wait for KV room that no running request frees")
+            now = max(now, arrivals[arrived].arrival_time)
             continue
         step = len(steps)
-        batch = queue.schedule(scheduler, budget)
+        batch = queue.schedule(scheduler, budget, planner.view())
         if not batch.chunks:
             raise ReadmoeError(f"scheduler {config.scheduler!r} scheduled nothing while "
                                f"{len(queue.pending())} requests wait")
-        experts = {e for chunk in batch.chunks
-                   for e in truth[chunk.request_id][chunk.start:chunk.start + chunk.num_tokens]}
-        if per_layer is None:
-            needs = step_needs(experts, layers)
+        tokens = [e for chunk in batch.chunks
+                  for e in truth[chunk.request_id][chunk.start:chunk.start + chunk.num_tokens]]
+        if blind:
+            plan = StepPlan(step)
+            layer_plans = {layer: planner.plan_layer(step, layer, _layer_needs(
+                batch, per_layer, truth, layer, layers)) for layer in routed}
         else:
-            needs = [sorted({(layer, int(row[layer * len(row) // layers]))
-                             for c in batch.chunks
-                             for row in per_layer[c.request_id][c.start:c.start + c.num_tokens]})
-                     for layer in range(layers)]
-            experts = {e for keys in needs for _, e in keys}  # all layers' (for the record)
-        future = FutureUses() if blind else FutureUses.from_schedule(
-            step, layers, batch, [*queue.running, *queue.waiting], budget.max_tokens,
-            truth if config.future == "oracle" else None)
-        duration, load, stall = _run_layers(cache, config, step, needs, batch.num_tokens,
-                                            future)
-        end = now + cost.step_overhead_s + duration
+            plan = planner.plan(step, batch, [*queue.running, *queue.waiting],
+                                budget.max_tokens, truth if config.future == "oracle" else None)
+            layer_plans = dict(plan.layers)
+        accesses.extend((layer, tuple(sorted(p.order))) for layer, p in layer_plans.items())
+        end, load, stall = run_step(clock, cost, plan, layer_plans, now, batch.num_tokens,
+                                    config.prefetch)
         sampled = {}
         for chunk in batch.chunks:
             position = chunk.start + chunk.num_tokens
             if chunk.samples and position < len(truth[chunk.request_id]):
                 sampled[chunk.request_id] = (UNKNOWN_EXPERT if blind
                                              else truth[chunk.request_id][position])
-        queue.complete(batch, sampled, end)
+        for request in queue.complete(batch, sampled, end):
+            kv.free(request.request_id)
+        distinct = (sum(len(p.order) for p in layer_plans.values()) / len(layer_plans)
+                    if layer_plans else len(set(tokens)))
         steps.append(StepReport(step=step, start_time=now, end_time=end,
                                 num_tokens=batch.num_tokens, num_seqs=batch.num_seqs,
-                                distinct_experts=sum(map(len, needs)) / layers, load_s=load,
-                                stall_s=stall))
+                                distinct_experts=distinct, load_s=load, stall_s=stall,
+                                experts=tuple(sorted(set(tokens))), token_experts=tuple(tokens)))
         now = end
-    return SimResult(requests=queue.finished, steps=steps, cache=cache.stats)
+    stats = planner.stats if isinstance(planner, StreamPlanner) else cache.stats
+    stats.load_s = sum(s.load_s for s in steps)
+    stats.stall_s = sum(s.stall_s for s in steps)
+    return SimResult(requests=queue.finished, steps=steps, cache=stats, accesses=accesses)
+
+
+def _layer_needs(batch, per_layer: Mapping[str, Sequence[Sequence[int]]] | None,
+                 truth: Mapping[str, Sequence[int]], layer: int, layers: int) -> list[int]:
+    """The experts ``layer`` needs in ``batch``: each layer's own choices when given."""
+    if per_layer is None:
+        return sorted({e for c in batch.chunks
+                       for e in truth[c.request_id][c.start:c.start + c.num_tokens]})
+    return sorted({int(row[layer * len(row) // layers]) for c in batch.chunks
+                   for row in per_layer[c.request_id][c.start:c.start + c.num_tokens]})

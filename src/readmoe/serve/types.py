@@ -143,8 +143,10 @@ class StepReport:
     """What one executed step cost, for the metrics (the engine and the simulator fill it).
 
     ``distinct_experts`` is per layer (averaged over layers when they differ, as with a
-    layer-wise router). ``load_s`` is the time spent copying missed experts; ``stall_s`` the
-    part of it the compute stream waited for (equal to ``load_s`` without prefetch).
+    layer-wise router); ``experts`` the step's distinct known experts (what every layer of a
+    pre-gating model needs) and ``token_experts`` every token's, in batch order. ``load_s``
+    is the time the copy stream spent loading during the step; ``stall_s`` the time the
+    compute stream waited for loads.
     """
 
     step: int
@@ -155,3 +157,14 @@ class StepReport:
     distinct_experts: float
     load_s: float
     stall_s: float
+    experts: tuple[int, ...] = ()
+    token_experts: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class CacheView:
+    """What a cache-aware scheduler may know of the expert cache: the experts resident in every
+    routed layer (a step using only these loads nothing) and the slots per layer."""
+
+    resident: frozenset[int]
+    capacity: int

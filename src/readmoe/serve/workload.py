@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from readmoe.errors import ReadmoeError
-from readmoe.serve.routing import RoutingSource
+from readmoe.serve.routing_sources import RoutingSource
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,12 @@ nearly free and prefetching would have nothing to hide. Holding each copy until 
 has passed lets the CPU model a PCIe-bound accelerator honestly; results from it are labelled
 emulated.
 
-How the wait is done: ``time.sleep`` for all but the last ``SPIN_S`` seconds (sleeping releases
-the GIL, so the caller's compute really overlaps the copy, as a DMA engine would), then a short
-busy-wait on ``time.perf_counter`` to end within microseconds of the deadline (``sleep`` alone
-overshoots by up to a scheduler tick). The real copy's time counts toward the link time: the
-link never makes a copy faster than it is, and a copy slower than the link is not padded.
+How the wait is done: ``time.sleep`` until the deadline. Sleeping releases the interpreter lock,
+so the caller's compute really overlaps the copy, as a DMA engine would; a busy-wait would hold
+that lock between the compute thread's operators and slow it. ``sleep`` overshoots by tens of
+microseconds, which the copy engine's measured ``load_s`` includes. The real copy's time
+counts toward the link time: the link never makes a copy faster than it is, and a copy slower
+than the link is not padded.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ import time
 from dataclasses import dataclass
 
 from readmoe.errors import ReadmoeError
-
-SPIN_S = 5e-4
 
 
 @dataclass(frozen=True)
@@ -35,12 +34,9 @@ class EmulatedLink:
 
     def hold(self, started: float, nbytes: int) -> None:
         """Return once ``transfer_s(nbytes)`` has passed since ``started`` (perf_counter)."""
-        deadline = started + self.transfer_s(nbytes)
-        remaining = deadline - time.perf_counter()
-        if remaining > SPIN_S:
-            time.sleep(remaining - SPIN_S)
-        while time.perf_counter() < deadline:
-            pass
+        remaining = started + self.transfer_s(nbytes) - time.perf_counter()
+        if remaining > 0:
+            time.sleep(remaining)
 
     def describe(self) -> str:
         return f"emulated link {self.bandwidth / 1e9:g} GB/s"

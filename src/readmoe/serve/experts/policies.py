@@ -3,6 +3,12 @@
 One interface: the cache reports every use of a key (``touched``, on a hit or right after a
 load) and asks for a ``victim`` among the resident keys of one layer when a miss finds that
 layer full. Every policy knows the order of uses (for LRU and for tie-breaking).
+
+When a layer needs more experts than it has slots, it computes them one by one and each load
+reuses the slot of an expert already computed, so the order decides which experts are left
+resident: ``release_order`` ranks keys from the first to give up its slot to the last. Only
+Belady knows the future, so only it orders by it (furthest next use first, so the experts
+needed soonest are computed last and stay); the others keep key order.
 """
 
 from __future__ import annotations
@@ -32,6 +38,11 @@ class EvictionPolicy(ABC):
     def victim(self, resident: Sequence[ExpertKey], time: int,
                future: FutureUses) -> ExpertKey:
         """The key to evict among ``resident`` (sorted, non-empty) at ``time``."""
+
+    def release_order(self, keys: Sequence[ExpertKey], time: int,
+                      future: FutureUses) -> list[ExpertKey]:
+        """``keys`` (one access) in compute order when they cannot all stay (module docs)."""
+        return sorted(keys)
 
 
 class RandomPolicy(EvictionPolicy):
@@ -92,7 +103,12 @@ class BeladyPolicy(EvictionPolicy):
 
     def victim(self, resident: Sequence[ExpertKey], time: int,
                future: FutureUses) -> ExpertKey:
-        return max(resident, key=lambda k: (future.next_use(k, time), -self.last_use[k]))
+        return max(resident, key=lambda k: (future.next_use(k, time),
+                                            -self.last_use.get(k, 0)))
+
+    def release_order(self, keys: Sequence[ExpertKey], time: int,
+                      future: FutureUses) -> list[ExpertKey]:
+        return sorted(keys, key=lambda k: (-future.next_use(k, time), k))
 
 
 POLICIES: dict[str, type[EvictionPolicy]] = {

@@ -3,39 +3,45 @@
 Why: ReadME knows each token's expert before the backbone runs, so a server can keep most
 routed experts off the accelerator and bring in only what the scheduled tokens need. The fast
 tier's residency is an ``ExpertCache`` driven by a registered eviction policy, the very objects
-the simulator runs, so the store's hit ratios equal the simulator's on the same accesses.
-Shared experts and attention stay resident; they are not the store's business.
+the simulator runs, and its plans come from the same ``ExpertPlanner``, so the store's hit
+counts equal the simulator's on the same accesses. Shared experts and attention stay resident.
 
-Slow tiers: ``file`` reads one (layer, expert) on demand from the model folder's safetensors
-(``safe_open(...).get_slice(name)[e]``, never the whole tensor); ``ram`` keeps every routed
-expert in CPU memory (pinned when CUDA is available, so copies to the device are async DMA).
-Either can sit behind an emulated link of ``bandwidth`` bytes/s (``link.EmulatedLink``), which
-lets a CPU-only machine model a PCIe-bound accelerator; results then say "emulated".
+Layout: the fast tier holds each expert as the serving runner computes it (``packed.py``):
+gate|up fused, ``[in, out]`` on CPU, so an offloaded expert computes exactly as fast as a
+resident one. The ``ram`` tier keeps every routed expert in that layout too (pinned on CUDA), so
+a load is one contiguous copy per matrix; the ``file`` tier reads one (layer, expert) from the
+model folder's safetensors (``get_slice(name)[e]``, never the whole tensor) and packs it on the
+copy engine. Either can sit behind an emulated link of ``bandwidth`` bytes/s
+(``link.EmulatedLink``), which lets a CPU-only machine model a PCIe-bound accelerator; results
+then say "emulated".
 
-One access is all the experts one layer of one step needs, at the simulator's time
-``step * num_layers + layer``. Within ``capacity`` its experts are resident together while the
-layer computes; beyond it the layer computes expert by expert and some loads wait for the
-expert they evict (``LayerWeights``), exactly as ``ExpertCache`` accounts it.
+Executing a plan (``begin_step``): with ``prefetch`` every load of the step is issued at once
+in plan order, then the next step's speculative loads, and the copy engine works through them
+while compute runs; without, each layer's loads are issued when the layer is reached and
+compute waits for them (on demand). Compute reads a slot only after its latest load.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future
-from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 from time import perf_counter
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 
 from readmoe.errors import ReadmoeError
-from readmoe.serve.experts.cache import ExpertCache
-from readmoe.serve.experts.future import FutureUses
+from readmoe.serve.experts.cache import CacheStats, ExpertCache, LayerPlan, Load
 from readmoe.serve.experts.link import EmulatedLink
+from readmoe.serve.experts.loader import CopyEngine, CudaCopyEngine, ThreadCopyEngine
+from readmoe.serve.experts.plan import CoDesign, ExpertPlanner, StepPlan
 from readmoe.serve.experts.policies import EvictionPolicy, make_policy
-from readmoe.serve.experts.prefetch import AsyncLoader
+from readmoe.serve.packed import PackedExpert, PackedMatrix
+
+if TYPE_CHECKING:
+    from readmoe.serve.experts.stream import DenseStream
 
 PARTS = ("gate_proj", "up_proj", "down_proj")
 TIERS = ("file", "ram")
@@ -55,39 +61,15 @@ def _layer_of(name: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-@dataclass(frozen=True)
-class ExpertWeights:
-    gate: torch.Tensor  # [R, H]
-    up: torch.Tensor  # [R, H]
-    down: torch.Tensor  # [H, R]
-
-
-@dataclass(frozen=True)
-class StoreStats:
-    hits: int
-    misses: int
-    evictions: int
-    bytes_moved: int
-    load_s: float  # seconds the copy worker spent loading
-    stall_s: float  # seconds callers waited for loads
-
-    @property
-    def hit_ratio(self) -> float | None:
-        return self.hits / (self.hits + self.misses) if self.hits + self.misses else None
-
-    @property
-    def hidden_fraction(self) -> float | None:
-        """Share of load time that compute did not wait for (0 on demand)."""
-        return max(0.0, 1.0 - self.stall_s / self.load_s) if self.load_s > 0 else None
-
-    def since(self, earlier: StoreStats) -> StoreStats:
-        """The counters accumulated after ``earlier`` was read."""
-        return StoreStats(*(now - then for now, then in zip(astuple(self), astuple(earlier),
-                                                              strict=True)))
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "hit_ratio": self.hit_ratio,
-                "hidden_fraction": self.hidden_fraction}
+def packed_parts(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, transposed: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert's (gate|up, down) as the runner computes them, from gate, up [R, H] and
+    down [H, R]: ``[H, 2R]`` and ``[R, H]`` when ``transposed`` (CPU), else ``[2R, H]``,
+    ``[H, R]``. Leading dimensions (stacked experts) are kept."""
+    gate_up = torch.cat([gate, up], dim=-2)  # [..., 2R, H]
+    if transposed:
+        return gate_up.transpose(-1, -2).contiguous(), down.transpose(-1, -2).contiguous()
+    return gate_up.contiguous(), down.contiguous()
 
 
 class _FileTier:
@@ -113,74 +95,31 @@ class _FileTier:
         piece = self._handles[self._file_of[name]].get_slice(name)
         return tuple(piece.get_shape()), _DTYPES[piece.get_dtype()]
 
-    def read(self, layer: int, expert: int) -> list[torch.Tensor]:
-        return [self._handles[self._file_of[n]].get_slice(n)[expert]
-                for n in (expert_name(layer, part) for part in PARTS)]
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._handles[self._file_of[name]].get_tensor(name)
+
+    def read(self, layer: int, expert: int, transposed: bool
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, up, down = (self._handles[self._file_of[n]].get_slice(n)[expert]
+                          for n in (expert_name(layer, part) for part in PARTS))
+        return packed_parts(gate, up, down, transposed)
 
 
 class _RamTier:
-    """Every routed expert in CPU memory, pinned when CUDA can use it."""
+    """Every routed expert in CPU memory, packed (pinned when CUDA can use it)."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], pin: bool) -> None:
-        self.names = list(tensors)
+    def __init__(self, tensors: Callable[[str], torch.Tensor], layers: Sequence[int],
+                 transposed: bool, pin: bool) -> None:
         self._experts = {}
-        for name, tensor in tensors.items():
-            if ".mlp.experts." in name:
-                host = tensor.detach().to("cpu").contiguous()
-                self._experts[name] = host.pin_memory() if pin else host
-        self._shapes = {n: (tuple(t.shape), t.dtype) for n, t in self._experts.items()}
+        for layer in layers:
+            parts = packed_parts(*(tensors(expert_name(layer, p)).detach().to("cpu")
+                                   for p in PARTS), transposed)
+            self._experts[layer] = tuple(t.pin_memory() if pin else t for t in parts)
 
-    def shape(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        return self._shapes[name]
-
-    def read(self, layer: int, expert: int) -> list[torch.Tensor]:
-        return [self._experts[expert_name(layer, part)][expert] for part in PARTS]
-
-
-class LayerWeights(Mapping[int, ExpertWeights]):
-    """One layer's experts for one access, in compute order: its hits, then its misses in load
-    order. Indexing an expert waits for its load (views into the fast tier, valid until the
-    next access of the layer).
-
-    When an access needs more experts than the layer has slots, some loads must overwrite an
-    expert of this same access (the cache's victim); those are issued only when their expert
-    is asked for, and the caller must therefore compute the experts in iteration order (every
-    victim is earlier in it). Within capacity every load starts at access time.
-    """
-
-    def __init__(self, store: ExpertStore, layer: int, order: list[int], slot_for: dict[int, int],
-                 started: dict[int, Future], deferred: dict[int, Callable[[], None]]) -> None:
-        self._store, self._layer, self._order, self._slot_for = store, layer, order, slot_for
-        self.started, self._deferred = started, deferred
-        self._then: Callable[[], None] | None = None
-
-    def after_serial_loads(self, then: Callable[[], None]) -> None:
-        """Call ``then`` once this access's deferred loads are done (at once if it has none):
-        where a prefetcher issues the next layer's loads, so they never hold up a load the
-        compute is waiting for."""
-        if self._deferred:
-            self._then = then
-        else:
-            then()
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._order)
-
-    def __len__(self) -> int:
-        return len(self._order)
-
-    def __getitem__(self, expert: int) -> ExpertWeights:
-        slot = self._slot_for[expert]
-        copy = self._deferred.pop(expert, None)
-        if copy is not None:
-            self._store._load_now(self._layer, expert, copy)
-            if not self._deferred and self._then is not None:
-                self._then, then = None, self._then
-                then()
-        elif expert in self.started:
-            self._store._wait([self.started.pop(expert)])
-        gate, up, down = self._store._slots[self._layer]
-        return ExpertWeights(gate[slot], up[slot], down[slot])
+    def read(self, layer: int, expert: int, transposed: bool
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        gate_up, down = self._experts[layer]
+        return gate_up[expert], down[expert]
 
 
 class ExpertStore:
@@ -188,7 +127,7 @@ class ExpertStore:
 
     ``source``: a ReadME model folder, or a state dict (``model.state_dict()``; ram tier only).
     ``policy``: an ``EvictionPolicy`` or a registered name. ``bandwidth`` (bytes/s) adds an
-    emulated link. Use as a context manager, or ``close()``, to stop the copy worker.
+    emulated link (CPU only). Use as a context manager, or ``close()``, to stop the copy engine.
     """
 
     def __init__(self, source: str | Path | Mapping[str, torch.Tensor], *, capacity: int,
@@ -197,41 +136,53 @@ class ExpertStore:
         if tier not in TIERS:
             raise ReadmoeError(f"unknown expert tier {tier!r}; choose one of {TIERS}")
         self.device = torch.device(device)
+        if bandwidth is not None and self.device.type == "cuda":
+            raise ReadmoeError("an emulated link models a slow copy on a CPU-only machine; on "
+                               "CUDA the copies are real: drop --bandwidth")
         self.tier = tier
+        self.transposed = self.device.type == "cpu"  # the runner's layout (packed.py)
         if isinstance(source, Mapping):
             if tier == "file":
                 raise ReadmoeError("the file tier reads a model folder; pass its path")
-            self._tier = _RamTier(source, pin=torch.cuda.is_available())
+            names, shape_of, tensor = list(source), lambda n: (tuple(source[n].shape),
+                                                               source[n].dtype), source.__getitem__
         else:
             files = _FileTier(Path(source))
-            self._tier = files if tier == "file" else _RamTier(
-                {n: files._handles[files._file_of[n]].get_tensor(n) for n in files.names
-                 if ".mlp.experts." in n}, pin=torch.cuda.is_available())
-            self._tier.names = files.names
-        layers = {_layer_of(n) for n in self._tier.names} - {None}
+            names, shape_of, tensor = files.names, files.shape, files.tensor
+        layers = {_layer_of(n) for n in names} - {None}
         if not layers:
             raise ReadmoeError("the source holds no model.layers.* weights")
         self.num_layers = max(layers) + 1
         self.routed_layers = sorted(layer for layer in layers
-                                    if expert_name(layer, "gate_proj") in self._tier.names)
+                                    if expert_name(layer, "gate_proj") in names)
+        self._tier = files if tier == "file" else _RamTier(
+            tensor, self.routed_layers, self.transposed, pin=self.device.type == "cuda")
         self.link = EmulatedLink(bandwidth) if bandwidth is not None else None
-        self._slots: dict[int, list[torch.Tensor]] = {}
+        self._slots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._views: dict[tuple[int, int], PackedExpert] = {}
         expert_bytes = [0] * self.num_layers
+        self.num_experts = 0
         for layer in self.routed_layers:
-            buffers = []
-            for part in PARTS:
-                shape, dtype = self._tier.shape(expert_name(layer, part))
-                buffers.append(torch.empty((capacity, *shape[1:]), dtype=dtype,
-                                           device=self.device))
-                expert_bytes[layer] += buffers[-1][0].numel() * buffers[-1].element_size()
-            self.num_experts = shape[0]
-            self._slots[layer] = buffers
+            (experts, size, hidden), dtype = shape_of(expert_name(layer, "gate_proj"))
+            self.num_experts = experts
+            gate_up = (hidden, 2 * size) if self.transposed else (2 * size, hidden)
+            down = (size, hidden) if self.transposed else (hidden, size)
+            self._slots[layer] = (torch.empty((capacity, *gate_up), dtype=dtype,
+                                              device=self.device),
+                                  torch.empty((capacity, *down), dtype=dtype, device=self.device))
+            expert_bytes[layer] = 3 * size * hidden * self._slots[layer][0].element_size()
+            for slot in range(capacity):
+                self._views[layer, slot] = PackedExpert(
+                    PackedMatrix(self._slots[layer][0][slot], None, self.transposed),
+                    PackedMatrix(self._slots[layer][1][slot], None, self.transposed))
         self.expert_bytes = tuple(expert_bytes)
         policy = make_policy(policy) if isinstance(policy, str) else policy
         self.cache = ExpertCache(capacity, self.expert_bytes, policy)
-        self._slot_of: dict[int, dict[int, int]] = {layer: {} for layer in self.routed_layers}
-        self._pending: dict[int, tuple[int, tuple[int, ...], LayerWeights]] = {}
-        self._loader = AsyncLoader(self.device, self.link)
+        self._copy: CopyEngine = (CudaCopyEngine(self.device) if self.device.type == "cuda"
+                                  else ThreadCopyEngine(self.link))
+        self._ticket: dict[tuple[int, int], int] = {}  # (layer, expert) -> its latest load
+        self._slot_ticket: dict[tuple[int, int], int] = {}  # (layer, slot) -> its latest load
+        self._position = 0  # routed experts computed so far: the copy engine's clock
         self._stall_s = 0.0
 
     @property
@@ -249,84 +200,129 @@ class ExpertStore:
         return f"{tier}{link} -> {self.device.type} (capacity {self.capacity} per layer)"
 
     @property
-    def stats(self) -> StoreStats:
-        c = self.cache.stats
-        return StoreStats(hits=c.hits, misses=c.misses, evictions=c.evictions,
-                          bytes_moved=c.bytes_moved, load_s=self._loader.load_s,
-                          stall_s=self._stall_s)
+    def stats(self) -> CacheStats:
+        """The cache's counters with the copy engine's load time and compute's stall time."""
+        counts = self.cache.stats
+        return CacheStats(counts.hits, counts.misses, counts.evictions, counts.bytes_moved,
+                          counts.prefetched, counts.prefetch_used, self._copy.load_s,
+                          self._stall_s)
 
-    def _access(self, layer: int, experts: tuple[int, ...], time: int,
-                future: FutureUses) -> LayerWeights:
-        """Cache bookkeeping for one access; queue the loads that may start now."""
-        if layer not in self._slot_of:
-            raise ReadmoeError(f"layer {layer} has no routed experts")
-        if layer in self._pending:
-            raise ReadmoeError(f"layer {layer} has a prefetched access not yet taken")
-        slot_of = self._slot_of[layer]
-        loads = self.cache.access_loads([(layer, e) for e in experts], time, future)
-        missed = [expert for (_, expert), _ in loads]
-        hits = [e for e in experts if e not in missed]
-        slot_for = {e: slot_of[e] for e in hits}
-        free = sorted(set(range(self.capacity)) - set(slot_of.values()))
-        started, deferred = {}, {}
-        for (_, expert), victim in loads:
-            slot = free.pop(0) if victim is None else slot_of.pop(victim[1])
-            slot_of[expert] = slot_for[expert] = slot
-            copy = self._copier(layer, expert, slot)
-            if victim is not None and victim[1] in experts:
-                deferred[expert] = copy  # its slot holds an expert of this access, not yet used
-            else:
-                started[expert] = self._loader.submit((layer, expert), copy,
-                                                      self.expert_bytes[layer])
-        return LayerWeights(self, layer, hits + missed, slot_for, started, deferred)
+    def read(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One expert's packed (gate|up, down) from the slow tier, as a load copies it."""
+        return self._tier.read(layer, expert, self.transposed)
 
-    def _copier(self, layer: int, expert: int, slot: int):
+    def planner(self, codesign: CoDesign | None = None) -> ExpertPlanner:
+        """The planner whose plans this store executes (over its cache)."""
+        return ExpertPlanner(self.cache, self.num_layers, self.routed_layers, codesign)
+
+    def begin_step(self, plan: StepPlan, prefetch: bool,
+                   plan_layer: Callable[[int, Sequence[int]], LayerPlan] | None = None
+                   ) -> StepAccess:
+        """Execute ``plan``; ``plan_layer`` plans the layers it leaves out as they run."""
+        return StepAccess(self, plan, prefetch, plan_layer)
+
+    def _submit(self, load: Load, after: int | None) -> int:
+        gate_up, down = self._slots[load.layer]
+        slot, read = load.slot, self.read
         async_copy = self.device.type == "cuda"
 
         def copy() -> None:
-            for buffer, host in zip(self._slots[layer], self._tier.read(layer, expert),
-                                    strict=True):
-                buffer[slot].copy_(host, non_blocking=async_copy)
-        return copy
+            source = read(load.layer, load.expert)
+            gate_up[slot].copy_(source[0], non_blocking=async_copy)
+            down[slot].copy_(source[1], non_blocking=async_copy)
+        ticket = self._copy.submit(copy, self.expert_bytes[load.layer], after, load.speculative,
+                                   self._slot_ticket.get((load.layer, slot)))
+        self._ticket[load.layer, load.expert] = self._slot_ticket[load.layer, slot] = ticket
+        return ticket
 
-    def _load_now(self, layer: int, expert: int, copy) -> None:
-        """Issue a deferred load and wait for it (the caller stalls for all of it)."""
-        started = perf_counter()
-        self._loader.wait([self._loader.submit((layer, expert), copy, self.expert_bytes[layer],
-                                               urgent=True)])
-        self._stall_s += perf_counter() - started
-
-    def _wait(self, futures: Sequence[Future]) -> None:
-        self._stall_s += self._loader.wait(futures)
-
-    def prefetch(self, layer: int, experts: Sequence[int], time: int,
-                 future: FutureUses) -> None:
-        """Access ``layer`` now and start loading its misses in the background."""
-        needed = tuple(sorted(set(experts)))
-        self._pending[layer] = (time, needed, self._access(layer, needed, time, future))
-
-    def experts_for(self, layer: int, experts: Sequence[int], time: int,
-                    future: FutureUses) -> LayerWeights:
-        """The weights of ``experts`` at ``layer`` (see ``LayerWeights``): prefetched by
-        ``prefetch``, or accessed now, on demand."""
-        needed = tuple(sorted(set(experts)))
-        pending = self._pending.pop(layer, None)
-        if pending is None:  # on demand: the caller waits for the whole load, issue included
-            started = perf_counter()
-            weights = self._access(layer, needed, time, future)
-            self._loader.wait(weights.started.values())
-            self._stall_s += perf_counter() - started
-            return weights
-        if pending[:2] != (time, needed):
-            raise ReadmoeError(f"layer {layer} was prefetched for experts {pending[1]} at time "
-                               f"{pending[0]}, not {needed} at {time}")
-        return pending[2]
+    def _weights(self, layer: int, slot: int, ticket: int | None) -> PackedExpert:
+        """The weights in ``slot`` once load ``ticket`` (the one that brought the expert this
+        access computes) is done; the wait counts as stall."""
+        if ticket is not None:
+            self._stall_s += self._copy.wait(ticket)
+        return self._views[layer, slot]
 
     def close(self) -> None:
-        self._loader.close()
+        self._copy.close()
 
     def __enter__(self) -> ExpertStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class StepAccess:
+    """One step's routed weights for the runner (``layer``), executing a ``StepPlan`` on a store
+    (``ExpertStore``, or ``stream.DenseStream``, which keeps the same slot protocol).
+
+    Compute positions: the step's planned layers take consecutive positions from the store's
+    clock, one per expert in each layer's compute order; a load's ``after`` index becomes the
+    position the copy engine waits for. ``layer`` yields (expert, weights) in plan order and,
+    when the caller comes back for the next one, tells the copy engine that one has computed.
+
+    Which load an expert waits for is fixed when its layer's loads are issued: its own load in
+    this plan, or for a hit the load that brought it earlier; a prefetch of the same expert for
+    the next step, issued later, is not waited for.
+    """
+
+    def __init__(self, store: ExpertStore | DenseStream, plan: StepPlan, prefetch: bool,
+                 plan_layer: Callable[[int, Sequence[int]], LayerPlan] | None) -> None:
+        if not plan.layers and plan_layer is None:
+            raise ReadmoeError("a step with no planned layers needs plan_layer")
+        self.store, self.plan, self.prefetch, self._plan_layer = store, plan, prefetch, plan_layer
+        self._offset: dict[int, int] = {}
+        position = store._position
+        for layer, layer_plan in plan.layers.items():
+            self._offset[layer] = position
+            position += len(layer_plan.order)
+        self._end = position
+        self._waits: dict[tuple[int, int], int | None] = {}
+        if prefetch:
+            for layer_plan in plan.layers.values():
+                self._issue(layer_plan)
+            for load in plan.speculative:
+                self._submit(load)
+
+    def _submit(self, load: Load) -> int:
+        after = None if load.after is None else self._offset[load.after[0]] + load.after[1]
+        return self.store._submit(load, after)
+
+    def _issue(self, layer_plan: LayerPlan) -> None:
+        """Fix what each expert of the layer waits for, then issue the layer's loads."""
+        started = perf_counter()
+        layer = layer_plan.layer
+        for expert in layer_plan.order:
+            ticket = self.store._ticket.get((layer, expert))
+            if ticket is not None:  # a prefetch this step needs now is urgent
+                self.store._copy.promote(ticket)
+            self._waits[layer, expert] = ticket
+        for load in layer_plan.loads:
+            self._waits[layer, load.expert] = self._submit(load)
+        if not self.prefetch:
+            self.store._stall_s += perf_counter() - started
+
+    def layer(self, layer: int, experts: Sequence[int]) -> Iterator[tuple[int, PackedExpert]]:
+        """``layer``'s routed weights of ``experts``, in compute order (module docstring)."""
+        layer_plan = self.plan.layers.get(layer)
+        if layer_plan is None:
+            layer_plan = self._plan_layer(layer, experts)
+            self._offset[layer] = self._end
+            self._end += len(layer_plan.order)
+        if sorted(layer_plan.order) != sorted(set(experts)):
+            raise ReadmoeError(f"layer {layer} was planned for experts {sorted(layer_plan.order)}"
+                               f", not {sorted(set(experts))}")
+        if not self.prefetch or layer not in self.plan.layers:
+            self._issue(layer_plan)
+        base = self._offset[layer]
+        store = self.store
+        for index, expert in enumerate(layer_plan.order):
+            yield expert, store._weights(layer, layer_plan.slots[expert],
+                                         self._waits[layer, expert])
+            store._copy.computed(base + index)
+        store._position = max(store._position, base + len(layer_plan.order))
+
+    def finish(self) -> None:
+        """The step's compute is done: advance the store's clock past every planned layer."""
+        self.store._position = max(self.store._position, self._end)
+        self.store._copy.computed(self._end - 1)

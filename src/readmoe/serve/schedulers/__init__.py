@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from readmoe.errors import ReadmoeError
 from readmoe.serve.schedulers.base import BatchBuilder, Scheduler
+from readmoe.serve.schedulers.cache_aware import CacheAware
 from readmoe.serve.schedulers.expert_aware import ExpertAware
 from readmoe.serve.schedulers.simple import FCFS, DecodeFirst, PrefillFirst
 
 SCHEDULERS: dict[str, type[Scheduler]] = {
-    cls.name: cls for cls in (FCFS, DecodeFirst, PrefillFirst, ExpertAware)
+    cls.name: cls for cls in (FCFS, DecodeFirst, PrefillFirst, ExpertAware, CacheAware)
 }
 
 
-def make_scheduler(name: str, **options: int | None) -> Scheduler:
+def make_scheduler(name: str, **options: float | None) -> Scheduler:
     """Build the scheduler registered as ``name`` (options: ``max_wait`` and ``max_experts``
-    for expert-aware)."""
+    for expert-aware and cache-aware, ``load_ratio`` for cache-aware)."""
     if name not in SCHEDULERS:
         raise ReadmoeError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     try:
@@ -23,5 +24,5 @@ def make_scheduler(name: str, **options: int | None) -> Scheduler:
         raise ReadmoeError(f"scheduler {name!r} does not take options {sorted(options)}") from exc
 
 
-__all__ = ["SCHEDULERS", "BatchBuilder", "DecodeFirst", "ExpertAware", "FCFS", "PrefillFirst",
-           "Scheduler", "make_scheduler"]
+__all__ = ["SCHEDULERS", "BatchBuilder", "CacheAware", "DecodeFirst", "ExpertAware", "FCFS",
+           "PrefillFirst", "Scheduler", "make_scheduler"]

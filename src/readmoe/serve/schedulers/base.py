@@ -14,17 +14,21 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar
 
-from readmoe.serve.types import Batch, Budget, Chunk, Request
+from readmoe.serve.types import Batch, Budget, CacheView, Chunk, Request
 
 
 class Scheduler(ABC):
-    """Chooses the tokens of one step from the waiting and running requests."""
+    """Chooses the tokens of one step from the waiting and running requests.
+
+    ``view`` tells what the expert cache holds, where the engine has one (None otherwise);
+    only cache-aware schedulers read it.
+    """
 
     name: ClassVar[str]
 
     @abstractmethod
     def schedule(self, waiting: Sequence[Request], running: Sequence[Request],
-                 budget: Budget) -> Batch:
+                 budget: Budget, view: CacheView | None = None) -> Batch:
         """Return the next step's batch; must not change the requests."""
 
 

@@ -53,7 +53,7 @@ from collections.abc import Sequence
 
 from readmoe.errors import ReadmoeError
 from readmoe.serve.schedulers.base import BatchBuilder, Scheduler
-from readmoe.serve.types import Batch, Budget, Request
+from readmoe.serve.types import Batch, Budget, CacheView, Request
 
 
 def _runs(experts: Sequence[int]) -> list[tuple[int, int]]:
@@ -82,7 +82,7 @@ class ExpertAware(Scheduler):
         self.max_experts = max_experts
 
     def schedule(self, waiting: Sequence[Request], running: Sequence[Request],
-                 budget: Budget) -> Batch:
+                 budget: Budget, view: CacheView | None = None) -> Batch:
         order = sorted((r for r in [*running, *waiting] if r.pending_experts),
                        key=lambda r: (-r.steps_waited, r.arrival_time, r.request_id))
         step = _Step(BatchBuilder(budget), {r: _runs(r.pending_experts) for r in order})
@@ -95,8 +95,9 @@ class ExpertAware(Scheduler):
             if step.builder.scheduled(request):
                 step.chosen.add(expert)
 
+        cap = self.cap(view)
         while not step.close(order) and not step.builder.full:
-            if self.max_experts is not None and len(step.chosen) >= self.max_experts:
+            if cap is not None and len(step.chosen) >= cap:
                 break
             queues: dict[int, tuple[int, int]] = {}
             for rank, request in enumerate(order):
@@ -104,10 +105,21 @@ class ExpertAware(Scheduler):
                     end = step.runs[request][step.next_run[request]][1]
                     size, first = queues.get(expert, (0, rank))
                     queues[expert] = (size + end - step.builder.scheduled(request), first)
-            if not queues:
+            expert = self.choose(queues, step.builder.num_tokens, view) if queues else None
+            if expert is None:
                 break
-            step.chosen.add(max(queues, key=lambda e: (queues[e][0], -queues[e][1])))
+            step.chosen.add(expert)
         return step.builder.build()
+
+    def cap(self, view: CacheView | None) -> int | None:
+        """The most experts step 3 may choose (None: no limit)."""
+        return self.max_experts
+
+    def choose(self, queues: dict[int, tuple[int, int]], num_tokens: int,
+               view: CacheView | None) -> int | None:
+        """Step 3's next expert from ``queues`` (expert -> (tokens, rank of its first
+        request)), or None to stop: the longest queue, ties to the higher-priority request."""
+        return max(queues, key=lambda e: (queues[e][0], -queues[e][1]))
 
 
 class _Step:

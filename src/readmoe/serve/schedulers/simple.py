@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from readmoe.serve.schedulers.base import BatchBuilder, Scheduler, by_arrival
-from readmoe.serve.types import Batch, Budget, Request
+from readmoe.serve.types import Batch, Budget, CacheView, Request
 
 
 def _fill(budget: Budget, order: Iterable[Request]) -> Batch:
@@ -27,7 +27,7 @@ class FCFS(Scheduler):
     name = "fcfs"
 
     def schedule(self, waiting: Sequence[Request], running: Sequence[Request],
-                 budget: Budget) -> Batch:
+                 budget: Budget, view: CacheView | None = None) -> Batch:
         return _fill(budget, by_arrival([*running, *waiting]))
 
 
@@ -40,7 +40,7 @@ class DecodeFirst(Scheduler):
     name = "decode-first"
 
     def schedule(self, waiting: Sequence[Request], running: Sequence[Request],
-                 budget: Budget) -> Batch:
+                 budget: Budget, view: CacheView | None = None) -> Batch:
         active = by_arrival(running)
         decodes = [r for r in active if not r.in_prefill]
         prefills = [r for r in active if r.in_prefill] + by_arrival(waiting)
@@ -53,7 +53,7 @@ class PrefillFirst(Scheduler):
     name = "prefill-first"
 
     def schedule(self, waiting: Sequence[Request], running: Sequence[Request],
-                 budget: Budget) -> Batch:
+                 budget: Budget, view: CacheView | None = None) -> Batch:
         active = by_arrival(running)
         prefills = [r for r in active if r.in_prefill] + by_arrival(waiting)
         decodes = [r for r in active if not r.in_prefill]

@@ -1,0 +1,142 @@
+"""The serving systems compared at equal fast-memory budget, runnable on the engine and on the
+simulator from one definition each.
+
+Why: the co-design claim is comparative (what the router's foresight buys over the systems a
+user would otherwise run), so every system is named here once, with what it may use, and both
+the real engine (``run_engine``) and the simulator (``sim_config``) are configured from it.
+
+Budget: the fast-memory bytes for routed experts as a share of all routed-expert bytes of the
+ReadME model (shared experts, attention and embeddings stay resident, counted apart); an
+expert cache of the same share holds ``round(share * E)`` experts per layer; the dense stream
+gets the same bytes for its FFN weights.
+
+- ``readme-codesign``: everything the pre-gating router allows: the cache-aware scheduler
+  (capped at the cache's capacity, ``load_ratio`` from the setting's load and step times),
+  Belady over the known and the predicted future (a next-expert rule, by default the
+  request's last expert; the benchmark picks the rule most accurate on held-out routing), and
+  prefetch: every load of a step issued at its start, and experts loaded ahead for the next
+  step from the predicted demand at ``prefetch_rate`` per step, what the copy stream can load
+  during one step's compute.
+- ``readme-codesign-on-demand``: the same choices, loads issued when each layer is reached and
+  nothing loaded ahead (what prefetching adds, measured apart).
+- ``readme-lru``: the same model with no foresight used: FCFS, LRU, on demand.
+- ``layerwise-lru``: the layer-wise-router MoE on the same experts, FCFS, LRU, on demand: it
+  cannot know a layer's experts before the layer runs (what mixtral-offloading does).
+- ``dense-stream``: the dense model, its FFNs streamed through the budget
+  (``experts/stream.py``), FCFS, prefetch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from readmoe.errors import ReadmoeError
+from readmoe.serve.cost import CostModel
+from readmoe.serve.engine import Engine
+from readmoe.serve.experts import CoDesign
+from readmoe.serve.experts.store import ExpertStore
+from readmoe.serve.experts.stream import DenseStream
+from readmoe.serve.schedulers import make_scheduler
+from readmoe.serve.sim import SimConfig
+from readmoe.serve.types import Budget
+from readmoe.serve.workload import RequestSpec
+
+SYSTEMS = ("readme-codesign", "readme-codesign-on-demand", "readme-lru", "layerwise-lru",
+           "dense-stream")
+MODELS = {"readme-codesign": "readme", "readme-codesign-on-demand": "readme",
+          "readme-lru": "readme", "layerwise-lru": "layerwise", "dense-stream": "dense"}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Where the routed experts live: the slow tier, the emulated link (bytes/s or None), the
+    ratio of loading one expert into every routed layer to one step's compute
+    (``load_ratio``), and how many experts the copy stream can load during one step
+    (``prefetch_rate``, its inverse)."""
+
+    label: str
+    tier: str = "ram"
+    bandwidth: float | None = None
+    load_ratio: float = 1.0
+    prefetch_rate: float = 1.0
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    scheduler: str
+    scheduler_options: dict = field(default_factory=dict)
+    policy: str = "lru"
+    prefetch: bool = False
+    codesign: CoDesign = CoDesign()
+
+    @property
+    def model(self) -> str:
+        return MODELS[self.name]
+
+
+def capacity_for(share: float, num_experts: int) -> int:
+    """Experts per layer a budget of ``share`` of the routed-expert bytes holds (at least 1)."""
+    if not 0 < share <= 1:
+        raise ReadmoeError(f"a memory budget is a share in (0, 1], got {share}")
+    return max(1, min(num_experts, round(share * num_experts)))
+
+
+def make_system(name: str, setting: Setting, predictor: str = "last") -> System:
+    """The system ``name`` (module docstring) for ``setting``; ``predictor`` is the co-design's
+    next-expert rule (``experts/predict.py``)."""
+    if name in ("readme-codesign", "readme-codesign-on-demand"):
+        ahead = name == "readme-codesign"
+        return System(name, "cache-aware", {"load_ratio": setting.load_ratio}, "belady",
+                      prefetch=ahead,
+                      codesign=CoDesign(predictor, setting.prefetch_rate if ahead else 0))
+    if name in ("readme-lru", "layerwise-lru"):
+        return System(name, "fcfs")
+    if name == "dense-stream":
+        return System(name, "fcfs", prefetch=True)
+    raise ReadmoeError(f"unknown system {name!r}; choose one of {', '.join(SYSTEMS)}")
+
+
+def run_engine(system: System, model: torch.nn.Module, tokenizer, folder: str, *,
+               specs: Sequence[RequestSpec], share: float, setting: Setting,
+               routed_bytes: int, budget: Budget, kv_blocks: int, block_size: int = 16) -> dict:
+    """Serve ``specs`` on the engine as ``system`` at ``share`` of ``routed_bytes``; ``model``
+    (of ``folder``) must have been placed for offload. Returns the engine's metrics plus what
+    produced them, and the realised per-step accesses (``steps``: each step's experts and its
+    tokens' experts in batch order)."""
+    if system.model == "dense":
+        store = DenseStream(folder, math.floor(share * routed_bytes),
+                            bandwidth=setting.bandwidth)
+    else:
+        store = ExpertStore(folder, capacity=capacity_for(share, model.config.num_experts),
+                            policy=system.policy, tier=setting.tier,
+                            bandwidth=setting.bandwidth)
+    with store:
+        engine = Engine(model, tokenizer, make_scheduler(system.scheduler,
+                                                          **system.scheduler_options),
+                        budget, kv_blocks, block_size, expert_store=store,
+                        prefetch=system.prefetch, codesign=system.codesign)
+        metrics = engine.run_workload(specs)
+        metrics["store"] = store.describe()
+        metrics["fast_tier_bytes"] = store.fast_tier_bytes
+        metrics["steps_detail"] = [{"experts": list(s.experts),
+                                    "tokens": list(s.token_experts)} for s in engine.steps]
+    return metrics
+
+
+def sim_config(system: System, share: float, setting: Setting, cost: CostModel,
+               num_experts: int, budget: Budget, routed_bytes: int, seed: int = 0) -> SimConfig:
+    """The simulator's configuration of ``system`` (the dense stream's cost model is the
+    caller's: pass the dense profile as ``cost``)."""
+    common = {"scheduler": system.scheduler, "scheduler_options": system.scheduler_options,
+              "budget": budget, "cost": cost, "prefetch": system.prefetch,
+              "codesign": system.codesign, "seed": seed}
+    if system.model == "dense":
+        return SimConfig(**common, stream_budget=math.floor(share * routed_bytes))
+    return SimConfig(**common, policy=system.policy,
+                     capacity=capacity_for(share, num_experts),
+                     router="layer-wise" if system.model == "layerwise" else "pre-gating")
