@@ -79,16 +79,21 @@ def load(spec: str | None):
 
 
 def prompts(tokenizer, count: int, length: int) -> list[list[int]]:
-    """``count`` prompts of exactly ``length`` tokens, cut from the corpus's documents."""
+    """``count`` prompts of exactly ``length`` tokens, cut from the corpus's documents and
+    taken from the domains in turn, so a batch mixes domains (and experts) as real traffic
+    does."""
     corpus = load_corpus(CORPUS)
-    out = []
+    per_domain = []
     for domain in corpus.domains:
-        for text in corpus.documents(domain)[:8]:
+        windows = []
+        for text in corpus.documents(domain)[:16]:
             ids = tokenizer.encode(text)
-            out += [ids[i:i + length] for i in range(0, len(ids) - length, length)][:4]
-            if len(out) >= count:
-                return out[:count]
-    raise SystemExit("the corpus has too little text for the prompts")
+            windows += [ids[i:i + length] for i in range(0, len(ids) - length, length)][:4]
+        per_domain.append(windows)
+    out = [w for group in zip(*per_domain, strict=False) for w in group]
+    if len(out) < count:
+        raise SystemExit("the corpus has too little text for the prompts")
+    return out[:count]
 
 
 def bandwidth_gbs() -> float:
@@ -151,13 +156,15 @@ def matmul_floor(engine: Engine, batch: int, distinct: float, repeats: int) -> f
 
 
 def step_bytes(model, distinct: float, batch: int, context: float) -> float:
-    """Bytes one decode step reads: every weight once, ``distinct`` routed experts per
-    layer (the engine's measured mean), and the batch's KV cache at ``context`` tokens."""
+    """Bytes one decode step reads: every weight once (the LM head too, also when it is tied
+    to the embedding), ``distinct`` routed experts per layer (the engine's measured mean), and
+    the batch's KV cache at ``context`` tokens."""
     config = model.config
-    total = 0.0
+    head = model.lm_head.weight
+    total = float(head.numel() * head.element_size())
     for name, param in model.named_parameters():
-        if ".router." in name or name.endswith("embed_tokens.weight"):
-            continue  # the router is not the backbone; embedding: B rows, negligible
+        if ".router." in name or param is head or name.endswith("embed_tokens.weight"):
+            continue  # the router is not the backbone; the embedding reads B rows only
         size = param.numel() * param.element_size()
         total += size * distinct / config.num_experts if ".experts." in name else size
     kv_per_token = (2 * config.num_hidden_layers * config.num_key_value_heads
