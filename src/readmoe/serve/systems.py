@@ -29,8 +29,11 @@ gets the same bytes for its FFN weights.
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -140,3 +143,43 @@ def sim_config(system: System, share: float, setting: Setting, cost: CostModel,
     return SimConfig(**common, policy=system.policy,
                      capacity=capacity_for(share, num_experts),
                      router="layer-wise" if system.model == "layerwise" else "pre-gating")
+
+
+def calibrate(model: torch.nn.Module, tokenizer, folder: str | Path, specs: Sequence[RequestSpec],
+              budget: Budget, kv_blocks: int = 2048) -> dict:
+    """What the settings derive from, measured: the resident engine's mean step time on
+    ``specs``, one routed expert's bytes, and the seconds to copy it within RAM."""
+    engine = Engine(model, tokenizer, "fcfs", budget, kv_blocks=kv_blocks)
+    engine.run_workload(specs)
+    step_s = statistics.mean(s.end_time - s.start_time for s in engine.steps)
+    layers = model.config.num_hidden_layers
+    with ExpertStore(folder, capacity=1, tier="ram") as store:
+        expert_bytes = max(store.expert_bytes)
+        source = store.read(store.routed_layers[0], 0)
+    slot = [torch.empty_like(t) for t in source]
+    times = []
+    for _ in range(30):
+        started = time.perf_counter()
+        for dst, src in zip(slot, source, strict=True):
+            dst.copy_(src)
+        times.append(time.perf_counter() - started)
+    return {"step_s": step_s, "layer_s": step_s / layers, "expert_bytes": expert_bytes,
+            "ram_copy_s": statistics.median(times),
+            "link_bandwidth": expert_bytes * layers / step_s, "layers": layers}
+
+
+def make_settings(calibration: dict, names: Sequence[str]) -> dict[str, Setting]:
+    """``ram`` (copies within RAM) and ``link`` (the RAM tier behind an emulated link at which
+    one expert of one layer loads in one layer's compute), with their load ratio and prefetch
+    rate from ``calibration``."""
+    layers, step_s = calibration["layers"], calibration["step_s"]
+    result = {}
+    for name in names:
+        if name not in ("ram", "link"):
+            raise ReadmoeError(f"unknown setting {name!r}; choose 'ram' or 'link'")
+        bandwidth = calibration["link_bandwidth"] if name == "link" else None
+        load_s = calibration["ram_copy_s"] + (calibration["expert_bytes"] / bandwidth
+                                              if bandwidth else 0.0)
+        ratio = layers * load_s / step_s
+        result[name] = Setting(name, "ram", bandwidth, round(ratio, 3), round(1 / ratio, 3))
+    return result

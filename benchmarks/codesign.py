@@ -1,0 +1,500 @@
+"""What the router's foresight buys: co-designed batching, caching and prefetch against the
+systems a user would otherwise run, at equal fast-memory budget, on the real engine and in the
+simulator's A100 projection.
+
+Systems (``readmoe.serve.systems``): readme-codesign, readme-codesign-on-demand, readme-lru,
+layerwise-lru, dense-stream; the all-resident ReadME run (FCFS) is the reference. Budgets: a
+share of the routed-expert bytes (33/50/67/100%: 2, 3, 4, 6 of 6 experts per layer).
+
+Engine settings (CPU): ``ram`` (the slow tier is RAM, copies are memcpy) and ``link`` (the RAM
+tier behind an emulated link whose bandwidth makes loading one expert of one layer take one
+layer's compute, measured from the resident run: emulated, labelled so). Workloads: the
+synthetic Arena-like one (held-out corpus text, Poisson arrivals) and a JSONL trace replay (a
+trace written from held-out text with bursty arrivals, read back through ``load_trace``: no
+public request trace can be fetched offline here). Each cell runs ``--repeats`` times, systems
+interleaved within a repeat so drift hits all alike; reported: median and spread.
+
+Also measured: the next-expert predictor's accuracy on held-out routing; the copy engine's
+interference with compute; the offline optimum and the ceiling on each run's realised accesses;
+hit ratios at the paper's per-token grain (labelled); the engine-vs-simulator cross-check.
+
+Writes results/codesign.{json,md,png}. Needs ``make demo`` first (its trained ReadME model and
+corpus); trains the layer-wise router on the same experts and writes the dense-as-one-expert
+folder under runs/codesign/ on first use.
+
+    .venv/bin/python benchmarks/codesign.py [--repeats 3] [--requests 16] [--rate 1.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from readmoe.errors import ReadmoeError
+from readmoe.io import atomic_write_bytes, atomic_write_text, write_results
+from readmoe.models import load_model, load_tokenizer
+from readmoe.serve.cost import get_profile
+from readmoe.serve.crosscheck import engine_vs_simulator
+from readmoe.serve.engine import Engine
+from readmoe.serve.experts.link import EmulatedLink
+from readmoe.serve.experts.loader import ThreadCopyEngine
+from readmoe.serve.experts.optimum import bounds, token_grain_hits
+from readmoe.serve.experts.predict import NextExpertPredictor, accuracy
+from readmoe.serve.experts.store import ExpertStore
+from readmoe.serve.metrics import aggregate
+from readmoe.serve.placement import place_for_offload, routed_expert_bytes
+from readmoe.serve.sampling import SamplingParams
+from readmoe.serve.sim import simulate
+from readmoe.serve.systems import (
+    SYSTEMS,
+    Setting,
+    calibrate,
+    capacity_for,
+    make_settings,
+    make_system,
+    run_engine,
+    sim_config,
+)
+from readmoe.serve.traces import ReplayRouting, route_corpus
+from readmoe.serve.types import Budget
+from readmoe.serve.workload import load_trace, synthetic_workload
+
+RUN = Path("runs/codesign")
+DEMO = Path("runs/demo")
+BUDGETS = (0.33, 0.5, 0.67, 1.0)
+ENGINE_BUDGET = Budget(max_tokens=128, max_seqs=32)
+SIM_BUDGET = Budget(max_tokens=256, max_seqs=64)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="trained ReadME folder (default: the "
+                        "demo's last round)")
+    parser.add_argument("--corpus", default=str(DEMO / "corpus"))
+    parser.add_argument("--layerwise", default=None, help="layer-wise-router folder on the same "
+                        "experts (default: trained into runs/codesign/layerwise)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--rate", type=float, default=1.5, help="requests per second")
+    parser.add_argument("--max-output", type=int, default=32)
+    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    parser.add_argument("--settings", nargs="+", default=["link", "ram"],
+                        choices=["link", "ram"])
+    parser.add_argument("--workloads", nargs="+", default=["synthetic", "trace"],
+                        choices=["synthetic", "trace"])
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--sim-requests", type=int, default=200)
+    parser.add_argument("--skip-engine", action="store_true")
+    parser.add_argument("--out", default="results")
+    return parser.parse_args()
+
+
+# ---- models -----------------------------------------------------------------------------------
+
+def readme_folder(arg: str | None) -> Path:
+    from readmoe.train.rounds import final_model_dir
+
+    if arg:
+        return Path(arg)
+    if not (DEMO / "train-readme").is_dir():
+        raise ReadmoeError("no trained ReadME model: run `make demo` first (or pass --model)")
+    return final_model_dir(DEMO / "train-readme")
+
+
+def layerwise_folder(arg: str | None, readme: Path, corpus: str) -> Path:
+    """The layer-wise-router MoE on exactly the trained ReadME experts: its router replaced by
+    per-layer gates, trained by router distillation only (expert steps 0)."""
+    from readmoe.refactor.plan import ExpertPlan
+    from readmoe.refactor.slicing import save_readme
+    from readmoe.train.config import TrainConfig
+    from readmoe.train.rounds import Trainer, final_model_dir
+
+    if arg:
+        return Path(arg)
+    out = RUN / "train-layerwise"
+    if (out / "state.json").is_file() and list(out.glob("round-*")):
+        return final_model_dir(out)
+    source = RUN / "layerwise-source"
+    model = load_model(str(readme))
+    model.attach_router("none")
+    save_readme(model, source, load_tokenizer(str(readme)), ExpertPlan.load(readme / "plan"))
+    config = TrainConfig(rounds=2, router_steps=30, expert_steps=0, batch_size=4,
+                         block_size=256, lr_router=2e-3, router_type="layerwise",
+                         eval_tokens=512)
+    Trainer(source, corpus, out, config).run()
+    return final_model_dir(out)
+
+
+def dense_folder(readme: Path) -> Path:
+    from readmoe.refactor.pipeline import write_dense_experts
+
+    out = RUN / "dense-experts"
+    if not (out / "model.safetensors").is_file():
+        plan = json.loads((readme / "plan" / "plan.json").read_text())
+        write_dense_experts(plan["model"], out)
+    return out
+
+
+# ---- workloads --------------------------------------------------------------------------------
+
+def workloads(tokenizer, corpus: str, args: argparse.Namespace) -> dict:
+    from readmoe.cli.bench_cmds import corpus_prompts
+
+    provider = corpus_prompts(tokenizer, corpus, split="heldout")
+    specs = synthetic_workload(args.requests, args.rate, provider, seed=1)
+    specs = [replace(s, max_tokens=min(s.max_tokens, args.max_output)) for s in specs]
+    result = {"synthetic": specs}
+    if "trace" in args.workloads:
+        path = RUN / "trace.jsonl"
+        bursty = synthetic_workload(args.requests, args.rate, provider, burstiness=0.5, seed=2)
+        lines = [json.dumps({"id": s.request_id, "arrival_time": round(s.arrival_time, 4),
+                             "prompt": tokenizer.decode(list(s.prompt.tokens)),
+                             "max_tokens": min(s.max_tokens, args.max_output)})
+                 for s in bursty]
+        atomic_write_text(path, "\n".join(lines) + "\n")
+        result["trace"] = load_trace(path, tokenizer.encode)
+    return result
+
+
+# ---- measurements -----------------------------------------------------------------------------
+
+def summarize_run(metrics: dict, capacity: int | None) -> dict:
+    cache = metrics.get("cache") or {}
+    row = {"norm_latency_mean_s": metrics["normalized_latency_s"]["mean"],
+           "norm_latency_p95_s": metrics["normalized_latency_s"]["p95"],
+           "ttft_p50_s": metrics["ttft_s"]["p50"],
+           "tokens_per_s": metrics["throughput_tokens_per_s"],
+           "distinct_experts_per_step": metrics["distinct_experts_per_step"],
+           "steps": metrics["steps"], "hit_ratio": cache.get("hit_ratio"),
+           "load_ratio": cache.get("load_ratio"), "bytes_moved": cache.get("bytes_moved"),
+           "load_hidden": metrics["load_hidden_fraction"],
+           "fast_tier_bytes": metrics.get("fast_tier_bytes")}
+    detail = metrics.get("steps_detail")
+    if detail and capacity is not None:
+        one_layer = [(0, step["experts"]) for step in detail]  # every layer sees the same sets
+        row.update(bounds(one_layer, capacity).to_dict())
+        tokens = [step["tokens"] for step in detail]
+        row["token_grain"] = {p: token_grain_hits(tokens, capacity, p)["hit_ratio"]
+                              for p in ("random", "lru", "belady")}
+    return row
+
+
+def median_cell(rows: list[dict]) -> dict:
+    """Median over repeats of every number, with its spread as [min, max]."""
+    cell = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            cell[key] = statistics.median(values)
+            cell[f"{key}_spread"] = [min(values), max(values)]
+        elif all(isinstance(v, dict) for v in values):
+            cell[key] = {k: statistics.median([v[k] for v in values]) for k in values[0]}
+        elif all(v is None for v in values):
+            cell[key] = None
+    cell["repeats"] = len(rows)
+    return cell
+
+
+def predictor_accuracy(model, tokenizer, corpus) -> dict:
+    """Next-expert rules on held-out routing; the router's runner-up of the previous token."""
+    trace = route_corpus(model, tokenizer, corpus, 120, seed=3)
+    sequences = [(r.prompt_len, r.experts) for r in trace.requests]
+    rules = [accuracy(NextExpertPredictor(w), sequences) for w in (1, 3, 5, 9)]
+    right_second = right_top2 = total = 0
+    with torch.no_grad():
+        for r in trace.requests:
+            logits = model.route(torch.tensor([r.tokens]))[1][0]  # [T, E]
+            top2 = logits.topk(2, dim=-1).indices.tolist()
+            for t in range(max(r.prompt_len, 1), len(r.experts)):
+                total += 1
+                right_second += top2[t - 1][1] == r.experts[t]
+                right_top2 += r.experts[t] in top2[t - 1]
+    best = max(rules, key=lambda r: r["accuracy"])["predictor"]
+    return {"rules": rules, "chosen": best, "runner_up_accuracy": right_second / total,
+            "top2_contains_next": right_top2 / total, "predictions": total}
+
+
+def interference(model, tokenizer, folder: Path, cal: dict) -> dict:
+    """Resident decode step time with the copy engine idle vs busy (RAM memcpy alone, and
+    behind the link), alternated so drift hits both."""
+    engine = Engine(model, tokenizer, "fcfs", ENGINE_BUDGET, kv_blocks=2048)
+    for i in range(8):
+        engine.add_request([100 + i] * 16, SamplingParams(max_tokens=400, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+
+    def steps(count: int = 12) -> float:
+        times = []
+        for _ in range(count):
+            started = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    with ExpertStore(folder, capacity=1, tier="ram") as store:
+        source = store.read(store.routed_layers[0], 0)
+    slot = [torch.empty_like(t) for t in source]
+
+    def copy() -> None:
+        for dst, src in zip(slot, source, strict=True):
+            dst.copy_(src)
+    result = {}
+    for label, link in (("ram", None), ("link", EmulatedLink(cal["link_bandwidth"]))):
+        per_load = cal["ram_copy_s"] + (cal["expert_bytes"] / link.bandwidth if link else 0.0)
+        idle, busy = [], []
+        for _ in range(3):
+            idle.append(steps())
+            copier = ThreadCopyEngine(link)
+            for _ in range(int(12 * cal["step_s"] * 1.5 / per_load)):  # busy all along
+                copier.submit(copy, cal["expert_bytes"])
+            busy.append(steps())
+            copier.close()
+        result[label] = {"idle_step_s": statistics.median(idle),
+                         "busy_step_s": statistics.median(busy),
+                         "slowdown": statistics.median(busy) / statistics.median(idle) - 1}
+    return result
+
+
+# ---- engine grid ------------------------------------------------------------------------------
+
+def engine_grid(args, folders, models, tokenizer, specs_by_workload, setting_by_name, routed,
+                predictor):
+    raw: dict = {}
+    for repeat in range(args.repeats):
+        for workload, specs in specs_by_workload.items():
+            metrics = Engine(models["resident"], tokenizer, "fcfs", ENGINE_BUDGET,
+                             kv_blocks=2048).run_workload(specs)
+            raw.setdefault(("all", workload, 1.0, "resident"), []).append(
+                summarize_run(metrics, None))
+            for name, setting in setting_by_name.items():
+                for share in args.budgets:
+                    order = list(args.systems)
+                    random.Random(repeat).shuffle(order)
+                    for system_name in order:
+                        system = make_system(system_name, setting, predictor)
+                        started = time.time()
+                        metrics = run_engine(system, models[system.model], tokenizer,
+                                             str(folders[system.model]), specs=specs,
+                                             share=share, setting=setting, routed_bytes=routed,
+                                             budget=ENGINE_BUDGET, kv_blocks=2048)
+                        capacity = (capacity_for(share, 6) if system.model == "readme"
+                                    else None)
+                        raw.setdefault((name, workload, share, system_name), []).append(
+                            summarize_run(metrics, capacity))
+                        print(f"repeat {repeat} {name} {workload} {share:.2f} {system_name}: "
+                              f"{1e3 * metrics['normalized_latency_s']['mean']:.0f} ms/token "
+                              f"({time.time() - started:.0f} s)", flush=True)
+    grid: dict = {}
+    for (name, workload, share, system), rows in raw.items():
+        grid.setdefault(f"{name}/{workload}", {}).setdefault(
+            f"budget_{share:g}", {})[system] = median_cell(rows)
+    return grid
+
+
+def cross_checks(model, tokenizer, folder, specs, setting_by_name, predictor) -> list[dict]:
+    """Engine vs simulator on the same requests, all arriving at once (crosscheck.py)."""
+    results = []
+    setting = setting_by_name.get("link") or next(iter(setting_by_name.values()))
+    few = [replace(s, max_tokens=min(s.max_tokens, 24)) for s in specs[:8]]
+    for system_name in ("readme-codesign", "readme-lru"):
+        system = make_system(system_name, setting, predictor)
+        result = engine_vs_simulator(
+            model, tokenizer, few,
+            lambda s=system: ExpertStore(folder, capacity=3, policy=s.policy, tier="ram",
+                                         bandwidth=setting.bandwidth),
+            scheduler=system.scheduler, scheduler_options=system.scheduler_options,
+            budget=ENGINE_BUDGET, prefetch=system.prefetch, codesign=system.codesign,
+            kv_blocks=2048, threads=1)
+        results.append({"system": system_name, "setting": setting.label, **result})
+    return results
+
+
+# ---- simulator projection ---------------------------------------------------------------------
+
+def sim_grid(args, models, tokenizer, corpus, routed_sim_bytes, predictor) -> dict:
+    cost, dense_cost = get_profile("a100-llama2-7b"), get_profile("a100-llama2-7b-dense")
+    pregating = route_corpus(models["resident"], tokenizer, corpus, args.sim_requests, seed=5)
+    layerwise = route_corpus(models["layerwise-full"], tokenizer, corpus, args.sim_requests,
+                             seed=5)
+    specs = pregating.specs(2.0, seed=5)
+    step_s = 1.2e-3 + 32 * (cost.layer_fixed_s + 64 * cost.token_s + 4 * cost.expert_s)
+    ratio = 32 * cost.load_time(0, 1) / step_s
+    setting = Setting("a100", load_ratio=round(ratio, 3), prefetch_rate=round(1 / ratio, 3))
+    layer_index = layerwise.requests[0].layers.shape[1] // 2
+    grid = {"profile": "a100-llama2-7b", "setting": vars(setting), "requests": len(specs)}
+    for share in args.budgets:
+        cells = {}
+        for system_name in SYSTEMS:
+            system = make_system(system_name, setting, predictor)
+            use_cost = dense_cost if system.model == "dense" else cost
+            config = sim_config(system, share, setting, use_cost, pregating.num_experts,
+                                SIM_BUDGET, routed_sim_bytes)
+            if system.model == "layerwise":
+                result = simulate(layerwise.specs(2.0, seed=5, layer=layer_index),
+                                  layerwise.routing(layer_index), config,
+                                  {r.request_id: r.layers for r in layerwise.requests})
+            elif system.model == "dense":
+                zero = [replace(s, prompt=replace(s.prompt, experts=(0,) * s.prompt.length))
+                        for s in specs]
+                routing = ReplayRouting([(s.prompt.length, [0] * (s.prompt.length + s.max_tokens))
+                                         for s in zero])
+                result = simulate(zero, routing, config)
+            else:
+                result = simulate(specs, pregating.routing(), config)
+            metrics = aggregate(result.requests, result.steps, result.cache)
+            row = summarize_run(metrics, None)
+            if system.model == "readme":
+                capacity = capacity_for(share, pregating.num_experts)
+                row.update(bounds([(0, s.experts) for s in result.steps], capacity).to_dict())
+                row["token_grain"] = {p: token_grain_hits([s.token_experts for s in result.steps],
+                                                          capacity, p)["hit_ratio"]
+                                      for p in ("random", "lru", "belady")}
+            cells[system_name] = row
+        grid[f"budget_{share:g}"] = cells
+    resident = simulate(specs, pregating.routing(), sim_config(
+        make_system("readme-lru", setting), 1.0, setting, cost, pregating.num_experts,
+        SIM_BUDGET, routed_sim_bytes))
+    grid["resident"] = summarize_run(aggregate(resident.requests, resident.steps), None)
+    return grid
+
+
+# ---- report -----------------------------------------------------------------------------------
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{1e3 * value:.0f}"
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def table(cells: dict, resident: dict | None, title: str) -> list[str]:
+    lines = [f"### {title}", "",
+             "| budget | system | norm. latency mean (ms) [spread] | p95 (ms) | TTFT p50 (ms) | "
+             "tokens/s | hit ratio | optimum / ceiling | loads per access | load hidden |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [("-", "resident (all experts)", resident)] if resident else []
+    rows += [(budget[7:], name, c) for budget, systems in cells.items()
+             for name, c in systems.items()]
+    for budget, name, c in rows:
+        spread = c.get("norm_latency_mean_s_spread")
+        spread = f" [{_ms(spread[0])}-{_ms(spread[1])}]" if spread else ""
+        bound = (f"{_pct(c['optimum_hit_ratio'])} / {_pct(c['ceiling'])}"
+                 if c.get("optimum_hit_ratio") is not None else "-")
+        lines.append(f"| {budget} | {name} | {_ms(c['norm_latency_mean_s'])}{spread} | "
+                     f"{_ms(c['norm_latency_p95_s'])} | {_ms(c['ttft_p50_s'])} | "
+                     f"{c['tokens_per_s']:.1f} | {_pct(c.get('hit_ratio'))} | {bound} | "
+                     f"{_num(c.get('load_ratio'))} | {_pct(c.get('load_hidden'))} |")
+    return lines + [""]
+
+
+def plot(path: Path, grid: dict, resident: dict, title: str) -> None:
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    budgets = sorted(grid, key=lambda b: float(b[7:]))
+    for system in SYSTEMS:
+        xs = [100 * float(b[7:]) for b in budgets if system in grid[b]]
+        ys = [1e3 * grid[b][system]["norm_latency_mean_s"] for b in budgets if system in grid[b]]
+        if xs:
+            ax.plot(xs, ys, marker="o", label=system)
+    if resident:
+        ax.axhline(1e3 * resident["norm_latency_mean_s"], color="grey", linestyle="--",
+                   label="resident (all experts)")
+    ax.set_xlabel("fast-memory budget (% of routed-expert bytes)")
+    ax.set_ylabel("normalized latency, mean (ms / token)")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def main() -> int:
+    args = parse_args()
+    threads = max(1, (os.cpu_count() or 2) - 1)
+    torch.set_num_threads(threads)
+    readme = readme_folder(args.model)
+    from readmoe.data.corpus import load_corpus
+    corpus = load_corpus(args.corpus)
+    layerwise = layerwise_folder(args.layerwise, readme, args.corpus)
+    dense = dense_folder(readme)
+    tokenizer = load_tokenizer(str(readme))
+    folders = {"readme": readme, "layerwise": layerwise, "dense": dense}
+    models = {"resident": load_model(str(readme)), "layerwise-full": load_model(str(layerwise))}
+    routed = routed_expert_bytes(models["resident"])
+    for name, folder in folders.items():
+        models[name] = load_model(str(folder))
+        place_for_offload(models[name])
+    specs = workloads(tokenizer, args.corpus, args)
+    cal = calibrate(models["resident"], tokenizer, readme, specs["synthetic"], ENGINE_BUDGET)
+    setting_by_name = make_settings(cal, args.settings)
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+              "threads": threads, "model": str(readme), "layerwise_model": str(layerwise),
+              "dense_model": str(dense), "routed_expert_bytes": routed,
+              "workload": {"requests": args.requests, "rate": args.rate,
+                           "max_output": args.max_output, "repeats": args.repeats,
+                           "engine_budget": vars(ENGINE_BUDGET)},
+              "calibration": cal,
+              "settings": {k: vars(v) for k, v in setting_by_name.items()},
+              "predictor": predictor_accuracy(models["resident"], tokenizer, corpus),
+              "interference": interference(models["resident"], tokenizer, readme, cal)}
+    print(json.dumps({k: result[k] for k in ("calibration", "settings", "predictor",
+                                             "interference")}, indent=2), flush=True)
+    if not args.skip_engine:
+        grid = engine_grid(args, folders, models, tokenizer, specs, setting_by_name, routed,
+                           result["predictor"]["chosen"])
+        resident = {w: grid[f"all/{w}"]["budget_1"]["resident"] for w in specs}
+        result["engine_settings"] = {k: v for k, v in grid.items() if not k.startswith("all/")}
+        result["engine_resident"] = resident
+        headline = f"{args.settings[0]}/synthetic"
+        result["engine"] = grid.get(headline, {})
+        result["cross_check"] = cross_checks(models["resident"], tokenizer, readme,
+                                             specs["synthetic"], setting_by_name,
+                                             result["predictor"]["chosen"])
+    sim_routed = 32 * 6 * get_profile("a100-llama2-7b").expert_bytes[0]
+    result["sim"] = sim_grid(args, models, tokenizer, corpus, sim_routed,
+                             result["predictor"]["chosen"])
+    lines = ["# Co-design at equal memory: what the router's foresight buys", "",
+             "Command: `.venv/bin/python benchmarks/codesign.py` (defaults) on "
+             f"{result['machine']}, torch threads {threads} (the copy engine has its own core).",
+             ""]
+    for key, cells in result.get("engine_settings", {}).items():
+        setting, workload = key.split("/")
+        lines += table(cells, result["engine_resident"].get(workload),
+                       f"engine, {setting} tier, {workload} workload")
+    lines += table({k: v for k, v in result["sim"].items() if k.startswith("budget_")},
+                   result["sim"]["resident"], "simulator, A100 projection (all experts "
+                   "resident: capacity 6 after a cold start)")
+    write_results(args.out, "codesign", result, "\n".join(lines))
+    if "engine" in result and result["engine"]:
+        plot(Path(args.out) / "codesign.png", result["engine"],
+             result["engine_resident"]["synthetic"],
+             f"engine ({args.settings[0]}, synthetic workload), median of {args.repeats}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
