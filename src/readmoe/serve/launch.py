@@ -1,0 +1,158 @@
+"""Open an engine on a model spec: the one set-up `bench serve`, `serve`, `generate` and `chat`
+share, so each serves a model exactly the same way.
+
+A ReadME folder is served as it is. A dense checkpoint (HF folder, .gguf, built-in name) is
+served through the same engine as a ReadME model with one expert whose shared part is the
+whole FFN (``dense_as_readme``): slicing every channel into the shared expert is exact, so the
+engine's greedy output equals HF ``generate`` on the dense model, and no second engine exists.
+
+Offloading (``capacity``): the model is loaded on the CPU in the requested dtype and placed
+with ``place_for_offload`` on the device, so routed experts never reach the accelerator. The
+``ram`` tier is built from the loaded model's own expert tensors (already in the requested
+dtype; pinned when CUDA is present); the ``file`` tier reads the folder's safetensors, so it
+serves only in the dtype they were saved in, and any other is refused with the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from readmoe.errors import ReadmoeError
+from readmoe.models.device import Placement
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from readmoe.serve.engine import Engine
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine batches and where routed experts live (the `bench serve` flags)."""
+
+    scheduler: str = "fcfs"
+    max_experts: int | None = None
+    max_batch_tokens: int = 256
+    max_seqs: int = 32
+    kv_blocks: int = 1024
+    block_size: int = 16
+    capacity: int | None = None
+    cache_policy: str = "belady"
+    prefetch: bool = True
+    tier: str = "file"
+    bandwidth: float | None = None
+
+    def validate(self) -> None:
+        if self.capacity is None and (self.bandwidth is not None or self.tier != "file"):
+            raise ReadmoeError("--tier and --bandwidth describe expert offloading: add "
+                               "--capacity K")
+        if self.capacity is not None and self.capacity < 1:
+            raise ReadmoeError(f"--capacity must be at least 1, got {self.capacity}")
+        if self.max_seqs < 1 or self.max_batch_tokens < 1:
+            raise ReadmoeError("--max-seqs and --max-batch-tokens must be at least 1")
+
+
+@dataclass
+class ServedEngine:
+    """An engine with what was needed to build it and what a report says about it."""
+
+    engine: Engine
+    tokenizer: PreTrainedTokenizerBase
+    spec: str
+    placement: Placement
+    experts: dict = field(default_factory=dict)
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt + output one request may have: the model's positions or the KV
+        cache, whichever is smaller."""
+        kv = self.engine.kv
+        positions = getattr(self.engine.model.config, "max_position_embeddings", None)
+        total = kv.num_blocks * kv.block_size
+        return min(total, positions) if positions else total
+
+
+def dense_as_readme(dense) -> torch.nn.Module:
+    """A dense Llama-family model as a one-expert ReadME model whose shared expert is the
+    whole FFN (exact: every channel kept, none routed)."""
+    from readmoe.refactor.plan import ExpertPlan, LayerPlan
+    from readmoe.refactor.slicing import slice_dense
+
+    config = dense.config
+    width = config.intermediate_size
+    layers = [LayerPlan(torch.arange(width), torch.empty(1, 0, dtype=torch.long))
+              for _ in range(config.num_hidden_layers)]
+    plan = ExpertPlan("dense", getattr(config, "name_or_path", ""), ["dense"], width, 1.0,
+                      layers)
+    return slice_dense(dense, plan)
+
+
+def load_served_model(spec: str, placement: Placement, *, offload: bool = False):
+    """(model, tokenizer) ready for an engine; with ``offload`` the model stays on the CPU
+    (``place_for_offload`` moves it)."""
+    from readmoe.eval.routing import is_readme
+    from readmoe.models import load_model, load_tokenizer
+
+    device = torch.device("cpu") if offload else placement.device
+    model = load_model(spec, dtype=placement.dtype, device="cpu")
+    if not is_readme(model):
+        if offload:
+            raise ReadmoeError(f"{spec} is a dense model: it has no routed experts to offload; "
+                               "drop --capacity (or serve a ReadME folder)")
+        model = dense_as_readme(model)
+    return model.to(device).eval(), load_tokenizer(spec)
+
+
+def _file_dtype_check(model, placement: Placement, spec: str) -> None:
+    saved = getattr(model.config, "dtype", None)
+    saved = saved if isinstance(saved, torch.dtype) else getattr(torch, str(saved), None)
+    if saved is not None and saved != placement.dtype:
+        raise ReadmoeError(f"the file tier streams experts as saved in {spec} ({saved}), not "
+                           f"{placement.dtype}: add --tier ram (experts kept in "
+                           f"{placement.dtype}) or --dtype {str(saved).removeprefix('torch.')}")
+
+
+@contextlib.contextmanager
+def open_engine(spec: str, options: EngineOptions, placement: Placement
+                ) -> Iterator[ServedEngine]:
+    """Load ``spec``, build its expert store (when offloading) and the engine; close the
+    store's copy worker on exit."""
+    from readmoe.models import resolve_model
+    from readmoe.serve.engine import Engine
+    from readmoe.serve.experts.store import ExpertStore
+    from readmoe.serve.placement import place_for_offload, routed_expert_bytes
+    from readmoe.serve.schedulers import make_scheduler
+    from readmoe.serve.types import Budget
+
+    options.validate()
+    extra = {} if options.max_experts is None else {"max_experts": options.max_experts}
+    scheduler = make_scheduler(options.scheduler, **extra)
+    offloaded = options.capacity is not None
+    model, tokenizer = load_served_model(spec, placement, offload=offloaded)
+    store = contextlib.nullcontext()
+    experts = {"store": "all routed experts resident",
+               "routed_expert_bytes": routed_expert_bytes(model)}
+    if offloaded:
+        if options.tier == "file":
+            _file_dtype_check(model, placement, spec)
+        source = resolve_model(spec) if options.tier == "file" else model.state_dict()
+        store = ExpertStore(source, capacity=options.capacity, policy=options.cache_policy,
+                            tier=options.tier, bandwidth=options.bandwidth,
+                            device=placement.device)
+        released = place_for_offload(model, placement.device)
+        experts = {"store": store.describe(), "capacity": options.capacity,
+                   "cache_policy": options.cache_policy, "prefetch": options.prefetch,
+                   "emulated_link": options.bandwidth, "expert_bytes_released": released,
+                   "fast_tier_bytes": store.fast_tier_bytes}
+    with store:
+        engine = Engine(model, tokenizer, scheduler,
+                        Budget(options.max_batch_tokens, options.max_seqs),
+                        options.kv_blocks, options.block_size,
+                        expert_store=store if offloaded else None,
+                        prefetch=options.prefetch and offloaded)
+        yield ServedEngine(engine, tokenizer, spec, placement, experts)
