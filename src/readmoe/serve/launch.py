@@ -16,8 +16,10 @@ serves only in the dtype they were saved in, and any other is refused with the f
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -108,13 +110,15 @@ def load_served_model(spec: str, placement: Placement, *, offload: bool = False)
     return model.to(device).eval(), load_tokenizer(spec)
 
 
-def _file_dtype_check(model, placement: Placement, spec: str) -> None:
-    saved = getattr(model.config, "dtype", None)
-    saved = saved if isinstance(saved, torch.dtype) else getattr(torch, str(saved), None)
-    if saved is not None and saved != placement.dtype:
-        raise ReadmoeError(f"the file tier streams experts as saved in {spec} ({saved}), not "
-                           f"{placement.dtype}: add --tier ram (experts kept in "
-                           f"{placement.dtype}) or --dtype {str(saved).removeprefix('torch.')}")
+def _file_dtype_check(folder: Path, placement: Placement) -> None:
+    """The file tier copies experts as saved: refuse a dtype they were not saved in."""
+    raw = json.loads((folder / "config.json").read_text())
+    saved = getattr(torch, str(raw.get("dtype") or raw.get("torch_dtype")), None)
+    if isinstance(saved, torch.dtype) and saved != placement.dtype:
+        name = str(saved).removeprefix("torch.")
+        raise ReadmoeError(f"the file tier streams experts as saved in {folder} ({name}), not "
+                           f"{placement.dtype_name}: add --tier ram (experts kept in "
+                           f"{placement.dtype_name}) or --dtype {name}")
 
 
 @contextlib.contextmanager
@@ -138,9 +142,9 @@ def open_engine(spec: str, options: EngineOptions, placement: Placement
     experts = {"store": "all routed experts resident",
                "routed_expert_bytes": routed_expert_bytes(model)}
     if offloaded:
-        if options.tier == "file":
-            _file_dtype_check(model, placement, spec)
         source = resolve_model(spec) if options.tier == "file" else model.state_dict()
+        if options.tier == "file":
+            _file_dtype_check(source, placement)
         store = ExpertStore(source, capacity=options.capacity, policy=options.cache_policy,
                             tier=options.tier, bandwidth=options.bandwidth,
                             device=placement.device)
