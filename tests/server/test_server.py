@@ -16,28 +16,10 @@ import torch
 from readmoe.models import load_model, load_tokenizer
 from readmoe.serve.engine import Engine
 from readmoe.serve.sampling import SamplingParams
-from tests.server.helpers import ServerProcess, save_tiny_model
 
 PROMPTS = ["hello world", "The court held that", "abc 123"]
 MAX_TOKENS = 12
 LONG = {"ignore_eos": True}  # extra_body: a request that runs for its whole max_tokens
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("served") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def server(model_dir):
-    with ServerProcess(model_dir, "--served-model-name", "tiny", "--max-seqs", "4") as proc:
-        yield proc
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

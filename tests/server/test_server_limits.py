@@ -14,15 +14,10 @@ import openai
 import pytest
 
 from readmoe.server.config import API_KEY_ENV, api_key_from
-from tests.server.helpers import ServerProcess, save_tiny_model
+from tests.server.helpers import ServerProcess
 
 KEY = "sk-test-123"
 LONG = {"ignore_eos": True}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("limits") / "tiny")
 
 
 def test_api_key_flag_wins_over_the_environment(monkeypatch):

@@ -14,14 +14,8 @@ from readmoe.models.device import resolve_placement
 from readmoe.serve.launch import EngineOptions, open_engine
 from readmoe.serve.sampling import SamplingParams
 from readmoe.server.terminal import ChatSession, stream_reply
-from tests.server.helpers import save_tiny_model
 
 GREEDY = SamplingParams(max_tokens=10)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("terminal") / "tiny")
 
 
 @pytest.fixture
