@@ -51,3 +51,25 @@ def test_cli_flags():
     placement = placement_from_args(parser.parse_args(["--device", "cpu", "--dtype",
                                                        "float16"]))
     assert placement.dtype == torch.float16
+
+
+@pytest.mark.parametrize("command", [
+    ["stats", "M", "--corpus", "C", "--out", "O"],
+    ["refactor", "M", "--corpus", "C", "--out", "O"],
+    ["train", "M", "--corpus", "C", "--out", "O"],
+    ["eval", "ppl", "M", "--corpus", "C"],
+    ["eval", "tasks", "M", "--tasks", "arc_easy"],
+    ["analyze", "M", "--corpus", "C", "--out", "O"],
+    ["bench", "serve", "M", "--corpus", "C"],
+    ["serve", "M"],
+    ["generate", "M", "hi"],
+    ["chat", "M"],
+])
+def test_every_stage_takes_device_and_dtype(monkeypatch, capsys, command):
+    """Each command that loads a model resolves --device/--dtype before any work: on a
+    machine without a GPU, --device cuda is refused with the fix, naming no missing file."""
+    from readmoe.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*command, "--device", "cuda", "--dtype", "bfloat16"]) == 2
+    assert "--device cpu" in capsys.readouterr().err
