@@ -7,7 +7,9 @@ tuning for ReadME, the same expert-tuning tokens for prune), compare held-out pe
 domain, analyse the trained router (layer redundancy, temporal locality, domain x expert),
 make a short quality table (parameters, perplexity, lm-eval tasks), and end by serving the
 trained ReadME model with the engine: a short synthetic workload with every expert resident,
-then with routed experts offloaded (a few per layer in RAM, Belady, prefetch).
+then with routed experts offloaded (a few per layer in RAM, Belady, prefetch); and last,
+`readmoe serve` on the trained model on a free local port, asked one chat question through
+the official `openai` client (streamed), then shut down with SIGTERM (it must exit 0).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class Demo:
         self.analyze(trained["readme"])
         self.quality(trained)
         self.serve(trained["readme"])
+        self.serve_http(trained["readme"])
         print(f"\ndemo finished in {time.time() - started:.0f} s; outputs in {self.out}/")
 
     def build_corpus(self) -> None:
@@ -229,6 +232,30 @@ class Demo:
                          f"{'-' if hidden is None else f'{100 * hidden:.0f}%'} |")
         atomic_write_json(self.out / "serve.json", runs)
         print("\n".join(lines))
+
+
+    def serve_http(self, model_dir: Path, question: str = "What is a mixture of experts?"
+                   ) -> None:
+        from openai import OpenAI
+
+        from readmoe.server.process import ServerProcess
+
+        step("serving over HTTP: readmoe serve + the official openai client")
+        with ServerProcess(model_dir, "--served-model-name", "readme-demo") as server:
+            print(f"readmoe serve {model_dir} is listening on {server.url} (pid {server.pid})")
+            with OpenAI(base_url=server.base_url, api_key="none", max_retries=0) as client:
+                print(f"Q: {question}\nA: ", end="", flush=True)
+                stream = client.chat.completions.create(
+                    model="readme-demo", messages=[{"role": "user", "content": question}],
+                    max_tokens=48, temperature=0, stream=True)
+                for chunk in stream:
+                    if chunk.choices:
+                        print(chunk.choices[0].delta.content or "", end="", flush=True)
+            status = server.stop()
+        if status != 0:
+            raise ReadmoeError(f"readmoe serve exited with status {status} after SIGTERM:\n"
+                               f"{server.log()}")
+        print(f"\nserver shut down cleanly on SIGTERM (exit status {status})")
 
 
 def main(argv: list[str] | None = None) -> int:
