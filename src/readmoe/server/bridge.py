@@ -83,8 +83,23 @@ class RequestStream:
             self._loop.abort(self.request_id)
 
     def _put(self, item: RequestOutput | APIError) -> None:
+        _post([(self, item)])
+
+
+def _post(items: Sequence[tuple[RequestStream, RequestOutput | APIError]]) -> None:
+    """Hand outputs to their streams: one wake-up per event loop for a whole step's tokens
+    (each wake-up costs the event loop a pipe write and the engine thread the GIL)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for stream, item in items:
+        by_loop.setdefault(stream._event_loop, []).append((stream, item))
+    for event_loop, batch in by_loop.items():
         with contextlib.suppress(RuntimeError):  # a closed event loop: nobody listens any more
-            self._event_loop.call_soon_threadsafe(self._outputs.put_nowait, item)
+            event_loop.call_soon_threadsafe(_deliver, batch)
+
+
+def _deliver(batch: list[tuple[RequestStream, RequestOutput | APIError]]) -> None:
+    for stream, item in batch:
+        stream._outputs.put_nowait(item)
 
 
 @dataclass
@@ -215,6 +230,7 @@ class EngineLoop:
                                     "aborted", kind=SERVER, code="engine_error"))
             return
         now = perf_counter()
+        delivered = []
         for output in outputs:
             entry = self._entries.get(output.request_id)
             if entry is None:
@@ -223,18 +239,19 @@ class EngineLoop:
                 self.metrics.observe(entry.submitted, entry.last_output, now, output,
                                      entry.stream.prompt_len)
             entry.last_output = now
-            entry.stream._put(output)
+            delivered.append((entry.stream, output))
             if output.finished:
                 del self._entries[output.request_id]
                 self.engine.release(output.request_id)
                 self._release()
+        _post(delivered)
 
     def _fail_all(self, error: APIError) -> None:
-        for request_id, entry in list(self._entries.items()):
+        for request_id in self._entries:
             self.engine.abort(request_id)
             self.engine.release(request_id)
             self._release()
-            entry.stream._put(error)
+        _post([(entry.stream, error) for entry in self._entries.values()])
         self._entries.clear()
 
     def _release(self) -> None:
