@@ -95,13 +95,19 @@ def test_chat_sync_and_async_streaming(server, client, reference):
 
 
 def test_concurrent_async_requests_each_get_their_own_answer(server, reference):
+    async def streamed(aclient, prompt: str) -> str:
+        stream = await aclient.completions.create(model="tiny", prompt=prompt, stream=True,
+                                                  max_tokens=MAX_TOKENS, temperature=0)
+        return "".join([chunk.choices[0].text async for chunk in stream])
+
     async def ask_all() -> list[str]:
         async with openai.AsyncOpenAI(base_url=server.base_url, api_key="unused",
                                       max_retries=0) as aclient:
             replies = await asyncio.gather(*(aclient.completions.create(
                 model="tiny", prompt=p, max_tokens=MAX_TOKENS, temperature=0)
-                for p in PROMPTS * 2))
-            return [r.choices[0].text for r in replies]
+                for p in PROMPTS))
+            texts = await asyncio.gather(*(streamed(aclient, p) for p in PROMPTS))
+            return [r.choices[0].text for r in replies] + texts
 
     assert asyncio.run(ask_all()) == engine_texts(reference, PROMPTS * 2)
 

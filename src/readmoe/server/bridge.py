@@ -143,9 +143,13 @@ class EngineLoop:
                prefix: str = "cmpl") -> RequestStream:
         """Queue a request (call from the event loop); 503 when draining or the queue is full."""
         with self._lock:
-            if self._draining or not self.alive:
+            if self._draining:
                 raise APIError(503, "the server is shutting down and takes no new requests",
                                kind=SERVER, code="shutting_down")
+            if not self.alive:
+                why = self.failure or "not running"
+                raise APIError(503, f"the engine loop has stopped ({why}); restart the server",
+                               kind=SERVER, code="engine_stopped")
             waiting = self._in_flight - self.state.running
             if waiting >= self.max_queue:
                 raise APIError(503, f"the server is at capacity ({waiting} requests waiting, "
