@@ -1,7 +1,8 @@
 """A bounded load-and-fault run of `readmoe serve` on loopback.
 
 The server (a trained ReadME model, routed experts offloaded to a RAM tier of ``--capacity``
-per layer, an API key, ``--max-seqs`` running and ``--max-queue`` waiting) gets ``--waves``
+per layer, an API key, ``--max-seqs`` sequences a step, ``--max-queue`` requests allowed to
+wait before 503, small enough that the overload meets back-pressure) gets ``--waves``
 waves of ``--requests`` requests each, sent faster than it can serve (Poisson arrivals at
 ``--rate``), over httpx from this process:
 
@@ -87,7 +88,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--waves", type=int, default=2)
     parser.add_argument("--rate", type=float, default=40.0, help="arrivals per second")
     parser.add_argument("--max-seqs", type=int, default=64)
-    parser.add_argument("--max-queue", type=int, default=96)
+    parser.add_argument("--max-queue", type=int, default=32,
+                        help="small enough that the overload meets back-pressure (503)")
     parser.add_argument("--capacity", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, nargs=2, default=[8, 24],
                         help="range of each valid request's output length")

@@ -30,8 +30,10 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self.state()
-        gauges = {"requests_running": ("requests in the engine's running batch", s.running),
-                  "requests_waiting": ("requests accepted but not running yet", s.waiting),
+        gauges = {"requests_running": ("requests the engine has started (admitted to the KV "
+                                       "cache and scheduled at least once)", s.running),
+                  "requests_waiting": ("requests accepted but not started yet: what "
+                                       "--max-queue bounds", s.waiting),
                   "kv_blocks_in_use": ("KV-cache blocks holding tokens", s.kv_blocks_used),
                   "kv_blocks_reserved": ("KV-cache blocks reserved for admitted requests' "
                                          "future tokens", s.kv_blocks_reserved),
