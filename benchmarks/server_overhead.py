@@ -27,16 +27,18 @@ import argparse
 import os
 import statistics
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import torch
 
-from readmoe.cli.bench_cmds import serve_workload_http, workload_specs
+from readmoe.cli.bench_cmds import workload_specs
 from readmoe.io import write_results
 from readmoe.models.device import resolve_placement
 from readmoe.serve.launch import EngineOptions, open_engine
+from readmoe.server.http_bench import replay_http
 from readmoe.server.process import ServerProcess
 from readmoe.train.rounds import final_model_dir
 
@@ -90,8 +92,18 @@ def server_means(before: dict, after: dict) -> dict:
             "server_itl_mean_s": mean("inter_token_latency")}
 
 
+def thread_cpu_s(pid: int, tid: int) -> float:
+    """CPU seconds (user + system) thread ``tid`` of process ``pid`` has used. The server's
+    main thread (tid = pid) runs the event loop: HTTP, parsing, detokenising, SSE; the
+    engine runs in its own thread."""
+    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def summary(run: dict) -> dict:
-    return {"ttft_mean_s": run["ttft_s"]["mean"], "itl_mean_s": run["itl_s"]["mean"],
+    cpu = {f"{key[:-6]}_cpu_ms_per_token": 1e3 * run[key] / run["output_tokens"]
+           for key in ("loop_cpu_s", "client_cpu_s", "engine_cpu_s") if key in run}
+    return {**cpu, "ttft_mean_s": run["ttft_s"]["mean"], "itl_mean_s": run["itl_s"]["mean"],
             "throughput_tokens_per_s": run["throughput_tokens_per_s"],
             "ttft_p50_s": run["ttft_s"]["p50"], "ttft_p95_s": run["ttft_s"]["p95"],
             "tpot_mean_s": run["tpot_s"]["mean"], "itl_p50_s": run["itl_s"]["p50"],
@@ -107,7 +119,11 @@ def compare(name: str, rate: float, http: list[dict], local: list[dict]) -> dict
     ratio = median(http, "throughput_tokens_per_s") / median(local, "throughput_tokens_per_s")
     ttft_ms = 1e3 * (median(http, "ttft_p50_s") - median(local, "ttft_p50_s"))
     front_end = [r["ttft_mean_s"] - r["server_ttft_mean_s"] for r in http]
-    return {"workload": name, "rate": rate, "http": http, "in_process": local,
+    return {"server_loop_cpu_ms_per_token": median(http, "loop_cpu_ms_per_token"),
+            "client_cpu_ms_per_token": median(http, "client_cpu_ms_per_token"),
+            "engine_cpu_ms_per_token": median(local, "engine_cpu_ms_per_token"),
+            "workload": name, "rate": rate, "http": http,
+            "in_process": local,
             "throughput_ratio": ratio, "ttft_p50_diff_ms": ttft_ms,
             "front_end_ttft_ms": 1e3 * statistics.median(front_end),
             "front_end_itl_ms": 1e3 * statistics.median(
@@ -128,19 +144,25 @@ def main() -> int:
     with (ServerProcess(model, "--served-model-name", NAME, "--device", "cpu",
                         env=threads) as server,
           open_engine(model, EngineOptions(), cpu) as served):
+        def specs(rate: float, requests: int, tag: str) -> list:
+            made = workload_specs(served.tokenizer, args.corpus, None, requests=requests,
+                                  rate=rate, seed=args.seed, max_output=args.max_output)
+            return [replace(s, request_id=f"{tag}-{s.request_id}") for s in made]
+
         def http(rate: float, requests: int) -> dict:
+            work = specs(rate, requests, "http")
             before = server_latency(server.url)
-            result = serve_workload_http(model, args.corpus, server.url, rate=rate,
-                                         requests=requests, max_output=args.max_output,
-                                         seed=args.seed, served_model_name=NAME)
-            return {**result, **server_means(before, server_latency(server.url))}
+            loop_cpu, client_cpu = thread_cpu_s(server.pid, server.pid), time.process_time()
+            result = replay_http(server.url, NAME, work)
+            return {**result, **server_means(before, server_latency(server.url)),
+                    "loop_cpu_s": thread_cpu_s(server.pid, server.pid) - loop_cpu,
+                    "client_cpu_s": time.process_time() - client_cpu}
 
         def local(rate: float, requests: int) -> dict:
-            specs = workload_specs(served.tokenizer, args.corpus, None, requests=requests,
-                                   rate=rate, seed=args.seed, max_output=args.max_output)
-            run = len(served.engine.steps)  # request ids must be new to the engine
-            return served.engine.run_workload([replace(s, request_id=f"{run}-{s.request_id}")
-                                               for s in specs])
+            work = specs(rate, requests, str(len(served.engine.steps)))  # ids new to it
+            started = time.process_time()
+            result = served.engine.run_workload(work)
+            return {**result, "engine_cpu_s": time.process_time() - started}
 
         http(float("inf"), 8)  # warm-up: first-call costs on both sides
         local(float("inf"), 8)
@@ -183,16 +205,22 @@ def main() -> int:
                          f"{1e3 * median['ttft_p50_s']:.0f} | {1e3 * median['ttft_p95_s']:.0f} | "
                          f"{1e3 * median['tpot_mean_s']:.0f} | {median['e2e_p50_s']:.2f} |")
     lines += ["", "| workload | throughput HTTP / in process | within 10% | TTFT p50 HTTP - in "
-              "process (ms) | within 20 ms | front end's own TTFT / ITL (ms) |",
-              "|---|---:|---|---:|---|---|"]
+              "process (ms) | within 20 ms | front end's own TTFT / ITL (ms) | CPU ms / token: "
+              "engine / server event loop / client |", "|---|---:|---|---:|---|---|---|"]
     lines += [f"| {r['workload']} | {r['throughput_ratio']:.3f} | "
               f"{'yes' if r['throughput_within_10pct'] else 'NO'} | {r['ttft_p50_diff_ms']:+.1f} | "
               f"{'yes' if r['ttft_within_20ms'] else 'NO'} | {r['front_end_ttft_ms']:.1f} / "
-              f"{r['front_end_itl_ms']:.2f} |" for r in rows]
+              f"{r['front_end_itl_ms']:.2f} | {r['engine_cpu_ms_per_token']:.1f} / "
+              f"{r['server_loop_cpu_ms_per_token']:.2f} / {r['client_cpu_ms_per_token']:.2f} |"
+              for r in rows]
     lines += ["", "Front end's own share: the client's mean TTFT (ITL) minus the server's, "
               "measured by the engine loop from submission: HTTP, parsing, the thread hop and "
-              "delivery. The rest of any HTTP - in-process difference is the run-to-run noise "
-              "of a shared 2-core machine (the medians alternate sides)."]
+              "delivery. CPU per token: the engine in process, the server's event-loop thread "
+              "(HTTP, parsing, detokenising, SSE; the engine has its own thread) and the "
+              "client, measured per thread, so they hold whatever else the machine runs. The "
+              "rest of any HTTP - in-process difference in time is contention (on a shared "
+              "2-core machine the event loop's and the client's CPU compete with the engine's "
+              "thread) and run-to-run noise (the medians alternate sides)."]
     write_results(args.results, "server_overhead", result, "\n".join(lines))
     return 0
 
