@@ -92,17 +92,19 @@ def server_means(before: dict, after: dict) -> dict:
             "server_itl_mean_s": mean("inter_token_latency")}
 
 
-def thread_cpu_s(pid: int, tid: int) -> float:
-    """CPU seconds (user + system) thread ``tid`` of process ``pid`` has used. The server's
+def cpu_s(pid: int, tid: int | None = None) -> float:
+    """CPU seconds (user + system) of process ``pid``, or of its thread ``tid``. The server's
     main thread (tid = pid) runs the event loop: HTTP, parsing, detokenising, SSE; the
     engine runs in its own thread."""
-    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def summary(run: dict) -> dict:
     cpu = {f"{key[:-6]}_cpu_ms_per_token": 1e3 * run[key] / run["output_tokens"]
-           for key in ("loop_cpu_s", "client_cpu_s", "engine_cpu_s") if key in run}
+           for key in ("loop_cpu_s", "client_cpu_s", "engine_cpu_s", "server_engine_cpu_s")
+           if key in run}
     return {**cpu, "ttft_mean_s": run["ttft_s"]["mean"], "itl_mean_s": run["itl_s"]["mean"],
             "throughput_tokens_per_s": run["throughput_tokens_per_s"],
             "ttft_p50_s": run["ttft_s"]["p50"], "ttft_p95_s": run["ttft_s"]["p95"],
@@ -122,6 +124,7 @@ def compare(name: str, rate: float, http: list[dict], local: list[dict]) -> dict
     return {"server_loop_cpu_ms_per_token": median(http, "loop_cpu_ms_per_token"),
             "client_cpu_ms_per_token": median(http, "client_cpu_ms_per_token"),
             "engine_cpu_ms_per_token": median(local, "engine_cpu_ms_per_token"),
+            "server_engine_cpu_ms_per_token": median(http, "server_engine_cpu_ms_per_token"),
             "workload": name, "rate": rate, "http": http,
             "in_process": local,
             "throughput_ratio": ratio, "ttft_p50_diff_ms": ttft_ms,
@@ -152,11 +155,13 @@ def main() -> int:
         def http(rate: float, requests: int) -> dict:
             work = specs(rate, requests, "http")
             before = server_latency(server.url)
-            loop_cpu, client_cpu = thread_cpu_s(server.pid, server.pid), time.process_time()
+            loop_cpu, total_cpu = cpu_s(server.pid, server.pid), cpu_s(server.pid)
+            client_cpu = time.process_time()
             result = replay_http(server.url, NAME, work)
+            loop = cpu_s(server.pid, server.pid) - loop_cpu
             return {**result, **server_means(before, server_latency(server.url)),
-                    "loop_cpu_s": thread_cpu_s(server.pid, server.pid) - loop_cpu,
-                    "client_cpu_s": time.process_time() - client_cpu}
+                    "loop_cpu_s": loop, "client_cpu_s": time.process_time() - client_cpu,
+                    "server_engine_cpu_s": cpu_s(server.pid) - total_cpu - loop}
 
         def local(rate: float, requests: int) -> dict:
             work = specs(rate, requests, str(len(served.engine.steps)))  # ids new to it
@@ -206,16 +211,19 @@ def main() -> int:
                          f"{1e3 * median['tpot_mean_s']:.0f} | {median['e2e_p50_s']:.2f} |")
     lines += ["", "| workload | throughput HTTP / in process | within 10% | TTFT p50 HTTP - in "
               "process (ms) | within 20 ms | front end's own TTFT / ITL (ms) | CPU ms / token: "
-              "engine / server event loop / client |", "|---|---:|---|---:|---|---|---|"]
+              "engine in process / engine in the server / server event loop / client |",
+              "|---|---:|---|---:|---|---|---|"]
     lines += [f"| {r['workload']} | {r['throughput_ratio']:.3f} | "
               f"{'yes' if r['throughput_within_10pct'] else 'NO'} | {r['ttft_p50_diff_ms']:+.1f} | "
               f"{'yes' if r['ttft_within_20ms'] else 'NO'} | {r['front_end_ttft_ms']:.1f} / "
               f"{r['front_end_itl_ms']:.2f} | {r['engine_cpu_ms_per_token']:.1f} / "
+              f"{r['server_engine_cpu_ms_per_token']:.1f} / "
               f"{r['server_loop_cpu_ms_per_token']:.2f} / {r['client_cpu_ms_per_token']:.2f} |"
               for r in rows]
     lines += ["", "Front end's own share: the client's mean TTFT (ITL) minus the server's, "
               "measured by the engine loop from submission: HTTP, parsing, the thread hop and "
-              "delivery. CPU per token: the engine in process, the server's event-loop thread "
+              "delivery. CPU per token: the engine in process and in the server, the server's "
+              "event-loop thread "
               "(HTTP, parsing, detokenising, SSE; the engine has its own thread) and the "
               "client, measured per thread, so they hold whatever else the machine runs. The "
               "rest of any HTTP - in-process difference in time is contention (on a shared "
