@@ -18,9 +18,13 @@ using these kernels can gain here. Roofline tokens/s = batch * bandwidth / bytes
 decode step (every weight matrix once, the routed experts the engine's decode steps really
 touched, and the KV cache at the mean context); bandwidth is a timed sum over a 512 MiB tensor.
 
+``--device`` / ``--dtype`` as every command (default: CUDA bf16 with a GPU, else CPU fp32);
+on CUDA every timing synchronises the device before and after.
+
 Writes results/engine_speed.{json,md}.
 
     .venv/bin/python benchmarks/engine_speed.py [--model DIR] [--batches 1 8 32] [--threads 1 2]
+        [--device cuda --dtype bfloat16 --results results/gpu]
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import torch
 from readmoe.data.corpus import load_corpus
 from readmoe.io import write_results
 from readmoe.models import load_model, load_tokenizer
+from readmoe.models.device import Placement, add_placement_args, placement_from_args
 from readmoe.serve.engine import Engine
 from readmoe.serve.packed import PackedExpert
 from readmoe.serve.sampling import SamplingParams
@@ -60,29 +65,34 @@ def parse_args() -> argparse.Namespace:
                         "torch's own choice); on a shared machine 1 avoids OpenMP stalls")
     parser.add_argument("--repeats", type=int, default=2, help="best of this many timings")
     parser.add_argument("--results", default="results")
+    parser.add_argument("--corpus", type=Path, default=CORPUS,
+                        help=f"where the prompts come from (default {CORPUS})")
+    add_placement_args(parser)
     return parser.parse_args()
 
 
-def load(spec: str | None):
+def load(spec: str | None, placement: Placement, corpus: Path):
     """(model, tokenizer, description) of the benchmarked ReadME model."""
+    where = {"dtype": placement.dtype, "device": placement.device}
     if spec is None and any(TRAINED_RUN.glob("round-*")):
         spec = str(final_model_dir(TRAINED_RUN))
     if spec is not None:
-        return load_model(spec), load_tokenizer(spec), spec
+        return load_model(spec, **where), load_tokenizer(spec), spec
     if not REFACTORED.is_dir():
         from readmoe.refactor.pipeline import run_refactor
 
-        run_refactor("smollm2-135m", str(CORPUS), REFACTORED)
-    model = load_model(str(REFACTORED))
+        run_refactor("smollm2-135m", str(corpus), REFACTORED, placement=placement)
+    model = load_model(str(REFACTORED), **where)
     model.attach_router("pregating", seed=0)
+    model.to(**where)
     return model, load_tokenizer(str(REFACTORED)), f"{REFACTORED} + untrained pre-gating router"
 
 
-def prompts(tokenizer, count: int, length: int) -> list[list[int]]:
+def prompts(tokenizer, count: int, length: int, corpus_dir: Path) -> list[list[int]]:
     """``count`` prompts of exactly ``length`` tokens, cut from the corpus's documents and
     taken from the domains in turn, so a batch mixes domains (and experts) as real traffic
     does."""
-    corpus = load_corpus(CORPUS)
+    corpus = load_corpus(corpus_dir)
     per_domain = []
     for domain in corpus.domains:
         windows = []
@@ -96,22 +106,29 @@ def prompts(tokenizer, count: int, length: int) -> list[list[int]]:
     return out[:count]
 
 
-def bandwidth_gbs() -> float:
+def bandwidth_gbs(device: torch.device) -> float:
     """Read bandwidth in GB/s: the best of 5 timed sums over a 512 MiB fp32 tensor."""
-    x = torch.ones(128 * 1024 * 1024)
+    x = torch.ones(128 * 1024 * 1024, device=device)
     x.sum()
     best = min(_timed(x.sum) for _ in range(5))
     return x.numel() * 4 / best / 1e9
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _timed(fn) -> float:
+    _sync()
     start = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - start
 
 
 def hf_time(model, batch: list[list[int]], new: int) -> float:
-    ids = torch.tensor(batch)
+    ids = torch.tensor(batch, device=model.device)
     with torch.inference_mode():
         return _timed(lambda: model.generate(ids, attention_mask=torch.ones_like(ids),
                                              max_new_tokens=new, min_new_tokens=new,
@@ -134,8 +151,9 @@ def matmul_floor(engine: Engine, batch: int, distinct: float, repeats: int) -> f
     hidden = config.hidden_size
     experts = max(1, min(batch, round(distinct)))
     rows = [len(part) for part in torch.arange(batch).tensor_split(experts)]
-    x = torch.randn(batch, hidden)
-    attn = torch.randn(batch, runner.heads * runner.head_dim)
+    where = {"dtype": engine.model.dtype, "device": engine.model.device}
+    x = torch.randn(batch, hidden, **where)
+    attn = torch.randn(batch, runner.heads * runner.head_dim, **where)
 
     def expert(weights: PackedExpert, inputs: torch.Tensor) -> None:
         gate_up = weights.gate_up(inputs)
@@ -168,7 +186,7 @@ def step_bytes(model, distinct: float, batch: int, context: float) -> float:
         size = param.numel() * param.element_size()
         total += size * distinct / config.num_experts if ".experts." in name else size
     kv_per_token = (2 * config.num_hidden_layers * config.num_key_value_heads
-                    * model.model.layers[0].self_attn.head_dim * 4)
+                    * model.model.layers[0].self_attn.head_dim * model.dtype.itemsize)
     return total + batch * context * kv_per_token
 
 
@@ -199,9 +217,10 @@ def measure(model, tokenizer, pool: list[list[int]], batch_size: int, gbs: float
 def main() -> int:
     args = parse_args()
     torch.manual_seed(0)
-    model, tokenizer, described = load(args.model)
-    pool = prompts(tokenizer, max(args.batches), args.prompt_len)
-    gbs = bandwidth_gbs()
+    placement = placement_from_args(args)
+    model, tokenizer, described = load(args.model, placement, args.corpus)
+    pool = prompts(tokenizer, max(args.batches), args.prompt_len, args.corpus)
+    gbs = bandwidth_gbs(placement.device)
     rows = []
     for threads in args.threads or [torch.get_num_threads()]:
         torch.set_num_threads(threads)
@@ -212,12 +231,14 @@ def main() -> int:
             print(rows[-1], flush=True)
     result = {"command": " ".join([sys.executable, *sys.argv]), "model": described,
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                          "cpus": os.cpu_count(), "torch": torch.__version__},
-              "dtype": "float32", "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                          "cpus": os.cpu_count(), "torch": torch.__version__,
+                          "gpu": (torch.cuda.get_device_name(placement.device)
+                                  if placement.device.type == "cuda" else None)},
+              **placement.to_dict(), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "bandwidth_gb_per_s": gbs, "rows": rows}
     lines = ["# Engine decode speed vs HF generate and the machine's limits", "",
-             f"Model: {described}; fp32; {args.prompt_len}-token prompts, {args.new_tokens} new "
-             f"tokens, greedy; measured read bandwidth {gbs:.1f} GB/s.", "",
+             f"Model: {described}; {placement.describe()}; {args.prompt_len}-token prompts, "
+             f"{args.new_tokens} new tokens, greedy; measured read bandwidth {gbs:.1f} GB/s.", "",
              f"Command: `{result['command']}`  ", f"Machine: {result['machine']}", "",
              "| threads | batch | HF tok/s | engine tok/s | speedup | matmul floor tok/s | "
              "speedup bound (HF / floor) | roofline tok/s | engine / roofline | "

@@ -8,7 +8,9 @@ domain, analyse the trained router (layer redundancy, temporal locality, domain 
 make a short quality table (parameters, perplexity, lm-eval tasks), and end by serving the
 trained ReadME model with the engine: a short synthetic workload with every expert resident,
 then with half the routed experts' bytes in fast memory behind an emulated link, once without
-using the router's foresight (readme-lru) and once with it (readme-codesign).
+using the router's foresight (readme-lru) and once with it (readme-codesign); and last,
+`readmoe serve` on the trained model on a free local port, asked one chat question through
+the official `openai` client (streamed), then shut down with SIGTERM (it must exit 0).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class Demo:
         self.analyze(trained["readme"])
         self.quality(trained)
         self.serve(trained["readme"])
+        self.serve_http(trained["readme"])
         print(f"\ndemo finished in {time.time() - started:.0f} s; outputs in {self.out}/")
 
     def build_corpus(self) -> None:
@@ -255,6 +258,30 @@ class Demo:
               "the router's foresight used (cache-aware batching, Belady over known and "
               "predicted uses, every load issued ahead, next-step experts prefetched). "
               "benchmarks/codesign.py has the whole comparison.")
+
+
+    def serve_http(self, model_dir: Path, question: str = "What is a mixture of experts?"
+                   ) -> None:
+        from openai import OpenAI
+
+        from readmoe.server.process import ServerProcess
+
+        step("serving over HTTP: readmoe serve + the official openai client")
+        with ServerProcess(model_dir, "--served-model-name", "readme-demo") as server:
+            print(f"readmoe serve {model_dir} is listening on {server.url} (pid {server.pid})")
+            with OpenAI(base_url=server.base_url, api_key="none", max_retries=0) as client:
+                print(f"Q: {question}\nA: ", end="", flush=True)
+                stream = client.chat.completions.create(
+                    model="readme-demo", messages=[{"role": "user", "content": question}],
+                    max_tokens=48, temperature=0, stream=True)
+                for chunk in stream:
+                    if chunk.choices:
+                        print(chunk.choices[0].delta.content or "", end="", flush=True)
+            status = server.stop()
+        if status != 0:
+            raise ReadmoeError(f"readmoe serve exited with status {status} after SIGTERM:\n"
+                               f"{server.log()}")
+        print(f"\nserver shut down cleanly on SIGTERM (exit status {status})")
 
 
 def main(argv: list[str] | None = None) -> int:

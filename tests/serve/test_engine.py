@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from readmoe.errors import ReadmoeError
 from readmoe.serve.engine import Engine
 from readmoe.serve.kv_cache import PagedKVCache
 from readmoe.serve.runner import ModelRunner, RunnerChunk
@@ -152,3 +153,19 @@ def test_text_prompts_and_workload_replay(model):
     result = eng.run_workload(specs)
     assert result["requests"] == 4 and result["output_tokens"] == 16
     assert result["ttft_s"]["mean"] > 0 and result["distinct_experts_per_step"] >= 1
+
+
+def test_release_forgets_finished_and_aborted_requests(model, prompts):
+    eng = engine(model)
+    done, cut = (eng.add_request(p, SamplingParams(max_tokens=4)) for p in prompts[:2])
+    eng.step()
+    with pytest.raises(ReadmoeError, match="abort it first"):
+        eng.release(cut)
+    eng.abort(cut)
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.release(done).token_ids == eng.generate([prompts[0]], SamplingParams(4))[0].token_ids
+    assert eng.release(cut).finish_reason == "abort"
+    with pytest.raises(ReadmoeError, match="unknown request id"):
+        eng.output(done)
+    assert eng.metrics()["requests"] == 1  # only the generate() call's request is left

@@ -121,3 +121,19 @@ def test_two_processes_with_accelerate_match_one(tmp_path, tiny_moe_dir, train_c
     a, b = weights(single / "round-1"), weights(double / "round-1")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_reduced_dtype_autocasts_and_keeps_fp32_weights(tmp_path, tiny_moe_dir,
+                                                        train_corpus_dir):
+    """--dtype bfloat16 (CUDA's default) runs the forward passes under autocast: the saved
+    weights stay fp32 and training still moves them (on CPU here; the same code on CUDA)."""
+    out = tmp_path / "bf16"
+    assert main(["train", str(tiny_moe_dir), "--corpus", str(train_corpus_dir), "--out",
+                 str(out), *SMALL, "--rounds", "1", "--device", "cpu", "--dtype",
+                 "bfloat16"]) == 0
+    trained, source = weights(out / "round-0"), weights(tiny_moe_dir)
+    assert {t.dtype for t in trained.values()} == {torch.float32}
+    name = "model.layers.0.mlp.experts.up_proj"
+    assert not torch.equal(trained[name], source[name])
+    log = json.loads((out / "train_log.json").read_text())
+    assert all(loss == loss for loss in log["rounds"][0]["router"]["losses"])  # no NaN

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from readmoe.errors import ReadmoeError
+from readmoe.models.device import Placement, resolve_placement
 from readmoe.refactor.plan import ExpertPlan
 
 PLAN_DIR = "plan"
@@ -51,12 +52,13 @@ class RoutingChoices:
         return int(self.domain.size)
 
 
-def load_readme(spec: str | Path, role: str):
+def load_readme(spec: str | Path, role: str, placement: Placement | None = None):
     """Load a ReadME folder, refusing anything else with the reason and the fix."""
     from readmoe.eval.routing_modes import is_readme
     from readmoe.models import load_model
 
-    model = load_model(str(spec))
+    placement = placement or resolve_placement()
+    model = load_model(str(spec), dtype=placement.dtype, device=placement.device)
     if not is_readme(model):
         raise ReadmoeError(f"{role} {spec} is a dense {model.config.model_type} model, not a "
                            "ReadME folder; analyze needs one written by `readmoe refactor` or "
@@ -94,7 +96,8 @@ def check_layerwise(model, plan: ExpertPlan, model_dir: str | Path, spec: str | 
 
 def collect_choices(model_dir: str | Path, corpus_dir: str | Path, *, tokens: int,
                     block_size: int, batch_size: int = 8, layerwise: str | Path | None = None,
-                    dense: str | None = None) -> RoutingChoices:
+                    dense: str | None = None, placement: Placement | None = None
+                    ) -> RoutingChoices:
     """Route the held-out blocks of every domain (``tokens`` per domain at most) through the
     oracle, MODEL's pre-gating router (if it has one) and the ``layerwise`` baseline."""
     from readmoe.data.corpus import load_corpus
@@ -104,7 +107,7 @@ def collect_choices(model_dir: str | Path, corpus_dir: str | Path, *, tokens: in
 
     if batch_size < 1:
         raise ReadmoeError(f"batch size must be at least 1, got {batch_size}")
-    model = load_readme(model_dir, "MODEL")
+    model = load_readme(model_dir, "MODEL", placement)
     router_type = model.config.router_type
     if router_type == "layerwise":
         raise ReadmoeError(f"MODEL {model_dir} has a layer-wise router; give the pre-gating "
@@ -112,13 +115,13 @@ def collect_choices(model_dir: str | Path, corpus_dir: str | Path, *, tokens: in
     plan = load_plan(model_dir)
     baseline = None
     if layerwise is not None:
-        baseline = load_readme(layerwise, "--layerwise")
+        baseline = load_readme(layerwise, "--layerwise", placement)
         check_layerwise(baseline, plan, model_dir, layerwise)
     routed = [index for index, lp in enumerate(plan.layers) if lp.expert_size > 0]
     if not routed:
         raise ReadmoeError(f"{model_dir}'s plan has no routed experts in any layer (a pruned "
                            "model): there is no routing to analyse")
-    oracle = oracle_for(model_dir, dense)
+    oracle = oracle_for(model_dir, dense, like=model)
     corpus = load_corpus(corpus_dir)
     tokenizer = load_tokenizer(str(model_dir))
     parts: dict[str, list[np.ndarray]] = {key: [] for key in
@@ -127,17 +130,17 @@ def collect_choices(model_dir: str | Path, corpus_dir: str | Path, *, tokens: in
         blocks = heldout_blocks(corpus, tokenizer, domain, block_size, tokens)
         starts = range(0, blocks.shape[0], batch_size)
         for start in tqdm(starts, desc=f"routing {domain}", unit="batch", leave=False):
-            batch = blocks[start:start + batch_size]
+            batch = blocks[start:start + batch_size].to(model.device)
             parts["domain"].append(np.full(tuple(batch.shape), domain_index, dtype=np.int64))
             with torch.no_grad():
-                scores = oracle.layer_scores(batch)  # [B, T, L, E]
+                scores = oracle.layer_scores(batch).cpu()  # [B, T, L, E]
                 parts["oracle_layers"].append(scores[:, :, routed].argmax(-1).numpy())
                 parts["oracle"].append(scores.sum(dim=2).argmax(-1).numpy())
                 if router_type == "pregating":
-                    parts["pre"].append(model.route(batch)[0].numpy())
+                    parts["pre"].append(model.route(batch)[0].cpu().numpy())
                 if baseline is not None:
                     out = baseline.model(batch, use_cache=False, output_router_logits=True)
-                    parts["lw"].append(out.expert_ids[:, :, routed].numpy())
+                    parts["lw"].append(out.expert_ids[:, :, routed].cpu().numpy())
 
     def stacked(key: str) -> np.ndarray | None:
         return np.concatenate(parts[key]).astype(np.int64) if parts[key] else None

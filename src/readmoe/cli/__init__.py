@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         eval_cmds,
         model_cmds,
         refactor_cmds,
+        server_cmds,
         train_cmds,
     )
 
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"readmoe {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (model_cmds, data_cmds, refactor_cmds, train_cmds, eval_cmds, analyze_cmds,
-                   bench_cmds):
+                   bench_cmds, server_cmds):
         module.register(commands)
     return parser
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from readmoe.models.device import add_placement_args, placement_from_args
+
 DEFAULT_TOKENS = 4096  # per domain: the paper's locality count is over 4096 tokens
 DEFAULT_BLOCK = 512
 
@@ -31,6 +33,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                          "the baseline")
     analyze.add_argument("--dense", help="dense source model for the oracle (default: the one "
                          "recorded in MODEL's plan)")
+    add_placement_args(analyze)
     analyze.set_defaults(handler=run_analyze)
 
 
@@ -44,7 +47,8 @@ def run_analyze(args: argparse.Namespace) -> int:
                            f"--block-size {args.block_size}")
     choices = collect_choices(args.model, args.corpus, tokens=args.tokens,
                               block_size=args.block_size, batch_size=args.batch_size,
-                              layerwise=args.layerwise, dense=args.dense)
+                              layerwise=args.layerwise, dense=args.dense,
+                              placement=placement_from_args(args))
     meta = {"model": args.model, "layerwise_model": args.layerwise, "dense": args.dense,
             "corpus": args.corpus,
             "router_type": "pregating" if choices.pregating is not None else "none"}

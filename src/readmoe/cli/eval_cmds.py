@@ -8,6 +8,7 @@ from readmoe.cli.model_cmds import MODEL_HELP
 from readmoe.cli.tasks_cmds import register_tasks
 from readmoe.eval.domains import DEFAULT_TOKENS, DEFAULT_WINDOW
 from readmoe.eval.routing_modes import ROUTINGS
+from readmoe.models.device import add_placement_args, placement_from_args
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -29,6 +30,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     ppl.add_argument("--dense", help="dense source model for --routing oracle (default: the "
                      "one recorded in the ReadME folder's plan)")
     ppl.add_argument("--json", help="write the result as JSON to this file")
+    add_placement_args(ppl)
     ppl.set_defaults(handler=run_ppl)
     register_tasks(sub)
 
@@ -40,9 +42,10 @@ def run_ppl(args: argparse.Namespace) -> int:
     from readmoe.io import atomic_write_json
     from readmoe.models import load_model, load_tokenizer
 
+    placement = placement_from_args(args)
     corpus = load_corpus(args.corpus)
     domains = _pick_domains(corpus, args.domains)
-    model = load_model(args.model)
+    model = load_model(args.model, dtype=placement.dtype, device=placement.device)
     tokenizer = load_tokenizer(args.model)
     routing = make_routing(model, args.routing, model_dir=args.model, dense=args.dense)
     extra = {"routing": args.routing} if is_readme(model) else None

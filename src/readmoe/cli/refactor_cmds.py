@@ -6,6 +6,7 @@ import argparse
 import json
 
 from readmoe.cli.model_cmds import MODEL_HELP
+from readmoe.models.device import add_placement_args, placement_from_args
 from readmoe.refactor.pipeline import DEFAULT_STATS_TOKENS
 from readmoe.refactor.planners import PLANNERS
 
@@ -19,6 +20,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     _token_args(stats)
     stats.add_argument("--block-size", type=int, default=512)
     stats.add_argument("--batch-size", type=int, default=4)
+    add_placement_args(stats)
     stats.set_defaults(handler=run_stats_cmd)
 
     refactor = commands.add_parser(
@@ -34,6 +36,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                           "cached)")
     refactor.add_argument("--seed", type=int, default=0)
     _token_args(refactor)
+    add_placement_args(refactor)
     refactor.set_defaults(handler=run_refactor_cmd)
 
 
@@ -46,7 +49,8 @@ def run_stats_cmd(args: argparse.Namespace) -> int:
     from readmoe.refactor.pipeline import run_stats
 
     stats, out = run_stats(args.model, args.corpus, args.out, tokens=args.tokens,
-                           block_size=args.block_size, batch_size=args.batch_size)
+                           block_size=args.block_size, batch_size=args.batch_size,
+                           placement=placement_from_args(args))
     print(json.dumps({"out": str(out), "tokens": stats.tokens}, indent=2))
     return 0
 
@@ -55,7 +59,8 @@ def run_refactor_cmd(args: argparse.Namespace) -> int:
     from readmoe.refactor.pipeline import run_refactor
 
     plan = run_refactor(args.model, args.corpus, args.out, method=args.method, keep=args.keep,
-                        stats_dir=args.stats, seed=args.seed, tokens=args.tokens)
+                        stats_dir=args.stats, seed=args.seed, tokens=args.tokens,
+                        placement=placement_from_args(args))
     sizes = [(lp.shared_size, lp.expert_size) for lp in plan.layers]
     print(json.dumps({"out": args.out, "method": plan.method, "experts": plan.expert_names,
                       "shared_and_expert_sizes": sizes}))

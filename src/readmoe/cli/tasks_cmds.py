@@ -6,6 +6,7 @@ import argparse
 import os
 
 from readmoe.cli.model_cmds import MODEL_HELP
+from readmoe.models.device import add_placement_args, placement_from_args
 
 
 def register_tasks(sub: argparse._SubParsersAction) -> None:
@@ -20,12 +21,12 @@ def register_tasks(sub: argparse._SubParsersAction) -> None:
     tasks.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each "
                        "task's own, 0 for all of the built-in ones)")
     tasks.add_argument("--batch-size", type=int, default=8)
-    tasks.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     tasks.add_argument("--tasks-dir", help="where to write the task YAMLs "
                        "(default: <cache>/lm_eval_tasks)")
     tasks.add_argument("--list", action="store_true", help="prepare the data and task YAMLs, "
                        "print the available tasks and the folder for `lm_eval --include_path`")
     tasks.add_argument("--json", help="write the result as JSON to this file")
+    add_placement_args(tasks)
     tasks.set_defaults(handler=run_tasks)
 
 
@@ -44,6 +45,7 @@ def run_tasks(args: argparse.Namespace) -> int:
     from readmoe.io import atomic_write_json
     from readmoe.models import load_model, load_tokenizer
 
+    placement = placement_from_args(args)
     tasks_dir, available = prepare_tasks(tasks_dir=args.tasks_dir)
     if args.list:
         print("| task | split | items |\n|---|---|---:|")
@@ -56,8 +58,7 @@ def run_tasks(args: argparse.Namespace) -> int:
         raise ReadmoeError("give a MODEL and --tasks (or --list to see the tasks)")
     wanted = [name.strip() for name in args.tasks.split(",") if name.strip()]
     check_task_names(wanted, available)
-    device = args.device or _default_device()
-    model = load_model(args.model, device=device)
+    model = load_model(args.model, dtype=placement.dtype, device=placement.device)
     tokenizer = load_tokenizer(args.model)
     report = evaluate_tasks(model, tokenizer, wanted, tasks_dir, model_name=args.model,
                             limit=args.limit, num_fewshot=args.num_fewshot,
@@ -67,9 +68,3 @@ def run_tasks(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_json(args.json, report)
     return 0
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"

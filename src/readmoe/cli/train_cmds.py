@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from readmoe.models.device import add_placement_args, placement_from_args
 from readmoe.train.config import EXPERT_PARAMS, ROUTER_TYPES, TrainConfig
 
 
@@ -42,6 +43,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--label-smoothing", type=float, default=d.router_loss.label_smoothing)
     train.add_argument("--seed", type=int, default=d.seed)
     train.add_argument("--dense", help="the dense source model (default: the one in the plan)")
+    add_placement_args(train)
     train.set_defaults(handler=run_train)
 
 
@@ -61,7 +63,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run_train(args: argparse.Namespace) -> int:
     from readmoe.train.rounds import Trainer, final_model_dir
 
-    trainer = Trainer(args.model, args.corpus, args.out, config_from_args(args), args.dense)
+    trainer = Trainer(args.model, args.corpus, args.out, config_from_args(args), args.dense,
+                      placement_from_args(args))
     state = trainer.run()
     if trainer.dist.is_main:
         last = state["rounds"][str(max(int(k) for k in state["rounds"]))]

@@ -45,15 +45,16 @@ def make_routing(model, routing: str, model_dir: str | Path | None = None,
             return {"expert_ids": torch.full((batch.shape[0],), names.index(domain),
                                              dtype=torch.long, device=batch.device)}
         return by_domain
-    router = oracle_for(model_dir, dense)
+    router = oracle_for(model_dir, dense, like=model)
 
     def by_oracle(domain: str, batch: torch.Tensor) -> dict:
         return {"expert_ids": router.expert_ids(batch)}
     return by_oracle
 
 
-def oracle_for(model_dir: str | Path | None, dense: str | None):
-    """The oracle router of a saved ReadME folder, from its plan and its dense source model."""
+def oracle_for(model_dir: str | Path | None, dense: str | None, like=None):
+    """The oracle router of a saved ReadME folder, from its plan and its dense source model
+    (loaded on the device and in the dtype of the model ``like``, else CPU fp32)."""
     from readmoe.models import load_model, resolve_model
     from readmoe.refactor.fingerprint import model_fingerprint
     from readmoe.refactor.oracle import OracleRouter
@@ -71,4 +72,5 @@ def oracle_for(model_dir: str | Path | None, dense: str | None):
     if expected and model_fingerprint(resolve_model(source)) != expected:
         raise ReadmoeError(f"{source} is not the dense model {model_dir} was carved from "
                            f"({plan.model}); pass the right one with --dense")
-    return OracleRouter(load_model(source), plan)
+    where = {} if like is None else {"dtype": like.dtype, "device": like.device}
+    return OracleRouter(load_model(source, **where), plan)

@@ -38,17 +38,20 @@ class OracleRouter:
 
     @torch.no_grad()
     def layer_scores(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Overlap scores `[batch, seq, L, E]` of each token's top channels with each expert."""
+        """Overlap scores `[batch, seq, L, E]` of each token's top channels with each expert
+        (fp32, on the dense model's device)."""
         scores: dict[int, torch.Tensor] = {}
 
         def sink(layer: int, act: torch.Tensor) -> None:  # act: [B, T, I]
             top = act.abs().topk(self.top_k, dim=-1, sorted=False).indices  # [B, T, k]
-            mask = torch.zeros_like(act).scatter_(-1, top, 1.0)  # [B, T, I]
-            scores[layer] = mask @ self.membership[layer].to(act)  # [B, T, E]
+            # counts up to k: fp32, since bf16 holds integers exactly only up to 256
+            mask = torch.zeros(act.shape, device=act.device).scatter_(-1, top, 1.0)  # [B, T, I]
+            scores[layer] = mask @ self.membership[layer].to(act.device)  # [B, T, E]
 
         backbone = getattr(self.model, "model", self.model)
+        device = next(self.model.parameters()).device
         with capture_ffn_inputs(self.model, sink):
-            backbone(input_ids=input_ids)
+            backbone(input_ids=input_ids.to(device))
         return torch.stack([scores[layer] for layer in sorted(scores)], dim=2)
 
     def expert_ids(self, input_ids: torch.Tensor) -> torch.Tensor:

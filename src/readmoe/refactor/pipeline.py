@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 from readmoe.errors import ReadmoeError
+from readmoe.models.device import Placement, resolve_placement
 from readmoe.paths import cache_dir
 from readmoe.refactor.fingerprint import model_fingerprint
 from readmoe.refactor.plan import ExpertPlan
@@ -24,8 +25,10 @@ def default_stats_folder(fingerprint: str, corpus_fingerprint: str, tokens: int,
 
 def run_stats(model_spec: str, corpus_spec: str, out: str | Path | None = None, *,
               tokens: int = DEFAULT_STATS_TOKENS, block_size: int = 512,
-              batch_size: int = 4) -> tuple[ActivationStats, Path]:
-    """Compute (or resume, or reuse) the activation statistics of a dense model."""
+              batch_size: int = 4, placement: Placement | None = None
+              ) -> tuple[ActivationStats, Path]:
+    """Compute (or resume, or reuse) the activation statistics of a dense model, on
+    ``placement`` (default: the machine's; sums accumulate in fp64 whatever the dtype)."""
     from readmoe.data.corpus import load_corpus
     from readmoe.models import load_model, load_tokenizer, resolve_model
 
@@ -41,7 +44,8 @@ def run_stats(model_spec: str, corpus_spec: str, out: str | Path | None = None, 
         stats = ActivationStats.load(out)
         if set(stats.domains) >= set(corpus.domains) and stats.fingerprint == fingerprint:
             return stats, out
-    model = load_model(model_spec)
+    placement = placement or resolve_placement()
+    model = load_model(model_spec, dtype=placement.dtype, device=placement.device)
     tokenizer = load_tokenizer(model_spec)
     stats = compute_stats(model, tokenizer, corpus, out, model_name=model_spec,
                           fingerprint=fingerprint, tokens_per_domain=tokens,
@@ -51,8 +55,12 @@ def run_stats(model_spec: str, corpus_spec: str, out: str | Path | None = None, 
 
 def run_refactor(model_spec: str, corpus_spec: str, out: str | Path, *, method: str = "readme",
                  keep: float = 0.5, stats_dir: str | Path | None = None, seed: int = 0,
-                 tokens: int = DEFAULT_STATS_TOKENS) -> ExpertPlan:
-    """Plan experts from statistics and write the sliced ReadME model folder to `out`."""
+                 tokens: int = DEFAULT_STATS_TOKENS, placement: Placement | None = None
+                 ) -> ExpertPlan:
+    """Plan experts from statistics and write the sliced ReadME model folder to `out`.
+
+    ``placement`` is where statistics are computed; the folder always gets the dense
+    model's weights sliced in fp32 (training and serving choose their own dtype later)."""
     from readmoe.models import load_model, load_tokenizer, resolve_model
     from readmoe.refactor.slicing import save_readme, slice_dense
 
@@ -63,7 +71,7 @@ def run_refactor(model_spec: str, corpus_spec: str, out: str | Path, *, method: 
         stats = ActivationStats.load(stats_dir)
         stats.check_model(fingerprint, model_spec)
     else:
-        stats, _ = run_stats(model_spec, corpus_spec, tokens=tokens)
+        stats, _ = run_stats(model_spec, corpus_spec, tokens=tokens, placement=placement)
     plan = planner.plan(stats, keep=keep)
     dense = load_model(model_spec)
     model = slice_dense(dense, plan)

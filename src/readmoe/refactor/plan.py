@@ -151,14 +151,16 @@ class ExpertPlan:
         return plan
 
 
-def dense_plan(model: str, intermediate_size: int, num_layers: int) -> ExpertPlan:
-    """The dense model itself as a plan: no shared channels and one routed expert holding every
-    FFN channel. Why: the engine, its runner and the expert store then serve the unchanged
-    dense model, so it can be compared with ReadME on the same code (e.g. streamed through the
-    same memory budget, ``serve/experts/stream.py``)."""
-    channels = torch.arange(intermediate_size, dtype=torch.int64)[None]  # [1, I]
-    layers = [LayerPlan(torch.zeros(0, dtype=torch.int64), channels.clone())
-              for _ in range(num_layers)]
+def dense_plan(model: str, intermediate_size: int, num_layers: int,
+               routed: bool = True) -> ExpertPlan:
+    """The dense model itself as a plan with one expert: every FFN channel in one routed
+    expert (``routed``; the store can then offload and stream it, ``serve/experts/stream.py``)
+    or in the shared expert (always resident). Why: the engine, its runner and the expert
+    store then serve the unchanged dense model, compared with ReadME on the same code."""
+    channels = torch.arange(intermediate_size, dtype=torch.int64)
+    none = torch.zeros(0, dtype=torch.int64)
+    layers = [LayerPlan(none.clone(), channels[None].clone()) if routed
+              else LayerPlan(channels.clone(), none[None].clone()) for _ in range(num_layers)]
     plan = ExpertPlan(method="dense", model=model, expert_names=["ffn"],
                       intermediate_size=intermediate_size, keep=1.0, layers=layers)
     plan.validate()

@@ -82,11 +82,12 @@ def domain_mean_abs(model, blocks: torch.Tensor, batch_size: int, desc: str) -> 
         sums[layer] = sums[layer] + total if layer in sums else total
 
     backbone = getattr(model, "model", model)
+    device = next(model.parameters()).device
     with capture_ffn_inputs(model, sink):
         for start in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, unit="batch"):
-            backbone(input_ids=blocks[start : start + batch_size])
+            backbone(input_ids=blocks[start : start + batch_size].to(device))
     stacked = torch.stack([sums[layer] for layer in sorted(sums)])  # [L, I]
-    return (stacked / blocks.numel()).float()
+    return (stacked / blocks.numel()).float().cpu()
 
 
 def compute_stats(model, tokenizer, corpus, out: str | Path, *, model_name: str,

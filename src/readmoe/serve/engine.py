@@ -182,6 +182,20 @@ class Engine:
             self.queue.abort(request_id)
             self.kv.free(request_id)
 
+    def release(self, request_id: str) -> RequestOutput:
+        """Forget a finished (or aborted) request and return its final output.
+
+        Why: the engine keeps every request it has seen, for ``output`` and ``metrics``; a
+        long-running server calls this once it has delivered a result, so finished requests
+        do not pile up in memory (they then leave ``metrics()`` too)."""
+        seq = self._sequence(request_id)
+        if not seq.finished:
+            raise ReadmoeError(f"request {request_id!r} has not finished: abort it first")
+        del self._seqs[request_id]
+        if seq.request is not None and seq.request in self.queue.finished:
+            self.queue.finished.remove(seq.request)
+        return seq.output([])
+
     def has_unfinished(self) -> bool:
         return bool(self._arrived or self.queue.waiting or self.queue.running)
 

@@ -30,7 +30,7 @@ class RoundEvaluator:
 
         if domain not in self._scores:
             self._scores[domain] = OracleRouter(self.dense, self.plan).layer_scores(
-                self.blocks[domain])
+                self.blocks[domain]).cpu()
         return self._scores[domain]
 
     @torch.no_grad()
@@ -53,7 +53,7 @@ class RoundEvaluator:
         result = {}
         for domain, blocks in self.blocks.items():
             scores = self.oracle_scores(domain).float()  # [N, T, L, E]
-            logits = router_logits(model, blocks)
+            logits = router_logits(model, blocks.to(model.device)).float().cpu()
             if logits.dim() == 3:  # [N, T, E]
                 hits = logits.argmax(-1) == scores[:, :, routed].sum(2).argmax(-1)
             else:  # [N, T, L, E]

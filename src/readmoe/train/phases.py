@@ -5,9 +5,10 @@ phase boundaries make a resumed run identical to an uninterrupted one."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from tqdm import tqdm
@@ -16,6 +17,8 @@ from readmoe.train.config import TrainConfig
 from readmoe.train.data import BlockSchedule
 from readmoe.train.losses import lm_loss, logit_kl, router_distillation_loss
 from readmoe.train.targets import DistillTargets
+
+Precision = Callable[[], contextlib.AbstractContextManager]
 
 
 def router_parameter_names(model) -> set[str]:
@@ -104,9 +107,10 @@ def router_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _run_phase(model, names: set[str], lr: float, steps: int, desc: str, config: TrainConfig,
-               dist: Distributed, step_loss) -> list[float]:
+               dist: Distributed, step_loss, precision: Precision) -> list[float]:
     """The loop both phases share: train only `names` for `steps` AdamW steps under a cosine
-    schedule from `lr`, averaging gradients over processes; `step_loss(step)` gives the loss."""
+    schedule from `lr`, averaging gradients over processes; `step_loss(step)` gives the loss,
+    computed under `precision()` (autocast on a reduced dtype; the weights stay fp32)."""
     params = set_trainable(model, names)
     optimizer = _optimizer(params, lr, config)
     losses = []
@@ -114,7 +118,8 @@ def _run_phase(model, names: set[str], lr: float, steps: int, desc: str, config:
     for step in tqdm(range(steps), desc=desc, disable=not dist.is_main, leave=False):
         for group in optimizer.param_groups:
             group["lr"] = cosine(lr, step, steps)
-        loss = step_loss(step)
+        with precision():
+            loss = step_loss(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         dist.average_gradients(params)
@@ -126,23 +131,29 @@ def _run_phase(model, names: set[str], lr: float, steps: int, desc: str, config:
 
 
 def run_router_phase(model, schedule: BlockSchedule, targets: DistillTargets, first_step: int,
-                     lr: float, config: TrainConfig, dist: Distributed) -> list[float]:
+                     lr: float, config: TrainConfig, dist: Distributed,
+                     precision: Precision = contextlib.nullcontext) -> list[float]:
+    device = next(model.parameters()).device
+
     def step_loss(step: int) -> torch.Tensor:
         rows = dist.shard(schedule.indices(first_step + step))
-        input_ids = targets.tokens[rows]  # [b, T]
+        input_ids = targets.tokens[rows].to(device)  # [b, T]
         logits = router_logits(model, input_ids)  # [b, T, E] or [b, T, L, E]
-        scores = targets.scores[rows].flatten(0, 1)  # [b*T, L, E]
+        scores = targets.scores[rows].to(torch.int32).to(device).flatten(0, 1)  # [b*T, L, E]
         return router_distillation_loss(logits.flatten(0, 1), scores, targets.expert_sizes,
                                         config.router_loss)
 
     return _run_phase(model, router_parameter_names(model), lr, config.router_steps, "router",
-                      config, dist, step_loss)
+                      config, dist, step_loss, precision)
 
 
 def run_expert_phase(model, schedule: BlockSchedule, first_step: int, lr: float,
-                     config: TrainConfig, dist: Distributed, dense=None) -> list[float]:
+                     config: TrainConfig, dist: Distributed, dense=None,
+                     precision: Precision = contextlib.nullcontext) -> list[float]:
+    device = next(model.parameters()).device
+
     def step_loss(step: int) -> torch.Tensor:
-        input_ids = dist.shard(schedule.batch(first_step + step))  # [b, T]
+        input_ids = dist.shard(schedule.batch(first_step + step)).to(device)  # [b, T]
         logits = model(input_ids=input_ids).logits  # the model routes with its frozen router
         loss = lm_loss(logits, input_ids)
         if dense is not None and config.kd_weight > 0:
@@ -152,4 +163,4 @@ def run_expert_phase(model, schedule: BlockSchedule, first_step: int, lr: float,
         return loss
 
     return _run_phase(model, expert_parameter_names(model, config.expert_params), lr,
-                      config.expert_steps, "experts", config, dist, step_loss)
+                      config.expert_steps, "experts", config, dist, step_loss, precision)

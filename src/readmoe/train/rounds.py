@@ -19,6 +19,7 @@ import torch
 
 from readmoe.errors import ReadmoeError
 from readmoe.io import atomic_write_json
+from readmoe.models.device import Placement, resolve_placement
 from readmoe.train.config import TrainConfig
 from readmoe.train.data import BlockSchedule, mixed_blocks
 from readmoe.train.evaluate import RoundEvaluator
@@ -30,9 +31,16 @@ CHECKPOINT = "checkpoint"
 
 
 class Trainer:
+    """``placement``: where training runs. The trained model keeps fp32 weights on its device
+    (AdamW's updates would round away in bf16); a reduced dtype autocasts the forward passes
+    and holds the frozen dense teacher. It is not part of the run's state: a run resumes on
+    another device with the same data order."""
+
     def __init__(self, moe_dir: str | Path, corpus_spec: str, out: str | Path,
-                 config: TrainConfig, dense: str | None = None) -> None:
+                 config: TrainConfig, dense: str | None = None,
+                 placement: Placement | None = None) -> None:
         config.validate()
+        self.placement = placement or resolve_placement()
         self.moe_dir, self.out, self.config = Path(moe_dir), Path(out), config
         self.corpus_spec, self.dense_spec = corpus_spec, dense
         self.dist = Distributed()
@@ -62,7 +70,8 @@ class Trainer:
         self.corpus = load_corpus(self.corpus_spec)
         self.tokenizer = load_tokenizer(str(self.moe_dir))
         state = self._load_state()
-        model = load_model(str(self.out / CHECKPOINT if state["phases_done"] else self.moe_dir))
+        model = load_model(str(self.out / CHECKPOINT if state["phases_done"] else self.moe_dir),
+                           dtype=torch.float32, device=self.placement.device)
         self.routed = model.config.needs_routing
         if self.routed and model.config.router_type == "none":
             model.attach_router(self.config.router_type)
@@ -82,12 +91,13 @@ class Trainer:
                 lr = self.config.lr_router * self.config.decay**r
                 losses = run_router_phase(model, router_schedule, targets,
                                           r * self.config.router_steps, lr, self.config,
-                                          self.dist)
+                                          self.dist, self.placement.autocast)
             else:
                 lr = self.config.lr_experts * self.config.decay**r
                 losses = run_expert_phase(model, schedule, r * self.config.expert_steps, lr,
                                           self.config, self.dist,
-                                          dense if self.config.kd_weight > 0 else None)
+                                          dense if self.config.kd_weight > 0 else None,
+                                          self.placement.autocast)
             entry = state["rounds"].setdefault(str(r), {"round": r})
             entry[kind] = {"lr": lr, "losses": losses, "seconds": round(time.time() - started, 1)}
             last_of_round = index == len(self.phases()) - 1 or self.phases()[index + 1][1] != r
@@ -114,7 +124,7 @@ class Trainer:
         if expected and model_fingerprint(resolve_model(source)) != expected:
             raise ReadmoeError(f"{source} is not the dense model {self.moe_dir} was carved from;"
                                " pass the right one with --dense")
-        return load_model(source)
+        return load_model(source, dtype=self.placement.dtype, device=self.placement.device)
 
     def _blocks(self) -> torch.Tensor:
         c = self.config

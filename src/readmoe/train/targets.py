@@ -62,6 +62,6 @@ def build_targets(oracle, blocks: torch.Tensor, batch_size: int = 4,
     for start in tqdm(range(0, blocks.shape[0], batch_size), desc="distillation targets",
                       unit="batch"):
         scores = oracle.layer_scores(blocks[start : start + batch_size])  # [B, T, L, E]
-        pieces.append(scores.round().to(torch.int32).to(torch.uint16))
+        pieces.append(scores.round().to(torch.int32).cpu().to(torch.uint16))
     sizes = [lp.expert_size for lp in oracle.plan.layers]
     return DistillTargets(blocks.clone(), torch.cat(pieces), sizes, dict(meta or {}))

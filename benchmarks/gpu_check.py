@@ -1,0 +1,243 @@
+"""The GPU path in one go, on a machine with CUDA: what a CPU-only session can only write.
+
+Checks (each recorded as pass / fail with its numbers; one failing does not stop the rest):
+
+1. ``placement``: with a GPU, the default placement is CUDA bf16.
+2. ``engine``: a tiny ReadME model served on CUDA in fp32 gives the CPU's greedy tokens;
+   in bf16 every request finishes.
+3. ``cuda_store``: the CUDA expert store (``--capacity``): RAM tier in pinned host memory,
+   copies on a side stream with prefetch, and the file tier, each giving the resident
+   model's greedy tokens; bf16 from the RAM tier finishes; misses and hidden load time.
+4. ``server``: `readmoe serve --device cuda` answers a streamed chat through the official
+   openai client and exits 0 on SIGTERM.
+5. ``train``: `readmoe stats/refactor/train --device cuda` (bf16 autocast) on a tiny model:
+   fp32 weights saved, finite losses.
+6. ``engine_speed``: ``benchmarks/engine_speed.py --device cuda`` in bf16 and fp32, on
+   ``--model`` / ``--corpus`` when given (or found under runs/), else on a random-weight twin
+   of the refactored SmolLM2-135M's shape (speed does not depend on the weights' values; the
+   untrained router spreads tokens over more experts than a trained one), labelled so.
+
+Writes results/gpu_check.{json,md} (and results/gpu/{bfloat16,float32}/engine_speed.*). Run
+from the repository root (``--device cpu`` is a dry run of the same checks, results
+elsewhere):
+
+    python benchmarks/gpu_check.py [--model DIR --corpus DIR]
+    python benchmarks/gpu_check.py --device cpu --results /tmp/gpu-dry --speed-args \
+        --batches 1 --new-tokens 4 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the tiny-model helpers live beside the tests
+
+from readmoe.io import write_results  # noqa: E402
+from readmoe.models.device import resolve_placement  # noqa: E402
+from readmoe.serve.launch import EngineOptions, open_engine  # noqa: E402
+from readmoe.serve.sampling import SamplingParams  # noqa: E402
+
+PROMPTS = [[5, 9, 14, 3, 70], [40, 41, 42, 43, 44, 45, 46], list(range(20, 60))]
+FOUND = [("runs/bench/train-readme", "runs/bench/corpus"),
+         ("runs/demo/train-readme", "runs/demo/corpus")]
+
+
+def greedy(folder: Path, options: EngineOptions, device: str, dtype: str = "float32") -> dict:
+    """Greedy tokens of PROMPTS and what the engine's store says about itself."""
+    with open_engine(str(folder), options, resolve_placement(device, dtype)) as served:
+        outs = served.engine.generate(PROMPTS, SamplingParams(max_tokens=8))
+        run = {"tokens": [o.token_ids for o in outs], "store": served.experts["store"]}
+        store = served.engine.store
+        if store is not None:
+            run["stats"] = store.stats.to_dict()
+            if options.tier == "ram":  # --tier ram on CUDA promises DMA from pinned memory
+                run["pinned"] = next(iter(store._tier._experts.values())).is_pinned()
+        return run
+
+
+def check_placement(device: str) -> dict:
+    placement = resolve_placement()
+    expected = {"device": "cuda", "dtype": "bfloat16"} if device == "cuda" else {
+        "device": "cpu", "dtype": "float32"}
+    return {"ok": placement.to_dict() == expected, "default": placement.to_dict(),
+            "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None}
+
+
+def check_engine(folder: Path, device: str) -> dict:
+    cpu = greedy(folder, EngineOptions(), "cpu")["tokens"]
+    here = greedy(folder, EngineOptions(), device)["tokens"]
+    bf16 = greedy(folder, EngineOptions(), device, "bfloat16")["tokens"]
+    same = sum(a == b for x, y in zip(cpu, here, strict=True) for a, b in zip(x, y, strict=False))
+    return {"ok": here == cpu and all(len(t) == 8 for t in bf16),
+            "tokens_equal": f"{same} of {sum(map(len, cpu))}"}
+
+
+def check_store(folder: Path, device: str) -> dict:
+    resident = greedy(folder, EngineOptions(), device)["tokens"]
+    result = {}
+    for tier in ("ram", "file"):
+        run = greedy(folder, EngineOptions(capacity=1, tier=tier, cache_policy="lru"), device)
+        result[tier] = {**run, "equal": run.pop("tokens") == resident}
+    bf16 = greedy(folder, EngineOptions(capacity=1, tier="ram"), device, "bfloat16")
+    result["bf16_ram_finishes"] = all(len(t) == 8 for t in bf16["tokens"])
+    result["ok"] = (all(result[t]["equal"] and result[t]["stats"]["misses"] > 0
+                        for t in ("ram", "file")) and result["bf16_ram_finishes"]
+                    and result["ram"]["pinned"] == (device == "cuda"))
+    return result
+
+
+def check_server(folder: Path, device: str) -> dict:
+    from openai import OpenAI
+
+    from readmoe.server.process import ServerProcess
+
+    with ServerProcess(folder, "--device", device, "--served-model-name", "tiny") as server:
+        with OpenAI(base_url=server.base_url, api_key="none", max_retries=0) as client:
+            chunks = list(client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                temperature=0, stream=True, stream_options={"include_usage": True}))
+        status = server.stop()
+    listening = next(line for line in server.output if "listening on" in line)
+    return {"ok": status == 0 and chunks[-1].usage.completion_tokens > 0
+            and device in listening, "exit_status": status, "listening": listening.strip(),
+            "events": len(chunks)}
+
+
+def check_train(work: Path, device: str) -> dict:
+    from safetensors.torch import load_file
+
+    from readmoe.cli import main
+    from tests.conftest import char_tokenizer, refactor_tiny, tiny_model, write_alphabet_corpus
+
+    dense = work / "dense"
+    tiny_model().save_pretrained(dense)
+    char_tokenizer().save_pretrained(dense)
+    corpus = write_alphabet_corpus(work / "corpus", docs=12, length=400)
+    moe = refactor_tiny(work, dense, corpus)
+    out = work / "train"
+    status = main(["train", str(moe), "--corpus", str(corpus), "--out", str(out), "--rounds",
+                   "1", "--router-steps", "3", "--expert-steps", "3", "--batch-size", "4",
+                   "--block-size", "32", "--eval-tokens", "64", "--device", device,
+                   "--dtype", "bfloat16"])
+    dtypes = {str(t.dtype) for t in load_file(str(out / "round-0" / "model.safetensors"))
+              .values()}
+    log = json.loads((out / "train_log.json").read_text())["rounds"][0]
+    losses = log["router"]["losses"] + log["experts"]["losses"]
+    return {"ok": status == 0 and dtypes == {"torch.float32"}
+            and all(loss == loss for loss in losses), "weights": sorted(dtypes),
+            "losses": losses}
+
+
+def speed_twin(work: Path) -> tuple[Path, Path, str]:
+    """A random-weight ReadME model of the refactored SmolLM2-135M's shape, and a corpus."""
+    from readmoe.model import ReadMEConfig, ReadMEForCausalLM
+    from readmoe.refactor.slicing import save_readme
+    from tests.conftest import char_tokenizer, write_alphabet_corpus
+
+    config = ReadMEConfig(vocab_size=49152, hidden_size=576, dense_intermediate_size=1536,
+                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                          num_experts=6, shared_intermediate_sizes=[318] * 30,
+                          expert_intermediate_sizes=[450] * 30, tie_word_embeddings=True,
+                          max_position_embeddings=8192)
+    torch.manual_seed(0)
+    model = ReadMEForCausalLM(config).eval()
+    model.attach_router("pregating", seed=0)
+    folder = save_readme(model, work / "twin", tokenizer=char_tokenizer())
+    corpus = write_alphabet_corpus(work / "twin-corpus", docs=40, length=4000)
+    return folder, corpus, ("random-weight twin of the refactored SmolLM2-135M shape (mean "
+                            "shared/expert sizes 318/450, untrained router, char tokenizer)")
+
+
+def check_speed(work: Path, args: argparse.Namespace) -> dict:
+    model, corpus = args.model, args.corpus
+    if model is None:
+        from readmoe.train.rounds import final_model_dir
+
+        for run, found_corpus in FOUND:
+            if any(Path(run).glob("round-*")) and Path(found_corpus).is_dir():
+                model, corpus = str(final_model_dir(run)), found_corpus
+                break
+    label = model
+    if model is None:
+        model, corpus, label = speed_twin(work)
+    runs = {}
+    for dtype in ("bfloat16", "float32"):
+        out = Path(args.results) / "gpu" / dtype
+        command = [sys.executable, str(ROOT / "benchmarks" / "engine_speed.py"), "--model",
+                   str(model), "--corpus", str(corpus), "--device", args.device, "--dtype",
+                   dtype, "--results", str(out), *args.speed_args]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        runs[dtype] = {"exit_status": done.returncode, "tail": done.stdout[-1500:]
+                       + done.stderr[-1500:]}
+        if done.returncode == 0:
+            runs[dtype]["rows"] = json.loads((out / "engine_speed.json").read_text())["rows"]
+    return {"ok": all(r["exit_status"] == 0 for r in runs.values()), "model": label,
+            "runs": runs}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a ReadME folder for engine_speed.py")
+    parser.add_argument("--corpus", default=None, help="its corpus (prompts)")
+    parser.add_argument("--results", default="results")
+    parser.add_argument("--device", default="cuda",
+                        help="cuda (the point); cpu runs the same checks as a dry run")
+    parser.add_argument("--speed-args", nargs=argparse.REMAINDER, default=[],
+                        help="passed on to engine_speed.py (e.g. --batches 1 --new-tokens 4)")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no GPU: torch.cuda.is_available() is False (this script is for a "
+                         "machine with CUDA; --device cpu for a dry run)")
+    device = args.device
+    from tests.server.helpers import save_tiny_model
+
+    results = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda,
+               "checks": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        folder = save_tiny_model(work / "tiny")
+        checks = {"placement": lambda: check_placement(device),
+                  "engine": lambda: check_engine(folder, device),
+                  "cuda_store": lambda: check_store(folder, device),
+                  "server": lambda: check_server(folder, device),
+                  "train": lambda: check_train(work / "train-work", device),
+                  "engine_speed": lambda: check_speed(work, args)}
+        for name, check in checks.items():
+            started = time.time()
+            try:
+                outcome = check()
+            except Exception:
+                outcome = {"ok": False, "error": traceback.format_exc()[-2000:]}
+            outcome["seconds"] = round(time.time() - started, 1)
+            results["checks"][name] = outcome
+            print(name, "pass" if outcome["ok"] else "FAIL", flush=True)
+    lines = [f"# GPU check ({device})", "", f"torch {results['torch']}, CUDA {results['cuda']}; "
+             f"command "
+             f"`{' '.join([sys.executable, *sys.argv])}`", "", "| check | result | seconds |",
+             "|---|---|---:|"]
+    lines += [f"| {name} | {'pass' if c['ok'] else 'FAIL'} | {c['seconds']} |"
+              for name, c in results["checks"].items()]
+    speed = results["checks"]["engine_speed"]
+    for dtype, run in speed.get("runs", {}).items():
+        lines += ["", f"engine_speed.py, {dtype}, model: {speed['model']}", "",
+                  "| batch | HF tok/s | engine tok/s | speedup |", "|---:|---:|---:|---:|"]
+        lines += [f"| {r['batch']} | {r['hf_tokens_per_s']:.1f} | "
+                  f"{r['engine_tokens_per_s']:.1f} | {r['speedup']:.2f}x |"
+                  for r in run.get("rows", [])]
+    write_results(args.results, "gpu_check", results, "\n".join(lines))
+    return 0 if all(c["ok"] for c in results["checks"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

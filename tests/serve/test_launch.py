@@ -1,0 +1,74 @@
+"""Opening an engine on a model spec: a dense model served as one all-shared expert equals HF
+generate on it; an offloaded ReadME model serves from a RAM store in the requested dtype; bad
+combinations are refused with the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from readmoe.errors import ReadmoeError
+from readmoe.models.device import resolve_placement
+from readmoe.serve.launch import EngineOptions, dense_as_readme, open_engine
+from readmoe.serve.sampling import SamplingParams
+from tests.conftest import tiny_model
+from tests.server.helpers import save_tiny_model
+
+CPU = resolve_placement("cpu", "float32")
+PROMPTS = [[5, 9, 14, 3], [40, 41, 42, 43, 44, 45, 46]]
+
+
+@pytest.fixture(scope="module")
+def readme_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("launch") / "tiny")
+
+
+def test_dense_as_readme_equals_hf_generate():
+    dense = tiny_model()
+    served = dense_as_readme(dense)
+    assert served.config.num_experts == 1 and not served.config.needs_routing
+    for prompt in PROMPTS:
+        ids = torch.tensor([prompt])
+        torch.testing.assert_close(served(ids).logits, dense(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_dense_folder_serves_through_the_engine(tiny_llama_dir):
+    from readmoe.models import load_model
+
+    dense = load_model(str(tiny_llama_dir))
+    with open_engine(str(tiny_llama_dir), EngineOptions(), CPU) as served:
+        outs = served.engine.generate(PROMPTS, SamplingParams(max_tokens=6))
+        assert served.max_model_len == dense.config.max_position_embeddings
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        ref = dense.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)
+        assert out.token_ids == ref[0, len(prompt):].tolist()
+    with (pytest.raises(ReadmoeError, match="dense model: it has no routed experts"),
+          open_engine(str(tiny_llama_dir), EngineOptions(capacity=1), CPU)):
+        pass
+
+
+def test_offloaded_ram_tier_in_another_dtype(readme_dir):
+    resident = open_engine(str(readme_dir), EngineOptions(), CPU)
+    with resident as served:
+        expected = [o.token_ids for o in served.engine.generate(PROMPTS, SamplingParams(5))]
+    offload = EngineOptions(capacity=1, tier="ram", cache_policy="lru")
+    with open_engine(str(readme_dir), offload, CPU) as served:
+        assert served.experts["capacity"] == 1 and served.experts["expert_bytes_released"] > 0
+        outs = served.engine.generate(PROMPTS, SamplingParams(5))
+        assert [o.token_ids for o in outs] == expected
+        assert served.engine.store.stats.misses > 0
+    bf16 = resolve_placement("cpu", "bfloat16")
+    with open_engine(str(readme_dir), offload, bf16) as served:
+        assert served.engine.model.model.embed_tokens.weight.dtype == torch.bfloat16
+        assert all(o.finished for o in served.engine.generate(PROMPTS, SamplingParams(3)))
+    with (pytest.raises(ReadmoeError, match="--tier ram"),
+          open_engine(str(readme_dir), EngineOptions(capacity=1), bf16)):
+        pass
+
+
+def test_options_are_checked():
+    for options, match in ((EngineOptions(tier="ram"), "add --capacity"),
+                           (EngineOptions(capacity=0), "at least 1"),
+                           (EngineOptions(max_seqs=0), "--max-seqs")):
+        with pytest.raises(ReadmoeError, match=match):
+            options.validate()
