@@ -12,8 +12,9 @@ gets the same bytes for its FFN weights.
 
 - ``readme-codesign``: everything the pre-gating router allows: the cache-aware scheduler
   (capped at the cache's capacity, ``load_ratio`` from the setting's load and step times),
-  Belady over the known and the predicted future (a next-expert rule, by default the
-  request's last expert; the benchmark picks the rule most accurate on held-out routing), and
+  Belady over the known and the predicted future (a next-expert rule: by default the most
+  frequent of the request's last 5 experts, the most accurate of the rules measured on the
+  default model's held-out routing; benchmarks/codesign.py measures and picks again), and
   prefetch: every load of a step issued at its start, and experts loaded ahead for the next
   step from the predicted demand at ``prefetch_rate`` per step, what the copy stream can load
   during one step's compute.
@@ -89,7 +90,7 @@ def capacity_for(share: float, num_experts: int) -> int:
     return max(1, min(num_experts, round(share * num_experts)))
 
 
-def make_system(name: str, setting: Setting, predictor: str = "last") -> System:
+def make_system(name: str, setting: Setting, predictor: str = "mode-5") -> System:
     """The system ``name`` (module docstring) for ``setting``; ``predictor`` is the co-design's
     next-expert rule (``experts/predict.py``)."""
     if name in ("readme-codesign", "readme-codesign-on-demand"):
