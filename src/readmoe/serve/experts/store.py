@@ -27,7 +27,6 @@ import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from time import perf_counter
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -39,9 +38,6 @@ from readmoe.serve.experts.loader import CopyEngine, CudaCopyEngine, ThreadCopyE
 from readmoe.serve.experts.plan import CoDesign, ExpertPlanner, StepPlan
 from readmoe.serve.experts.policies import EvictionPolicy, make_policy
 from readmoe.serve.packed import PackedExpert, PackedMatrix
-
-if TYPE_CHECKING:
-    from readmoe.serve.experts.stream import DenseStream
 
 PARTS = ("gate_proj", "up_proj", "down_proj")
 TIERS = ("file", "ram")
@@ -122,7 +118,71 @@ class _RamTier:
         return gate_up[expert], down[expert]
 
 
-class ExpertStore:
+class SlotStore:
+    """What ``StepAccess`` needs of a store: packed views of fast-tier slots, a copy engine,
+    which load brought each expert and filled each slot, the compute position clock and the
+    stall time. ``ExpertStore`` and ``stream.DenseStream`` differ only in where slots and
+    loads come from (``_source``) and which counters they keep (``_counts``)."""
+
+    device: torch.device
+    expert_bytes: tuple[int, ...]
+
+    def _start_copies(self, views: dict[tuple[int, int], PackedExpert],
+                      link: EmulatedLink | None) -> None:
+        self._views = views
+        self._copy: CopyEngine = (CudaCopyEngine(self.device) if self.device.type == "cuda"
+                                  else ThreadCopyEngine(link))
+        self._ticket: dict[tuple[int, int], int] = {}  # (layer, expert) -> its latest load
+        self._slot_ticket: dict[tuple[int, int], int] = {}  # (layer, slot) -> its latest load
+        self._position = 0  # routed experts computed so far: the copy engine's clock
+        self._stall_s = 0.0
+
+    def _source(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed (gate|up, down) a load of ``expert`` of ``layer`` copies."""
+        raise NotImplementedError
+
+    @property
+    def _counts(self) -> CacheStats:
+        raise NotImplementedError
+
+    @property
+    def stats(self) -> CacheStats:
+        """The counters with the copy engine's load time and compute's stall time."""
+        c = self._counts
+        return CacheStats(c.hits, c.misses, c.evictions, c.bytes_moved, c.prefetched,
+                          c.prefetch_used, self._copy.load_s, self._stall_s)
+
+    def _submit(self, load: Load, after: int | None) -> int:
+        view = self._views[load.layer, load.slot]
+        async_copy = self.device.type == "cuda"
+
+        def copy() -> None:
+            gate_up, down = self._source(load.layer, load.expert)
+            view.gate_up.weight.copy_(gate_up, non_blocking=async_copy)
+            view.down.weight.copy_(down, non_blocking=async_copy)
+        ticket = self._copy.submit(copy, self.expert_bytes[load.layer], after, load.speculative,
+                                   self._slot_ticket.get((load.layer, load.slot)))
+        self._ticket[load.layer, load.expert] = self._slot_ticket[load.layer, load.slot] = ticket
+        return ticket
+
+    def _weights(self, layer: int, slot: int, ticket: int | None) -> PackedExpert:
+        """The weights in ``slot`` once load ``ticket`` (the one that brought the expert this
+        access computes) is done; the wait counts as stall."""
+        if ticket is not None:
+            self._stall_s += self._copy.wait(ticket)
+        return self._views[layer, slot]
+
+    def close(self) -> None:
+        self._copy.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ExpertStore(SlotStore):
     """Routed experts behind a fast tier of ``capacity`` slots per layer (module docstring).
 
     ``source``: a ReadME model folder, or a state dict (``model.state_dict()``; ram tier only).
@@ -158,8 +218,7 @@ class ExpertStore:
         self._tier = files if tier == "file" else _RamTier(
             tensor, self.routed_layers, self.transposed, pin=self.device.type == "cuda")
         self.link = EmulatedLink(bandwidth) if bandwidth is not None else None
-        self._slots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._views: dict[tuple[int, int], PackedExpert] = {}
+        views: dict[tuple[int, int], PackedExpert] = {}
         expert_bytes = [0] * self.num_layers
         self.num_experts = 0
         for layer in self.routed_layers:
@@ -167,23 +226,16 @@ class ExpertStore:
             self.num_experts = experts
             gate_up = (hidden, 2 * size) if self.transposed else (2 * size, hidden)
             down = (size, hidden) if self.transposed else (hidden, size)
-            self._slots[layer] = (torch.empty((capacity, *gate_up), dtype=dtype,
-                                              device=self.device),
-                                  torch.empty((capacity, *down), dtype=dtype, device=self.device))
-            expert_bytes[layer] = 3 * size * hidden * self._slots[layer][0].element_size()
+            slots = (torch.empty((capacity, *gate_up), dtype=dtype, device=self.device),
+                     torch.empty((capacity, *down), dtype=dtype, device=self.device))
+            expert_bytes[layer] = 3 * size * hidden * slots[0].element_size()
             for slot in range(capacity):
-                self._views[layer, slot] = PackedExpert(
-                    PackedMatrix(self._slots[layer][0][slot], None, self.transposed),
-                    PackedMatrix(self._slots[layer][1][slot], None, self.transposed))
+                views[layer, slot] = PackedExpert(
+                    *(PackedMatrix(part[slot], None, self.transposed) for part in slots))
         self.expert_bytes = tuple(expert_bytes)
         policy = make_policy(policy) if isinstance(policy, str) else policy
         self.cache = ExpertCache(capacity, self.expert_bytes, policy)
-        self._copy: CopyEngine = (CudaCopyEngine(self.device) if self.device.type == "cuda"
-                                  else ThreadCopyEngine(self.link))
-        self._ticket: dict[tuple[int, int], int] = {}  # (layer, expert) -> its latest load
-        self._slot_ticket: dict[tuple[int, int], int] = {}  # (layer, slot) -> its latest load
-        self._position = 0  # routed experts computed so far: the copy engine's clock
-        self._stall_s = 0.0
+        self._start_copies(views, self.link)
 
     @property
     def capacity(self) -> int:
@@ -199,14 +251,6 @@ class ExpertStore:
         link = f" + {self.link.describe()}" if self.link else ""
         return f"{tier}{link} -> {self.device.type} (capacity {self.capacity} per layer)"
 
-    @property
-    def stats(self) -> CacheStats:
-        """The cache's counters with the copy engine's load time and compute's stall time."""
-        counts = self.cache.stats
-        return CacheStats(counts.hits, counts.misses, counts.evictions, counts.bytes_moved,
-                          counts.prefetched, counts.prefetch_used, self._copy.load_s,
-                          self._stall_s)
-
     def read(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One expert's packed (gate|up, down) from the slow tier, as a load copies it."""
         return self._tier.read(layer, expert, self.transposed)
@@ -221,35 +265,12 @@ class ExpertStore:
         """Execute ``plan``; ``plan_layer`` plans the layers it leaves out as they run."""
         return StepAccess(self, plan, prefetch, plan_layer)
 
-    def _submit(self, load: Load, after: int | None) -> int:
-        gate_up, down = self._slots[load.layer]
-        slot, read = load.slot, self.read
-        async_copy = self.device.type == "cuda"
+    def _source(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.read(layer, expert)
 
-        def copy() -> None:
-            source = read(load.layer, load.expert)
-            gate_up[slot].copy_(source[0], non_blocking=async_copy)
-            down[slot].copy_(source[1], non_blocking=async_copy)
-        ticket = self._copy.submit(copy, self.expert_bytes[load.layer], after, load.speculative,
-                                   self._slot_ticket.get((load.layer, slot)))
-        self._ticket[load.layer, load.expert] = self._slot_ticket[load.layer, slot] = ticket
-        return ticket
-
-    def _weights(self, layer: int, slot: int, ticket: int | None) -> PackedExpert:
-        """The weights in ``slot`` once load ``ticket`` (the one that brought the expert this
-        access computes) is done; the wait counts as stall."""
-        if ticket is not None:
-            self._stall_s += self._copy.wait(ticket)
-        return self._views[layer, slot]
-
-    def close(self) -> None:
-        self._copy.close()
-
-    def __enter__(self) -> ExpertStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    @property
+    def _counts(self) -> CacheStats:
+        return self.cache.stats
 
 
 class StepAccess:
@@ -266,7 +287,7 @@ class StepAccess:
     the next step, issued later, is not waited for.
     """
 
-    def __init__(self, store: ExpertStore | DenseStream, plan: StepPlan, prefetch: bool,
+    def __init__(self, store: SlotStore, plan: StepPlan, prefetch: bool,
                  plan_layer: Callable[[int, Sequence[int]], LayerPlan] | None) -> None:
         if not plan.layers and plan_layer is None:
             raise ReadmoeError("a step with no planned layers needs plan_layer")

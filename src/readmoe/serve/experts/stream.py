@@ -30,9 +30,15 @@ from readmoe.errors import ReadmoeError
 from readmoe.serve.experts.cache import CacheStats, LayerPlan, Load
 from readmoe.serve.experts.future import access_time
 from readmoe.serve.experts.link import EmulatedLink
-from readmoe.serve.experts.loader import CopyEngine, CudaCopyEngine, ThreadCopyEngine
 from readmoe.serve.experts.plan import StepPlan
-from readmoe.serve.experts.store import PARTS, StepAccess, _FileTier, expert_name, packed_parts
+from readmoe.serve.experts.store import (
+    PARTS,
+    SlotStore,
+    StepAccess,
+    _FileTier,
+    expert_name,
+    packed_parts,
+)
 from readmoe.serve.packed import PackedExpert, PackedMatrix
 from readmoe.serve.types import Batch, CacheView, Request
 
@@ -95,7 +101,7 @@ class StreamPlanner:
         return StepPlan(step, layers)
 
 
-class DenseStream:
+class DenseStream(SlotStore):
     """A dense model's FFNs behind a budget of ``budget_bytes`` (module docstring).
 
     ``folder`` is a dense-as-one-expert model folder. It speaks the store protocol the engine
@@ -138,16 +144,11 @@ class DenseStream:
             return PackedExpert(*(PackedMatrix(torch.empty_like(t, device=self.device), None,
                                                transposed) for t in (gate_up, down)))
         ring = [empty(), empty()] if self.streamed else []
-        self._views = {(layer, 0): empty() for layer in layers if layer not in self.streamed}
+        views = {(layer, 0): empty() for layer in layers if layer not in self.streamed}
         for index, layer in enumerate(self.streamed):
-            self._views[layer, index % 2] = ring[index % 2]
+            views[layer, index % 2] = ring[index % 2]
         self.link = EmulatedLink(bandwidth) if bandwidth is not None else None
-        self._copy: CopyEngine = (CudaCopyEngine(self.device) if self.device.type == "cuda"
-                                  else ThreadCopyEngine(self.link))
-        self._ticket: dict[tuple[int, int], int] = {}
-        self._slot_ticket: dict[tuple[int, int], int] = {}
-        self._position = 0
-        self._stall_s = 0.0
+        self._start_copies(views, self.link)
 
     @property
     def fast_tier_bytes(self) -> int:
@@ -162,10 +163,8 @@ class DenseStream:
                 f"{len(self.streamed)} streamed)")
 
     @property
-    def stats(self) -> CacheStats:
-        c = self._planner.stats
-        return CacheStats(c.hits, c.misses, c.evictions, c.bytes_moved, 0, 0, self._copy.load_s,
-                          self._stall_s)
+    def _counts(self) -> CacheStats:
+        return self._planner.stats
 
     def planner(self, codesign: object = None) -> StreamPlanner:
         return self._planner
@@ -174,28 +173,5 @@ class DenseStream:
                    ) -> StepAccess:
         return StepAccess(self, plan, prefetch, None)
 
-    def _submit(self, load: Load, after: int | None) -> int:
-        view, (gate_up, down) = self._views[load.layer, load.slot], self._host[load.layer]
-        async_copy = self.device.type == "cuda"
-
-        def copy() -> None:
-            view.gate_up.weight.copy_(gate_up, non_blocking=async_copy)
-            view.down.weight.copy_(down, non_blocking=async_copy)
-        ticket = self._copy.submit(copy, self.layer_bytes, after, False,
-                                   self._slot_ticket.get((load.layer, load.slot)))
-        self._ticket[load.layer, load.expert] = self._slot_ticket[load.layer, load.slot] = ticket
-        return ticket
-
-    def _weights(self, layer: int, slot: int, ticket: int | None) -> PackedExpert:
-        if ticket is not None:
-            self._stall_s += self._copy.wait(ticket)
-        return self._views[layer, slot]
-
-    def close(self) -> None:
-        self._copy.close()
-
-    def __enter__(self) -> DenseStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _source(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._host[layer]
