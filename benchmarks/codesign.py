@@ -94,7 +94,9 @@ def parse_args() -> argparse.Namespace:
                         choices=["synthetic", "trace"])
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--sim-requests", type=int, default=200)
-    parser.add_argument("--skip-engine", action="store_true")
+    parser.add_argument("--skip-engine", action="store_true",
+                        help="rerun the simulator parts only, keeping the engine side of the "
+                        "last full run in --out (the engine grid takes over an hour here)")
     parser.add_argument("--out", default="results")
     return parser.parse_args()
 
@@ -175,6 +177,7 @@ def summarize_run(metrics: dict, capacity: int | None) -> dict:
            "ttft_p50_s": metrics["ttft_s"]["p50"],
            "tokens_per_s": metrics["throughput_tokens_per_s"],
            "distinct_experts_per_step": metrics["distinct_experts_per_step"],
+           "waited_steps_per_request": metrics.get("waited_steps_per_request"),
            "steps": metrics["steps"], "hit_ratio": cache.get("hit_ratio"),
            "load_ratio": cache.get("load_ratio"), "bytes_moved": cache.get("bytes_moved"),
            "load_hidden": metrics["load_hidden_fraction"],
@@ -321,11 +324,8 @@ def cross_checks(model, tokenizer, folder, specs, setting_by_name, predictor) ->
 
 # ---- simulator projection ---------------------------------------------------------------------
 
-def sim_grid(args, models, tokenizer, corpus, routed_sim_bytes, predictor) -> dict:
+def sim_grid(args, pregating, layerwise, routed_sim_bytes, predictor) -> dict:
     cost, dense_cost = get_profile("a100-llama2-7b"), get_profile("a100-llama2-7b-dense")
-    pregating = route_corpus(models["resident"], tokenizer, corpus, args.sim_requests, seed=5)
-    layerwise = route_corpus(models["layerwise-full"], tokenizer, corpus, args.sim_requests,
-                             seed=5)
     specs = pregating.specs(2.0, seed=5)
     step_s = 1.2e-3 + 32 * (cost.layer_fixed_s + 64 * cost.token_s + 4 * cost.expert_s)
     ratio = 32 * cost.load_time(0, 1) / step_s
@@ -368,6 +368,34 @@ def sim_grid(args, models, tokenizer, corpus, routed_sim_bytes, predictor) -> di
     return grid
 
 
+def sim_tradeoff(args, pregating, predictor) -> dict:
+    """What the cache-aware scheduler trades, isolated in the A100 projection: the same
+    predictor, Belady and prefetch under FCFS, the capped expert-aware scheduler and the
+    cache-aware one: loads per access saved against steps waited per request."""
+    cost = get_profile("a100-llama2-7b")
+    specs = pregating.specs(2.0, seed=5)
+    step_s = 1.2e-3 + 32 * (cost.layer_fixed_s + 64 * cost.token_s + 4 * cost.expert_s)
+    ratio = 32 * cost.load_time(0, 1) / step_s
+    setting = Setting("a100", load_ratio=round(ratio, 3), prefetch_rate=round(1 / ratio, 3))
+    codesign = make_system("readme-codesign", setting, predictor)
+    result = {}
+    for share in args.budgets:
+        capacity = capacity_for(share, pregating.num_experts)
+        cells = {}
+        for label, scheduler, options in (
+                ("fcfs", "fcfs", {}),
+                ("expert-aware, capped", "expert-aware", {"max_experts": capacity}),
+                ("cache-aware", "cache-aware", codesign.scheduler_options)):
+            config = replace(sim_config(codesign, share, setting, cost, pregating.num_experts,
+                                        SIM_BUDGET, 0), scheduler=scheduler,
+                             scheduler_options=options)
+            run = simulate(specs, pregating.routing(), config)
+            metrics = aggregate(run.requests, run.steps, run.cache)
+            cells[label] = summarize_run(metrics, None)
+        result[f"budget_{share:g}"] = cells
+    return result
+
+
 # ---- report -----------------------------------------------------------------------------------
 
 def _ms(value) -> str:
@@ -400,6 +428,64 @@ def table(cells: dict, resident: dict | None, title: str) -> list[str]:
                      f"{c['tokens_per_s']:.1f} | {_pct(c.get('hit_ratio'))} | {bound} | "
                      f"{_num(c.get('load_ratio'))} | {_pct(c.get('load_hidden'))} |")
     return lines + [""]
+
+
+def extra_tables(result: dict) -> list[str]:
+    """Predictor accuracy, copy interference, token-grain hit ratios, the trade-off and the
+    cross-check, each as a small markdown table."""
+    pred = result["predictor"]
+    lines = ["### Next-expert prediction on held-out routing", "",
+             "| rule | accuracy |", "|---|---:|"]
+    lines += [f"| {r['predictor']} | {_pct(r['accuracy'])} |" for r in pred["rules"]]
+    lines += [f"| router's runner-up of the previous token | {_pct(pred['runner_up_accuracy'])}"
+              " |", f"| next in the previous token's top 2 (not a single guess) | "
+              f"{_pct(pred['top2_contains_next'])} |", "",
+              f"{pred['predictions']} predictions; the co-design uses `{pred['chosen']}`.", "",
+              "### The copy engine beside compute (resident decode step, batch 8)", "",
+              "| copies | step idle (ms) | step with the copy engine busy (ms) | slowdown |",
+              "|---|---:|---:|---:|"]
+    for label, row in result["interference"].items():
+        lines.append(f"| {label} | {_ms(row['idle_step_s'])} | {_ms(row['busy_step_s'])} | "
+                     f"{_pct(row['slowdown'])} |")
+    lines += ["", "Busy = the copy engine loading back to back the whole time (its worst "
+              "case); a memcpy contends with compute for memory bandwidth, not for the "
+              "interpreter.", ""]
+    grain = [(key, budget, name, c) for key, cells in result.get("engine_settings", {}).items()
+             for budget, systems in cells.items() for name, c in systems.items()
+             if "token_grain" in c and key.endswith("/synthetic")]
+    if grain:
+        lines += ["### Hit ratios at the paper's per-token grain (labelled; one access per "
+                  "token, batch order, Belady told the realised sequence), beside ours", "",
+                  "| setting | budget | system | ours (per step and layer) | token grain: "
+                  "random | LRU | Belady |", "|---|---|---|---:|---:|---:|---:|"]
+        for key, budget, name, c in grain:
+            g = c["token_grain"]
+            lines.append(f"| {key} | {budget[7:]} | {name} | {_pct(c['hit_ratio'])} | "
+                         f"{_pct(g['random'])} | {_pct(g['lru'])} | {_pct(g['belady'])} |")
+        lines.append("")
+    if result.get("tradeoff"):
+        lines += ["### What the cache-aware scheduler trades (simulator, A100 projection; "
+                  "same predictor, Belady and prefetch)", "",
+                  "| budget | scheduler | loads per access | steps waited per request | "
+                  "norm. latency mean (ms) | distinct experts / step |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for budget, cells in result["tradeoff"].items():
+            for name, c in cells.items():
+                lines.append(f"| {budget[7:]} | {name} | {_num(c['load_ratio'])} | "
+                             f"{_num(c['waited_steps_per_request'])} | "
+                             f"{_ms(c['norm_latency_mean_s'])} | "
+                             f"{_num(c['distinct_experts_per_step'])} |")
+        lines.append("")
+    if result.get("cross_check"):
+        lines += ["### Engine against simulator (same requests, all at time 0)", "",
+                  "| system | hits, misses, prefetches equal | per-step expert sets equal | "
+                  "mean latency error | makespan error |", "|---|---|---|---:|---:|"]
+        for row in result["cross_check"]:
+            lines.append(f"| {row['system']} ({row['setting']}) | {row['hits_agree']} | "
+                         f"{row['schedules_agree']} | {_pct(row['mean_latency_error'])} | "
+                         f"{_pct(row['makespan_error'])} |")
+        lines.append("")
+    return lines
 
 
 def plot(path: Path, grid: dict, resident: dict, title: str) -> None:
@@ -448,21 +534,29 @@ def main() -> int:
     for name, folder in folders.items():
         models[name] = load_model(str(folder))
         place_for_offload(models[name])
-    specs = workloads(tokenizer, args.corpus, args)
-    cal = calibrate(models["resident"], tokenizer, readme, specs["synthetic"], ENGINE_BUDGET)
-    setting_by_name = make_settings(cal, args.settings)
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
               "threads": threads, "model": str(readme), "layerwise_model": str(layerwise),
-              "dense_model": str(dense), "routed_expert_bytes": routed,
-              "workload": {"requests": args.requests, "rate": args.rate,
-                           "max_output": args.max_output, "repeats": args.repeats,
-                           "engine_budget": vars(ENGINE_BUDGET)},
-              "calibration": cal,
-              "settings": {k: vars(v) for k, v in setting_by_name.items()},
-              "predictor": predictor_accuracy(models["resident"], tokenizer, corpus),
-              "interference": interference(models["resident"], tokenizer, readme, cal)}
-    print(json.dumps({k: result[k] for k in ("calibration", "settings", "predictor",
-                                             "interference")}, indent=2), flush=True)
+              "dense_model": str(dense), "routed_expert_bytes": routed}
+    previous = Path(args.out) / "codesign.json"
+    if args.skip_engine and previous.is_file():  # keep the engine side of the last full run
+        kept = json.loads(previous.read_text())
+        result.update({k: kept[k] for k in ("calibration", "settings", "predictor",
+                                            "interference", "workload", "engine",
+                                            "engine_settings", "engine_resident",
+                                            "cross_check") if k in kept})
+    else:
+        specs = workloads(tokenizer, args.corpus, args)
+        cal = calibrate(models["resident"], tokenizer, readme, specs["synthetic"], ENGINE_BUDGET)
+        setting_by_name = make_settings(cal, args.settings)
+        result.update({
+            "workload": {"requests": args.requests, "rate": args.rate,
+                         "max_output": args.max_output, "repeats": args.repeats,
+                         "engine_budget": vars(ENGINE_BUDGET)},
+            "calibration": cal, "settings": {k: vars(v) for k, v in setting_by_name.items()},
+            "predictor": predictor_accuracy(models["resident"], tokenizer, corpus),
+            "interference": interference(models["resident"], tokenizer, readme, cal)})
+        print(json.dumps({k: result[k] for k in ("calibration", "settings", "predictor",
+                                                 "interference")}, indent=2), flush=True)
     if not args.skip_engine:
         grid = engine_grid(args, folders, models, tokenizer, specs, setting_by_name, routed,
                            result["predictor"]["chosen"])
@@ -475,26 +569,36 @@ def main() -> int:
                                              specs["synthetic"], setting_by_name,
                                              result["predictor"]["chosen"])
     sim_routed = 32 * 6 * get_profile("a100-llama2-7b").expert_bytes[0]
-    result["sim"] = sim_grid(args, models, tokenizer, corpus, sim_routed,
-                             result["predictor"]["chosen"])
+    pregating = route_corpus(models["resident"], tokenizer, corpus, args.sim_requests, seed=5)
+    layerwise_trace = route_corpus(models["layerwise-full"], tokenizer, corpus,
+                                   args.sim_requests, seed=5)
+    chosen = result["predictor"]["chosen"]
+    result["sim"] = sim_grid(args, pregating, layerwise_trace, sim_routed, chosen)
+    result["tradeoff"] = sim_tradeoff(args, pregating, chosen)
+    write_results(args.out, "codesign", result, report(result, threads))
+    if result.get("engine"):
+        plot(Path(args.out) / "codesign.png", result["engine"],
+             result["engine_resident"]["synthetic"],
+             f"engine ({args.settings[0]} setting, synthetic workload), median of "
+             f"{result['workload']['repeats']} runs")
+    return 0
+
+
+def report(result: dict, threads: int) -> str:
     lines = ["# Co-design at equal memory: what the router's foresight buys", "",
              "Command: `.venv/bin/python benchmarks/codesign.py` (defaults) on "
-             f"{result['machine']}, torch threads {threads} (the copy engine has its own core).",
-             ""]
+             f"{result['machine']}, torch threads {threads} (the copy engine has its own core). "
+             "Engine cells: median of the repeats, [min-max]; the link setting is **emulated** "
+             f"({result['settings'].get('link', {}).get('bandwidth', 0) / 1e9:.2f} GB/s: one "
+             "expert of one layer loads in one layer's compute, measured).", ""]
     for key, cells in result.get("engine_settings", {}).items():
         setting, workload = key.split("/")
         lines += table(cells, result["engine_resident"].get(workload),
-                       f"engine, {setting} tier, {workload} workload")
+                       f"engine, {setting} setting, {workload} workload")
     lines += table({k: v for k, v in result["sim"].items() if k.startswith("budget_")},
                    result["sim"]["resident"], "simulator, A100 projection (all experts "
                    "resident: capacity 6 after a cold start)")
-    write_results(args.out, "codesign", result, "\n".join(lines))
-    if "engine" in result and result["engine"]:
-        plot(Path(args.out) / "codesign.png", result["engine"],
-             result["engine_resident"]["synthetic"],
-             f"engine ({args.settings[0]}, synthetic workload), median of {args.repeats}")
-    return 0
-
+    return "\n".join(lines + extra_tables(result))
 
 if __name__ == "__main__":
     raise SystemExit(main())

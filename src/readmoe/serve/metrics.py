@@ -5,7 +5,8 @@ consecutive outputs; TPOT = (last - first output) / (outputs - 1), for requests 
 more outputs; end-to-end = last output - arrival; normalized latency = end-to-end / outputs
 (the paper's metric). Aggregates: mean, p50, p95, p99 (linear interpolation); throughput over
 the span from the first arrival to the last output; the mean number of distinct experts per
-step; the cache counters; and the fraction of expert-load time that prefetching hid from the
+step; the mean number of steps a request waited with a token ready (what a scheduler's choices
+cost it); the cache counters; and the fraction of expert-load time that prefetching hid from the
 compute stream (``1 - stall / load``; 0 on demand, None when nothing was loaded).
 
 Files are written atomically (temporary file, then ``os.replace``), so a reader never sees a
@@ -83,6 +84,8 @@ def aggregate(requests: Sequence[Request], steps: Sequence[StepReport],
         "e2e_s": summarize([m.e2e for m in per_request]),
         "normalized_latency_s": summarize([m.normalized for m in per_request]),
         "steps": len(steps),
+        "waited_steps_per_request": (float(np.mean([r.total_waited for r in requests]))
+                                     if requests else None),
         "tokens_per_step": float(np.mean([s.num_tokens for s in steps])) if steps else None,
         "distinct_experts_per_step": (float(np.mean([s.distinct_experts for s in steps]))
                                       if steps else None),

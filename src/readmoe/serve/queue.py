@@ -71,6 +71,7 @@ class RequestQueue:
         for request in ready:
             if request.request_id not in scheduled:
                 request.steps_waited += 1
+                request.total_waited += 1
         return batch
 
     def complete(self, batch: Batch, sampled: Mapping[str, int | None],

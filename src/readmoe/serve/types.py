@@ -41,7 +41,8 @@ class Request:
     ``output_experts`` holds the experts of generated tokens that will be fed back, revealed one
     per step by the engine (``RequestQueue.complete``); ``output_times`` holds when each output
     token was produced, for the metrics. ``steps_waited`` counts consecutive steps in which the
-    request had a pending token but none of its tokens was scheduled (the aging rule's clock).
+    request had a pending token but none of its tokens was scheduled (the aging rule's clock);
+    ``total_waited`` counts all such steps over the request's life (what batching costs it).
     """
 
     request_id: str
@@ -52,6 +53,7 @@ class Request:
     num_computed: int = 0
     state: RequestState = RequestState.WAITING
     steps_waited: int = 0
+    total_waited: int = 0
     output_times: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
