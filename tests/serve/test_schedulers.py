@@ -157,7 +157,11 @@ def test_cache_aware_prefers_resident_experts_over_a_longer_queue():
                Request("c", 0.2, [2], 2)]
     budget = Budget(16, 8)
     aware = make_scheduler("cache-aware").schedule(waiting, [], budget, _resident_view({1, 2}))
-    assert aware.experts == (1, 2)  # the cap (2 slots) is filled with resident experts
+    assert aware.experts == (1, 2)  # the 2 slots are filled with resident experts, and the
+    # 5 tokens of expert 3 are below 2 x load_ratio x the step's 3 tokens: it waits
+    cheap = make_scheduler("cache-aware", load_ratio=0.25).schedule(waiting, [], budget,
+                                                                     _resident_view({1, 2}))
+    assert cheap.experts == (1, 2, 3)  # loads are cheap: beyond the slots too
     blind = make_scheduler("expert-aware", max_experts=2).schedule(waiting, [], budget)
     assert blind.experts == (1, 3)  # expert-aware takes the longest queue, 3, first
 

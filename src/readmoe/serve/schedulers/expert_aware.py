@@ -95,31 +95,34 @@ class ExpertAware(Scheduler):
             if step.builder.scheduled(request):
                 step.chosen.add(expert)
 
-        cap = self.cap(view)
         while not step.close(order) and not step.builder.full:
-            if cap is not None and len(step.chosen) >= cap:
-                break
             queues: dict[int, tuple[int, int]] = {}
             for rank, request in enumerate(order):
                 if (expert := step.next_expert(request)) is not None:
                     end = step.runs[request][step.next_run[request]][1]
                     size, first = queues.get(expert, (0, rank))
                     queues[expert] = (size + end - step.builder.scheduled(request), first)
-            expert = self.choose(queues, step.builder.num_tokens, view) if queues else None
+            expert = (self.choose(queues, step.builder.num_tokens, len(step.chosen), view)
+                      if queues else None)
             if expert is None:
                 break
             step.chosen.add(expert)
         return step.builder.build()
 
-    def cap(self, view: CacheView | None) -> int | None:
-        """The most experts step 3 may choose (None: no limit)."""
-        return self.max_experts
-
-    def choose(self, queues: dict[int, tuple[int, int]], num_tokens: int,
+    def choose(self, queues: dict[int, tuple[int, int]], num_tokens: int, chosen: int,
                view: CacheView | None) -> int | None:
         """Step 3's next expert from ``queues`` (expert -> (tokens, rank of its first
-        request)), or None to stop: the longest queue, ties to the higher-priority request."""
-        return max(queues, key=lambda e: (queues[e][0], -queues[e][1]))
+        request)) when ``chosen`` experts are in the step, or None to stop: the longest queue,
+        ties to the higher-priority request; none once ``max_experts`` are chosen."""
+        if self.max_experts is not None and chosen >= self.max_experts:
+            return None
+        return longest(queues)
+
+
+def longest(queues: dict[int, tuple[int, int]]) -> int:
+    """The expert with the most queued tokens, ties to the queue of the highest-priority
+    request."""
+    return max(queues, key=lambda e: (queues[e][0], -queues[e][1]))
 
 
 class _Step:
