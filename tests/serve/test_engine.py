@@ -169,3 +169,11 @@ def test_release_forgets_finished_and_aborted_requests(model, prompts):
     with pytest.raises(ReadmoeError, match="unknown request id"):
         eng.output(done)
     assert eng.metrics()["requests"] == 1  # only the generate() call's request is left
+
+
+def test_a_bounded_step_history_keeps_the_latest_reports(model, prompts):
+    eng = Engine(model, char_tokenizer(), "fcfs", Budget(64, 8), kv_blocks=40, block_size=4,
+                 step_history=3)
+    eng.generate(prompts[:2], SamplingParams(max_tokens=6, ignore_eos=True))
+    assert eng.num_steps > 3 and len(eng.steps) == 3
+    assert [s.step for s in eng.steps] == list(range(eng.num_steps - 3, eng.num_steps))

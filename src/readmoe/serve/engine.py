@@ -29,12 +29,15 @@ are known only inside each layer, so each layer is planned as it runs, on demand
 future. The model's own stacked routed weights are then not read.
 
 Time is wall clock (``time.perf_counter``) relative to the engine's start; the queue's finished
-requests and ``steps`` (StepReports) feed ``serve.metrics.aggregate`` (``metrics()``).
+requests and ``steps`` (StepReports) feed ``serve.metrics.aggregate`` (``metrics()``). A
+long-running server bounds ``steps`` to the last ``step_history`` reports (and ``release``s
+finished requests), so its memory stays flat; ``num_steps`` counts every step.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -108,7 +111,7 @@ class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer, scheduler: str | Scheduler = "fcfs",
                  budget: Budget = DEFAULT_BUDGET, kv_blocks: int = 512, block_size: int = 16,
                  expert_store: ExpertStore | DenseStream | None = None, prefetch: bool = True,
-                 codesign: CoDesign | None = None) -> None:
+                 codesign: CoDesign | None = None, step_history: int | None = None) -> None:
         config = model.config
         codesign = codesign or CoDesign()
         self.model = model.eval()
@@ -138,7 +141,9 @@ class Engine:
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.queue = RequestQueue()
-        self.steps: list[StepReport] = []
+        # the latest step reports (all, or the last ``step_history`` for a long-running server)
+        self.steps: deque[StepReport] = deque(maxlen=step_history)
+        self.num_steps = 0  # steps run so far: the clock of step plans
         self._seqs: dict[str, _Sequence] = {}
         self._arrived: list[_Sequence] = []  # not yet admitted, in arrival order
         self._next_id = 0
@@ -240,9 +245,10 @@ class Engine:
         if before is not None:
             spent = self.store.stats.since(before)
             load_s, stall_s = spent.load_s, spent.stall_s
-        self.steps.append(StepReport(len(self.steps), started, self.now(), batch.num_tokens,
+        self.steps.append(StepReport(self.num_steps, started, self.now(), batch.num_tokens,
                                      batch.num_seqs, len(batch.experts), load_s, stall_s,
                                      batch.experts, tuple(experts)))
+        self.num_steps += 1
         return [seq.output([token]) for seq, token in zip(sampling, tokens, strict=True)]
 
     def stream(self, request_id: str) -> Iterator[int]:
@@ -278,7 +284,7 @@ class Engine:
         """Replay ``specs`` (arrival times relative to now, each spec's own max_tokens) and
         return ``serve.metrics.aggregate`` over its requests and steps."""
         pending = sorted(specs, key=lambda s: s.arrival_time)
-        base, first_step = self.now(), len(self.steps)
+        base, first_step = self.now(), self.num_steps
         store_before = self.store.stats if self.store is not None else None
         added = []
         while pending or self.has_unfinished():
@@ -293,7 +299,7 @@ class Engine:
                 time.sleep(max(0.0, base + pending[0].arrival_time - self.now()))
         done = [self._seqs[i].request for i in added if self._seqs[i].finish_reason != "abort"]
         cache = self.store.stats.since(store_before) if store_before is not None else None
-        return aggregate(done, self.steps[first_step:], cache)
+        return aggregate(done, [s for s in self.steps if s.step >= first_step], cache)
 
     def metrics(self) -> dict:
         """``serve.metrics.aggregate`` over every finished (not aborted) request and step."""
@@ -329,7 +335,7 @@ class Engine:
 
     def _step_access(self, batch) -> StepAccess:
         """Plan this step's expert accesses and start executing them on the store."""
-        step = len(self.steps)
+        step = self.num_steps
         if self.layerwise:
             return self.store.begin_step(StepPlan(step), prefetch=False, plan_layer=(
                 lambda layer, experts: self.planner.plan_layer(step, layer, experts)))

@@ -53,6 +53,7 @@ class EngineOptions:
     bandwidth: float | None = None
     predictor: str | None = None
     prefetch_rate: float = 0.0
+    step_history: int | None = None  # step reports kept (None: all; a server keeps the last)
 
     def validate(self) -> None:
         if self.capacity is None and (self.bandwidth is not None or self.tier != "file"
@@ -174,5 +175,6 @@ def open_engine(spec: str, options: EngineOptions, placement: Placement
                         options.kv_blocks, options.block_size,
                         expert_store=store if offloaded else None,
                         prefetch=options.prefetch and offloaded,
-                        codesign=options.codesign() if offloaded else None)
+                        codesign=options.codesign() if offloaded else None,
+                        step_history=options.step_history)
         yield ServedEngine(engine, tokenizer, spec, placement, experts)

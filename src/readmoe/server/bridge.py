@@ -279,5 +279,5 @@ class EngineLoop:
         self.state = EngineState(running=running, waiting=waiting,
                                  kv_blocks_used=kv.num_blocks - kv.num_free,
                                  kv_blocks_reserved=kv.num_free - kv.num_available,
-                                 kv_blocks_total=kv.num_blocks, steps=len(engine.steps),
+                                 kv_blocks_total=kv.num_blocks, steps=engine.num_steps,
                                  **fields)

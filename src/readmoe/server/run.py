@@ -19,6 +19,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import uvicorn
 
@@ -29,6 +30,8 @@ from readmoe.server.app import build_app
 from readmoe.server.config import ServerConfig
 
 LISTENING = "readmoe serve: listening on"
+STEP_HISTORY = 10_000
+"""Engine step reports a server keeps (the rest are dropped, so its memory stays flat)."""
 
 
 class _Server(uvicorn.Server):
@@ -81,6 +84,7 @@ def run_server(model: str, config: ServerConfig, options: EngineOptions,
                placement: Placement) -> int:
     """Serve ``model`` until SIGINT/SIGTERM; returns 0 after a clean shutdown."""
     config.validate()
+    options = replace(options, step_history=options.step_history or STEP_HISTORY)
     name = config.served_model_name or model
     sock = bind(config.host, config.port)
     try:
