@@ -26,9 +26,7 @@ from readmoe.errors import ReadmoeError
 from readmoe.models.device import Placement
 from readmoe.serve.launch import EngineOptions, open_engine
 from readmoe.server.app import build_app
-from readmoe.server.config import ServerConfig
-
-LISTENING = "readmoe serve: listening on"
+from readmoe.server.config import LISTENING, ServerConfig
 
 
 class _Server(uvicorn.Server):
