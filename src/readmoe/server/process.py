@@ -1,7 +1,8 @@
 """`readmoe serve` as a child process: what the demo, the load benchmarks and the tests start.
 
 It runs ``python -m readmoe.cli serve MODEL --port 0 ...`` and waits (bounded) for the line
-the server prints once it accepts requests, which names the free port it got; it is stopped
+the server prints once it accepts requests, which names the free port it got (``listening``,
+which a server of another backend overrides); it is stopped
 through the process id it started (SIGTERM, SIGKILL only if the grace runs out), so nothing
 else on the machine is ever signalled.
 """
@@ -18,16 +19,17 @@ import time
 from pathlib import Path
 
 from readmoe.errors import ReadmoeError
-from readmoe.server.run import LISTENING
+from readmoe.server.config import LISTENING
 
 
 class ServerProcess:
     """``with ServerProcess(model, *flags) as server:`` -> ``server.url``, ``server.base_url``."""
 
     def __init__(self, model: str | Path, *args: str, env: dict[str, str] | None = None,
-                 host: str = "127.0.0.1", start_timeout_s: float = 120.0) -> None:
+                 host: str = "127.0.0.1", start_timeout_s: float = 120.0, port: int = 0) -> None:
         self.command = [sys.executable, "-m", "readmoe.cli", "serve", str(model), "--host", host,
-                        "--port", "0", *args]
+                        "--port", str(port), *args]
+        self.host, self.port = host, port
         self.env = {**os.environ, **(env or {})}
         self.start_timeout_s = start_timeout_s
         self.output: list[str] = []
@@ -47,12 +49,17 @@ class ServerProcess:
                 break
             if line is None:
                 raise ReadmoeError(f"readmoe serve exited before listening:\n{self.log()}")
-            if line.startswith(LISTENING):
-                self.url = line[len(LISTENING):].split()[0]
+            url = self.listening(line)
+            if url is not None:
+                self.url = url
                 return self
         self.stop()
         raise ReadmoeError(f"readmoe serve did not start in {self.start_timeout_s:.0f} s:\n"
                            f"{self.log()}")
+
+    def listening(self, line: str) -> str | None:
+        """The server's URL if ``line`` says it now accepts requests, else None."""
+        return line[len(LISTENING):].split()[0] if line.startswith(LISTENING) else None
 
     def _read(self) -> None:
         for line in self.proc.stdout:

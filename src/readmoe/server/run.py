@@ -27,9 +27,8 @@ from readmoe.errors import ReadmoeError
 from readmoe.models.device import Placement
 from readmoe.serve.launch import EngineOptions, open_engine
 from readmoe.server.app import build_app
-from readmoe.server.config import ServerConfig
+from readmoe.server.config import LISTENING, ServerConfig
 
-LISTENING = "readmoe serve: listening on"
 STEP_HISTORY = 10_000
 """Engine step reports a server keeps (the rest are dropped, so its memory stays flat)."""
 

@@ -1,0 +1,1 @@
+"""Bridges from ReadME model folders to other serving engines (each in its own environment)."""
