@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="text bytes per domain in the built corpus")
     parser.add_argument("--stats-tokens", type=int, default=8192,
                         help="activation-statistics tokens per domain")
+    parser.add_argument("--recompute-stats", action="store_true",
+                        help="recompute OUT/stats (else statistics made from another model, "
+                        "corpus or token count are refused)")
     parser.add_argument("--eval-tokens", type=int, default=2048,
                         help="held-out tokens per domain for perplexity")
     parser.add_argument("--rounds", type=int, default=2)
@@ -63,6 +66,7 @@ class Demo:
         self.build_corpus()
         self.corpus = load_corpus(self.corpus_dir)
         self.tokenizer = load_tokenizer(self.args.model)
+        self.stats()  # first: reused statistics are checked before any long step
         self.evaluate(self.args.model, "dense")
         folders = self.refactor()
         trained = self.train(folders)
@@ -99,18 +103,23 @@ class Demo:
         print(", ".join(f"{d} {v['ppl']:.1f}" for d, v in report["domains"].items()))
         self.reports.append(report)
 
-    def refactor(self) -> dict[str, Path]:
-        from readmoe.refactor.pipeline import run_refactor, run_stats
+    def stats(self) -> None:
+        from readmoe.refactor.pipeline import run_stats
 
         step("activation statistics per domain")
-        _, stats_dir = run_stats(self.args.model, str(self.corpus_dir), self.out / "stats",
-                                 tokens=self.args.stats_tokens)
+        _, self.stats_dir = run_stats(self.args.model, str(self.corpus_dir), self.out / "stats",
+                                      tokens=self.args.stats_tokens,
+                                      recompute=self.args.recompute_stats)
+
+    def refactor(self) -> dict[str, Path]:
+        from readmoe.refactor.pipeline import run_refactor
+
         folders = {}
         for method in ("readme", "prune"):
             step(f"refactor: {method}")
             folder = self.out / f"moe-{method}"
             plan = run_refactor(self.args.model, str(self.corpus_dir), folder, method=method,
-                                stats_dir=stats_dir)
+                                stats_dir=self.stats_dir, tokens=self.args.stats_tokens)
             active = plan.active_sizes()
             print(f"{plan.num_experts} routed expert(s) {plan.expert_names}; active FFN "
                   f"channels per token {min(active)}-{max(active)} of {plan.intermediate_size}")

@@ -73,17 +73,25 @@ def test_resume_refuses_other_inputs(tmp_path, tiny_corpus_dir):
     corpus = load_corpus(tiny_corpus_dir)
     compute_stats(model, tok, corpus, tmp_path, model_name="tiny", fingerprint="f1",
                   tokens_per_domain=64, block_size=32, domains=["digits"])
-    with pytest.raises(ReadmoeError, match="other inputs"):
+    with pytest.raises(ReadmoeError, match="computed on model 'tiny'"):
         compute_stats(model, tok, corpus, tmp_path, model_name="tiny", fingerprint="f2",
                       tokens_per_domain=64, block_size=32)
+    with pytest.raises(ReadmoeError, match="block size"):
+        compute_stats(model, tok, corpus, tmp_path, model_name="tiny", fingerprint="f1",
+                      tokens_per_domain=64, block_size=16)
 
 
-def test_stats_check_model_names_the_mismatch(tmp_path, tiny_corpus_dir):
+def test_check_inputs_names_the_mismatch_and_skips_none(tmp_path, tiny_corpus_dir):
     model, tok = tiny_model(), char_tokenizer()
-    stats = compute_stats(model, tok, load_corpus(tiny_corpus_dir), tmp_path, model_name="a",
-                          fingerprint="f1", tokens_per_domain=64, block_size=32)
-    with pytest.raises(ReadmoeError, match="computed on model 'a'"):
-        stats.check_model("other", "b")
+    corpus = load_corpus(tiny_corpus_dir)
+    stats = compute_stats(model, tok, corpus, tmp_path, model_name="a", fingerprint="f1",
+                          tokens_per_domain=64, block_size=32)
+    stats.check_inputs(tmp_path, fingerprint="f1", corpus_fingerprint=corpus.fingerprint(),
+                       tokens_requested=None, block_size=None)
+    with pytest.raises(ReadmoeError, match=r"token count \(--tokens\) 64, not 128"):
+        stats.check_inputs(tmp_path, tokens_requested=128)
+    with pytest.raises(ReadmoeError, match="on corpus .*--recompute-stats"):
+        stats.check_inputs(tmp_path, corpus_fingerprint="other")
 
 
 def test_pack_is_deterministic_for_stats(tiny_corpus_dir):

@@ -7,7 +7,7 @@ import json
 
 from readmoe.cli.model_cmds import MODEL_HELP
 from readmoe.models.device import add_placement_args, placement_from_args
-from readmoe.refactor.pipeline import DEFAULT_STATS_TOKENS
+from readmoe.refactor.pipeline import DEFAULT_BLOCK_SIZE, DEFAULT_STATS_TOKENS
 from readmoe.refactor.planners import PLANNERS
 
 
@@ -16,10 +16,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         "stats", help="per-domain mean |FFN activation| per channel and layer")
     stats.add_argument("model", help=MODEL_HELP)
     stats.add_argument("--corpus", required=True, help="a folder of <domain>.jsonl files")
-    stats.add_argument("--out", required=True, help="statistics folder (resumed if present)")
-    _token_args(stats)
-    stats.add_argument("--block-size", type=int, default=512)
+    stats.add_argument("--out", required=True, help="statistics folder (resumed if present; "
+                       "refused if made from other inputs)")
+    stats.add_argument("--tokens", type=int, default=DEFAULT_STATS_TOKENS,
+                       help=f"statistics tokens per domain (default {DEFAULT_STATS_TOKENS})")
+    stats.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     stats.add_argument("--batch-size", type=int, default=4)
+    _recompute_arg(stats)
     add_placement_args(stats)
     stats.set_defaults(handler=run_stats_cmd)
 
@@ -32,17 +35,22 @@ def register(commands: argparse._SubParsersAction) -> None:
                           help="expert planning method (default readme, the paper's)")
     refactor.add_argument("--keep", type=float, default=0.5,
                           help="share of FFN channels each domain keeps (default 0.5)")
-    refactor.add_argument("--stats", help="precomputed statistics folder (else computed and "
-                          "cached)")
+    refactor.add_argument("--stats", help="statistics folder: reused if made from this model "
+                          "and corpus (and --tokens, --block-size when given), computed there "
+                          "if absent, refused otherwise (default: a cache keyed by all inputs)")
     refactor.add_argument("--seed", type=int, default=0)
-    _token_args(refactor)
+    refactor.add_argument("--tokens", type=int, help="statistics tokens per domain (default: "
+                          f"the --stats folder's, else {DEFAULT_STATS_TOKENS})")
+    refactor.add_argument("--block-size", type=int, help="statistics block size (default: the "
+                          f"--stats folder's, else {DEFAULT_BLOCK_SIZE})")
+    _recompute_arg(refactor)
     add_placement_args(refactor)
     refactor.set_defaults(handler=run_refactor_cmd)
 
 
-def _token_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokens", type=int, default=DEFAULT_STATS_TOKENS,
-                        help=f"statistics tokens per domain (default {DEFAULT_STATS_TOKENS})")
+def _recompute_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recompute-stats", action="store_true",
+                        help="delete the statistics in the folder and compute them afresh")
 
 
 def run_stats_cmd(args: argparse.Namespace) -> int:
@@ -50,7 +58,7 @@ def run_stats_cmd(args: argparse.Namespace) -> int:
 
     stats, out = run_stats(args.model, args.corpus, args.out, tokens=args.tokens,
                            block_size=args.block_size, batch_size=args.batch_size,
-                           placement=placement_from_args(args))
+                           placement=placement_from_args(args), recompute=args.recompute_stats)
     print(json.dumps({"out": str(out), "tokens": stats.tokens}, indent=2))
     return 0
 
@@ -60,6 +68,7 @@ def run_refactor_cmd(args: argparse.Namespace) -> int:
 
     plan = run_refactor(args.model, args.corpus, args.out, method=args.method, keep=args.keep,
                         stats_dir=args.stats, seed=args.seed, tokens=args.tokens,
+                        block_size=args.block_size, recompute_stats=args.recompute_stats,
                         placement=placement_from_args(args))
     sizes = [(lp.shared_size, lp.expert_size) for lp in plan.layers]
     print(json.dumps({"out": args.out, "method": plan.method, "experts": plan.expert_names,

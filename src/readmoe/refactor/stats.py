@@ -23,6 +23,10 @@ from readmoe.refactor.hooks import capture_ffn_inputs
 STATS_JSON = "stats.json"
 STATS_TENSORS = "stats.safetensors"
 FORMAT_VERSION = 1
+# what statistics depend on, and how a refusal names each to the user
+INPUT_LABELS = {"fingerprint": "model", "corpus_fingerprint": "corpus",
+                "tokens_requested": "token count (--tokens)",
+                "block_size": "block size (--block-size)"}
 
 
 @dataclass
@@ -42,11 +46,25 @@ class ActivationStats:
     def domains(self) -> list[str]:
         return sorted(self.mean_abs)
 
-    def check_model(self, fingerprint: str, source: str) -> None:
-        if fingerprint != self.fingerprint:
+    def check_inputs(self, folder: str | Path, **expected: object) -> None:
+        """Refuse statistics made from other inputs than ``expected`` (keys of
+        ``INPUT_LABELS``; a None value is not checked), naming the first that differs.
+
+        Reusing them would carve experts from another model's or corpus's activations
+        without any visible sign, so a mismatch is an error, never a silent reuse."""
+        for key, want in expected.items():
+            have = getattr(self, key)
+            if want is None or have == want:
+                continue
+            if key == "fingerprint":
+                what = f"on model {self.model!r}, whose weights differ from this one's"
+            elif key == "corpus_fingerprint":
+                what = f"on corpus {self.corpus!r}, whose documents differ from this corpus's"
+            else:
+                what = f"with {INPUT_LABELS[key]} {have}, not {want}"
             raise ReadmoeError(
-                f"statistics were computed on model {self.model!r}, not on {source!r} (weights "
-                "differ); recompute them with `readmoe stats` for this model")
+                f"{folder} holds statistics computed {what}; recompute them: pass another "
+                "statistics folder, add --recompute-stats, or delete it")
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
@@ -101,7 +119,9 @@ def compute_stats(model, tokenizer, corpus, out: str | Path, *, model_name: str,
         intermediate_size=config.intermediate_size, corpus=str(corpus.path),
         corpus_fingerprint=corpus.fingerprint(), block_size=block_size,
         tokens_requested=tokens_per_domain)
-    stats = _resumable(out, fresh)
+    # earlier partial results resume, but only if they were made with the same inputs
+    stats = ActivationStats.load(out) if (out / STATS_JSON).is_file() else fresh
+    stats.check_inputs(out, **{k: getattr(fresh, k) for k in INPUT_LABELS})
     for domain in domains or corpus.domains:
         if domain in stats.mean_abs:
             continue
@@ -113,14 +133,7 @@ def compute_stats(model, tokenizer, corpus, out: str | Path, *, model_name: str,
     return stats
 
 
-def _resumable(out: Path, fresh: ActivationStats) -> ActivationStats:
-    """Earlier partial results in `out` if they were made with the same inputs, else `fresh`."""
-    if not (out / STATS_JSON).is_file():
-        return fresh
-    old = ActivationStats.load(out)
-    same = all(getattr(old, k) == getattr(fresh, k) for k in (
-        "fingerprint", "corpus_fingerprint", "block_size", "tokens_requested"))
-    if not same:
-        raise ReadmoeError(f"{out} holds statistics made with other inputs (model, corpus, "
-                           "block size or token count); choose another --out or delete it")
-    return old
+def clear_stats(folder: str | Path) -> None:
+    """Delete the statistics files of ``folder`` (only those: it may be a user's folder)."""
+    for name in (STATS_JSON, STATS_TENSORS):
+        (Path(folder) / name).unlink(missing_ok=True)
