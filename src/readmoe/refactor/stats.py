@@ -1,7 +1,10 @@
-"""Per-domain activation statistics: mean |input of down_proj| per channel and layer.
+"""Per-domain activation statistics: mean |input of down_proj| per channel and layer (what
+the planners rank channels by), and its signed mean (what a compensation bias for dropped
+channels is made of).
 
-Stored as a folder (``stats.json`` + ``stats.safetensors`` with one ``[L, I]`` float32 tensor
-``mean_abs.<domain>`` per domain). The folder is rewritten atomically after every finished
+Stored as a folder (``stats.json`` + ``stats.safetensors`` with ``[L, I]`` float32 tensors
+``mean_abs.<domain>`` and ``mean.<domain>`` per domain; folders written before the signed
+mean existed load without it). The folder is rewritten atomically after every finished
 domain, so a killed run resumes at the first unfinished domain with identical results.
 """
 
@@ -40,6 +43,7 @@ class ActivationStats:
     block_size: int
     tokens_requested: int
     mean_abs: dict[str, torch.Tensor] = field(default_factory=dict)  # domain -> [L, I]
+    mean: dict[str, torch.Tensor] = field(default_factory=dict)  # domain -> [L, I], signed
     tokens: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -68,7 +72,8 @@ class ActivationStats:
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
-        tensors = {f"mean_abs.{d}": t.float().contiguous() for d, t in self.mean_abs.items()}
+        tensors = {f"{kind}.{d}": t.float().contiguous()
+                   for kind in ("mean_abs", "mean") for d, t in getattr(self, kind).items()}
         atomic_save_safetensors(tensors, folder / STATS_TENSORS)
         meta = {k: getattr(self, k) for k in (
             "model", "fingerprint", "num_layers", "intermediate_size", "corpus",
@@ -86,17 +91,29 @@ class ActivationStats:
             raise ReadmoeError(f"{folder}: statistics format is not version {FORMAT_VERSION};"
                                " recompute them with `readmoe stats`")
         tensors = load_file(str(folder / STATS_TENSORS))
-        mean_abs = {k.split(".", 1)[1]: v for k, v in tensors.items()}
-        return cls(**meta, mean_abs=mean_abs)
+        kinds: dict[str, dict[str, torch.Tensor]] = {"mean_abs": {}, "mean": {}}
+        for key, value in tensors.items():
+            kind, domain = key.split(".", 1)
+            kinds[kind][domain] = value
+        return cls(**meta, **kinds)
+
+    def token_weighted_mean(self) -> torch.Tensor:
+        """The signed mean over every domain's tokens together: `[L, I]`."""
+        total = sum(self.tokens[d] for d in self.domains)
+        return sum(self.mean[d].double() * self.tokens[d] for d in self.domains) / total
 
 
 @torch.no_grad()
-def domain_mean_abs(model, blocks: torch.Tensor, batch_size: int, desc: str) -> torch.Tensor:
-    """Mean |down_proj input| per layer and channel over all tokens of `blocks`: `[L, I]`."""
+def domain_means(model, blocks: torch.Tensor, batch_size: int, desc: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean |down_proj input| and its signed mean per layer and channel over all tokens of
+    `blocks`: two `[L, I]`."""
     sums: dict[int, torch.Tensor] = {}
 
     def sink(layer: int, act: torch.Tensor) -> None:  # act: [B, T, I]
-        total = act.detach().abs().sum(dim=(0, 1), dtype=torch.float64)
+        act = act.detach()
+        total = torch.stack([act.abs().sum(dim=(0, 1), dtype=torch.float64),
+                             act.sum(dim=(0, 1), dtype=torch.float64)])  # [2, I]
         sums[layer] = sums[layer] + total if layer in sums else total
 
     backbone = getattr(model, "model", model)
@@ -104,8 +121,8 @@ def domain_mean_abs(model, blocks: torch.Tensor, batch_size: int, desc: str) -> 
     with capture_ffn_inputs(model, sink):
         for start in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, unit="batch"):
             backbone(input_ids=blocks[start : start + batch_size].to(device))
-    stacked = torch.stack([sums[layer] for layer in sorted(sums)])  # [L, I]
-    return (stacked / blocks.numel()).float().cpu()
+    stacked = (torch.stack([sums[layer] for layer in sorted(sums)]) / blocks.numel()).float()
+    return stacked[:, 0].cpu(), stacked[:, 1].cpu()  # [L, 2, I] -> [L, I] each
 
 
 def compute_stats(model, tokenizer, corpus, out: str | Path, *, model_name: str,
@@ -127,7 +144,8 @@ def compute_stats(model, tokenizer, corpus, out: str | Path, *, model_name: str,
             continue
         blocks = pack_blocks(tokenizer, corpus.documents(domain, "train"), block_size,
                              tokens_per_domain)
-        stats.mean_abs[domain] = domain_mean_abs(model, blocks, batch_size, f"stats {domain}")
+        stats.mean_abs[domain], stats.mean[domain] = domain_means(model, blocks, batch_size,
+                                                                  f"stats {domain}")
         stats.tokens[domain] = int(blocks.numel())
         stats.save(out)
     return stats
