@@ -44,6 +44,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     refactor.add_argument("--block-size", type=int, help="statistics block size (default: the "
                           f"--stats folder's, else {DEFAULT_BLOCK_SIZE})")
     _recompute_arg(refactor)
+    refactor.add_argument("--compensate", action="store_true",
+                          help="add to each expert (prune: each layer) the mean output of the "
+                          "channels it drops, as an output bias (off: not yet measured)")
     add_placement_args(refactor)
     refactor.set_defaults(handler=run_refactor_cmd)
 
@@ -69,7 +72,7 @@ def run_refactor_cmd(args: argparse.Namespace) -> int:
     plan = run_refactor(args.model, args.corpus, args.out, method=args.method, keep=args.keep,
                         stats_dir=args.stats, seed=args.seed, tokens=args.tokens,
                         block_size=args.block_size, recompute_stats=args.recompute_stats,
-                        placement=placement_from_args(args))
+                        compensate=args.compensate, placement=placement_from_args(args))
     sizes = [(lp.shared_size, lp.expert_size) for lp in plan.layers]
     print(json.dumps({"out": args.out, "method": plan.method, "experts": plan.expert_names,
                       "shared_and_expert_sizes": sizes}))

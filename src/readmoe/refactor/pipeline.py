@@ -8,6 +8,7 @@ from pathlib import Path
 from readmoe.errors import ReadmoeError
 from readmoe.models.device import Placement, resolve_placement
 from readmoe.paths import cache_dir
+from readmoe.refactor.compensation import compensation_biases
 from readmoe.refactor.fingerprint import model_fingerprint
 from readmoe.refactor.plan import ExpertPlan
 from readmoe.refactor.planners import make_planner
@@ -69,15 +70,16 @@ def run_stats(model_spec: str, corpus_spec: str, out: str | Path | None = None, 
 def run_refactor(model_spec: str, corpus_spec: str, out: str | Path, *, method: str = "readme",
                  keep: float = 0.5, stats_dir: str | Path | None = None, seed: int = 0,
                  tokens: int | None = None, block_size: int | None = None,
-                 recompute_stats: bool = False, placement: Placement | None = None
-                 ) -> ExpertPlan:
+                 recompute_stats: bool = False, compensate: bool = False,
+                 placement: Placement | None = None) -> ExpertPlan:
     """Plan experts from statistics and write the sliced ReadME model folder to `out`.
 
     Statistics come from ``stats_dir`` (computed there if absent) or the cache, checked by
     ``run_stats`` against this model, corpus, ``tokens`` and ``block_size`` (None: accept
-    the folder's own). ``placement`` is where statistics are computed; the folder always gets
-    the dense model's weights sliced in fp32 (training and serving choose their own dtype
-    later)."""
+    the folder's own). ``compensate`` folds the mean output of the channels each expert drops
+    into a bias (off by default until measured). ``placement`` is where statistics are
+    computed; the folder always gets the dense model's weights sliced in fp32 (training and
+    serving choose their own dtype later)."""
     from readmoe.models import load_model, load_tokenizer
     from readmoe.refactor.slicing import save_readme, slice_dense
 
@@ -86,7 +88,8 @@ def run_refactor(model_spec: str, corpus_spec: str, out: str | Path, *, method: 
                          block_size=block_size, placement=placement, recompute=recompute_stats)
     plan = planner.plan(stats, keep=keep)
     dense = load_model(model_spec)
-    model = slice_dense(dense, plan)
+    biases = compensation_biases(dense, plan, stats) if compensate else None
+    model = slice_dense(dense, plan, biases)
     save_readme(model, out, tokenizer=load_tokenizer(model_spec), plan=plan)
     return plan
 
