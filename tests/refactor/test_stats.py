@@ -24,8 +24,9 @@ def naive_means(model, blocks):
     for index, layer in enumerate(model.model.layers):
         hidden = mlp_inputs[index]
         act = torch.nn.functional.silu(layer.mlp.gate_proj(hidden)) * layer.mlp.up_proj(hidden)
-        rows.append(torch.stack([act.abs().mean(dim=(0, 1)), act.mean(dim=(0, 1))]))
-    return torch.stack(rows)  # [L, 2, I]
+        rows.append(torch.stack([act.abs().mean(dim=(0, 1)), (act * act).mean(dim=(0, 1)),
+                                 act.mean(dim=(0, 1))]))
+    return torch.stack(rows)  # [L, 3, I]
 
 
 def test_domain_means_equal_manual_recompute():
@@ -33,10 +34,12 @@ def test_domain_means_equal_manual_recompute():
     blocks = torch.randint(0, 128, (3, 16))
     with torch.no_grad():
         expected = naive_means(model, blocks)
-        mean_abs, mean = domain_means(model, blocks, batch_size=2, desc="t")
+        mean_abs, mean_sq, mean = domain_means(model, blocks, batch_size=2, desc="t")
     torch.testing.assert_close(mean_abs, expected[:, 0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(mean, expected[:, 1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mean_sq, expected[:, 1], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(mean, expected[:, 2], rtol=1e-5, atol=1e-6)
     assert (mean.abs() <= mean_abs + 1e-6).all() and (mean < 0).any()
+    assert (mean_abs.square() <= mean_sq + 1e-6).all()  # Jensen: E|a|^2 <= E[a^2]
     assert all(not m._forward_pre_hooks for m in down_projections(model))
 
 
@@ -53,6 +56,7 @@ def test_compute_stats_saves_loads_and_resumes(tmp_path, tiny_corpus_dir, monkey
     for d in full.domains:
         torch.testing.assert_close(loaded.mean_abs[d], full.mean_abs[d])
         torch.testing.assert_close(loaded.mean[d], full.mean[d])
+        torch.testing.assert_close(loaded.mean_sq[d], full.mean_sq[d])
 
     # a run killed after the first domain resumes without recomputing it
     partial = tmp_path / "partial"

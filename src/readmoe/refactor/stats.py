@@ -1,10 +1,12 @@
-"""Per-domain activation statistics: mean |input of down_proj| per channel and layer (what
-the planners rank channels by), and its signed mean (what a compensation bias for dropped
-channels is made of).
+"""Per-domain activation statistics of the input of down_proj per channel and layer: its mean
+absolute value (the paper's channel importance), its mean square (the `contribution`
+importance, ``refactor/importance.py``) and its signed mean (what a compensation bias for
+dropped channels is made of).
 
 Stored as a folder (``stats.json`` + ``stats.safetensors`` with ``[L, I]`` float32 tensors
-``mean_abs.<domain>`` and ``mean.<domain>`` per domain; folders written before the signed
-mean existed load without it). The folder is rewritten atomically after every finished
+``mean_abs.<domain>``, ``mean_sq.<domain>`` and ``mean.<domain>`` per domain; folders written
+before the mean square or the signed mean existed load without them, and only what needs
+them refuses). The folder is rewritten atomically after every finished
 domain, so a killed run resumes at the first unfinished domain with identical results.
 """
 
@@ -30,6 +32,7 @@ FORMAT_VERSION = 1
 INPUT_LABELS = {"fingerprint": "model", "corpus_fingerprint": "corpus",
                 "tokens_requested": "token count (--tokens)",
                 "block_size": "block size (--block-size)"}
+KINDS = ("mean_abs", "mean_sq", "mean")  # the per-domain [L, I] tensors, in domain_means order
 
 
 @dataclass
@@ -44,6 +47,7 @@ class ActivationStats:
     tokens_requested: int
     mean_abs: dict[str, torch.Tensor] = field(default_factory=dict)  # domain -> [L, I]
     mean: dict[str, torch.Tensor] = field(default_factory=dict)  # domain -> [L, I], signed
+    mean_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # domain -> [L, I]
     tokens: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -73,7 +77,7 @@ class ActivationStats:
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         tensors = {f"{kind}.{d}": t.float().contiguous()
-                   for kind in ("mean_abs", "mean") for d, t in getattr(self, kind).items()}
+                   for kind in KINDS for d, t in getattr(self, kind).items()}
         atomic_save_safetensors(tensors, folder / STATS_TENSORS)
         meta = {k: getattr(self, k) for k in (
             "model", "fingerprint", "num_layers", "intermediate_size", "corpus",
@@ -91,7 +95,7 @@ class ActivationStats:
             raise ReadmoeError(f"{folder}: statistics format is not version {FORMAT_VERSION};"
                                " recompute them with `readmoe stats`")
         tensors = load_file(str(folder / STATS_TENSORS))
-        kinds: dict[str, dict[str, torch.Tensor]] = {"mean_abs": {}, "mean": {}}
+        kinds: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in KINDS}
         for key, value in tensors.items():
             kind, domain = key.split(".", 1)
             kinds[kind][domain] = value
@@ -105,15 +109,16 @@ class ActivationStats:
 
 @torch.no_grad()
 def domain_means(model, blocks: torch.Tensor, batch_size: int, desc: str
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean |down_proj input| and its signed mean per layer and channel over all tokens of
-    `blocks`: two `[L, I]`."""
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean |down_proj input|, its mean square and its signed mean per layer and channel
+    over all tokens of `blocks`: three `[L, I]` (the order of ``KINDS``)."""
     sums: dict[int, torch.Tensor] = {}
 
     def sink(layer: int, act: torch.Tensor) -> None:  # act: [B, T, I]
         act = act.detach()
-        total = torch.stack([act.abs().sum(dim=(0, 1), dtype=torch.float64),
-                             act.sum(dim=(0, 1), dtype=torch.float64)])  # [2, I]
+        wide = act.double()
+        total = torch.stack([wide.abs().sum(dim=(0, 1)), wide.square().sum(dim=(0, 1)),
+                             wide.sum(dim=(0, 1))])  # [3, I]
         sums[layer] = sums[layer] + total if layer in sums else total
 
     backbone = getattr(model, "model", model)
@@ -122,7 +127,7 @@ def domain_means(model, blocks: torch.Tensor, batch_size: int, desc: str
         for start in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, unit="batch"):
             backbone(input_ids=blocks[start : start + batch_size].to(device))
     stacked = (torch.stack([sums[layer] for layer in sorted(sums)]) / blocks.numel()).float()
-    return stacked[:, 0].cpu(), stacked[:, 1].cpu()  # [L, 2, I] -> [L, I] each
+    return stacked[:, 0].cpu(), stacked[:, 1].cpu(), stacked[:, 2].cpu()  # [L, 3, I]
 
 
 def compute_stats(model, tokenizer, corpus, out: str | Path, *, model_name: str,
@@ -144,8 +149,9 @@ def compute_stats(model, tokenizer, corpus, out: str | Path, *, model_name: str,
             continue
         blocks = pack_blocks(tokenizer, corpus.documents(domain, "train"), block_size,
                              tokens_per_domain)
-        stats.mean_abs[domain], stats.mean[domain] = domain_means(model, blocks, batch_size,
-                                                                  f"stats {domain}")
+        means = domain_means(model, blocks, batch_size, f"stats {domain}")
+        for kind, value in zip(KINDS, means, strict=True):
+            getattr(stats, kind)[domain] = value
         stats.tokens[domain] = int(blocks.numel())
         stats.save(out)
     return stats
