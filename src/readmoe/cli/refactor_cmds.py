@@ -7,13 +7,15 @@ import json
 
 from readmoe.cli.model_cmds import MODEL_HELP
 from readmoe.models.device import add_placement_args, placement_from_args
+from readmoe.refactor.importance import CRITERIA, DEFAULT_CRITERION
 from readmoe.refactor.pipeline import DEFAULT_BLOCK_SIZE, DEFAULT_STATS_TOKENS
 from readmoe.refactor.planners import PLANNERS
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     stats = commands.add_parser(
-        "stats", help="per-domain mean |FFN activation| per channel and layer")
+        "stats", help="per-domain mean |FFN activation|, its mean square and its mean per "
+        "channel and layer")
     stats.add_argument("model", help=MODEL_HELP)
     stats.add_argument("--corpus", required=True, help="a folder of <domain>.jsonl files")
     stats.add_argument("--out", required=True, help="statistics folder (resumed if present; "
@@ -33,6 +35,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     refactor.add_argument("--out", required=True, help="the ReadME model folder to write")
     refactor.add_argument("--method", default="readme", choices=sorted(PLANNERS),
                           help="expert planning method (default readme, the paper's)")
+    add_importance_arg(refactor)
     refactor.add_argument("--keep", type=float, default=0.5,
                           help="share of FFN channels each domain keeps (default 0.5)")
     refactor.add_argument("--stats", help="statistics folder: reused if made from this model "
@@ -49,6 +52,15 @@ def register(commands: argparse._SubParsersAction) -> None:
                           "channels it drops, as an output bias (off: not yet measured)")
     add_placement_args(refactor)
     refactor.set_defaults(handler=run_refactor_cmd)
+
+
+def add_importance_arg(parser: argparse.ArgumentParser) -> None:
+    """``--importance``, shared with the demo so both offer the same criteria."""
+    parser.add_argument("--importance", default=DEFAULT_CRITERION, choices=CRITERIA,
+                        help="how channels are ranked, for every method alike: activation "
+                        "(mean |act|, the paper's; default), weighted (times the norm of the "
+                        "channel's down_proj column) or contribution (mean squared act times "
+                        "the squared column norm)")
 
 
 def _recompute_arg(parser: argparse.ArgumentParser) -> None:
@@ -72,8 +84,10 @@ def run_refactor_cmd(args: argparse.Namespace) -> int:
     plan = run_refactor(args.model, args.corpus, args.out, method=args.method, keep=args.keep,
                         stats_dir=args.stats, seed=args.seed, tokens=args.tokens,
                         block_size=args.block_size, recompute_stats=args.recompute_stats,
-                        compensate=args.compensate, placement=placement_from_args(args))
+                        compensate=args.compensate, importance=args.importance,
+                        placement=placement_from_args(args))
     sizes = [(lp.shared_size, lp.expert_size) for lp in plan.layers]
-    print(json.dumps({"out": args.out, "method": plan.method, "experts": plan.expert_names,
+    print(json.dumps({"out": args.out, "method": plan.method, "importance": plan.importance,
+                      "experts": plan.expert_names,
                       "shared_and_expert_sizes": sizes}))
     return 0
