@@ -10,9 +10,14 @@ paper's mean |act|), the same for every planner:
 - ``readme`` (the paper): per domain keep exactly round(keep * I) channels by importance
   (ties broken by channel index; the authors' strict '>' threshold kept one channel too few);
   shared = intersection over domains; expert d = domain mask minus shared.
-- ``cluster`` (MoEfication-like): balanced k-means of the non-shared channels by their
-  normalised importance profile across domains gives E centroids; expert e = the R
-  non-shared channels nearest centroid e. Experts are not tied to domains.
+- ``cluster`` (MoEfication-like): balanced k-means of the non-shared channels' importance
+  profiles across domains gives E centroids; expert e = the R non-shared channels most
+  important along centroid e's domain mix (the profile's projection on it). Assignment
+  compares directions (which domains a channel serves), but centroids are mean raw profiles
+  and experts are filled by projection, so magnitude counts: a cluster keeps its strong
+  channels rather than weak ones of the same direction (the earlier normalised clustering
+  did not, and came out below ``random``). Experts are not tied to domains; with one-hot
+  centroids this is exactly ``readme``.
 - ``random``: the non-shared channels in a seeded random order, expert e = the R channels
   from position e * R on (wrapping), so channels are used evenly; the lower bound.
 - ``prune``: no routing; one mask of shared + R channels ranked by importance averaged over
@@ -125,12 +130,11 @@ class ClusterPlanner(Planner):
         num_experts, size = routed.shape
         free = _complement(shared, importance.intermediate_size)
         profile = torch.stack([importance.scores[d][layer] for d in importance.domains], dim=1)
-        points = torch.nn.functional.normalize(profile[free].double(), dim=1)  # [F, D]
+        points = profile[free].double()  # [F, D], magnitude kept
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + layer)
         centroids = balanced_kmeans(points, num_experts, generator)
-        distance = torch.cdist(centroids, points)  # [E, F]
-        rows = [free[torch.sort(distance[e], stable=True).indices[:size]].sort().values
-                for e in range(num_experts)]
+        along = points @ torch.nn.functional.normalize(centroids, dim=1).T  # [F, E]
+        rows = [free[top_channels(along[:, e], size)] for e in range(num_experts)]
         return LayerPlan(shared, torch.stack(rows))
 
 
@@ -150,12 +154,17 @@ class PrunePlanner(Planner):
 
 def balanced_kmeans(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """Centroids `[k, D]` of k-means whose assignment step gives every cluster an equal share
-    (greedy by distance under a capacity of ceil(n / k)), as in MoEfication."""
+    (greedy by distance under a capacity of ceil(n / k)), as in MoEfication.
+
+    Points are assigned by direction (unit profile against unit centroid), so weak channels
+    do not all pile into one cluster near the origin; a centroid is the mean of its raw
+    points, so strong channels pull it, which is what makes the clustering magnitude-aware."""
     count = points.shape[0]
     capacity = -(-count // k)
+    directions = torch.nn.functional.normalize(points, dim=1)
     centroids = points[torch.randperm(count, generator=generator)[:k]].clone()
     for _ in range(KMEANS_ITERATIONS):
-        distance = torch.cdist(points, centroids)  # [n, k]
+        distance = torch.cdist(directions, torch.nn.functional.normalize(centroids, dim=1))
         order = torch.argsort(distance.flatten(), stable=True)
         assign = torch.full((count,), -1, dtype=torch.long)
         load = [0] * k
