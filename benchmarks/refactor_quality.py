@@ -2,9 +2,12 @@
 
 Compares, at equal active FFN width (no training): dense; `readme` with oracle routing and
 with domain routing; `cluster` and `random` experts with oracle routing; and the `prune`
-baseline (one mask, no routing). Writes results/refactor_quality.{json,md,png}.
+baseline (one mask, no routing), every one ranked by the same --importance criterion.
+Writes results/refactor_quality.{json,md,png} (pass --results DIR to keep another
+criterion's results apart).
 
     .venv/bin/python benchmarks/refactor_quality.py [--stats-tokens 16384] [--eval-tokens 4096]
+        [--importance activation|weighted|contribution]
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from readmoe.data.corpus import build_corpus, load_corpus
 from readmoe.eval.domains import domain_wins, evaluate_model, format_ppl_table
 from readmoe.io import atomic_save_figure, write_results
 from readmoe.models import load_tokenizer
+from readmoe.refactor.importance import CRITERIA, DEFAULT_CRITERION
 from readmoe.refactor.pipeline import run_refactor, run_stats
 
 VARIANTS = [  # (label, method, routing)
@@ -42,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stats-tokens", type=int, default=16384)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--keep", type=float, default=0.5)
+    parser.add_argument("--importance", default=DEFAULT_CRITERION, choices=CRITERIA)
     return parser.parse_args()
 
 
@@ -59,11 +64,14 @@ def main() -> int:
     reports = [evaluate_model(args.model, "dense", tokenizer, corpus,
                               max_tokens=args.eval_tokens)]
     plans = {}
+    # another criterion's models get their own folders (train_quality.py reuses moe-<method>)
+    tag = "" if args.importance == DEFAULT_CRITERION else f"-{args.importance}"
     for label, method, routing in VARIANTS:
-        folder = work / f"moe-{method}"
+        folder = work / f"moe-{method}{tag}"
         if method not in plans:
             plans[method] = run_refactor(args.model, str(corpus_dir), folder, method=method,
-                                         keep=args.keep, stats_dir=stats_dir)
+                                         keep=args.keep, stats_dir=stats_dir,
+                                         importance=args.importance)
         reports.append(evaluate_model(str(folder), label, tokenizer, corpus,
                                       max_tokens=args.eval_tokens, routing=routing))
 
@@ -71,7 +79,8 @@ def main() -> int:
     summary = {
         "command": "python benchmarks/refactor_quality.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, fp32",
-        "model": args.model, "keep": args.keep, "stats_tokens_per_domain": stats.tokens,
+        "model": args.model, "keep": args.keep, "importance": args.importance,
+        "stats_tokens_per_domain": stats.tokens,
         "eval_tokens_per_domain": args.eval_tokens, "seconds": round(time.time() - started),
         "active_ffn_channels_per_layer": readme.active_sizes(),
         "shared_channels_per_layer": [lp.shared_size for lp in readme.layers],
@@ -95,7 +104,8 @@ def render_markdown(summary: dict) -> str:
         "",
         f"Command: `{summary['command']}`  ",
         f"Machine: {summary['machine']}; {summary['seconds']} s.  ",
-        f"Model {summary['model']}, keep {summary['keep']}: every variant uses "
+        f"Model {summary['model']}, keep {summary['keep']}, channel importance "
+        f"{summary['importance']}: every variant uses "
         f"{summary['active_ffn_channels_per_layer'][0]} of {dense} FFN channels per token "
         f"(shared {min(shared)}-{max(shared)} + routed {min(expert)}-{max(expert)} per layer). "
         f"Statistics: {next(iter(summary['stats_tokens_per_domain'].values()))} tokens per "

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from readmoe.cli.refactor_cmds import add_importance_arg
 from readmoe.errors import ReadmoeError
 from readmoe.models.builtin import DEFAULT_MODEL
 
@@ -33,6 +34,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="text bytes per domain in the built corpus")
     parser.add_argument("--stats-tokens", type=int, default=8192,
                         help="activation-statistics tokens per domain")
+    parser.add_argument("--recompute-stats", action="store_true",
+                        help="recompute OUT/stats (else statistics made from another model, "
+                        "corpus or token count are refused)")
+    add_importance_arg(parser)
     parser.add_argument("--eval-tokens", type=int, default=2048,
                         help="held-out tokens per domain for perplexity")
     parser.add_argument("--rounds", type=int, default=2)
@@ -51,8 +56,13 @@ def step(title: str) -> None:
 
 class Demo:
     def __init__(self, args: argparse.Namespace) -> None:
+        from readmoe.refactor.importance import DEFAULT_CRITERION
+
         self.args, self.out = args, Path(args.out)
         self.reports: list[dict] = []
+        # models carved by another criterion get their own folders: training resumes by
+        # folder, and must never continue a model carved differently
+        self.tag = "" if args.importance == DEFAULT_CRITERION else f"-{args.importance}"
 
     def run(self) -> None:
         from readmoe.data.corpus import load_corpus
@@ -63,6 +73,7 @@ class Demo:
         self.build_corpus()
         self.corpus = load_corpus(self.corpus_dir)
         self.tokenizer = load_tokenizer(self.args.model)
+        self.stats()  # first: reused statistics are checked before any long step
         self.evaluate(self.args.model, "dense")
         folders = self.refactor()
         trained = self.train(folders)
@@ -99,18 +110,26 @@ class Demo:
         print(", ".join(f"{d} {v['ppl']:.1f}" for d, v in report["domains"].items()))
         self.reports.append(report)
 
-    def refactor(self) -> dict[str, Path]:
-        from readmoe.refactor.pipeline import run_refactor, run_stats
+    def stats(self) -> None:
+        from readmoe.refactor.importance import check_criterion
+        from readmoe.refactor.pipeline import run_stats
 
         step("activation statistics per domain")
-        _, stats_dir = run_stats(self.args.model, str(self.corpus_dir), self.out / "stats",
-                                 tokens=self.args.stats_tokens)
+        stats, self.stats_dir = run_stats(self.args.model, str(self.corpus_dir),
+                                          self.out / "stats", tokens=self.args.stats_tokens,
+                                          recompute=self.args.recompute_stats)
+        check_criterion(self.args.importance, stats)
+
+    def refactor(self) -> dict[str, Path]:
+        from readmoe.refactor.pipeline import run_refactor
+
         folders = {}
         for method in ("readme", "prune"):
             step(f"refactor: {method}")
-            folder = self.out / f"moe-{method}"
+            folder = self.out / f"moe-{method}{self.tag}"
             plan = run_refactor(self.args.model, str(self.corpus_dir), folder, method=method,
-                                stats_dir=stats_dir)
+                                stats_dir=self.stats_dir, tokens=self.args.stats_tokens,
+                                importance=self.args.importance)
             active = plan.active_sizes()
             print(f"{plan.num_experts} routed expert(s) {plan.expert_names}; active FFN "
                   f"channels per token {min(active)}-{max(active)} of {plan.intermediate_size}")
@@ -133,7 +152,7 @@ class Demo:
                                  expert_steps=a.expert_steps, batch_size=4, block_size=256,
                                  lr_router=2e-3, lr_experts=2e-4, kd_weight=1.0,
                                  eval_tokens=512)
-            out = self.out / f"train-{method}"
+            out = self.out / f"train-{method}{self.tag}"
             state = Trainer(folders[method], str(self.corpus_dir), out, config).run()
             last = state["rounds"][str(a.rounds - 1)]
             if "router_accuracy" in last:

@@ -70,6 +70,25 @@ def test_cluster_planner_groups_domain_specific_channels():
     assert set(range(10)) in experts and set(range(10, 20)) in experts
 
 
+def test_cluster_planner_keeps_strong_channels_together():
+    # Free channels come in two directions, (4, 1) and (1, 4), each strong (10-19, 20-29)
+    # and weak (0-4, 5-9: a tenth of the magnitude); 30-39 are shared. Each expert must take
+    # the strong channels of its direction; clustering normalised profiles sees strong and
+    # weak channels as the same point and filled experts with weak ones (lower indices).
+    size, layers = 40, 1
+    profile = torch.zeros(size, 2)
+    profile[0:5], profile[5:10] = torch.tensor([0.4, 0.1]), torch.tensor([0.1, 0.4])
+    profile[10:20], profile[20:30] = torch.tensor([4.0, 1.0]), torch.tensor([1.0, 4.0])
+    profile[30:40] = 9.0
+    mean_abs = {"a": profile[None, :, 0].clone(), "b": profile[None, :, 1].clone()}
+    stats = ActivationStats("m", "f", layers, size, "c", "cf", 8, 8, mean_abs, {"a": 8, "b": 8})
+    for seed in range(4):
+        plan = make_planner("cluster", seed=seed).plan(stats, keep=0.5)
+        assert plan.layers[0].shared.tolist() == list(range(30, 40))
+        experts = sorted(sorted(row.tolist()) for row in plan.layers[0].experts)
+        assert experts == [list(range(10, 20)), list(range(20, 30))], seed
+
+
 def test_top_channels_breaks_ties_by_index():
     assert top_channels(torch.tensor([1.0, 2.0, 2.0, 2.0]), 2).tolist() == [1, 2]
 

@@ -7,19 +7,24 @@ import json
 
 from readmoe.cli.model_cmds import MODEL_HELP
 from readmoe.models.device import add_placement_args, placement_from_args
-from readmoe.refactor.pipeline import DEFAULT_STATS_TOKENS
+from readmoe.refactor.importance import CRITERIA, DEFAULT_CRITERION
+from readmoe.refactor.pipeline import DEFAULT_BLOCK_SIZE, DEFAULT_STATS_TOKENS
 from readmoe.refactor.planners import PLANNERS
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     stats = commands.add_parser(
-        "stats", help="per-domain mean |FFN activation| per channel and layer")
+        "stats", help="per-domain mean |FFN activation|, its mean square and its mean per "
+        "channel and layer")
     stats.add_argument("model", help=MODEL_HELP)
     stats.add_argument("--corpus", required=True, help="a folder of <domain>.jsonl files")
-    stats.add_argument("--out", required=True, help="statistics folder (resumed if present)")
-    _token_args(stats)
-    stats.add_argument("--block-size", type=int, default=512)
+    stats.add_argument("--out", required=True, help="statistics folder (resumed if present; "
+                       "refused if made from other inputs)")
+    stats.add_argument("--tokens", type=int, default=DEFAULT_STATS_TOKENS,
+                       help=f"statistics tokens per domain (default {DEFAULT_STATS_TOKENS})")
+    stats.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     stats.add_argument("--batch-size", type=int, default=4)
+    _recompute_arg(stats)
     add_placement_args(stats)
     stats.set_defaults(handler=run_stats_cmd)
 
@@ -30,19 +35,37 @@ def register(commands: argparse._SubParsersAction) -> None:
     refactor.add_argument("--out", required=True, help="the ReadME model folder to write")
     refactor.add_argument("--method", default="readme", choices=sorted(PLANNERS),
                           help="expert planning method (default readme, the paper's)")
+    add_importance_arg(refactor)
     refactor.add_argument("--keep", type=float, default=0.5,
                           help="share of FFN channels each domain keeps (default 0.5)")
-    refactor.add_argument("--stats", help="precomputed statistics folder (else computed and "
-                          "cached)")
+    refactor.add_argument("--stats", help="statistics folder: reused if made from this model "
+                          "and corpus (and --tokens, --block-size when given), computed there "
+                          "if absent, refused otherwise (default: a cache keyed by all inputs)")
     refactor.add_argument("--seed", type=int, default=0)
-    _token_args(refactor)
+    refactor.add_argument("--tokens", type=int, help="statistics tokens per domain (default: "
+                          f"the --stats folder's, else {DEFAULT_STATS_TOKENS})")
+    refactor.add_argument("--block-size", type=int, help="statistics block size (default: the "
+                          f"--stats folder's, else {DEFAULT_BLOCK_SIZE})")
+    _recompute_arg(refactor)
+    refactor.add_argument("--compensate", action="store_true",
+                          help="add to each expert (prune: each layer) the mean output of the "
+                          "channels it drops, as an output bias (off: not yet measured)")
     add_placement_args(refactor)
     refactor.set_defaults(handler=run_refactor_cmd)
 
 
-def _token_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokens", type=int, default=DEFAULT_STATS_TOKENS,
-                        help=f"statistics tokens per domain (default {DEFAULT_STATS_TOKENS})")
+def add_importance_arg(parser: argparse.ArgumentParser) -> None:
+    """``--importance``, shared with the demo so both offer the same criteria."""
+    parser.add_argument("--importance", default=DEFAULT_CRITERION, choices=CRITERIA,
+                        help="how channels are ranked, for every method alike: activation "
+                        "(mean |act|, the paper's; default), weighted (times the norm of the "
+                        "channel's down_proj column) or contribution (mean squared act times "
+                        "the squared column norm)")
+
+
+def _recompute_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recompute-stats", action="store_true",
+                        help="delete the statistics in the folder and compute them afresh")
 
 
 def run_stats_cmd(args: argparse.Namespace) -> int:
@@ -50,7 +73,7 @@ def run_stats_cmd(args: argparse.Namespace) -> int:
 
     stats, out = run_stats(args.model, args.corpus, args.out, tokens=args.tokens,
                            block_size=args.block_size, batch_size=args.batch_size,
-                           placement=placement_from_args(args))
+                           placement=placement_from_args(args), recompute=args.recompute_stats)
     print(json.dumps({"out": str(out), "tokens": stats.tokens}, indent=2))
     return 0
 
@@ -60,8 +83,11 @@ def run_refactor_cmd(args: argparse.Namespace) -> int:
 
     plan = run_refactor(args.model, args.corpus, args.out, method=args.method, keep=args.keep,
                         stats_dir=args.stats, seed=args.seed, tokens=args.tokens,
+                        block_size=args.block_size, recompute_stats=args.recompute_stats,
+                        compensate=args.compensate, importance=args.importance,
                         placement=placement_from_args(args))
     sizes = [(lp.shared_size, lp.expert_size) for lp in plan.layers]
-    print(json.dumps({"out": args.out, "method": plan.method, "experts": plan.expert_names,
+    print(json.dumps({"out": args.out, "method": plan.method, "importance": plan.importance,
+                      "experts": plan.expert_names,
                       "shared_and_expert_sizes": sizes}))
     return 0

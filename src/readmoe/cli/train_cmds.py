@@ -6,7 +6,12 @@ import argparse
 import json
 
 from readmoe.models.device import add_placement_args, placement_from_args
-from readmoe.train.config import EXPERT_PARAMS, ROUTER_TYPES, TrainConfig
+from readmoe.train.config import (
+    DEFAULT_CHECKPOINT_EVERY,
+    EXPERT_PARAMS,
+    ROUTER_TYPES,
+    TrainConfig,
+)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -43,6 +48,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--label-smoothing", type=float, default=d.router_loss.label_smoothing)
     train.add_argument("--seed", type=int, default=d.seed)
     train.add_argument("--dense", help="the dense source model (default: the one in the plan)")
+    train.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
+                       metavar="N", help="also checkpoint every N optimizer steps inside a "
+                       f"phase (default {DEFAULT_CHECKPOINT_EVERY}; 0: at phase ends only); "
+                       "a resumed run ends with the same weights whatever N")
     add_placement_args(train)
     train.set_defaults(handler=run_train)
 
@@ -64,7 +73,7 @@ def run_train(args: argparse.Namespace) -> int:
     from readmoe.train.rounds import Trainer, final_model_dir
 
     trainer = Trainer(args.model, args.corpus, args.out, config_from_args(args), args.dense,
-                      placement_from_args(args))
+                      placement_from_args(args), args.checkpoint_every)
     state = trainer.run()
     if trainer.dist.is_main:
         last = state["rounds"][str(max(int(k) for k in state["rounds"]))]

@@ -32,6 +32,9 @@ class ReadMEConfig(PreTrainedConfig):
     expert_names: a name per routed expert (the domain it was cut for).
     shared_intermediate_sizes: shared-expert channels per layer.
     expert_intermediate_sizes: channels of each routed expert, per layer (equal within a layer).
+    compensation: whether every FFN adds a compensation bias for the channels it dropped
+        (``mlp.compensation``: ``[E, H]``, one per routed expert, or ``[1, H]`` in a layer
+        without a routed part), measured at refactoring as FLAP does.
     dense_intermediate_size: FFN width of the dense model the experts were cut from.
     backbone_type: which transformers attention class to reuse: "llama" (bias set by
         ``attention_bias``), "mistral" (no bias, sliding window) or "qwen2" (q/k/v bias, no o bias).
@@ -76,6 +79,7 @@ class ReadMEConfig(PreTrainedConfig):
     expert_names: list[str] | None = None
     shared_intermediate_sizes: list[int] | None = None
     expert_intermediate_sizes: list[int] | None = None
+    compensation: bool = False
     router_type: str = "none"
     router_dim: int | None = None
     router_layers: int = 1

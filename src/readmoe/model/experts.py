@@ -58,8 +58,10 @@ class ReadMEExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.act_fn = ACT2FN[hidden_act]
 
-    def forward(self, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
-        """x: [N, H] -> [N, H], each token through its own expert (weight 1, no gate)."""
+    def forward(self, x: torch.Tensor, groups: ExpertGroups,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [N, H] -> [N, H], each token through its own expert (weight 1, no gate), plus
+        that expert's row of ``bias`` ([E, H]) when given."""
         grouped = x.index_select(0, groups.order)  # [N, H], tokens of expert 0 first
         outputs = []
         start = 0
@@ -69,7 +71,8 @@ class ReadMEExperts(nn.Module):
             tokens = grouped[start:start + count]  # [n, H]
             hidden = (self.act_fn(F.linear(tokens, self.gate_proj[expert]))
                       * F.linear(tokens, self.up_proj[expert]))  # [n, R]
-            outputs.append(F.linear(hidden, self.down_proj[expert]))  # [n, H]
+            outputs.append(F.linear(hidden, self.down_proj[expert],
+                                    None if bias is None else bias[expert]))  # [n, H]
             start += count
         # Every token has exactly one expert, so copying back fills every row.
         return torch.empty_like(x).index_copy(0, groups.order, torch.cat(outputs))
@@ -79,7 +82,9 @@ class ReadMEMoE(nn.Module):
     """One layer's FFN: shared expert (none if S_l = 0) + routed experts (none if R_l = 0).
 
     ``gate`` is the layer-wise router's linear gate, set by ReadMEModel when config.router_type
-    is "layerwise" and the layer has routed experts; None otherwise.
+    is "layerwise" and the layer has routed experts; None otherwise. ``compensation`` (when
+    config.compensation) is the mean output of the dense channels this FFN leaves out: a
+    row per routed expert ([E, H]), or one row ([1, H]) when the layer has no routed part.
     """
 
     def __init__(self, config: ReadMEConfig, layer_idx: int):
@@ -92,14 +97,19 @@ class ReadMEMoE(nn.Module):
                                       config.hidden_act)
                         if expert_size > 0 else None)
         self.gate: nn.Linear | None = None
+        self.compensation = (nn.Parameter(torch.zeros(
+            config.num_experts if expert_size > 0 else 1, config.hidden_size))
+            if config.compensation else None)
 
     def forward(self, hidden_states: torch.Tensor, groups: ExpertGroups | None) -> torch.Tensor:
         shape = hidden_states.shape  # [B, T, H]
         flat = hidden_states.reshape(-1, shape[-1])  # [N, H]
         output = self.shared(flat) if self.shared is not None else None
         if self.experts is not None:
-            routed = self.experts(flat, groups)
+            routed = self.experts(flat, groups, self.compensation)
             output = routed if output is None else output + routed
+        elif self.compensation is not None:
+            output = output + self.compensation[0]
         return output.view(shape)
 
 

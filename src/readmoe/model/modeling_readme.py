@@ -128,6 +128,8 @@ class ReadMEPreTrainedModel(PreTrainedModel):
             init.normal_(module.gate_proj, mean=0.0, std=std)
             init.normal_(module.up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
+        if isinstance(module, ReadMEMoE) and module.compensation is not None:
+            init.zeros_(module.compensation)
 
     def route(self, input_ids: torch.LongTensor, router_cache: RouterCache | None = None,
               attention_mask: torch.Tensor | None = None

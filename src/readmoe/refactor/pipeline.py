@@ -8,12 +8,15 @@ from pathlib import Path
 from readmoe.errors import ReadmoeError
 from readmoe.models.device import Placement, resolve_placement
 from readmoe.paths import cache_dir
+from readmoe.refactor.compensation import compensation_biases
 from readmoe.refactor.fingerprint import model_fingerprint
+from readmoe.refactor.importance import DEFAULT_CRITERION, channel_importance, check_criterion
 from readmoe.refactor.plan import ExpertPlan
 from readmoe.refactor.planners import make_planner
-from readmoe.refactor.stats import STATS_JSON, ActivationStats, compute_stats
+from readmoe.refactor.stats import STATS_JSON, ActivationStats, clear_stats, compute_stats
 
 DEFAULT_STATS_TOKENS = 16384
+DEFAULT_BLOCK_SIZE = 512
 
 
 def default_stats_folder(fingerprint: str, corpus_fingerprint: str, tokens: int,
@@ -24,57 +27,75 @@ def default_stats_folder(fingerprint: str, corpus_fingerprint: str, tokens: int,
 
 
 def run_stats(model_spec: str, corpus_spec: str, out: str | Path | None = None, *,
-              tokens: int = DEFAULT_STATS_TOKENS, block_size: int = 512,
-              batch_size: int = 4, placement: Placement | None = None
-              ) -> tuple[ActivationStats, Path]:
+              tokens: int | None = DEFAULT_STATS_TOKENS, block_size: int | None = 512,
+              batch_size: int = 4, placement: Placement | None = None,
+              recompute: bool = False) -> tuple[ActivationStats, Path]:
     """Compute (or resume, or reuse) the activation statistics of a dense model, on
-    ``placement`` (default: the machine's; sums accumulate in fp64 whatever the dtype)."""
+    ``placement`` (default: the machine's; sums accumulate in fp64 whatever the dtype).
+
+    Statistics already in ``out`` are reused only if they were made from this model and
+    corpus with this token count and block size (None: whatever ``out`` holds, else the
+    default); otherwise they are refused, before any model is loaded, or with ``recompute``
+    deleted and computed afresh."""
     from readmoe.data.corpus import load_corpus
     from readmoe.models import load_model, load_tokenizer, resolve_model
 
-    folder = resolve_model(model_spec)
-    fingerprint = model_fingerprint(folder)
+    fingerprint = model_fingerprint(resolve_model(model_spec))
     corpus = load_corpus(corpus_spec)
     if len(corpus.domains) < 2:
         raise ReadmoeError(f"corpus {corpus_spec} has {len(corpus.domains)} domain(s); "
                            "refactoring needs at least 2")
-    out = Path(out) if out else default_stats_folder(fingerprint, corpus.fingerprint(),
-                                                     tokens, block_size)
+    if out is None:
+        tokens, block_size = tokens or DEFAULT_STATS_TOKENS, block_size or DEFAULT_BLOCK_SIZE
+        out = default_stats_folder(fingerprint, corpus.fingerprint(), tokens, block_size)
+    out = Path(out)
+    if recompute:
+        clear_stats(out)
     if (out / STATS_JSON).is_file():
         stats = ActivationStats.load(out)
-        if set(stats.domains) >= set(corpus.domains) and stats.fingerprint == fingerprint:
+        stats.check_inputs(out, fingerprint=fingerprint, corpus_fingerprint=corpus.fingerprint(),
+                           tokens_requested=tokens, block_size=block_size)
+        if set(stats.domains) >= set(corpus.domains):
             return stats, out
+        tokens, block_size = stats.tokens_requested, stats.block_size  # resume as begun
     placement = placement or resolve_placement()
     model = load_model(model_spec, dtype=placement.dtype, device=placement.device)
     tokenizer = load_tokenizer(model_spec)
     stats = compute_stats(model, tokenizer, corpus, out, model_name=model_spec,
-                          fingerprint=fingerprint, tokens_per_domain=tokens,
-                          block_size=block_size, batch_size=batch_size)
+                          fingerprint=fingerprint,
+                          tokens_per_domain=tokens or DEFAULT_STATS_TOKENS,
+                          block_size=block_size or DEFAULT_BLOCK_SIZE, batch_size=batch_size)
     return stats, out
 
 
 def run_refactor(model_spec: str, corpus_spec: str, out: str | Path, *, method: str = "readme",
                  keep: float = 0.5, stats_dir: str | Path | None = None, seed: int = 0,
-                 tokens: int = DEFAULT_STATS_TOKENS, placement: Placement | None = None
-                 ) -> ExpertPlan:
+                 tokens: int | None = None, block_size: int | None = None,
+                 recompute_stats: bool = False, compensate: bool = False,
+                 importance: str = DEFAULT_CRITERION,
+                 placement: Placement | None = None) -> ExpertPlan:
     """Plan experts from statistics and write the sliced ReadME model folder to `out`.
 
-    ``placement`` is where statistics are computed; the folder always gets the dense
-    model's weights sliced in fp32 (training and serving choose their own dtype later)."""
-    from readmoe.models import load_model, load_tokenizer, resolve_model
+    Statistics come from ``stats_dir`` (computed there if absent) or the cache, checked by
+    ``run_stats`` against this model, corpus, ``tokens`` and ``block_size`` (None: accept
+    the folder's own). ``compensate`` folds the mean output of the channels each expert drops
+    into a bias (off by default until measured). ``importance`` is the criterion channels are
+    ranked by (``refactor/importance.py``; default the paper's), checked against what the
+    statistics hold before the dense model loads. ``placement`` is where statistics are
+    computed; the folder always gets the dense model's weights sliced in fp32 (training and
+    serving choose their own dtype later)."""
+    from readmoe.models import load_model, load_tokenizer
     from readmoe.refactor.slicing import save_readme, slice_dense
 
     planner = make_planner(method, seed)
-    folder = resolve_model(model_spec)
-    fingerprint = model_fingerprint(folder)
-    if stats_dir is not None:
-        stats = ActivationStats.load(stats_dir)
-        stats.check_model(fingerprint, model_spec)
-    else:
-        stats, _ = run_stats(model_spec, corpus_spec, tokens=tokens, placement=placement)
-    plan = planner.plan(stats, keep=keep)
+    check_criterion(importance)
+    stats, _ = run_stats(model_spec, corpus_spec, stats_dir, tokens=tokens,
+                         block_size=block_size, placement=placement, recompute=recompute_stats)
+    check_criterion(importance, stats)
     dense = load_model(model_spec)
-    model = slice_dense(dense, plan)
+    plan = planner.plan(stats, keep=keep, importance=channel_importance(stats, importance, dense))
+    biases = compensation_biases(dense, plan, stats) if compensate else None
+    model = slice_dense(dense, plan, biases)
     save_readme(model, out, tokenizer=load_tokenizer(model_spec), plan=plan)
     return plan
 

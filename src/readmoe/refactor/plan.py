@@ -2,8 +2,10 @@
 
 A plan is the hand-off between planning and slicing, stored as two files in a folder:
 
-- ``plan.json``: method, source model, expert names, keep fraction, dense intermediate size,
-  and a per-layer summary (shared size, expert size, overlap matrix between experts);
+- ``plan.json``: method, channel-importance criterion (``importance``; plans written before
+  it existed used ``activation``), source model, expert names, keep fraction, dense
+  intermediate size, and a per-layer summary (shared size, expert size, overlap matrix
+  between experts);
 - ``plan.safetensors``: ``shared.{l}`` (int64 ``[S_l]``, sorted channel indices) and
   ``experts.{l}`` (int64 ``[E, R_l]``, each row sorted) for every layer ``l``.
 
@@ -63,6 +65,7 @@ class ExpertPlan:
     keep: float
     layers: list[LayerPlan]
     meta: dict = field(default_factory=dict)
+    importance: str = "activation"  # how channels were ranked (refactor/importance.py)
 
     @property
     def num_experts(self) -> int:
@@ -110,6 +113,7 @@ class ExpertPlan:
     def summary(self) -> dict:
         return {
             "method": self.method,
+            "importance": self.importance,
             "model": self.model,
             "expert_names": self.expert_names,
             "num_experts": self.num_experts,
@@ -146,7 +150,8 @@ class ExpertPlan:
         layers = [LayerPlan(tensors[f"shared.{i}"], tensors[f"experts.{i}"])
                   for i in range(len(info["layers"]))]
         plan = cls(info["method"], info["model"], info["expert_names"],
-                   info["intermediate_size"], info["keep"], layers, info.get("meta", {}))
+                   info["intermediate_size"], info["keep"], layers, info.get("meta", {}),
+                   info.get("importance", "activation"))
         plan.validate()
         return plan
 
@@ -162,6 +167,7 @@ def dense_plan(model: str, intermediate_size: int, num_layers: int,
     layers = [LayerPlan(none.clone(), channels[None].clone()) if routed
               else LayerPlan(channels.clone(), none[None].clone()) for _ in range(num_layers)]
     plan = ExpertPlan(method="dense", model=model, expert_names=["ffn"],
-                      intermediate_size=intermediate_size, keep=1.0, layers=layers)
+                      intermediate_size=intermediate_size, keep=1.0, layers=layers,
+                      importance="none")
     plan.validate()
     return plan

@@ -80,9 +80,12 @@ def _sliced_mlp_tensors(prefix: str, gate: torch.Tensor, up: torch.Tensor, down:
 
 
 @torch.no_grad()
-def slice_dense(dense_model: PreTrainedModel, plan: ExpertPlan) -> ReadMEForCausalLM:
+def slice_dense(dense_model: PreTrainedModel, plan: ExpertPlan,
+                compensation: list[torch.Tensor] | None = None) -> ReadMEForCausalLM:
     """A ReadME model holding the dense model's attention, norms and embeddings, and the plan's
-    shared expert and routed experts cut from each FFN (same dtype and device as the dense one)."""
+    shared expert and routed experts cut from each FFN (same dtype and device as the dense one);
+    with ``compensation`` (per layer ``[E, H]`` or ``[1, H]``, see refactor.compensation)
+    every FFN adds its bias for the channels it dropped."""
     plan.validate()
     _check_dense(dense_model, plan)
     config = ReadMEConfig.from_dense_config(
@@ -90,6 +93,7 @@ def slice_dense(dense_model: PreTrainedModel, plan: ExpertPlan) -> ReadMEForCaus
         shared_intermediate_sizes=[lp.shared_size for lp in plan.layers],
         expert_intermediate_sizes=[lp.expert_size for lp in plan.layers],
         expert_names=plan.expert_names,
+        compensation=compensation is not None,
     )
     dense_state = dense_model.state_dict()
     state = {name: tensor for name, tensor in dense_state.items() if ".mlp." not in name}
@@ -97,6 +101,8 @@ def slice_dense(dense_model: PreTrainedModel, plan: ExpertPlan) -> ReadMEForCaus
         dense_prefix = f"model.layers.{index}.mlp."
         gate, up, down = (dense_state[f"{dense_prefix}{name}.weight"] for name in _MLP_PROJECTIONS)
         state.update(_sliced_mlp_tensors(dense_prefix, gate, up, down, lp.shared, lp.experts))
+        if compensation is not None:
+            state[f"{dense_prefix}compensation"] = compensation[index].to(gate.device)
 
     # Every weight is overwritten below, so skip the random initialisation (slow on 7B models).
     with no_init_weights():

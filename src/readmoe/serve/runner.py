@@ -209,11 +209,13 @@ class ModelRunner:
     def _ffn(self, layer: int, mlp: torch.nn.Module, packed: PackedLayer, x: torch.Tensor,
              routing: tuple[torch.Tensor | None, list[int]] | None,
              source: ExpertSource | None) -> torch.Tensor:
-        """x [N, H] -> shared expert + each row's routed expert, [N, H]."""
+        """x [N, H] -> shared expert + each row's routed expert, [N, H], plus the row's
+        compensation bias where the model has one (kept resident: it is H floats an expert)."""
         act = mlp.experts.act_fn if mlp.experts is not None else mlp.shared.act_fn
+        bias = mlp.compensation
         out = _expert(packed.shared, x, act) if packed.shared is not None else None
         if mlp.experts is None:
-            return out
+            return out if bias is None else out + bias[0]
         if routing is None:  # layer-wise router: this layer's gate decides now
             routing = self._grouping(mlp.gate(x).argmax(-1))
         order, counts = routing
@@ -221,8 +223,9 @@ class ModelRunner:
         weights = (source.layer(layer, present) if source is not None
                    else self.experts_for(layer, present))
         if order is None:  # every row has one expert
-            for _, expert in weights:
+            for e, expert in weights:
                 routed = _expert(expert, x, act)
+                routed = routed if bias is None else routed + bias[e]
         else:
             grouped = x.index_select(0, order)  # [N, H] rows sorted by expert
             starts = [sum(counts[:e]) for e in range(len(counts))]
@@ -230,6 +233,8 @@ class ModelRunner:
             for e, expert in weights:  # the source's order: a store loads while others compute
                 rows = slice(starts[e], starts[e] + counts[e])
                 result[rows] = _expert(expert, grouped[rows], act)
+                if bias is not None:
+                    result[rows] += bias[e]
             routed = x.new_empty(x.shape).index_copy_(0, order, result)
         return routed if out is None else out + routed
 

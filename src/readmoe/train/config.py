@@ -9,6 +9,10 @@ from readmoe.train.losses import RouterLossConfig
 
 EXPERT_PARAMS = ("ffn", "all")
 ROUTER_TYPES = ("pregating", "layerwise")
+# optimizer steps between checkpoints inside a phase (not part of the config: it changes
+# where a kill resumes, never the result): minutes of CPU work on the default model, seconds
+# on a GPU, against a second or two to write a checkpoint
+DEFAULT_CHECKPOINT_EVERY = 50
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The two alternating phases: router distillation (backbone frozen) and expert tuning
 (router frozen). Each phase builds a fresh AdamW with a cosine schedule over its own steps,
-so a phase is a pure function of (weights, data position, learning rate): checkpoints at
-phase boundaries make a resumed run identical to an uninterrupted one."""
+so a phase is a pure function of (weights, data position, learning rate); inside a phase,
+`PhaseProgress` checkpoints add the optimizer's state and the steps done, so a run resumed
+mid-phase is identical to an uninterrupted one too."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import contextlib
 import math
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -19,6 +21,20 @@ from readmoe.train.losses import lm_loss, logit_kl, router_distillation_loss
 from readmoe.train.targets import DistillTargets
 
 Precision = Callable[[], contextlib.AbstractContextManager]
+
+
+@dataclass
+class PhaseProgress:
+    """Where a phase stands and how it checkpoints: ``step`` optimizer steps done (with their
+    ``losses`` and the AdamW ``optimizer_state`` after them; 0 and None for a fresh phase),
+    and ``save(step, optimizer, losses)`` called after every ``every``-th step short of the
+    phase's end (0: never; the phase's end is the caller's checkpoint)."""
+
+    every: int = 0
+    save: Callable[[int, torch.optim.Optimizer, list[float]], None] | None = None
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    optimizer_state: dict | None = None
 
 
 def router_parameter_names(model) -> set[str]:
@@ -107,15 +123,21 @@ def router_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _run_phase(model, names: set[str], lr: float, steps: int, desc: str, config: TrainConfig,
-               dist: Distributed, step_loss, precision: Precision) -> list[float]:
+               dist: Distributed, step_loss, precision: Precision,
+               progress: PhaseProgress | None = None) -> list[float]:
     """The loop both phases share: train only `names` for `steps` AdamW steps under a cosine
     schedule from `lr`, averaging gradients over processes; `step_loss(step)` gives the loss,
-    computed under `precision()` (autocast on a reduced dtype; the weights stay fp32)."""
+    computed under `precision()` (autocast on a reduced dtype; the weights stay fp32).
+    ``progress`` resumes the phase after its last checkpoint and writes new ones."""
+    progress = progress or PhaseProgress()
     params = set_trainable(model, names)
     optimizer = _optimizer(params, lr, config)
-    losses = []
+    if progress.optimizer_state is not None:
+        optimizer.load_state_dict(progress.optimizer_state)
+    losses = list(progress.losses)
     model.train()
-    for step in tqdm(range(steps), desc=desc, disable=not dist.is_main, leave=False):
+    for step in tqdm(range(progress.step, steps), desc=desc, disable=not dist.is_main,
+                     leave=False, initial=progress.step, total=steps):
         for group in optimizer.param_groups:
             group["lr"] = cosine(lr, step, steps)
         with precision():
@@ -125,6 +147,10 @@ def _run_phase(model, names: set[str], lr: float, steps: int, desc: str, config:
         dist.average_gradients(params)
         optimizer.step()
         losses.append(dist.mean(float(loss.detach())))
+        done = step + 1
+        if progress.save is not None and progress.every and done % progress.every == 0 \
+                and done < steps:
+            progress.save(done, optimizer, losses)
     model.eval()
     set_trainable(model, set())
     return losses
@@ -132,7 +158,8 @@ def _run_phase(model, names: set[str], lr: float, steps: int, desc: str, config:
 
 def run_router_phase(model, schedule: BlockSchedule, targets: DistillTargets, first_step: int,
                      lr: float, config: TrainConfig, dist: Distributed,
-                     precision: Precision = contextlib.nullcontext) -> list[float]:
+                     precision: Precision = contextlib.nullcontext,
+                     progress: PhaseProgress | None = None) -> list[float]:
     device = next(model.parameters()).device
 
     def step_loss(step: int) -> torch.Tensor:
@@ -144,12 +171,13 @@ def run_router_phase(model, schedule: BlockSchedule, targets: DistillTargets, fi
                                         config.router_loss)
 
     return _run_phase(model, router_parameter_names(model), lr, config.router_steps, "router",
-                      config, dist, step_loss, precision)
+                      config, dist, step_loss, precision, progress)
 
 
 def run_expert_phase(model, schedule: BlockSchedule, first_step: int, lr: float,
                      config: TrainConfig, dist: Distributed, dense=None,
-                     precision: Precision = contextlib.nullcontext) -> list[float]:
+                     precision: Precision = contextlib.nullcontext,
+                     progress: PhaseProgress | None = None) -> list[float]:
     device = next(model.parameters()).device
 
     def step_loss(step: int) -> torch.Tensor:
@@ -163,4 +191,5 @@ def run_expert_phase(model, schedule: BlockSchedule, first_step: int, lr: float,
         return loss
 
     return _run_phase(model, expert_parameter_names(model, config.expert_params), lr,
-                      config.expert_steps, "experts", config, dist, step_loss, precision)
+                      config.expert_steps, "experts", config, dist, step_loss, precision,
+                      progress)

@@ -2,14 +2,18 @@
 
 Round r: `router_steps` router steps at lr_router * decay**r, then `expert_steps` expert steps
 at lr_experts * decay**r, each phase with its own cosine schedule. The data position
-advances across rounds. After every phase the model and `state.json` are written
-atomically (`checkpoint/`), so a killed run resumes at the phase it was in and ends with the
-same weights as an uninterrupted run; after every round the model is saved as `round-<r>/`
-and `train_log.json` gains the round's losses, router accuracy and held-out perplexity.
+advances across rounds. After every phase, and every `checkpoint_every` optimizer steps
+inside one, a checkpoint folder `checkpoint-<phases done>-<step>/` (the model, plus
+`training.pt`: AdamW's state and the RNG's) is written whole, then `state.json`, which names
+it, is replaced atomically: a kill at any moment leaves a complete checkpoint named, and the
+resumed run ends with the same weights as an uninterrupted one, bit for bit. After every
+round the model is saved as `round-<r>/` and `train_log.json` gains the round's losses,
+router accuracy and held-out perplexity.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import time
@@ -18,28 +22,34 @@ from pathlib import Path
 import torch
 
 from readmoe.errors import ReadmoeError
-from readmoe.io import atomic_write_json
+from readmoe.io import atomic_write_bytes, atomic_write_json
 from readmoe.models.device import Placement, resolve_placement
-from readmoe.train.config import TrainConfig
+from readmoe.train.config import DEFAULT_CHECKPOINT_EVERY, TrainConfig
 from readmoe.train.data import BlockSchedule, mixed_blocks
 from readmoe.train.evaluate import RoundEvaluator
-from readmoe.train.phases import Distributed, run_expert_phase, run_router_phase
+from readmoe.train.phases import Distributed, PhaseProgress, run_expert_phase, run_router_phase
 from readmoe.train.targets import DistillTargets, build_targets
 
 STATE = "state.json"
-CHECKPOINT = "checkpoint"
+CHECKPOINT = "checkpoint"  # the prefix of checkpoint-<phases done>-<step>/
+TRAINING_STATE = "training.pt"
 
 
 class Trainer:
     """``placement``: where training runs. The trained model keeps fp32 weights on its device
     (AdamW's updates would round away in bf16); a reduced dtype autocasts the forward passes
     and holds the frozen dense teacher. It is not part of the run's state: a run resumes on
-    another device with the same data order."""
+    another device with the same data order. Nor is ``checkpoint_every`` (0: only at phase
+    boundaries), which changes where a kill resumes, never the result."""
 
     def __init__(self, moe_dir: str | Path, corpus_spec: str, out: str | Path,
                  config: TrainConfig, dense: str | None = None,
-                 placement: Placement | None = None) -> None:
+                 placement: Placement | None = None,
+                 checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY) -> None:
         config.validate()
+        if checkpoint_every < 0:
+            raise ReadmoeError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
+        self.checkpoint_every = checkpoint_every
         self.placement = placement or resolve_placement()
         self.moe_dir, self.out, self.config = Path(moe_dir), Path(out), config
         self.corpus_spec, self.dense_spec = corpus_spec, dense
@@ -70,8 +80,10 @@ class Trainer:
         self.corpus = load_corpus(self.corpus_spec)
         self.tokenizer = load_tokenizer(str(self.moe_dir))
         state = self._load_state()
-        model = load_model(str(self.out / CHECKPOINT if state["phases_done"] else self.moe_dir),
-                           dtype=torch.float32, device=self.placement.device)
+        checkpoint = self._checkpoint_dir(state)
+        model = load_model(str(checkpoint or self.moe_dir), dtype=torch.float32,
+                           device=self.placement.device)
+        saved = self._training_state(checkpoint)
         self.routed = model.config.needs_routing
         if self.routed and model.config.router_type == "none":
             model.attach_router(self.config.router_type)
@@ -86,27 +98,45 @@ class Trainer:
                 continue
             if max_phases is not None and index >= max_phases:
                 return state
+            progress = self._progress(model, state, saved)
+            saved = None  # restored once, where the checkpoint was taken
             started = time.time()
             if kind == "router":
                 lr = self.config.lr_router * self.config.decay**r
                 losses = run_router_phase(model, router_schedule, targets,
                                           r * self.config.router_steps, lr, self.config,
-                                          self.dist, self.placement.autocast)
+                                          self.dist, self.placement.autocast, progress)
             else:
                 lr = self.config.lr_experts * self.config.decay**r
                 losses = run_expert_phase(model, schedule, r * self.config.expert_steps, lr,
                                           self.config, self.dist,
                                           dense if self.config.kd_weight > 0 else None,
-                                          self.placement.autocast)
+                                          self.placement.autocast, progress)
             entry = state["rounds"].setdefault(str(r), {"round": r})
             entry[kind] = {"lr": lr, "losses": losses, "seconds": round(time.time() - started, 1)}
             last_of_round = index == len(self.phases()) - 1 or self.phases()[index + 1][1] != r
             if last_of_round and self.dist.is_main:
                 entry.update(evaluator.evaluate(model))
                 self._save_model(model, self.out / f"round-{r}")
-            state["phases_done"] = index + 1
+            state.update(phases_done=index + 1, phase_step=0, phase_losses=[])
             self._checkpoint(model, state)
         return state
+
+    def _progress(self, model, state: dict, saved: dict | None) -> PhaseProgress:
+        """The next phase's progress: fresh, or (right after a resume) the checkpoint's RNG,
+        and inside a phase its steps done, losses and optimizer state."""
+        def save(step: int, optimizer: torch.optim.Optimizer, losses: list[float]) -> None:
+            state.update(phase_step=step, phase_losses=list(losses))
+            self._checkpoint(model, state, optimizer)
+
+        progress = PhaseProgress(every=self.checkpoint_every, save=save)
+        if saved is not None:
+            torch.set_rng_state(saved["rng"])
+            if saved["cuda_rng"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(saved["cuda_rng"])
+            progress.step, progress.losses = state["phase_step"], state["phase_losses"]
+            progress.optimizer_state = saved["optimizer"]
+        return progress
 
     def _plan_dir(self) -> Path:
         plan_dir = self.moe_dir / "plan"
@@ -152,7 +182,8 @@ class Trainer:
 
     def _load_state(self) -> dict:
         fresh = {"config": self.config.to_dict(), "source": str(self.moe_dir),
-                 "corpus": self.corpus.fingerprint(), "phases_done": 0, "rounds": {}}
+                 "corpus": self.corpus.fingerprint(), "phases_done": 0, "phase_step": 0,
+                 "phase_losses": [], "rounds": {}}
         path = self.out / STATE
         if not path.is_file():
             if self.out.is_dir() and any(p.name != "targets" for p in self.out.iterdir()):
@@ -166,13 +197,44 @@ class Trainer:
                                    "same arguments or choose another --out")
         return state
 
-    def _checkpoint(self, model, state: dict) -> None:
+    def _checkpoint_dir(self, state: dict) -> Path | None:
+        """The checkpoint `state` names; a run begun before mid-phase checkpoints kept its
+        phase-boundary one in `checkpoint/`."""
+        if "checkpoint" in state:
+            return self.out / state["checkpoint"]
+        state.setdefault("phase_step", 0)
+        state.setdefault("phase_losses", [])
+        return self.out / CHECKPOINT if state["phases_done"] else None
+
+    @staticmethod
+    def _training_state(checkpoint: Path | None) -> dict | None:
+        path = checkpoint / TRAINING_STATE if checkpoint else None
+        if path is None or not path.is_file():
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def _checkpoint(self, model, state: dict, optimizer: torch.optim.Optimizer | None = None
+                    ) -> None:
+        """Write a new checkpoint folder, then the state naming it (the commit point), then
+        drop older checkpoints: at no moment is the named checkpoint incomplete."""
+        name = f"{CHECKPOINT}-{state['phases_done']}-{state['phase_step']}"
+        state["checkpoint"] = name
         if self.dist.is_main:
-            self._save_model(model, self.out / CHECKPOINT)
+            folder = self.out / name
+            self._save_model(model, folder)
+            buffer = io.BytesIO()
+            torch.save({"optimizer": optimizer.state_dict() if optimizer else None,
+                        "rng": torch.get_rng_state(),
+                        "cuda_rng": (torch.cuda.get_rng_state_all()
+                                     if torch.cuda.is_available() else None)}, buffer)
+            atomic_write_bytes(folder / TRAINING_STATE, buffer.getvalue())
             atomic_write_json(self.out / STATE, state)
             log = {"config": state["config"], "source": state["source"],
                    "rounds": [state["rounds"][k] for k in sorted(state["rounds"], key=int)]}
             atomic_write_json(self.out / "train_log.json", log)
+            for old in self.out.glob(f"{CHECKPOINT}*"):
+                if old.is_dir() and old.name != name:
+                    shutil.rmtree(old)
         self.dist.barrier()
 
     def _save_model(self, model, folder: Path) -> None:
@@ -190,5 +252,6 @@ def final_model_dir(out: str | Path) -> Path:
 
 
 def clear_checkpoint(out: str | Path) -> None:
-    """Drop the phase checkpoint of a finished run (the round folders stay)."""
-    shutil.rmtree(Path(out) / CHECKPOINT, ignore_errors=True)
+    """Drop the checkpoints of a finished run (the round folders stay)."""
+    for folder in Path(out).glob(f"{CHECKPOINT}*"):
+        shutil.rmtree(folder, ignore_errors=True)
