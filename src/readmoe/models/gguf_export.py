@@ -3,11 +3,11 @@ model reads per decode step.
 
 Why: the speed benchmark compares the engine with llama.cpp on the very same weights, and
 llama.cpp only reads GGUF. Its converter (``convert_hf_to_gguf.py``) lives in llama.cpp's source
-tree, needs its own gguf-py and a tokenizer from a model hub; for the Llama architecture the
-layout is small enough to write here with the ``gguf`` package's ``GGUFWriter`` (already a
-dependency). The tokenizer is not rebuilt from HF files: the GGUF the dense model came from (the
-built-in Q4_1 file) already carries llama.cpp's tokenizer fields, copied as they are; the
-vocabulary sizes are checked to agree.
+tree, not in an installed package, and wants the gguf-py of its own revision; for the Llama
+architecture the layout is small enough to write here with the ``gguf`` package's
+``GGUFWriter`` (already a dependency). The tokenizer is not rebuilt from HF files: the GGUF the
+dense model came from (the built-in Q4_1 file) already carries llama.cpp's tokenizer fields,
+copied as they are; the vocabulary sizes are checked to agree.
 
 Layout, as the converter's ``LlamaModel`` writes it: HF names mapped to llama.cpp's
 (``blk.N.attn_q.weight``, ...), each matrix ``[out, in]`` as stored, and the rows of q and k
