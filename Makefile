@@ -18,7 +18,14 @@ VLLM_TORCH_PIN ?= torch==2.13.0+cpu
 VLLM_TORCH_INDEX ?=
 VLLM_STAMP := $(VENV_VLLM)/.installed
 
-.PHONY: demo test lint clean vllm test-vllm
+# Benchmark-only: llama.cpp (llama-cpp-python built from source for this CPU: -march=native,
+# so AVX2 where the CPU has it; no CUDA, no BLAS)
+# is a peer in benchmarks/engine_speed.py; `make test` and `make demo` never need it.
+LLAMA_CPP := llama-cpp-python==0.3.36
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_BLAS=OFF
+BENCH_STAMP := $(VENV)/.bench-deps
+
+.PHONY: demo test lint clean vllm test-vllm bench-deps
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +59,15 @@ vllm: $(VLLM_STAMP)
 # The parity references (HF generate, readmoe's engine) run in .venv, vLLM in .venv-vllm.
 test-vllm: $(VLLM_STAMP) $(STAMP)
 	READMOE_MAIN_PYTHON=$(CURDIR)/$(BIN)/python $(VBIN)/python -m pytest -q tests/integrations/vllm
+
+# compiles llama.cpp once (about 13 minutes on a 2-core machine)
+bench-deps: $(BENCH_STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" FORCE_CMAKE=1 $(BIN)/pip install -q \
+		--no-binary llama-cpp-python --no-cache-dir $(LLAMA_CPP)
+	$(BIN)/python -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__)"
+	touch $(BENCH_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

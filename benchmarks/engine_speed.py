@@ -1,35 +1,52 @@
-"""Decode speed of the serving engine against HF ``generate`` on the same ReadME weights, and
-against the machine's limits measured in the same run.
+"""Decode speed of the serving engine side by side with the engines users would pick, on the
+same weights, threads and prompts, and against the machine's limits measured in the same run.
 
-Model: ``--model`` (a ReadME folder); by default the last round of runs/bench/train-readme when
-it exists (``benchmarks/train_quality.py`` trains it), else the untrained refactor
+Peers (``--peers``, default all): ``hf`` and ``engine`` on the ReadME model; ``hf-dense`` and
+``engine-dense`` on the dense model it was refactored from (the engine serves it as a one-expert
+folder, ``refactor.pipeline.write_dense_experts``, so engine against engine is the same work);
+``llama.cpp-f32`` on that dense model written as an F32 GGUF (``models.gguf_export``) and
+``llama.cpp-quantized`` on the GGUF it came from (the built-in Q4_1 file), at batch 1 through
+``llama_cpp.Llama`` and at larger batches through its batch API (``serve.llama_cpp_peer``).
+llama.cpp is a benchmark-only dependency (``make bench-deps``); without it the run says which
+rows are missing and why, and measures the rest. Every peer runs at the same thread counts
+(llama.cpp's ``n_threads`` = torch's).
+
+ReadME model: ``--model`` (a ReadME folder); by default the last round of runs/bench/train-readme
+when it exists (``benchmarks/train_quality.py`` trains it), else the untrained refactor
 runs/bench/moe-readme with a fresh pre-gating router attached (speed does not depend on router
 quality beyond how many experts a batch touches), refactored from smollm2-135m over
-runs/bench/corpus first if that folder is missing too.
+runs/bench/corpus first if that folder is missing too. Dense model: ``--dense``, by default the
+model named in the ReadME folder's plan.
 
-Both sides decode the same equal-length prompts greedily for exactly ``--new-tokens`` tokens
-(EOS ignored), after a warm-up. Decode tokens/s = batch * (new - 1) / (time(new) - time(1)),
-so prefill is excluded on both sides.
+Every peer decodes the same equal-length prompts, taken from the corpus's domains in turn (so a
+batch mixes domains and experts), greedily for exactly ``--new-tokens`` tokens (EOS ignored),
+after a warm-up. Decode tokens/s = batch * (new - 1) / (time(new) - time(1)), so prefill is
+excluded on every side.
 
-Limits. Matmul floor: the seconds the engine's packed matrix products alone take for one decode
-step of the batch (every layer, the shared expert on all rows, the rows split evenly over the
-step's measured distinct experts, the LM head); HF's step time over it bounds what any engine
-using these kernels can gain here. Roofline tokens/s = batch * bandwidth / bytes read per
-decode step (every weight matrix once, the routed experts the engine's decode steps really
-touched, and the KV cache at the mean context); bandwidth is a timed sum over a 512 MiB tensor.
+Limits. Bytes per token: the weights one decode step reads (every matrix once, the LM head too
+when it is tied to the embedding, only the routed experts the engine's decode steps really
+touched) over the batch. Roofline tokens/s = batch * bandwidth / (those weights + the batch's KV
+cache at the mean context; llama.cpp keeps its cache in F16); bandwidth is a timed sum over a
+512 MiB tensor. Matmul floor (engine rows): the seconds the engine's packed matrix products alone
+take for one decode step of the batch (every layer, the shared expert on all rows, the rows
+split evenly over the step's measured distinct experts, the LM head); HF's step time over it
+bounds what any engine using these kernels can gain here.
 
 ``--device`` / ``--dtype`` as every command (default: CUDA bf16 with a GPU, else CPU fp32);
-on CUDA every timing synchronises the device before and after.
+on CUDA every timing synchronises the device before and after (llama.cpp runs on the CPU).
 
 Writes results/engine_speed.{json,md}.
 
-    .venv/bin/python benchmarks/engine_speed.py [--model DIR] [--batches 1 8 32] [--threads 1 2]
-        [--device cuda --dtype bfloat16 --results results/gpu]
+    .venv/bin/python benchmarks/engine_speed.py [--model DIR] [--dense SPEC] [--batches 1 8 32]
+        [--threads 1 2] [--peers hf engine ...] [--device cuda --dtype bfloat16
+        --results results/gpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import os
 import platform
 import sys
@@ -40,9 +57,17 @@ import torch
 
 from readmoe.data.corpus import load_corpus
 from readmoe.io import write_results
-from readmoe.models import load_model, load_tokenizer
+from readmoe.models import load_config, load_model, load_tokenizer, resolve_model
+from readmoe.models.builtin import DEFAULT_MODEL
 from readmoe.models.device import Placement, add_placement_args, placement_from_args
+from readmoe.models.gguf_export import (
+    export_llama_gguf,
+    gguf_precision,
+    gguf_step_weight_bytes,
+    source_gguf,
+)
 from readmoe.serve.engine import Engine
+from readmoe.serve.llama_cpp_peer import LlamaCppPeer, llama_cpp_missing
 from readmoe.serve.packed import PackedExpert
 from readmoe.serve.sampling import SamplingParams
 from readmoe.serve.types import Budget
@@ -51,17 +76,24 @@ from readmoe.train.rounds import final_model_dir
 TRAINED_RUN = Path("runs/bench/train-readme")
 REFACTORED = Path("runs/bench/moe-readme")
 CORPUS = Path("runs/bench/corpus")
+DENSE_EXPERTS = Path("runs/bench/dense-experts")
+GGUF_DIR = Path("runs/bench/gguf")
+PEERS = ("hf", "engine", "hf-dense", "engine-dense", "llama.cpp-f32", "llama.cpp-quantized")
+LLAMA_CPP_KV_BYTES = 2  # llama.cpp's default KV cache type is F16
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a ReadME model folder")
+    parser.add_argument("--dense", default=None,
+                        help="the dense model (default: the one the ReadME plan names)")
+    parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, nargs="+", default=None,
-                        help="torch thread counts to measure, each for both sides (default: "
+                        help="thread counts to measure, the same for every peer (default: "
                         "torch's own choice); on a shared machine 1 avoids OpenMP stalls")
     parser.add_argument("--repeats", type=int, default=2, help="best of this many timings")
     parser.add_argument("--results", default="results")
@@ -72,12 +104,12 @@ def parse_args() -> argparse.Namespace:
 
 
 def load(spec: str | None, placement: Placement, corpus: Path):
-    """(model, tokenizer, description) of the benchmarked ReadME model."""
+    """(model, tokenizer, description, folder) of the benchmarked ReadME model."""
     where = {"dtype": placement.dtype, "device": placement.device}
     if spec is None and any(TRAINED_RUN.glob("round-*")):
         spec = str(final_model_dir(TRAINED_RUN))
     if spec is not None:
-        return load_model(spec, **where), load_tokenizer(spec), spec
+        return load_model(spec, **where), load_tokenizer(spec), spec, Path(spec)
     if not REFACTORED.is_dir():
         from readmoe.refactor.pipeline import run_refactor
 
@@ -85,7 +117,30 @@ def load(spec: str | None, placement: Placement, corpus: Path):
     model = load_model(str(REFACTORED), **where)
     model.attach_router("pregating", seed=0)
     model.to(**where)
-    return model, load_tokenizer(str(REFACTORED)), f"{REFACTORED} + untrained pre-gating router"
+    described = f"{REFACTORED} + untrained pre-gating router"
+    return model, load_tokenizer(str(REFACTORED)), described, REFACTORED
+
+
+def planned_model(folder: Path) -> str | None:
+    """The dense model a ReadME folder's plan was made from, if it records one."""
+    plan = folder / "plan" / "plan.json"
+    return json.loads(plan.read_text())["model"] if plan.is_file() else None
+
+
+def dense_experts(spec: str) -> Path:
+    """The dense model as a one-expert ReadME folder, written once per dense model."""
+    if planned_model(DENSE_EXPERTS) != spec:
+        from readmoe.refactor.pipeline import write_dense_experts
+
+        write_dense_experts(spec, DENSE_EXPERTS)
+    return DENSE_EXPERTS
+
+
+def f32_gguf(spec: str, tokenizer_gguf: Path) -> Path:
+    """The dense model as an F32 GGUF, written once per converted folder."""
+    folder = resolve_model(spec)
+    out = GGUF_DIR / f"{folder.name}-f32.gguf"
+    return out if out.is_file() else export_llama_gguf(folder, out, tokenizer_gguf, name=spec)
 
 
 def prompts(tokenizer, count: int, length: int, corpus_dir: Path) -> list[list[int]]:
@@ -143,6 +198,12 @@ def engine_time(model, tokenizer, batch: list[list[int]], new: int) -> tuple[flo
     return _timed(lambda: engine.generate(batch, params)), engine
 
 
+def decode_seconds(run, batch: list[list[int]], args: argparse.Namespace) -> float:
+    """Seconds of the decode steps alone: the best time of ``new`` tokens minus the best of 1."""
+    return (min(run(batch, args.new_tokens) for _ in range(args.repeats))
+            - min(run(batch, 1) for _ in range(args.repeats)))
+
+
 @torch.inference_mode()
 def matmul_floor(engine: Engine, batch: int, distinct: float, repeats: int) -> float:
     """Seconds of one decode step's packed matrix products alone (module docstring)."""
@@ -173,86 +234,201 @@ def matmul_floor(engine: Engine, batch: int, distinct: float, repeats: int) -> f
     return min(_timed(step) for _ in range(max(3, repeats)))
 
 
-def step_bytes(model, distinct: float, batch: int, context: float) -> float:
-    """Bytes one decode step reads: every weight once (the LM head too, also when it is tied
-    to the embedding), ``distinct`` routed experts per layer (the engine's measured mean), and
-    the batch's KV cache at ``context`` tokens."""
-    config = model.config
+def weight_step_bytes(model, distinct: float) -> float:
+    """Weight bytes one decode step reads: every weight once (the LM head too, also when it
+    is tied to the embedding) and ``distinct`` routed experts per layer (the engine's mean)."""
     head = model.lm_head.weight
     total = float(head.numel() * head.element_size())
     for name, param in model.named_parameters():
         if ".router." in name or param is head or name.endswith("embed_tokens.weight"):
             continue  # the router is not the backbone; the embedding reads B rows only
         size = param.numel() * param.element_size()
-        total += size * distinct / config.num_experts if ".experts." in name else size
-    kv_per_token = (2 * config.num_hidden_layers * config.num_key_value_heads
-                    * model.model.layers[0].self_attn.head_dim * model.dtype.itemsize)
-    return total + batch * context * kv_per_token
+        total += size * distinct / model.config.num_experts if ".experts." in name else size
+    return total
 
 
-def measure(model, tokenizer, pool: list[list[int]], batch_size: int, gbs: float,
-            args: argparse.Namespace) -> dict:
-    """One row: HF and the engine side by side at ``batch_size``, with the machine's limits."""
-    batch = pool[:batch_size]
-    hf = (min(hf_time(model, batch, args.new_tokens) for _ in range(args.repeats))
-          - min(hf_time(model, batch, 1) for _ in range(args.repeats)))
-    runs = [engine_time(model, tokenizer, batch, args.new_tokens) for _ in range(args.repeats)]
-    full, engine = min(runs, key=lambda run: run[0])
-    eng = full - min(engine_time(model, tokenizer, batch, 1)[0] for _ in range(args.repeats))
-    decode_steps = [s for s in engine.steps if s.num_tokens == batch_size]
-    distinct = sum(s.distinct_experts for s in decode_steps) / max(1, len(decode_steps))
-    tokens = batch_size * (args.new_tokens - 1)
-    roof = batch_size * gbs * 1e9 / step_bytes(model, distinct, batch_size,
-                                                args.prompt_len + args.new_tokens / 2)
-    floor = matmul_floor(engine, batch_size, distinct, args.repeats)
-    return {"threads": torch.get_num_threads(), "batch": batch_size,
-            "hf_tokens_per_s": tokens / hf, "engine_tokens_per_s": tokens / eng,
-            "speedup": hf / eng, "roofline_tokens_per_s": roof,
-            "engine_fraction_of_roofline": tokens / eng / roof,
-            "matmul_floor_tokens_per_s": batch_size / floor,
-            "speedup_bound": hf / (args.new_tokens - 1) / floor,
-            "distinct_experts_per_decode_step": distinct}
+def kv_step_bytes(config, batch: int, context: float, itemsize: int) -> float:
+    """Bytes of the batch's KV cache at ``context`` tokens, read once per decode step."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return (batch * context * 2 * config.num_hidden_layers * config.num_key_value_heads
+            * head_dim * itemsize)
+
+
+def row(peer: str, threads: int, batch: int, precision: str, weight_bytes: float,
+        kv_bytes: float, seconds: float, command: str, gbs: float,
+        args: argparse.Namespace) -> dict:
+    """One peer at one batch: its decode rate beside what the bytes it reads allow."""
+    rate = batch * (args.new_tokens - 1) / seconds
+    roof = batch * gbs * 1e9 / (weight_bytes + kv_bytes)
+    return {"peer": peer, "weights": "readme" if peer in ("hf", "engine") else "dense",
+            "threads": threads, "batch": batch, "precision": precision,
+            "weight_bytes_per_step": weight_bytes, "bytes_per_token": weight_bytes / batch,
+            "tokens_per_s": rate, "roofline_tokens_per_s": roof,
+            "fraction_of_roofline": rate / roof, "command": command}
+
+
+def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
+               pool: list[list[int]], gbs: float, threads: list[int],
+               args: argparse.Namespace) -> list[dict]:
+    """HF ``generate`` on ``hf_model`` and the engine on ``engine_model`` (the same weights)."""
+    hf_name, engine_name = names
+    precision = str(engine_model.dtype).removeprefix("torch.")
+    context = args.prompt_len + args.new_tokens / 2
+    kv_size = engine_model.dtype.itemsize
+    rows: list[dict] = []
+    for count in threads:
+        torch.set_num_threads(count)
+        if hf_name in args.peers:
+            hf_time(hf_model, pool[:2], 4)  # warm-up
+        engine_time(engine_model, tokenizer, pool[:2], 4)
+        for b in args.batches:
+            batch, before = pool[:b], len(rows)
+            full = [engine_time(engine_model, tokenizer, batch, args.new_tokens)
+                    for _ in range(args.repeats if engine_name in args.peers else 1)]
+            engine = full[0][1]
+            decode_steps = [s for s in engine.steps if s.num_tokens == b]
+            distinct = sum(s.distinct_experts for s in decode_steps) / max(1, len(decode_steps))
+            kv = kv_step_bytes(engine_model.config, b, context, kv_size)
+            hf = None
+            if hf_name in args.peers:
+                hf = decode_seconds(lambda ids, new: hf_time(hf_model, ids, new), batch, args)
+                rows.append(row(hf_name, count, b, precision, weight_step_bytes(hf_model, distinct),
+                                kv, hf, f"{type(hf_model).__name__}.generate(ids, max_new_tokens="
+                                f"{args.new_tokens}, min_new_tokens={args.new_tokens}, "
+                                "do_sample=False)", gbs, args))
+            if engine_name in args.peers:
+                first = min(engine_time(engine_model, tokenizer, batch, 1)[0]
+                            for _ in range(args.repeats))
+                seconds = min(t for t, _ in full) - first
+                floor = matmul_floor(engine, b, distinct, args.repeats)
+                rows.append(row(engine_name, count, b, precision,
+                                weight_step_bytes(engine_model, distinct), kv, seconds,
+                                f"Engine(model, 'fcfs', Budget(max_seqs={b})).generate(prompts, "
+                                f"SamplingParams(max_tokens={args.new_tokens}, ignore_eos=True))",
+                                gbs, args))
+                bound = None if hf is None else hf / (args.new_tokens - 1) / floor
+                rows[-1].update(matmul_floor_tokens_per_s=b / floor,
+                                fraction_of_floor=rows[-1]["tokens_per_s"] * floor / b,
+                                distinct_experts_per_decode_step=distinct, speedup_bound=bound)
+            print(*rows[before:], sep="\n", flush=True)
+    return rows
+
+
+def llama_cpp_rows(spec: str, config, pool: list[list[int]], gbs: float, threads: list[int],
+                   args: argparse.Namespace, missing: list[dict]) -> list[dict]:
+    """llama.cpp on the dense weights: the F32 GGUF written from them and the GGUF they came
+    from; a row that cannot run goes to ``missing`` with the reason."""
+    wanted = [p for p in ("llama.cpp-f32", "llama.cpp-quantized") if p in args.peers]
+    reason = llama_cpp_missing()
+    source = source_gguf(spec)
+    if reason is None and source is None:
+        reason = (f"{spec} came from no GGUF file, so there is no llama.cpp tokenizer (nor "
+                  "quantized reference) to use; give --dense a built-in name or a .gguf file")
+    if reason is not None:
+        missing += [{"peer": peer, "reason": reason} for peer in wanted]
+        for line in missing:
+            print(f"engine_speed: no {line['peer']} rows: {line['reason']}", file=sys.stderr)
+        return []
+    rows = []
+    context = args.prompt_len + args.new_tokens / 2
+    for peer in wanted:
+        path = source if peer == "llama.cpp-quantized" else f32_gguf(spec, source)
+        weights, precision = gguf_step_weight_bytes(path), gguf_precision(path)
+        for count in threads:
+            torch.set_num_threads(count)
+            llm = LlamaCppPeer(path, count, args.prompt_len + args.new_tokens)
+            llm.seconds(pool[:1], 4)  # warm-up, both paths
+            llm.seconds(pool[:2], 4)
+            for b in args.batches:
+                seconds = decode_seconds(llm.seconds, pool[:b], args)
+                rows.append(row(peer, count, b, precision, weights,
+                                kv_step_bytes(config, b, context, LLAMA_CPP_KV_BYTES), seconds,
+                                llm.command(b), gbs, args))
+                print(rows[-1], flush=True)
+            del llm
+            gc.collect()
+    return rows
+
+
+def markdown(result: dict, described: str, dense: str, placement: Placement) -> str:
+    """The results as one table of every peer's rows, then the comparisons the issue asks."""
+    rows, args = result["rows"], result
+    lines = ["# Decode speed: the engine beside HF generate and llama.cpp, and the machine's "
+             "limits", "",
+             f"ReadME model: {described}; dense model: {dense}; {placement.describe()}; "
+             f"{args['prompt_len']}-token prompts mixed over domains, {args['new_tokens']} new "
+             f"tokens, greedy; measured read bandwidth {args['bandwidth_gb_per_s']:.1f} GB/s.",
+             "", f"Command: `{result['command']}`  ", f"Machine: {result['machine']}", "",
+             "| threads | batch | peer | weights | precision | MB read / token | tok/s | "
+             "x HF, same weights | roofline tok/s | of roofline | matmul floor tok/s | of floor "
+             "| experts / step |", "|---:|---:|---|---|---|" + "---:|" * 8]
+    hf = {(r["weights"], r["threads"], r["batch"]): r["tokens_per_s"]
+          for r in rows if r["peer"] in ("hf", "hf-dense")}
+    order = {peer: i for i, peer in enumerate(PEERS)}
+    for r in sorted(rows, key=lambda r: (r["threads"], r["batch"], order[r["peer"]])):
+        base = hf.get((r["weights"], r["threads"], r["batch"]))
+        vs_hf = "" if base is None else f"{r['tokens_per_s'] / base:.2f}x"
+        floor, of_floor, experts = "", "", ""
+        if "matmul_floor_tokens_per_s" in r:
+            floor = f"{r['matmul_floor_tokens_per_s']:.1f}"
+            of_floor = f"{r['fraction_of_floor']:.0%}"
+            experts = f"{r['distinct_experts_per_decode_step']:.2f}"
+        lines.append(
+            f"| {r['threads']} | {r['batch']} | {r['peer']} | {r['weights']} | {r['precision']} "
+            f"| {r['bytes_per_token'] / 1e6:.1f} | {r['tokens_per_s']:.1f} | {vs_hf} | "
+            f"{r['roofline_tokens_per_s']:.1f} | {r['fraction_of_roofline']:.0%} | {floor} | "
+            f"{of_floor} | {experts} |")
+    rate = {(r["peer"], r["threads"], r["batch"]): r["tokens_per_s"] for r in rows}
+    pairs = [(t, b, rate[("engine-dense", t, b)] / rate[("llama.cpp-f32", t, b)])
+             for (peer, t, b) in rate if peer == "engine-dense" and ("llama.cpp-f32", t, b) in rate]
+    if pairs:
+        lines += ["", "Engine on the dense model over llama.cpp F32 on the same weights (the "
+                  "same work): " + ", ".join(f"{t} thread(s) batch {b}: {x:.2f}x"
+                                             for t, b, x in pairs) + "."]
+    for line in result["missing"]:
+        lines += ["", f"**Missing rows `{line['peer']}`**: {line['reason']}."]
+    lines += ["", "MB read / token: weight bytes one decode step reads, over the batch. Matmul "
+              "floor: the engine's packed matrix products alone, timed here; no engine built on "
+              "these kernels beats it on this machine (at batch 1 they stream the weights from "
+              "memory, at batch 32 they are compute-bound). Each row's `command` in the JSON "
+              "says how it was produced."]
+    return "\n".join(lines)
 
 
 def main() -> int:
     args = parse_args()
     torch.manual_seed(0)
     placement = placement_from_args(args)
-    model, tokenizer, described = load(args.model, placement, args.corpus)
+    threads = args.threads or [torch.get_num_threads()]
+    model, tokenizer, described, folder = load(args.model, placement, args.corpus)
+    dense = args.dense or planned_model(folder) or DEFAULT_MODEL
     pool = prompts(tokenizer, max(args.batches), args.prompt_len, args.corpus)
     gbs = bandwidth_gbs(placement.device)
-    rows = []
-    for threads in args.threads or [torch.get_num_threads()]:
-        torch.set_num_threads(threads)
-        hf_time(model, pool[:2], 4)  # warm-up
-        engine_time(model, tokenizer, pool[:2], 4)
-        for b in args.batches:
-            rows.append(measure(model, tokenizer, pool, b, gbs, args))
-            print(rows[-1], flush=True)
+    where = {"dtype": placement.dtype, "device": placement.device}
+    rows: list[dict] = []
+    missing: list[dict] = []
+    if {"hf", "engine"} & set(args.peers):
+        rows += torch_rows(model, model, tokenizer, ("hf", "engine"), pool, gbs, threads, args)
+    del model
+    gc.collect()
+    if {"hf-dense", "engine-dense"} & set(args.peers):
+        served = load_model(str(dense_experts(dense)), **where)
+        hf_model = load_model(dense, **where) if "hf-dense" in args.peers else served
+        rows += torch_rows(hf_model, served, tokenizer, ("hf-dense", "engine-dense"), pool, gbs,
+                           threads, args)
+        del served, hf_model
+        gc.collect()
+    rows += llama_cpp_rows(dense, load_config(dense), pool, gbs, threads, args, missing)
     result = {"command": " ".join([sys.executable, *sys.argv]), "model": described,
+              "dense_model": dense,
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "cpus": os.cpu_count(), "torch": torch.__version__,
                           "gpu": (torch.cuda.get_device_name(placement.device)
                                   if placement.device.type == "cuda" else None)},
               **placement.to_dict(), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-              "bandwidth_gb_per_s": gbs, "rows": rows}
-    lines = ["# Engine decode speed vs HF generate and the machine's limits", "",
-             f"Model: {described}; {placement.describe()}; {args.prompt_len}-token prompts, "
-             f"{args.new_tokens} new tokens, greedy; measured read bandwidth {gbs:.1f} GB/s.", "",
-             f"Command: `{result['command']}`  ", f"Machine: {result['machine']}", "",
-             "| threads | batch | HF tok/s | engine tok/s | speedup | matmul floor tok/s | "
-             "speedup bound (HF / floor) | roofline tok/s | engine / roofline | "
-             "experts per step |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['threads']} | {r['batch']} | {r['hf_tokens_per_s']:.1f} | "
-              f"{r['engine_tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
-              f"{r['matmul_floor_tokens_per_s']:.1f} | {r['speedup_bound']:.2f}x | "
-              f"{r['roofline_tokens_per_s']:.1f} | {r['engine_fraction_of_roofline']:.0%} | "
-              f"{r['distinct_experts_per_decode_step']:.2f} |" for r in rows]
-    lines += ["", "Speedup bound: HF's decode step time over the matmul floor (the engine's "
-              "packed matrix products alone, timed here); no engine built on these kernels "
-              "can beat it on this machine. At batch 1 the products stream the weights from "
-              "memory; at batch 32 they are compute-bound."]
-    write_results(args.results, "engine_speed", result, "\n".join(lines))
+              "threads": threads, "bandwidth_gb_per_s": gbs, "rows": rows, "missing": missing}
+    write_results(args.results, "engine_speed", result,
+                  markdown(result, described, dense, placement))
     return 0
 
 
