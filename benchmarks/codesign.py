@@ -38,9 +38,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from readmoe.errors import ReadmoeError
-from readmoe.io import atomic_write_bytes, atomic_write_text, write_results
+from readmoe.io import atomic_write_bytes, atomic_write_json, atomic_write_text, write_results
 from readmoe.models import load_model, load_tokenizer
 from readmoe.serve.cost import get_profile
 from readmoe.serve.crosscheck import engine_vs_simulator
@@ -97,6 +98,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-engine", action="store_true",
                         help="rerun the simulator parts only, keeping the engine side of the "
                         "last full run in --out (the engine grid takes over an hour here)")
+    parser.add_argument("--fresh", action="store_true", help="discard the engine runs kept "
+                        "under runs/codesign/cells from an earlier, killed run")
     parser.add_argument("--out", default="results")
     return parser.parse_args()
 
@@ -270,33 +273,76 @@ def interference(model, tokenizer, folder: Path, cal: dict) -> dict:
 
 # ---- engine grid ------------------------------------------------------------------------------
 
+class CellStore:
+    """Each finished engine run as its own JSON file under runs/codesign/cells, so a killed run
+    resumes where it stopped. The cells are valid only with the prelude they were measured
+    under (workload, calibration, models): a different prelude clears them."""
+
+    def __init__(self, folder: Path, prelude: dict, fresh: bool):
+        self.folder = folder
+        stamp = folder / "prelude.json"
+        kept = json.loads(stamp.read_text()) if stamp.is_file() else None
+        if fresh or kept != prelude:
+            for old in folder.glob("*.json"):
+                old.unlink()
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(stamp, prelude)
+
+    def _path(self, key: tuple) -> Path:
+        return self.folder / ("cell-" + "-".join(f"{k:g}" if isinstance(k, float) else str(k)
+                                                  for k in key) + ".json")
+
+    def get(self, key: tuple) -> dict | None:
+        path = self._path(key)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def put(self, key: tuple, row: dict) -> None:
+        atomic_write_json(self._path(key), row)
+
+
 def engine_grid(args, folders, models, tokenizer, specs_by_workload, setting_by_name, routed,
-                predictor):
+                predictor, cells: CellStore):
     raw: dict = {}
+    per_repeat = len(specs_by_workload) * (1 + len(setting_by_name) * len(args.budgets)
+                                           * len(args.systems))
+    progress = tqdm(total=args.repeats * per_repeat, desc="engine runs")
+
+    def measure(key: tuple, run) -> None:
+        row = cells.get(key)
+        if row is None:
+            started = time.time()
+            row = run()
+            cells.put(key, row)
+            progress.write(f"repeat {key[0]} {key[1]} {key[2]} {key[3]:.2f} {key[4]}: "
+                           f"{1e3 * row['norm_latency_mean_s']:.0f} ms/token "
+                           f"({time.time() - started:.0f} s)")
+        raw.setdefault(key[1:], []).append(row)
+        progress.update()
+
     for repeat in range(args.repeats):
         for workload, specs in specs_by_workload.items():
-            metrics = Engine(models["resident"], tokenizer, "fcfs", ENGINE_BUDGET,
-                             kv_blocks=2048).run_workload(specs)
-            raw.setdefault(("all", workload, 1.0, "resident"), []).append(
-                summarize_run(metrics, None))
+            measure((repeat, "all", workload, 1.0, "resident"), lambda specs=specs: summarize_run(
+                Engine(models["resident"], tokenizer, "fcfs", ENGINE_BUDGET,
+                       kv_blocks=2048).run_workload(specs), None))
             for name, setting in setting_by_name.items():
                 for share in args.budgets:
                     order = list(args.systems)
                     random.Random(repeat).shuffle(order)
                     for system_name in order:
                         system = make_system(system_name, setting, predictor)
-                        started = time.time()
-                        metrics = run_engine(system, models[system.model], tokenizer,
-                                             str(folders[system.model]), specs=specs,
-                                             share=share, setting=setting, routed_bytes=routed,
-                                             budget=ENGINE_BUDGET, kv_blocks=2048)
                         capacity = (capacity_for(share, 6) if system.model == "readme"
                                     else None)
-                        raw.setdefault((name, workload, share, system_name), []).append(
-                            summarize_run(metrics, capacity))
-                        print(f"repeat {repeat} {name} {workload} {share:.2f} {system_name}: "
-                              f"{1e3 * metrics['normalized_latency_s']['mean']:.0f} ms/token "
-                              f"({time.time() - started:.0f} s)", flush=True)
+
+                        def run(system=system, specs=specs, share=share, setting=setting,
+                                capacity=capacity) -> dict:
+                            metrics = run_engine(system, models[system.model], tokenizer,
+                                                 str(folders[system.model]), specs=specs,
+                                                 share=share, setting=setting,
+                                                 routed_bytes=routed, budget=ENGINE_BUDGET,
+                                                 kv_blocks=2048)
+                            return summarize_run(metrics, capacity)
+                        measure((repeat, name, workload, share, system_name), run)
+    progress.close()
     grid: dict = {}
     for (name, workload, share, system), rows in raw.items():
         grid.setdefault(f"{name}/{workload}", {}).setdefault(
@@ -546,20 +592,30 @@ def main() -> int:
                                             "cross_check") if k in kept})
     else:
         specs = workloads(tokenizer, args.corpus, args)
-        cal = calibrate(models["resident"], tokenizer, readme, specs["synthetic"], ENGINE_BUDGET)
-        setting_by_name = make_settings(cal, args.settings)
-        result.update({
-            "workload": {"requests": args.requests, "rate": args.rate,
-                         "max_output": args.max_output, "repeats": args.repeats,
-                         "engine_budget": vars(ENGINE_BUDGET)},
-            "calibration": cal, "settings": {k: vars(v) for k, v in setting_by_name.items()},
-            "predictor": predictor_accuracy(models["resident"], tokenizer, corpus),
-            "interference": interference(models["resident"], tokenizer, readme, cal)})
+        workload = {"requests": args.requests, "rate": args.rate, "max_output": args.max_output,
+                    "repeats": args.repeats, "engine_budget": vars(ENGINE_BUDGET)}
+        models_used = {k: str(v) for k, v in folders.items()}
+        stamp = RUN / "cells" / "prelude.json"
+        kept = json.loads(stamp.read_text()) if stamp.is_file() and not args.fresh else {}
+        if kept.get("workload") == workload and kept.get("models") == models_used:
+            prelude = kept  # resuming: the cells were measured under this calibration
+        else:
+            cal = calibrate(models["resident"], tokenizer, readme, specs["synthetic"],
+                            ENGINE_BUDGET)
+            prelude = {"workload": workload, "models": models_used, "calibration": cal,
+                       "predictor": predictor_accuracy(models["resident"], tokenizer, corpus),
+                       "interference": interference(models["resident"], tokenizer, readme,
+                                                    cal)}
+        cells = CellStore(RUN / "cells", prelude, args.fresh)
+        setting_by_name = make_settings(prelude["calibration"], args.settings)
+        result.update({k: prelude[k] for k in ("workload", "calibration", "predictor",
+                                               "interference")})
+        result["settings"] = {k: vars(v) for k, v in setting_by_name.items()}
         print(json.dumps({k: result[k] for k in ("calibration", "settings", "predictor",
                                                  "interference")}, indent=2), flush=True)
     if not args.skip_engine:
         grid = engine_grid(args, folders, models, tokenizer, specs, setting_by_name, routed,
-                           result["predictor"]["chosen"])
+                           result["predictor"]["chosen"], cells)
         resident = {w: grid[f"all/{w}"]["budget_1"]["resident"] for w in specs}
         result["engine_settings"] = {k: v for k, v in grid.items() if not k.startswith("all/")}
         result["engine_resident"] = resident
