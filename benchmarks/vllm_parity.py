@@ -167,10 +167,11 @@ def readmoe_side(job: dict) -> dict:
         work = [RequestSpec(s["id"], s["arrival_time"], Prompt(len(s["prompt"]),
                                                                 tokens=tuple(s["prompt"])),
                             s["max_tokens"]) for s in specs]
-        first = len(engine.queue.finished)
-        engine.run_workload(work)
+        # a fresh engine: the decode runs' auto-numbered request ids would clash with the specs'
+        fresh = Engine(model, tokenizer, budget=Budget(MAX_BATCH_TOKENS, MAX_SEQS))
+        fresh.run_workload(work)
         return {r.request_id: [t - r.arrival_time for t in r.output_times]
-                for r in engine.queue.finished[first:]}
+                for r in fresh.queue.finished}
 
     result = run_side(generate, replay, job)
     result["torch_threads"] = torch.get_num_threads()

@@ -110,3 +110,21 @@ def test_gguf_file_is_converted_once(tmp_path, monkeypatch):
     first = resolve_model(str(gguf))
     assert first == convert.gguf_cache_folder(gguf)
     assert calls == [gguf]
+
+
+def test_a_readme_folders_tokenizer_loads_first_without_asking_to_run_its_code(tmp_path):
+    # a fresh process, the tokenizer before any model: transformers must already know the
+    # `readme` type, or it asks on stdin whether to run the folder's own modelling code
+    import subprocess
+    import sys
+
+    from tests.server.helpers import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "readme")
+    code = ("import sys; from readmoe.models import load_tokenizer; "
+            f"print(load_tokenizer({str(folder)!r})('ab')['input_ids'])")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "custom code" not in run.stderr
+    assert run.stdout.strip().startswith("[")

@@ -88,6 +88,9 @@ def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
     folder = resolve_model(spec)
+    if is_readme_folder(folder):
+        # registered first, or transformers asks whether to run the folder's own code
+        import readmoe.model  # noqa: F401
     try:
         return AutoTokenizer.from_pretrained(folder)
     except Exception as exc:

@@ -84,3 +84,15 @@ def test_cpu_kernel_limits_leave_other_folders_alone():
     check_servable(config(), 1, CPU_HEADS, 32)
     check_servable(config(router_type="layerwise", router_heads=4), 1, CPU_HEADS, 32)
     check_servable(config(hidden_size=570, expert_intermediate_sizes=[0, 0]), 1, CPU_HEADS, 32)
+
+
+def test_a_pickled_config_loads_in_a_fresh_process():
+    # vLLM's spawned workers unpickle the config before any plugin has run
+    import pickle
+
+    blob = pickle.dumps(readme_config_class()(**TINY, router_type="pregating"))
+    code = ("import pickle, sys; config = pickle.loads(sys.stdin.buffer.read()); "
+            "print(type(config).__name__, config.num_experts)")
+    out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True,
+                         check=True).stdout.decode().split()
+    assert out == ["ReadMEConfig", "3"]

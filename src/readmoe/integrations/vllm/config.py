@@ -24,14 +24,27 @@ SERVABLE_ROUTERS = ("pregating", "layerwise", "none")
 
 
 def readme_config_class() -> type:
-    """``ReadMEConfig`` from ``src/readmoe/model/configuration_readme.py``, imported alone."""
+    """``ReadMEConfig`` from ``src/readmoe/model/configuration_readme.py``, imported alone.
+
+    The class is then named as this module's ``ReadMEConfig`` (``__module__``, and the module
+    attribute below): vLLM pickles the config to the processes it spawns (tensor-parallel
+    workers, the engine core), which unpickle it before any plugin has run, so the class must
+    be found by importing a real module; this one rebuilds it on import.
+    """
     name = f"{PACKAGE}.configuration_readme"
     if name not in sys.modules:
         package = types.ModuleType(PACKAGE)
         package.__path__ = [str(Path(readmoe.__file__).parent / "model")]
         sys.modules[PACKAGE] = package
         importlib.import_module(name)
+        sys.modules[name].ReadMEConfig.__module__ = __name__
     return sys.modules[name].ReadMEConfig
+
+
+def __getattr__(attribute: str) -> type:
+    if attribute == "ReadMEConfig":
+        return readme_config_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
 
 
 def padded(size: int, parts: int) -> int:

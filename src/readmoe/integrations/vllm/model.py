@@ -9,9 +9,12 @@ each layer with its own gate instead; a folder without routed choice (one expert
 biases and sliding windows as the HF modules have them).
 
 Parallelism: tensor parallelism splits attention heads (as vLLM's Llama does) and every FFN by
-channel; expert parallelism (``--enable-expert-parallel``) places whole routed experts on
-ranks; the router is replicated. Pipeline parallelism is not offered (the router's logits
-would have to travel with the hidden states between stages), so vLLM refuses it.
+channel (tested on two CPU ranks: the same greedy tokens as HF); the router is replicated.
+Expert parallelism (``--enable-expert-parallel``) places whole routed experts on ranks in
+vLLM's fused MoE layer, but vLLM 0.32's CPU MoE kernel ignores the expert map
+(``fused_moe/experts/cpu_moe.py``), so it is not supported on CPU and untested on GPU.
+Pipeline parallelism is not offered (the router's logits would have to travel with the hidden
+states between stages), so vLLM refuses it.
 """
 
 from __future__ import annotations
@@ -97,6 +100,10 @@ class ReadMEModel(nn.Module):
         super().__init__()
         config = vllm_config.model_config.hf_config
         check_servable(config, get_tensor_model_parallel_world_size(), *platform_kernels())
+        if vllm_config.parallel_config.enable_expert_parallel and platform_kernels()[0]:
+            raise ValueError("--enable-expert-parallel is not supported for ReadME folders on "
+                             "vLLM's CPU backend (its MoE kernel ignores the expert map); use "
+                             "--tensor-parallel-size alone")
         self.config = config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
                                                    quant_config=vllm_config.quant_config)
