@@ -91,3 +91,18 @@ def _isolated_cache(request, tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     if request.node.get_closest_marker("integration") is None:
         monkeypatch.setenv("READMOE_CACHE", str(tmp_path_factory.mktemp("readmoe-cache")))
+
+
+def mlp_inputs(model: torch.nn.Module, blocks: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Each layer's FFN input `[B, T, H]` in ``model``'s forward over ``blocks``: what the
+    statistics and importance references recompute the channels' activations from."""
+    inputs = {}
+    hooks = [layer.mlp.register_forward_pre_hook(
+        lambda _m, args, i=i: inputs.__setitem__(i, args[0]))
+        for i, layer in enumerate(model.model.layers)]
+    try:
+        model(blocks)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return inputs

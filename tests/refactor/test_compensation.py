@@ -17,7 +17,7 @@ from readmoe.refactor.compensation import compensation_biases
 from readmoe.refactor.planners import make_planner
 from readmoe.refactor.slicing import save_readme, slice_dense
 from readmoe.refactor.stats import compute_stats
-from tests.conftest import char_tokenizer
+from tests.conftest import char_tokenizer, mlp_inputs
 from tests.refactor.test_slicing import DENSE, dense_model, random_plan, sample_ids
 
 
@@ -41,18 +41,6 @@ def masked_ffn(mlp: nn.Module, lp, bias: torch.Tensor, x: torch.Tensor,
         hidden = mlp.act_fn(mlp.gate_proj(token)) * mlp.up_proj(token)
         out[row] = mlp.down_proj(hidden * mask) + bias[expert if lp.expert_size else 0]
     return out
-
-
-def mlp_inputs(dense: nn.Module, blocks: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Each layer's FFN input `[B, T, H]` in the dense model's forward over `blocks`."""
-    inputs = {}
-    hooks = [layer.mlp.register_forward_pre_hook(
-        lambda _m, args, i=i: inputs.__setitem__(i, args[0]))
-        for i, layer in enumerate(dense.model.layers)]
-    dense(blocks)
-    for hook in hooks:
-        hook.remove()
-    return inputs
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from readmoe.refactor.plan import PLAN_JSON, ExpertPlan
 from readmoe.refactor.planners import make_planner
 from readmoe.refactor.slicing import PLAN_DIR
 from readmoe.refactor.stats import KINDS, ActivationStats, domain_means
-from tests.conftest import tiny_model
+from tests.conftest import mlp_inputs, tiny_model
 
 STATS_ARGS = ["--tokens", "256", "--block-size", "32"]
 
@@ -29,13 +29,7 @@ def ffn_terms(model, blocks: torch.Tensor) -> list[tuple[torch.Tensor, torch.Ten
     """Per layer: each token's down_proj input `[N, I]` (rebuilt in fp64 from the MLP's input
     and weights, not by the statistics code) and each channel's output term a_c W[:, c],
     `[N, H, I]`."""
-    inputs = {}
-    handles = [layer.mlp.register_forward_pre_hook(
-        lambda _m, args, i=i: inputs.__setitem__(i, args[0]))
-        for i, layer in enumerate(model.model.layers)]
-    model(blocks)
-    for handle in handles:
-        handle.remove()
+    inputs = mlp_inputs(model, blocks)
     rows = []
     for index, layer in enumerate(model.model.layers):
         mlp, hidden = layer.mlp, inputs[index].flatten(0, 1).double()

@@ -8,21 +8,15 @@ from readmoe.data.tokens import pack_blocks
 from readmoe.errors import ReadmoeError
 from readmoe.refactor.hooks import down_projections
 from readmoe.refactor.stats import ActivationStats, compute_stats, domain_means
-from tests.conftest import char_tokenizer, tiny_model
+from tests.conftest import char_tokenizer, mlp_inputs, tiny_model
 
 
 def naive_means(model, blocks):
     """Recompute each layer's down_proj input from the MLP's own input and weights."""
-    mlp_inputs = {}
-    handles = [layer.mlp.register_forward_pre_hook(
-        lambda _m, args, i=i: mlp_inputs.__setitem__(i, args[0]))
-        for i, layer in enumerate(model.model.layers)]
-    model(blocks)
-    for handle in handles:
-        handle.remove()
+    inputs = mlp_inputs(model, blocks)
     rows = []
     for index, layer in enumerate(model.model.layers):
-        hidden = mlp_inputs[index]
+        hidden = inputs[index]
         act = torch.nn.functional.silu(layer.mlp.gate_proj(hidden)) * layer.mlp.up_proj(hidden)
         rows.append(torch.stack([act.abs().mean(dim=(0, 1)), (act * act).mean(dim=(0, 1)),
                                  act.mean(dim=(0, 1))]))
