@@ -18,11 +18,13 @@ VLLM_TORCH_PIN ?= torch==2.13.0+cpu
 VLLM_TORCH_INDEX ?=
 VLLM_STAMP := $(VENV_VLLM)/.installed
 
-# Benchmark-only: llama.cpp (llama-cpp-python built from source for this CPU: -march=native,
-# so AVX2 where the CPU has it; no CUDA, no BLAS)
-# is a peer in benchmarks/engine_speed.py; `make test` and `make demo` never need it.
+# Benchmark-only: llama.cpp (llama-cpp-python built from source for AVX2 + FMA + F16C, no CUDA,
+# no BLAS) is a peer in benchmarks/engine_speed.py; `make test` and `make demo` never need it.
+# Not -march=native: this machine's virtual CPU advertises AVX-512 it cannot run (a native
+# build dies with SIGILL in the quantized kernels).
 LLAMA_CPP := llama-cpp-python==0.3.36
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_BLAS=OFF
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+	-DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_CUDA=OFF -DGGML_BLAS=OFF
 BENCH_STAMP := $(VENV)/.bench-deps
 
 .PHONY: demo test lint clean vllm test-vllm bench-deps
@@ -66,6 +68,7 @@ test-vllm: $(VLLM_STAMP) $(STAMP)
 bench-deps: $(BENCH_STAMP)
 
 $(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip uninstall -q -y llama-cpp-python
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" FORCE_CMAKE=1 $(BIN)/pip install -q \
 		--no-binary llama-cpp-python --no-cache-dir $(LLAMA_CPP)
 	$(BIN)/python -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__)"
