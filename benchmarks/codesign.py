@@ -278,15 +278,21 @@ class CellStore:
     resumes where it stopped. The cells are valid only with the prelude they were measured
     under (workload, calibration, models): a different prelude clears them."""
 
-    def __init__(self, folder: Path, prelude: dict, fresh: bool):
+    def __init__(self, folder: Path):
         self.folder = folder
-        stamp = folder / "prelude.json"
-        kept = json.loads(stamp.read_text()) if stamp.is_file() else None
-        if fresh or kept != prelude:
-            for old in folder.glob("*.json"):
+        self.stamp = folder / "prelude.json"
+
+    def prelude(self) -> dict:
+        """The prelude the kept cells were measured under ({} when none are kept)."""
+        return json.loads(self.stamp.read_text()) if self.stamp.is_file() else {}
+
+    def start(self, prelude: dict) -> None:
+        """Keep the cells if they were measured under ``prelude``, else discard them."""
+        if prelude != self.prelude():
+            for old in self.folder.glob("*.json"):
                 old.unlink()
-            folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(stamp, prelude)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.stamp, prelude)
 
     def _path(self, key: tuple) -> Path:
         return self.folder / ("cell-" + "-".join(f"{k:g}" if isinstance(k, float) else str(k)
@@ -595,8 +601,8 @@ def main() -> int:
         workload = {"requests": args.requests, "rate": args.rate, "max_output": args.max_output,
                     "repeats": args.repeats, "engine_budget": vars(ENGINE_BUDGET)}
         models_used = {k: str(v) for k, v in folders.items()}
-        stamp = RUN / "cells" / "prelude.json"
-        kept = json.loads(stamp.read_text()) if stamp.is_file() and not args.fresh else {}
+        cells = CellStore(RUN / "cells")
+        kept = {} if args.fresh else cells.prelude()
         if kept.get("workload") == workload and kept.get("models") == models_used:
             prelude = kept  # resuming: the cells were measured under this calibration
         else:
@@ -606,7 +612,7 @@ def main() -> int:
                        "predictor": predictor_accuracy(models["resident"], tokenizer, corpus),
                        "interference": interference(models["resident"], tokenizer, readme,
                                                     cal)}
-        cells = CellStore(RUN / "cells", prelude, args.fresh)
+        cells.start(prelude)
         setting_by_name = make_settings(prelude["calibration"], args.settings)
         result.update({k: prelude[k] for k in ("workload", "calibration", "predictor",
                                                "interference")})
