@@ -234,7 +234,13 @@ class Demo:
         from readmoe.models import load_model, load_tokenizer
         from readmoe.serve.engine import Engine
         from readmoe.serve.placement import place_for_offload, routed_expert_bytes
-        from readmoe.serve.systems import calibrate, make_settings, make_system, run_engine
+        from readmoe.serve.systems import (
+            calibrate,
+            capacity_for,
+            make_settings,
+            make_system,
+            run_engine,
+        )
         from readmoe.serve.types import Budget
         from readmoe.serve.workload import synthetic_workload
 
@@ -255,7 +261,10 @@ class Demo:
                                                  kv_blocks=2048).run_workload(specs)}
         runs["resident (all experts)"]["fast_tier_bytes"] = routed
         for name in ("readme-lru", "readme-codesign"):
-            runs[name] = run_engine(make_system(name, setting), offloaded, tokenizer,
+            experts = resident.config.num_experts
+            system = make_system(name, setting, capacity=capacity_for(0.5, experts),
+                                 num_experts=experts)
+            runs[name] = run_engine(system, offloaded, tokenizer,
                                     str(model_dir), specs=specs, share=0.5, setting=setting,
                                     routed_bytes=routed, budget=budget, kv_blocks=2048)
             runs[name].pop("steps_detail")

@@ -120,3 +120,8 @@ def test_engine_and_simulator_agree_on_hits_and_schedule(served, scheduler, poli
     assert result["schedules_agree"] and result["hits_agree"]
     assert result["engine"]["cache"]["misses"] == result["simulator"]["cache"]["misses"] > 0
     assert result["engine"]["requests"] == result["simulator"]["requests"] == len(specs)
+    overhead = result["store_overhead_s"]
+    assert overhead >= 0 and result["cost_model"]["step_overhead_s"] == pytest.approx(
+        COST.step_overhead_s + overhead)
+    if overhead == 0:
+        assert result["mean_latency_error"] == result["mean_latency_error_resident_fit_only"]

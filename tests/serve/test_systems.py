@@ -8,6 +8,7 @@ import pytest
 from readmoe.errors import ReadmoeError
 from readmoe.serve.cost import CostModel
 from readmoe.serve.engine import Engine
+from readmoe.serve.experts import CoDesign
 from readmoe.serve.placement import place_for_offload, routed_expert_bytes
 from readmoe.serve.sim import simulate
 from readmoe.serve.systems import (
@@ -19,6 +20,7 @@ from readmoe.serve.systems import (
     make_system,
     run_engine,
     sim_config,
+    speculation_pays,
 )
 from readmoe.serve.traces import ReplayRouting
 from readmoe.serve.types import Budget
@@ -46,6 +48,17 @@ def test_what_each_system_may_use():
         "readme", "readme", "readme", "layerwise", "dense"]
     with pytest.raises(ReadmoeError, match="unknown system"):
         make_system("vllm", SETTING)
+
+
+def test_speculation_only_where_the_steps_own_loads_cannot_hide_every_miss():
+    ram = Setting("ram", "ram", None, load_ratio=0.07, prefetch_rate=14.3)
+    assert not speculation_pays(ram, 2, 6)  # 4 misses * 0.07 fit in one step's compute
+    assert speculation_pays(SETTING, 2, 6) and not speculation_pays(SETTING, 4, 6)
+    assert not speculation_pays(SETTING, 6, 6)  # nothing is ever missing
+    off = make_system("readme-codesign", ram, "last", capacity=2, num_experts=6)
+    assert off.prefetch and off.codesign == CoDesign("last", 0.0)
+    on = make_system("readme-codesign", SETTING, "last", capacity=2, num_experts=6)
+    assert on.codesign == CoDesign("last", 2.0)
 
 
 def test_budgets_become_capacities_and_settings_follow_the_calibration():

@@ -17,7 +17,7 @@ gets the same bytes for its FFN weights.
   default model's held-out routing; benchmarks/codesign.py measures and picks again), and
   prefetch: every load of a step issued at its start, and experts loaded ahead for the next
   step from the predicted demand at ``prefetch_rate`` per step, what the copy stream can load
-  during one step's compute.
+  during one step's compute, where loading ahead can pay at all (``speculation_pays``).
 - ``readme-codesign-on-demand``: the same choices, loads issued when each layer is reached and
   nothing loaded ahead (what prefetching adds, measured apart).
 - ``readme-lru``: the same model with no foresight used: FCFS, LRU, on demand.
@@ -90,14 +90,35 @@ def capacity_for(share: float, num_experts: int) -> int:
     return max(1, min(num_experts, round(share * num_experts)))
 
 
-def make_system(name: str, setting: Setting, predictor: str = "mode-5") -> System:
+def speculation_pays(setting: Setting, capacity: int, num_experts: int) -> bool:
+    """Whether loading experts ahead for the next step can hide anything in ``setting``.
+
+    A step's own loads are issued at its start and run beside its compute, so they stall
+    nothing once all of them fit in one step's compute. A step misses at most the
+    ``num_experts - capacity`` experts a full cache lacks, each costing ``load_ratio`` step
+    times of copying, so when ``(num_experts - capacity) * load_ratio <= 1`` (copies within
+    RAM: 4 * 0.07 at 2 of 6 experts, measured) there is nothing left for speculation to hide,
+    and speculative copies only add memory traffic beside compute and, on a wrong guess,
+    evict an expert the next step wanted (measured: 192 vs 160 ms per token from RAM at 4 of
+    6 experts). Behind a slow link (load_ratio about 1) or PCIe (about 7) it is on.
+    """
+    return (num_experts - capacity) * setting.load_ratio > 1
+
+
+def make_system(name: str, setting: Setting, predictor: str = "mode-5",
+                capacity: int | None = None, num_experts: int | None = None) -> System:
     """The system ``name`` (module docstring) for ``setting``; ``predictor`` is the co-design's
-    next-expert rule (``experts/predict.py``)."""
+    next-expert rule (``experts/predict.py``). With ``capacity`` (experts per layer the budget
+    holds) and ``num_experts``, ``readme-codesign`` loads ahead only where that can pay
+    (``speculation_pays``); without them it always does."""
     if name in ("readme-codesign", "readme-codesign-on-demand"):
         ahead = name == "readme-codesign"
+        rate = setting.prefetch_rate if ahead else 0.0
+        if rate and capacity is not None and num_experts is not None and not speculation_pays(
+                setting, capacity, num_experts):
+            rate = 0.0
         return System(name, "cache-aware", {"load_ratio": setting.load_ratio}, "belady",
-                      prefetch=ahead,
-                      codesign=CoDesign(predictor, setting.prefetch_rate if ahead else 0))
+                      prefetch=ahead, codesign=CoDesign(predictor, rate))
     if name in ("readme-lru", "layerwise-lru"):
         return System(name, "fcfs")
     if name == "dense-stream":
