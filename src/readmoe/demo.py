@@ -41,7 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-tokens", type=int, default=2048,
                         help="held-out tokens per domain for perplexity")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--router-steps", type=int, default=10)
+    parser.add_argument("--router-steps", type=int, default=40,
+                        help="router steps per round (10 left the router the bottleneck: "
+                        "results/recovery_sweep.md)")
     parser.add_argument("--expert-steps", type=int, default=8)
     parser.add_argument("--task-limit", type=int, default=20,
                         help="items per lm-eval task in the quality table")
@@ -52,6 +54,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def step(title: str) -> None:
     print(f"\n== {title}", flush=True)
+
+
+def refuse_other_budget(out: Path, config) -> None:
+    """A demo folder trained with another budget (an older default) cannot resume: say which
+    setting differs and both ways on, before any model is loaded."""
+    from readmoe.train.rounds import STATE
+
+    path = out / STATE
+    if not path.is_file():
+        return
+    kept, wanted = json.loads(path.read_text())["config"], config.to_dict()
+    differ = [k for k in wanted if kept.get(k) != wanted[k]]
+    if differ:
+        settings = ", ".join(f"{k} {kept.get(k)} (now {wanted[k]})" for k in differ)
+        raise ReadmoeError(f"{out} was trained with another budget: {settings}. Delete {out} "
+                           "to retrain with the current defaults, or pass the old values "
+                           "(e.g. --router-steps) to keep it")
 
 
 class Demo:
@@ -153,6 +172,7 @@ class Demo:
                                  lr_router=2e-3, lr_experts=2e-4, kd_weight=1.0,
                                  eval_tokens=512)
             out = self.out / f"train-{method}{self.tag}"
+            refuse_other_budget(out, config)
             state = Trainer(folders[method], str(self.corpus_dir), out, config).run()
             last = state["rounds"][str(a.rounds - 1)]
             if "router_accuracy" in last:
