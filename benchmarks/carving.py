@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import shutil
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 from readmoe.data.corpus import build_corpus, load_corpus
-from readmoe.eval.domains import domain_wins, evaluate_model, format_ppl_table
+from readmoe.eval.domains import domain_wins, evaluate_model, format_ppl_table, log_gap
 from readmoe.io import atomic_write_json, write_results
 from readmoe.models import load_tokenizer
 from readmoe.refactor.importance import CRITERIA
@@ -60,11 +59,6 @@ def label_of(method: str, importance: str, compensate: bool) -> str:
     return f"{method}/{importance}" + ("+comp" if compensate else "")
 
 
-def log_gap(report: dict, dense: dict) -> float:
-    """Mean over domains of log(ppl / dense ppl)."""
-    domains = dense["domains"]
-    return sum(math.log(report["domains"][d]["ppl"] / domains[d]["ppl"])
-               for d in domains) / len(domains)
 
 
 def main() -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 from readmoe.data.corpus import load_corpus
-from readmoe.eval.domains import evaluate_model, format_ppl_table
+from readmoe.eval.domains import evaluate_model, format_ppl_table, log_gap
 from readmoe.io import atomic_write_json, write_results
 from readmoe.models import load_tokenizer
 from readmoe.train.config import TrainConfig
@@ -50,10 +49,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def log_gap(report: dict, dense: dict) -> float:
-    domains = dense["domains"]
-    return sum(math.log(report["domains"][d]["ppl"] / domains[d]["ppl"])
-               for d in domains) / len(domains)
 
 
 def main() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -78,3 +79,11 @@ def domain_wins(reports: list[dict], a: str, b: str) -> dict:
     by_label = {r["label"]: r["domains"] for r in reports}
     wins = sorted(d for d in by_label[a] if by_label[a][d]["ppl"] < by_label[b][d]["ppl"])
     return {"domains": wins, "count": len(wins), "of": len(by_label[a])}
+
+
+def log_gap(report: dict, reference: dict) -> float:
+    """Mean over ``reference``'s domains of log(ppl / reference ppl): how far a refactored
+    model is from the dense one, every domain weighted alike (the quality issue's measure)."""
+    domains = reference["domains"]
+    return sum(math.log(report["domains"][d]["ppl"] / domains[d]["ppl"])
+               for d in domains) / len(domains)
