@@ -334,8 +334,8 @@ def engine_grid(args, folders, models, tokenizer, specs_by_workload, setting_by_
                 for share in args.budgets:
                     order = list(args.systems)
                     random.Random(repeat).shuffle(order)
+                    slots = capacity_for(share, 6)
                     for system_name in order:
-                        slots = capacity_for(share, 6)
                         system = make_system(system_name, setting, predictor, slots, 6)
                         capacity = slots if system.model == "readme" else None
 

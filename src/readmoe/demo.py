@@ -56,23 +56,6 @@ def step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
-def refuse_other_budget(out: Path, config) -> None:
-    """A demo folder trained with another budget (an older default) cannot resume: say which
-    setting differs and both ways on, before any model is loaded."""
-    from readmoe.train.rounds import STATE
-
-    path = out / STATE
-    if not path.is_file():
-        return
-    kept, wanted = json.loads(path.read_text())["config"], config.to_dict()
-    differ = [k for k in wanted if kept.get(k) != wanted[k]]
-    if differ:
-        settings = ", ".join(f"{k} {kept.get(k)} (now {wanted[k]})" for k in differ)
-        raise ReadmoeError(f"{out} was trained with another budget: {settings}. Delete {out} "
-                           "to retrain with the current defaults, or pass the old values "
-                           "(e.g. --router-steps) to keep it")
-
-
 class Demo:
     def __init__(self, args: argparse.Namespace) -> None:
         from readmoe.refactor.importance import DEFAULT_CRITERION
@@ -172,7 +155,6 @@ class Demo:
                                  lr_router=2e-3, lr_experts=2e-4, kd_weight=1.0,
                                  eval_tokens=512)
             out = self.out / f"train-{method}{self.tag}"
-            refuse_other_budget(out, config)
             state = Trainer(folders[method], str(self.corpus_dir), out, config).run()
             last = state["rounds"][str(a.rounds - 1)]
             if "router_accuracy" in last:

@@ -80,7 +80,7 @@ def test_resume_after_kill_gives_identical_weights(tmp_path, tiny_moe_dir, train
 def test_resume_with_other_arguments_is_refused(tmp_path, tiny_moe_dir, train_corpus_dir):
     out = tmp_path / "run"
     Trainer(tiny_moe_dir, str(train_corpus_dir), out, small_config()).run(max_phases=1)
-    with pytest.raises(ReadmoeError, match="another config"):
+    with pytest.raises(ReadmoeError, match=r"another config: rounds 2 \(now 3\).*delete"):
         Trainer(tiny_moe_dir, str(train_corpus_dir), out, small_config(rounds=3)).run()
 
 

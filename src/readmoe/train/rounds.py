@@ -193,8 +193,14 @@ class Trainer:
         state = json.loads(path.read_text())
         for key in ("config", "source", "corpus"):
             if state[key] != fresh[key]:
-                raise ReadmoeError(f"{self.out} holds a run with another {key}; resume with the "
-                                   "same arguments or choose another --out")
+                what = key
+                if key == "config":  # name each setting that moved, e.g. an older default
+                    kept, wanted = state[key], fresh[key]
+                    what += ": " + ", ".join(f"{k} {kept.get(k)} (now {wanted[k]})"
+                                             for k in wanted if kept.get(k) != wanted[k])
+                raise ReadmoeError(f"{self.out} holds a run with another {what}; resume with "
+                                   f"the same arguments, or delete {self.out} or choose "
+                                   "another --out to start afresh")
         return state
 
     def _checkpoint_dir(self, state: dict) -> Path | None:
