@@ -56,6 +56,7 @@ from pathlib import Path
 import torch
 
 from readmoe.data.corpus import load_corpus
+from readmoe.eval.domains import heldout_blocks
 from readmoe.io import write_results
 from readmoe.models import load_config, load_model, load_tokenizer, resolve_model
 from readmoe.models.builtin import DEFAULT_MODEL
@@ -70,6 +71,7 @@ from readmoe.serve.engine import Engine
 from readmoe.serve.llama_cpp_peer import LlamaCppPeer, llama_cpp_missing
 from readmoe.serve.packed import PackedExpert
 from readmoe.serve.sampling import SamplingParams
+from readmoe.serve.scoring import served_nll
 from readmoe.serve.types import Budget
 from readmoe.train.rounds import final_model_dir
 
@@ -78,7 +80,9 @@ REFACTORED = Path("runs/bench/moe-readme")
 CORPUS = Path("runs/bench/corpus")
 DENSE_EXPERTS = Path("runs/bench/dense-experts")
 GGUF_DIR = Path("runs/bench/gguf")
-PEERS = ("hf", "engine", "hf-dense", "engine-dense", "llama.cpp-f32", "llama.cpp-quantized")
+PEERS = ("hf", "engine", "engine-int8", "hf-dense", "engine-dense", "engine-dense-int8",
+         "llama.cpp-f32", "llama.cpp-quantized")
+QUALITY_TOKENS = 1024  # held-out tokens per domain for the served-weights perplexity
 LLAMA_CPP_KV_BYTES = 2  # llama.cpp's default KV cache type is F16
 
 
@@ -190,10 +194,11 @@ def hf_time(model, batch: list[list[int]], new: int) -> float:
                                              do_sample=False))
 
 
-def engine_time(model, tokenizer, batch: list[list[int]], new: int) -> tuple[float, Engine]:
+def engine_time(model, tokenizer, batch: list[list[int]], new: int,
+                quantize: str = "none") -> tuple[float, Engine]:
     blocks = len(batch) * -(-(len(batch[0]) + new) // 16)
     engine = Engine(model, tokenizer, "fcfs", Budget(max_tokens=4096, max_seqs=len(batch)),
-                    kv_blocks=blocks, block_size=16)
+                    kv_blocks=blocks, block_size=16, quantize=quantize)
     params = SamplingParams(max_tokens=new, ignore_eos=True)
     return _timed(lambda: engine.generate(batch, params)), engine
 
@@ -234,6 +239,34 @@ def matmul_floor(engine: Engine, batch: int, distinct: float, repeats: int) -> f
     return min(_timed(step) for _ in range(max(3, repeats)))
 
 
+def packed_step_bytes(engine: Engine, distinct: float) -> float:
+    """Weight bytes one decode step of the engine's own packed (int8) matrices reads: every
+    matrix once, ``distinct`` routed experts per layer."""
+    runner = engine.runner
+    total = float(runner.lm_head.nbytes)
+    for packed in runner.packed:
+        total += packed.qkv.nbytes + packed.o.nbytes
+        if packed.shared is not None:
+            total += packed.shared.gate_up.nbytes + packed.shared.down.nbytes
+        if packed.experts:
+            each = sum(e.gate_up.nbytes + e.down.nbytes for e in packed.experts)
+            total += each * distinct / len(packed.experts)
+    return total
+
+
+def served_quality(model, tokenizer, corpus: Path, weights: str, quantize: str,
+                   precision: str) -> dict:
+    """Held-out perplexity of the weights as the engine serves them (``serve.scoring``)."""
+    loaded = load_corpus(corpus)
+    ppl = {}
+    for domain in loaded.domains:
+        blocks = heldout_blocks(loaded, tokenizer, domain, 256, QUALITY_TOKENS)
+        ppl[domain] = served_nll(model, blocks, quantize).ppl
+    return {"weights": weights, "precision": precision if quantize == "none" else quantize,
+            "ppl": ppl, "mean_ppl": sum(ppl.values()) / len(ppl),
+            "tokens_per_domain": QUALITY_TOKENS}
+
+
 def weight_step_bytes(model, distinct: float) -> float:
     """Weight bytes one decode step reads: every weight once (the LM head too, also when it
     is tied to the embedding) and ``distinct`` routed experts per layer (the engine's mean)."""
@@ -260,7 +293,8 @@ def row(peer: str, threads: int, batch: int, precision: str, weight_bytes: float
     """One peer at one batch: its decode rate beside what the bytes it reads allow."""
     rate = batch * (args.new_tokens - 1) / seconds
     roof = batch * gbs * 1e9 / (weight_bytes + kv_bytes)
-    return {"peer": peer, "weights": "readme" if peer in ("hf", "engine") else "dense",
+    return {"peer": peer, "weights": "readme" if peer in ("hf", "engine", "engine-int8")
+            else "dense",
             "threads": threads, "batch": batch, "precision": precision,
             "weight_bytes_per_step": weight_bytes, "bytes_per_token": weight_bytes / batch,
             "tokens_per_s": rate, "roofline_tokens_per_s": roof,
@@ -283,9 +317,7 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
         engine_time(engine_model, tokenizer, pool[:2], 4)
         for b in args.batches:
             batch, before = pool[:b], len(rows)
-            full = [engine_time(engine_model, tokenizer, batch, args.new_tokens)
-                    for _ in range(args.repeats if engine_name in args.peers else 1)]
-            engine = full[0][1]
+            _, engine = engine_time(engine_model, tokenizer, batch, args.new_tokens)
             decode_steps = [s for s in engine.steps if s.num_tokens == b]
             distinct = sum(s.distinct_experts for s in decode_steps) / max(1, len(decode_steps))
             kv = kv_step_bytes(engine_model.config, b, context, kv_size)
@@ -296,16 +328,26 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
                                 kv, hf, f"{type(hf_model).__name__}.generate(ids, max_new_tokens="
                                 f"{args.new_tokens}, min_new_tokens={args.new_tokens}, "
                                 "do_sample=False)", gbs, args))
-            if engine_name in args.peers:
-                first = min(engine_time(engine_model, tokenizer, batch, 1)[0]
+            for name, quantize in ((engine_name, "none"), (f"{engine_name}-int8", "int8")):
+                if name not in args.peers or (quantize != "none"
+                                              and engine_model.device.type != "cpu"):
+                    continue  # int8 is a CPU kernel (serve/quantized.py)
+                if quantize != "none":
+                    engine_time(engine_model, tokenizer, pool[:2], 4, quantize)  # warm-up
+                full = [engine_time(engine_model, tokenizer, batch, args.new_tokens, quantize)
+                        for _ in range(args.repeats)]
+                first = min(engine_time(engine_model, tokenizer, batch, 1, quantize)[0]
                             for _ in range(args.repeats))
                 seconds = min(t for t, _ in full) - first
+                engine = full[0][1]
                 floor = matmul_floor(engine, b, distinct, args.repeats)
-                rows.append(row(engine_name, count, b, precision,
-                                weight_step_bytes(engine_model, distinct), kv, seconds,
-                                f"Engine(model, 'fcfs', Budget(max_seqs={b})).generate(prompts, "
-                                f"SamplingParams(max_tokens={args.new_tokens}, ignore_eos=True))",
-                                gbs, args))
+                weights = (weight_step_bytes(engine_model, distinct) if quantize == "none"
+                           else packed_step_bytes(engine, distinct))
+                rows.append(row(name, count, b, precision if quantize == "none" else quantize,
+                                weights, kv, seconds,
+                                f"Engine(model, 'fcfs', Budget(max_seqs={b}), quantize="
+                                f"{quantize!r}).generate(prompts, SamplingParams(max_tokens="
+                                f"{args.new_tokens}, ignore_eos=True))", gbs, args))
                 bound = None if hf is None else hf / (args.new_tokens - 1) / floor
                 rows[-1].update(matmul_floor_tokens_per_s=b / floor,
                                 fraction_of_floor=rows[-1]["tokens_per_s"] * floor / b,
@@ -385,6 +427,23 @@ def markdown(result: dict, described: str, dense: str, placement: Placement) -> 
         lines += ["", "Engine on the dense model over llama.cpp F32 on the same weights (the "
                   "same work): " + ", ".join(f"{t} thread(s) batch {b}: {x:.2f}x"
                                              for t, b, x in pairs) + "."]
+    quantized = [(t, b, rate[("engine-dense-int8", t, b)] / rate[("llama.cpp-quantized", t, b)])
+                 for (peer, t, b) in rate
+                 if peer == "engine-dense-int8" and ("llama.cpp-quantized", t, b) in rate]
+    if quantized:
+        lines += ["", "Engine int8 on the dense model over llama.cpp's quantized GGUF: "
+                  + ", ".join(f"{t} thread(s) batch {b}: {x:.2f}x" for t, b, x in quantized)
+                  + "."]
+    if result.get("served_quality"):
+        tokens = result["served_quality"][0]["tokens_per_domain"]
+        lines += ["", f"Held-out perplexity of the weights as the engine serves them (through "
+                  f"its runner; {tokens} tokens per domain, 256-token windows):", "",
+                  "| weights | precision | mean ppl | " + " | ".join(
+                      sorted(result["served_quality"][0]["ppl"])) + " |",
+                  "|---|---|---:|" + "---:|" * len(result["served_quality"][0]["ppl"])]
+        for q in result["served_quality"]:
+            lines.append(f"| {q['weights']} | {q['precision']} | {q['mean_ppl']:.2f} | "
+                         + " | ".join(f"{q['ppl'][d]:.2f}" for d in sorted(q["ppl"])) + " |")
     for line in result["missing"]:
         lines += ["", f"**Missing rows `{line['peer']}`**: {line['reason']}."]
     lines += ["", "MB read / token: weight bytes one decode step reads, over the batch. Matmul "
@@ -407,15 +466,28 @@ def main() -> int:
     where = {"dtype": placement.dtype, "device": placement.device}
     rows: list[dict] = []
     missing: list[dict] = []
-    if {"hf", "engine"} & set(args.peers):
+    quality: list[dict] = []
+    precision = str(placement.dtype).removeprefix("torch.")
+
+    def score(served, weights: str, peer: str) -> None:
+        for name, quantize in ((peer, "none"), (f"{peer}-int8", "int8")):
+            int8_here = name in args.peers and placement.device.type == "cpu"
+            if quantize == "none" or int8_here:
+                quality.append(served_quality(served, tokenizer, args.corpus, weights,
+                                              quantize, precision))
+                print(quality[-1], flush=True)
+
+    if {"hf", "engine", "engine-int8"} & set(args.peers):
         rows += torch_rows(model, model, tokenizer, ("hf", "engine"), pool, gbs, threads, args)
+        score(model, "readme", "engine")
     del model
     gc.collect()
-    if {"hf-dense", "engine-dense"} & set(args.peers):
+    if {"hf-dense", "engine-dense", "engine-dense-int8"} & set(args.peers):
         served = load_model(str(dense_experts(dense)), **where)
         hf_model = load_model(dense, **where) if "hf-dense" in args.peers else served
         rows += torch_rows(hf_model, served, tokenizer, ("hf-dense", "engine-dense"), pool, gbs,
                            threads, args)
+        score(served, "dense", "engine-dense")
         del served, hf_model
         gc.collect()
     rows += llama_cpp_rows(dense, load_config(dense), pool, gbs, threads, args, missing)
@@ -426,7 +498,8 @@ def main() -> int:
                           "gpu": (torch.cuda.get_device_name(placement.device)
                                   if placement.device.type == "cuda" else None)},
               **placement.to_dict(), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-              "threads": threads, "bandwidth_gb_per_s": gbs, "rows": rows, "missing": missing}
+              "threads": threads, "bandwidth_gb_per_s": gbs, "rows": rows,
+              "served_quality": quality, "missing": missing}
     write_results(args.results, "engine_speed", result,
                   markdown(result, described, dense, placement))
     return 0

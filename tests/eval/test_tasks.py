@@ -153,3 +153,21 @@ def test_result_rows_sum_group_sizes_and_drop_missing_stderr():
         {"task": "mmlu_stem", "metric": "acc", "value": 0.25, "stderr": 0.1, "n": 7}]
     table = format_tasks_table({"rows": rows})
     assert "| mmlu | acc | 0.3000 | - | 7 |" in table
+
+
+def test_per_item_scores_average_to_the_reported_accuracy(prepared, tiny_llama_dir):
+    from readmoe.eval.tasks import evaluate_tasks
+    from readmoe.models import load_model, load_tokenizer
+
+    _, tasks_dir, _ = prepared
+    model = load_model(str(tiny_llama_dir))
+    report = evaluate_tasks(model, load_tokenizer(str(tiny_llama_dir)), ["arc_easy", "winogrande"],
+                            tasks_dir, model_name="tiny", limit=6, batch_size=4, per_item=True)
+    values = {(r["task"], r["metric"]): r["value"] for r in report["rows"]}
+    for task, metrics in (("arc_easy", ("acc", "acc_norm")), ("winogrande", ("acc",))):
+        items = report["items"][task]
+        assert items["doc_id"] == list(range(6))
+        assert set(items) == {"doc_id", *metrics}
+        for metric in metrics:
+            assert set(items[metric]) <= {0.0, 1.0}
+            assert sum(items[metric]) / 6 == pytest.approx(values[(task, metric)])

@@ -8,6 +8,7 @@ import argparse
 from readmoe.serve.experts import POLICIES
 from readmoe.serve.experts.store import TIERS
 from readmoe.serve.launch import EngineOptions
+from readmoe.serve.quantized import QUANTIZATIONS
 from readmoe.serve.schedulers import SCHEDULERS
 
 
@@ -28,6 +29,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="tokens per engine step (prefill chunks and decode tokens)")
     parser.add_argument("--max-seqs", type=int, default=d.max_seqs,
                         help="requests per engine step")
+    parser.add_argument("--quantize", default=d.quantize, choices=QUANTIZATIONS,
+                        help="int8: serve with int8 weights (fbgemm, CPU only; faster decode, "
+                        "see results/kernel_probe.md and engine_speed.md for speed and "
+                        "perplexity); none: the model's dtype")
     parser.add_argument("--kv-blocks", type=int, default=d.kv_blocks)
     parser.add_argument("--block-size", type=int, default=d.block_size)
     store = parser.add_argument_group(
@@ -61,4 +66,4 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         max_seqs=args.max_seqs, kv_blocks=args.kv_blocks, block_size=args.block_size,
         capacity=args.capacity, cache_policy=args.cache_policy, prefetch=args.prefetch,
         tier=args.tier, bandwidth=args.bandwidth, predictor=args.predictor,
-        prefetch_rate=args.prefetch_rate)
+        prefetch_rate=args.prefetch_rate, quantize=args.quantize)

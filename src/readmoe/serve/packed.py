@@ -16,9 +16,13 @@ routed experts included when they are resident; with an expert store they are no
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from transformers.activations import SiLUActivation
+
+from readmoe.serve.quantized import Int8Matrix
 
 
 @dataclass(frozen=True)
@@ -46,41 +50,88 @@ class PackedMatrix:
     def of_linears(cls, *linears: torch.nn.Linear) -> PackedMatrix:
         return cls.of(*(m.weight for m in linears), biases=tuple(m.bias for m in linears))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W.T + b`` for rows x [n, in], plus ``add`` [n, out] if given (a residual: on
+        CPU the BLAS adds it as it writes, one op and one pass fewer), into ``out`` if given
+        (a contiguous [n, out] view, so a caller's slice is filled without a copy)."""
         if not self.transposed:
-            return torch.nn.functional.linear(x, self.weight, self.bias)
-        return x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
+            y = torch.nn.functional.linear(x, self.weight, self.bias)
+            y = y if add is None else y.add_(add)
+            return y if out is None else out.copy_(y)
+        base = self.bias if add is None else add if self.bias is None else add + self.bias
+        if base is None:
+            return torch.mm(x, self.weight) if out is None else torch.mm(x, self.weight, out=out)
+        if out is None:
+            return torch.addmm(base, x, self.weight)
+        return torch.addmm(base, x, self.weight, out=out)
+
+
+Matrix = PackedMatrix | Int8Matrix
+"""A product the runner calls as ``m(x, add=None, out=None)``: fp32/bf16 or int8 weights."""
+
+
+def matrix_type(quantize: str) -> type[PackedMatrix] | type[Int8Matrix]:
+    """The packing of ``--quantize``: "none" keeps the weights' dtype, "int8" quantizes."""
+    return Int8Matrix if quantize == "int8" else PackedMatrix
 
 
 @dataclass(frozen=True)
 class PackedExpert:
     """One SwiGLU expert: ``down(act(gate x) * up x)`` with gate|up fused."""
 
-    gate_up: PackedMatrix  # -> [*, 2R]
-    down: PackedMatrix  # [*, R] -> [*, H]
+    gate_up: Matrix  # -> [*, 2R]
+    down: Matrix  # [*, R] -> [*, H]
+
+
+@dataclass(frozen=True)
+class Norm:
+    """An RMSNorm's weight and epsilon, read once (not through the module every step)."""
+
+    weight: torch.Tensor  # [H]
+    eps: float
+
+
+def norm_of(module: torch.nn.Module) -> Norm:
+    return Norm(module.weight.detach(), module.variance_epsilon)
+
+
+def activation_of(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The expert activation as a plain function where it is SiLU (an ``nn.Module`` call
+    costs more than the op at decode sizes), else the module itself."""
+    silu = isinstance(module, torch.nn.SiLU | SiLUActivation)
+    return torch.nn.functional.silu if silu else module
 
 
 @dataclass(frozen=True)
 class PackedLayer:
-    qkv: PackedMatrix  # [N, H] -> [N, (heads + 2 kv_heads) * D]
-    o: PackedMatrix  # [N, heads * D] -> [N, H]
+    qkv: Matrix  # [N, H] -> [N, (heads + 2 kv_heads) * D]
+    o: Matrix  # [N, heads * D] -> [N, H]
     shared: PackedExpert | None
     experts: tuple[PackedExpert, ...] | None  # resident routed experts, by id
+    input_norm: Norm
+    post_attention_norm: Norm
+    act: Callable[[torch.Tensor], torch.Tensor]  # the experts' (SwiGLU's gate activation)
 
 
-def pack_layer(layer: torch.nn.Module, routed: bool) -> PackedLayer:
-    """Pack one decoder layer; ``routed`` False leaves its routed experts to a store."""
+def pack_layer(layer: torch.nn.Module, routed: bool, quantize: str = "none") -> PackedLayer:
+    """Pack one decoder layer; ``routed`` False leaves its routed experts to a store (whose
+    slots hold the model's own dtype, whatever ``quantize`` says)."""
     attn, mlp = layer.self_attn, layer.mlp
+    kind = matrix_type(quantize)
     shared = None
     if mlp.shared is not None:
         s = mlp.shared
-        shared = PackedExpert(PackedMatrix.of_linears(s.gate_proj, s.up_proj),
-                              PackedMatrix.of_linears(s.down_proj))
+        shared = PackedExpert(kind.of_linears(s.gate_proj, s.up_proj),
+                              kind.of_linears(s.down_proj))
     experts = None
     if routed and mlp.experts is not None:
         stacked = mlp.experts
-        experts = tuple(PackedExpert(PackedMatrix.of(stacked.gate_proj[e], stacked.up_proj[e]),
-                                     PackedMatrix.of(stacked.down_proj[e]))
+        experts = tuple(PackedExpert(kind.of(stacked.gate_proj[e], stacked.up_proj[e]),
+                                     kind.of(stacked.down_proj[e]))
                         for e in range(stacked.gate_proj.shape[0]))
-    return PackedLayer(PackedMatrix.of_linears(attn.q_proj, attn.k_proj, attn.v_proj),
-                       PackedMatrix.of_linears(attn.o_proj), shared, experts)
+    act = activation_of(mlp.experts.act_fn if mlp.experts is not None else mlp.shared.act_fn)
+    return PackedLayer(kind.of_linears(attn.q_proj, attn.k_proj, attn.v_proj),
+                       kind.of_linears(attn.o_proj), shared, experts,
+                       norm_of(layer.input_layernorm), norm_of(layer.post_attention_layernorm),
+                       act)

@@ -1,0 +1,55 @@
+"""Held-out perplexity through the serving runner: the weights as served, int8 included.
+
+Why: ``eval.domains`` scores the model object, whose parameters the runner never changes; a
+quantized runner computes with its own int8 copies, so its quality can only be measured by
+running the text through the runner itself (every token's logits, ``every_token``). Each
+window is one prefill chunk routed as the engine routes a prompt; on the fp32 runner this
+equals ``eval.domains``' number (tested).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from readmoe.eval.perplexity import PerplexityResult
+from readmoe.serve.kv_cache import PagedKVCache
+from readmoe.serve.runner import ModelRunner, RunnerChunk
+
+
+def window_experts(model, window: torch.Tensor) -> list[int] | None:
+    """A window's routed experts as the engine takes them (None: each layer's gate)."""
+    config = model.config
+    if config.router_type == "layerwise":
+        return None
+    if model.model.router is None:
+        return [0] * window.numel()
+    return model.route(window[None].to(model.device))[0][0].tolist()
+
+
+@torch.inference_mode()
+def served_nll(model, blocks: torch.Tensor, quantize: str = "none",
+               block_size: int = 16) -> PerplexityResult:
+    """Next-token NLL of ``blocks`` [n, W] through a ``ModelRunner(model, quantize=...)``."""
+    config = model.config
+    window = blocks.shape[1]
+    attn = model.model.layers[0].self_attn
+    weight = model.model.embed_tokens.weight
+    kv = PagedKVCache(config.num_hidden_layers, -(-window // block_size), block_size,
+                      config.num_key_value_heads, attn.head_dim, weight.dtype, weight.device)
+    runner = ModelRunner(model, kv, quantize=quantize)
+    nll_sum, count = 0.0, 0
+    for index, block in enumerate(blocks):
+        request = f"window-{index}"
+        kv.admit(request, window)
+        kv.grow(request, window)
+        chunk = RunnerChunk(block.tolist(), 0, kv.slots(request, 0, window), True)
+        logits = runner.forward([chunk], window_experts(model, block), every_token=True)
+        targets = block[1:].to(logits.device)
+        nll_sum += float(F.cross_entropy(logits[:-1].float(), targets, reduction="sum"))
+        count += targets.numel()
+        kv.free(request)
+    return PerplexityResult(ppl=math.exp(nll_sum / count) if count else float("nan"),
+                            tokens=count, nll_sum=nll_sum)
