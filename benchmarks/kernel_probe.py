@@ -10,9 +10,10 @@ adopted on faith; this measures both on the served model's own matrices.
    (as in a real step, the weights stream from memory rather than sit in cache), at rows 1, 8
    and 32: fp32 ``x @ W`` (the engine's layout), bf16 and fp16 ``x @ W``, int8 weight-only
    (``torch._weight_int8pack_mm``, per-channel scales) and fbgemm's dynamic int8 linear
-   (``torch.ops.quantized.linear_dynamic``: activations quantized per call). Each reports its
-   worst relative error against fp32 and the bytes one routed expert takes (what an expert
-   cache moves per load).
+   (``torch.ops.quantized.linear_dynamic``: activations quantized per call, per tensor), and
+   the engine's ``--quantize int8`` product (the same kernel with per-token activation
+   scales, ``serve/quantized.py``). Each reports its worst relative error against fp32 and
+   the bytes one routed expert takes (what an expert cache moves per load).
 2. ``torch.compile`` (inductor, dynamic shapes) of one decoder layer's decode step against
    the same code eager, at batch 1 and 8: compile seconds and microseconds per call.
 
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 
 from readmoe.io import write_results
 from readmoe.models import load_model
+from readmoe.serve.quantized import Int8Matrix
 
 Product = Callable[[torch.Tensor], torch.Tensor]
 
@@ -88,18 +90,21 @@ def prepare(kind: str, weight: torch.Tensor) -> tuple[Product, int]:
     if kind == "int8-weight-only":
         q = (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
         return (lambda x: torch._weight_int8pack_mm(x, q, scales)), q.numel() + scales.numel() * 4
-    if kind == "int8-dynamic":
+    if kind == "int8-dynamic":  # fbgemm alone: activations quantized per tensor
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             zero = torch.zeros(weight.shape[0], dtype=torch.long)
             qw = torch.quantize_per_channel(weight, scales.double(), zero, 0, torch.qint8)
             packed = torch.ops.quantized.linear_prepack(qw, None)
         return (lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)), (
-            weight.numel() + scales.numel() * 8)
+            weight.numel() + scales.numel() * 4)
+    if kind == "int8-served":  # what --quantize int8 runs: per-token activation scales
+        matrix = Int8Matrix.of(weight)
+        return matrix, matrix.nbytes
     raise ValueError(kind)
 
 
-KINDS = ("float32", "bfloat16", "float16", "int8-weight-only", "int8-dynamic")
+KINDS = ("float32", "bfloat16", "float16", "int8-weight-only", "int8-dynamic", "int8-served")
 
 
 def best_seconds(fn: Callable[[], None], repeats: int) -> float:

@@ -142,18 +142,20 @@ class Demo:
         return folders
 
     def train(self, folders: dict[str, Path]) -> dict[str, Path]:
-        from readmoe.train.config import TrainConfig
+        from readmoe.models import load_config
+        from readmoe.train.config import TrainConfig, recipe_for
         from readmoe.train.rounds import Trainer, final_model_dir
 
         a = self.args
         trained = {}
         for method, router_steps in (("readme", a.router_steps), ("prune", 0)):
+            name, recipe = recipe_for("auto", load_config(str(folders[method])))
             step(f"train: {method} ({a.rounds} rounds, {router_steps} router + "
-                 f"{a.expert_steps} expert steps each)")
+                 f"{a.expert_steps} expert steps each, recipe {name})")
             config = TrainConfig(rounds=a.rounds, router_steps=router_steps,
                                  expert_steps=a.expert_steps, batch_size=4, block_size=256,
-                                 lr_router=2e-3, lr_experts=2e-4, kd_weight=1.0,
-                                 eval_tokens=512)
+                                 lr_router=recipe.lr_router, lr_experts=recipe.lr_experts,
+                                 kd_weight=recipe.kd_weight, eval_tokens=512)
             out = self.out / f"train-{method}{self.tag}"
             state = Trainer(folders[method], str(self.corpus_dir), out, config).run()
             last = state["rounds"][str(a.rounds - 1)]

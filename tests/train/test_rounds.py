@@ -137,3 +137,31 @@ def test_reduced_dtype_autocasts_and_keeps_fp32_weights(tmp_path, tiny_moe_dir,
     assert not torch.equal(trained[name], source[name])
     log = json.loads((out / "train_log.json").read_text())
     assert all(loss == loss for loss in log["rounds"][0]["router"]["losses"])  # no NaN
+
+
+def test_recipe_auto_picks_small_below_a_billion_and_flags_override(tiny_moe_dir):
+    from readmoe.cli.train_cmds import config_from_args
+    from readmoe.models import load_config
+    from readmoe.train.config import RECIPES, dense_parameters, recipe_for
+
+    config = load_config(str(tiny_moe_dir))
+    assert dense_parameters(config) < 1e9
+    assert recipe_for("auto", config) == ("small", RECIPES["small"])
+    big = type("C", (), {**config.to_dict(), "hidden_size": 4096, "num_hidden_layers": 32,
+                         "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128,
+                         "dense_intermediate_size": 11008, "vocab_size": 32000,
+                         "tie_word_embeddings": False})
+    assert 6.5e9 < dense_parameters(big) < 7e9  # Llama-2-7B's shape
+    assert recipe_for("auto", big) == ("paper", RECIPES["paper"])
+    with pytest.raises(ReadmoeError, match="unknown recipe 'fast'"):
+        recipe_for("fast", config)
+    parser = __import__("argparse").ArgumentParser()
+    commands = parser.add_subparsers()
+    from readmoe.cli.train_cmds import register
+
+    register(commands)
+    base = ["train", str(tiny_moe_dir), "--corpus", "c", "--out", "o"]
+    paper = config_from_args(parser.parse_args([*base, "--recipe", "paper"]))
+    assert (paper.lr_router, paper.lr_experts, paper.kd_weight) == (5e-4, 5e-5, 0.0)
+    mixed = config_from_args(parser.parse_args([*base, "--lr-experts", "1e-3"]))
+    assert (mixed.lr_router, mixed.lr_experts, mixed.kd_weight) == (2e-3, 1e-3, 1.0)

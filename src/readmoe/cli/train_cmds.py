@@ -9,8 +9,10 @@ from readmoe.models.device import add_placement_args, placement_from_args
 from readmoe.train.config import (
     DEFAULT_CHECKPOINT_EVERY,
     EXPERT_PARAMS,
+    RECIPES,
     ROUTER_TYPES,
     TrainConfig,
+    recipe_for,
 )
 
 
@@ -27,8 +29,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--rounds", type=int, default=d.rounds)
     train.add_argument("--router-steps", type=int, default=d.router_steps)
     train.add_argument("--expert-steps", type=int, default=d.expert_steps)
-    train.add_argument("--lr-router", type=float, default=d.lr_router)
-    train.add_argument("--lr-experts", type=float, default=d.lr_experts)
+    train.add_argument("--recipe", default="auto", choices=["auto", *RECIPES],
+                       help="learning rates and KD: 'paper' (Read-ME's, for 7B models and a "
+                       "billion tokens), 'small' (measured best per token on small models), "
+                       "'auto' (default: small below 1B dense parameters); --lr-router, "
+                       "--lr-experts and --kd-weight override it")
+    train.add_argument("--lr-router", type=float, default=None)
+    train.add_argument("--lr-experts", type=float, default=None)
     train.add_argument("--decay", type=float, default=d.decay,
                        help="learning-rate factor applied after every round")
     train.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -39,7 +46,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="pregating (the paper's) or layerwise (the baseline)")
     train.add_argument("--expert-params", default=d.expert_params, choices=EXPERT_PARAMS,
                        help="tune the FFN experts only, or every backbone weight")
-    train.add_argument("--kd-weight", type=float, default=d.kd_weight,
+    train.add_argument("--kd-weight", type=float, default=None,
                        help="weight of KL to the dense model's logits during expert tuning")
     train.add_argument("--eval-tokens", type=int, default=d.eval_tokens,
                        help="held-out tokens per domain scored after every round")
@@ -57,14 +64,24 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    from readmoe.models import load_config
     from readmoe.train.losses import RouterLossConfig
+
+    name, recipe = recipe_for(args.recipe, load_config(args.model))
+    print(f"recipe: {name} (lr router {recipe.lr_router:g}, lr experts {recipe.lr_experts:g}, "
+          f"KD weight {recipe.kd_weight:g}; flags given override it)", flush=True)
+
+    def pick(value: float | None, default: float) -> float:
+        return default if value is None else value
 
     return TrainConfig(
         rounds=args.rounds, router_steps=args.router_steps, expert_steps=args.expert_steps,
-        lr_router=args.lr_router, lr_experts=args.lr_experts, decay=args.decay,
+        lr_router=pick(args.lr_router, recipe.lr_router),
+        lr_experts=pick(args.lr_experts, recipe.lr_experts), decay=args.decay,
         weight_decay=args.weight_decay, batch_size=args.batch_size, block_size=args.block_size,
         router_type=args.router_type, expert_params=args.expert_params,
-        kd_weight=args.kd_weight, eval_tokens=args.eval_tokens, seed=args.seed,
+        kd_weight=pick(args.kd_weight, recipe.kd_weight), eval_tokens=args.eval_tokens,
+        seed=args.seed,
         router_loss=RouterLossConfig(hard_weight=args.hard_weight, soft_weight=args.soft_weight,
                                      label_smoothing=args.label_smoothing))
 

@@ -15,6 +15,47 @@ ROUTER_TYPES = ("pregating", "layerwise")
 DEFAULT_CHECKPOINT_EVERY = 50
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """Learning rates and distillation, the settings whose best values depend on scale."""
+
+    lr_router: float
+    lr_experts: float
+    kd_weight: float
+
+
+RECIPES = {
+    # Read-ME section 4: set for a 7B model tuned on about a billion tokens
+    "paper": Recipe(lr_router=5e-4, lr_experts=5e-5, kd_weight=0.0),
+    # models under SMALL_MODEL_PARAMS tuned on 1e4-1e5 tokens (results/recovery_sweep.md:
+    # 4x the paper's rates and KD from the dense logits recover several times more per token)
+    "small": Recipe(lr_router=2e-3, lr_experts=2e-4, kd_weight=1.0),
+}
+SMALL_MODEL_PARAMS = 1e9
+
+
+def dense_parameters(config) -> float:
+    """The dense source's parameter count from a refactored model's config (embeddings once:
+    tied or not, the head is one more matrix of the same size only when untied)."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    attention = 2 * hidden * head_dim * (config.num_attention_heads
+                                         + config.num_key_value_heads)
+    ffn = 3 * hidden * config.dense_intermediate_size
+    embeddings = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)
+    return float(layers * (attention + ffn) + embeddings)
+
+
+def recipe_for(name: str, config) -> tuple[str, Recipe]:
+    """``name`` "auto" picks "small" below ``SMALL_MODEL_PARAMS`` dense parameters, else
+    "paper"; returns the chosen name and its recipe."""
+    if name == "auto":
+        name = "small" if dense_parameters(config) < SMALL_MODEL_PARAMS else "paper"
+    if name not in RECIPES:
+        raise ReadmoeError(f"unknown recipe {name!r}; choose auto, {', '.join(RECIPES)}")
+    return name, RECIPES[name]
+
+
 @dataclass
 class TrainConfig:
     rounds: int = 8
