@@ -89,8 +89,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run_train(args: argparse.Namespace) -> int:
     from readmoe.train.rounds import Trainer, final_model_dir
 
+    placement = placement_from_args(args)  # first: a bad --device is refused before any work
     trainer = Trainer(args.model, args.corpus, args.out, config_from_args(args), args.dense,
-                      placement_from_args(args), args.checkpoint_every)
+                      placement, args.checkpoint_every)
     state = trainer.run()
     if trainer.dist.is_main:
         last = state["rounds"][str(max(int(k) for k in state["rounds"]))]
