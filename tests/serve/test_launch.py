@@ -66,6 +66,16 @@ def test_offloaded_ram_tier_in_another_dtype(readme_dir):
         pass
 
 
+def test_int8_serving_opens_on_cpu_float32_only(readme_dir):
+    with open_engine(str(readme_dir), EngineOptions(quantize="int8"), CPU) as served:
+        assert served.engine.runner.quantize == "int8"
+        assert all(o.finished for o in served.engine.generate(PROMPTS, SamplingParams(4)))
+    with (pytest.raises(ReadmoeError, match="load it with --dtype float32"),
+          open_engine(str(readme_dir), EngineOptions(quantize="int8"),
+                      resolve_placement("cpu", "bfloat16"))):
+        pass
+
+
 def test_options_are_checked():
     for options, match in ((EngineOptions(tier="ram"), "add --capacity"),
                            (EngineOptions(capacity=0), "at least 1"),

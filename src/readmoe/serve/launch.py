@@ -26,7 +26,7 @@ import torch
 
 from readmoe.errors import ReadmoeError
 from readmoe.models.device import Placement
-from readmoe.serve.quantized import QUANTIZATIONS
+from readmoe.serve.quantized import QUANTIZATIONS, check_quantization
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -155,6 +155,7 @@ def open_engine(spec: str, options: EngineOptions, placement: Placement
     from readmoe.serve.types import Budget
 
     options.validate()
+    check_quantization(options.quantize, placement.device, placement.dtype)  # before loading
     scheduler = make_scheduler(options.scheduler, **options.scheduler_options())
     offloaded = options.capacity is not None
     model, tokenizer = load_served_model(spec, placement, offload=offloaded)

@@ -32,7 +32,8 @@ REDUCE_RANGE = True
 ACTIVATION_LEVELS = 127 if REDUCE_RANGE else 255  # activation steps (7 or 8 bits)
 
 
-def check_quantization(name: str, device: torch.device) -> None:
+def check_quantization(name: str, device: torch.device,
+                       dtype: torch.dtype = torch.float32) -> None:
     if name not in QUANTIZATIONS:
         raise ReadmoeError(f"unknown quantization {name!r}; choose one of "
                            f"{', '.join(QUANTIZATIONS)}")
@@ -40,6 +41,10 @@ def check_quantization(name: str, device: torch.device) -> None:
         if device.type != "cpu":
             raise ReadmoeError("int8 serving uses fbgemm, a CPU kernel: serve on the CPU, or "
                                "leave --quantize none on a GPU (bf16 there)")
+        if dtype != torch.float32:
+            raise ReadmoeError(f"int8 serving computes its activations in float32; the model "
+                               f"is loaded in {str(dtype).removeprefix('torch.')}: load it "
+                               "with --dtype float32")
         if "fbgemm" not in torch.backends.quantized.supported_engines:
             raise ReadmoeError(f"this torch build ({torch.__version__}) has no fbgemm kernels: "
                                "serve with --quantize none")

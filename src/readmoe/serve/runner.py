@@ -130,7 +130,7 @@ class ModelRunner:
         config = model.config
         if "sliding_attention" in getattr(config, "layer_types", []):
             raise ReadmoeError("the serving runner does not implement sliding-window attention")
-        check_quantization(quantize, model.device)
+        check_quantization(quantize, model.device, model.dtype)
         self.model = model
         self.kv = kv_cache
         self.quantize = quantize
