@@ -89,9 +89,13 @@ class Int8Matrix:
 
     def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-        rows = row_scales(x)  # [n, 1]
-        y = torch.ops.quantized.linear_dynamic(x / rows, self.packed, REDUCE_RANGE)
-        y = y.mul_(rows) if add is None else torch.addcmul(add, y, rows)
+        if x.shape[0] == 1:  # one row: the kernel's per-tensor grid is already per token
+            y = torch.ops.quantized.linear_dynamic(x.contiguous(), self.packed, REDUCE_RANGE)
+            y = y if add is None else y.add_(add)
+        else:
+            rows = row_scales(x)  # [n, 1]
+            y = torch.ops.quantized.linear_dynamic(x / rows, self.packed, REDUCE_RANGE)
+            y = y.mul_(rows) if add is None else torch.addcmul(add, y, rows)
         if self.bias is not None:
             y.add_(self.bias)
         return y if out is None else out.copy_(y)
@@ -106,12 +110,13 @@ def row_scales(x: torch.Tensor) -> torch.Tensor:
 def reference_product(x: torch.Tensor, weight: torch.Tensor,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
     """What ``Int8Matrix.of(weight, biases=(bias,))(x)`` computes, spelled out in float64:
-    each row of x divided by its max |x|; that tensor quantized to ``ACTIVATION_LEVELS`` steps
-    (scale and zero point chosen, and values rounded, by torch's own per-tensor routines, as
-    the kernel does: a tie such as the zero point of [-1, 1] rounds as in float32); W per
-    channel; the integer products; then the three scales (tensor, channel, row)."""
+    each row of x divided by its max |x| (unless x is one row); that tensor quantized to
+    ``ACTIVATION_LEVELS`` steps (scale and zero point chosen, and values rounded, by torch's
+    own per-tensor routines, as the kernel does: a tie such as the zero point of [-1, 1]
+    rounds as in float32); W per channel; the integer products; then the three scales
+    (tensor, channel, row)."""
     q, scales = quantize_weight(weight)
-    rows = row_scales(x)
+    rows = row_scales(x) if x.shape[0] > 1 else torch.ones(1, 1)  # one row: as it is
     x = x / rows  # in float32, as the kernel's input is
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
