@@ -195,12 +195,12 @@ class ModelRunner:
                                      cos, sin, write_slots, groups)
             hidden = self._ffn(index, layer.mlp, packed, hidden,
                                _norm(packed.post_attention_norm, hidden), routing, source)
-        last = torch.tensor([row for i, c in enumerate(chunks) if c.samples
-                             for row in range(offsets[i] + (0 if every_token else
-                                                            len(c.tokens) - 1),
-                                              offsets[i] + len(c.tokens))],
-                            dtype=torch.long, device=device)  # [S]
-        return self.lm_head(_norm(self.norm, hidden.index_select(0, last)))  # [S, V]
+        def scored(chunk: RunnerChunk) -> range:  # the chunk's tokens whose logits return
+            return range(0 if every_token else len(chunk.tokens) - 1, len(chunk.tokens))
+
+        rows = torch.tensor([offsets[i] + t for i, c in enumerate(chunks) if c.samples
+                             for t in scored(c)], dtype=torch.long, device=device)  # [S]
+        return self.lm_head(_norm(self.norm, hidden.index_select(0, rows)))  # [S, V]
 
     def _attention(self, layer: int, packed: PackedLayer, residual: torch.Tensor,
                    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
