@@ -28,7 +28,6 @@ import argparse
 import platform
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 
 from readmoe.io import write_results
 from readmoe.models import load_model
-from readmoe.serve.quantized import Int8Matrix
+from readmoe.serve.quantized import REDUCE_RANGE, Int8Matrix, quantize_weight
 
 Product = Callable[[torch.Tensor], torch.Tensor]
 
@@ -86,18 +85,13 @@ def prepare(kind: str, weight: torch.Tensor) -> tuple[Product, int]:
         if dtype == torch.float32:
             return (lambda x: x @ packed), packed.numel() * 4
         return (lambda x: (x.to(dtype) @ packed).float()), packed.numel() * 2
-    scales = (weight.abs().amax(1) / 127).clamp_min(1e-12)  # [out], per output channel
     if kind == "int8-weight-only":
-        q = (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+        q, scales = quantize_weight(weight)  # the served int8 weights, per output channel
         return (lambda x: torch._weight_int8pack_mm(x, q, scales)), q.numel() + scales.numel() * 4
     if kind == "int8-dynamic":  # fbgemm alone: activations quantized per tensor
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            zero = torch.zeros(weight.shape[0], dtype=torch.long)
-            qw = torch.quantize_per_channel(weight, scales.double(), zero, 0, torch.qint8)
-            packed = torch.ops.quantized.linear_prepack(qw, None)
-        return (lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)), (
-            weight.numel() + scales.numel() * 4)
+        matrix = Int8Matrix.of(weight)
+        return (lambda x: torch.ops.quantized.linear_dynamic(x, matrix.packed, REDUCE_RANGE)), (
+            matrix.nbytes)
     if kind == "int8-served":  # what --quantize int8 runs: per-token activation scales
         matrix = Int8Matrix.of(weight)
         return matrix, matrix.nbytes

@@ -63,7 +63,6 @@ class Int8Matrix:
 
     packed: object  # fbgemm's prepacked weight
     bias: torch.Tensor | None  # [out], added after the per-token rescale
-    out_features: int
     nbytes: int  # int8 weights + scales (+ bias)
 
     @classmethod
@@ -81,7 +80,7 @@ class Int8Matrix:
             qweight = torch._make_per_channel_quantized_tensor(q, scales.double(), zero, 0)
             packed = torch.ops.quantized.linear_prepack(qweight, None)
         nbytes = q.numel() + scales.numel() * 4 + (0 if bias is None else bias.numel() * 4)
-        return cls(packed, bias, q.shape[0], nbytes)
+        return cls(packed, bias, nbytes)
 
     @classmethod
     def of_linears(cls, *linears: torch.nn.Linear) -> Int8Matrix:
