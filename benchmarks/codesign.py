@@ -28,10 +28,12 @@ folder under runs/codesign/ on first use.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import time
 from dataclasses import replace
@@ -127,9 +129,16 @@ def layerwise_folder(arg: str | None, readme: Path, corpus: str) -> Path:
     if arg:
         return Path(arg)
     out = RUN / "train-layerwise"
-    if (out / "state.json").is_file() and list(out.glob("round-*")):
-        return final_model_dir(out)
     source = RUN / "layerwise-source"
+    stamp = RUN / "layerwise-derived-from.json"
+    origin = {"readme": str(readme), "weights": weights_fingerprint(readme)}
+    derived = json.loads(stamp.read_text()) if stamp.is_file() else None
+    if derived == origin and (out / "state.json").is_file() and list(out.glob("round-*")):
+        return final_model_dir(out)
+    if out.exists() or source.exists():
+        print(f"{out} was not derived from the current {readme}: rebuilding it", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(source, ignore_errors=True)
     model = load_model(str(readme))
     model.attach_router("none")
     save_readme(model, source, load_tokenizer(str(readme)), ExpertPlan.load(readme / "plan"))
@@ -137,7 +146,18 @@ def layerwise_folder(arg: str | None, readme: Path, corpus: str) -> Path:
                          block_size=256, lr_router=2e-3, router_type="layerwise",
                          eval_tokens=512)
     Trainer(source, corpus, out, config).run()
+    atomic_write_json(stamp, origin)
     return final_model_dir(out)
+
+
+def weights_fingerprint(folder: Path) -> str:
+    """sha256 of the weights file: the layer-wise MoE is valid only on the experts it was
+    derived from, and a retrained demo model keeps its folder name."""
+    digest = hashlib.sha256()
+    with open(folder / "model.safetensors", "rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def dense_folder(readme: Path) -> Path:
@@ -628,6 +648,7 @@ def main() -> int:
         workload = {"requests": args.requests, "rate": args.rate, "max_output": args.max_output,
                     "repeats": args.repeats, "engine_budget": vars(ENGINE_BUDGET)}
         models_used = {k: str(v) for k, v in folders.items()}
+        models_used["readme_weights"] = weights_fingerprint(readme)
         cells = CellStore(RUN / "cells")
         kept = {} if args.fresh else cells.prelude()
         if kept.get("workload") == workload and kept.get("models") == models_used:
