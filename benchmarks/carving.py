@@ -1,7 +1,8 @@
 """What better carving buys before any training: channel importance and dropped-channel
 compensation, ReadME experts and the prune baseline alike, at the paper's active width.
 
-Each variant is an (importance criterion, compensation) pair; for each, the ReadME experts
+Each variant is an (importance criterion, compensation) pair, compensation being none, the
+mean-output bias or the least-squares refit of the kept down columns; for each, the ReadME experts
 (oracle routing: each domain's tokens use its own expert) and the prune baseline (one mask) are
 refactored from the same statistics and scored on the same held-out tokens as the dense model.
 The number the quality issue judges is the mean over domains of log(ppl / dense ppl): the
@@ -34,8 +35,12 @@ from readmoe.models import load_tokenizer
 from readmoe.refactor.importance import CRITERIA
 from readmoe.refactor.pipeline import run_refactor, run_stats
 
-VARIANTS = (("activation", False), ("activation", True), ("weighted", False),
-            ("contribution", False), ("contribution", True))
+# (importance criterion, what makes up for the dropped channels): nothing, the mean-output
+# bias (--compensate) or the least-squares refit of the kept down columns (--refit)
+VARIANTS = (("activation", "none"), ("activation", "bias"), ("weighted", "none"),
+            ("contribution", "none"), ("contribution", "bias"), ("activation", "refit"),
+            ("contribution", "refit"))
+FIX_LABELS = {"none": "", "bias": "+comp", "refit": "+refit"}
 METHODS = (("readme", "oracle"), ("prune", "router"))
 
 
@@ -55,8 +60,8 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def label_of(method: str, importance: str, compensate: bool) -> str:
-    return f"{method}/{importance}" + ("+comp" if compensate else "")
+def label_of(method: str, importance: str, fix: str) -> str:
+    return f"{method}/{importance}{FIX_LABELS[fix]}"
 
 
 
@@ -91,24 +96,23 @@ def main() -> int:
     dense = scored("dense", lambda: args.model, "router")
     variants = [v for v in VARIANTS if args.importance is None or v[0] in args.importance]
     rows, reports = [], [dense]
-    for importance, compensate in variants:
-        row = {"importance": importance, "compensate": compensate}
+    for importance, fix in variants:
+        row = {"importance": importance, "fix": fix}
         for method, routing in METHODS:
-            label = label_of(method, importance, compensate)
+            label = label_of(method, importance, fix)
 
-            def make(method=method, importance=importance, compensate=compensate,
-                     label=label) -> Path:
+            def make(method=method, importance=importance, fix=fix, label=label) -> Path:
                 folder = work / ("moe-" + label.replace("/", "-"))
                 run_refactor(args.model, str(corpus_dir), folder, method=method,
                              keep=args.keep, stats_dir=stats_dir, importance=importance,
-                             compensate=compensate)
+                             compensate=fix == "bias", refit=fix == "refit")
                 return folder
             report = scored(label, make, routing)
             reports.append(report)
             row[f"{method}_log_gap"] = log_gap(report, dense)
         row["readme_beats_prune"] = domain_wins(
-            reports, label_of("readme", importance, compensate),
-            label_of("prune", importance, compensate))["count"]
+            reports, label_of("readme", importance, fix),
+            label_of("prune", importance, fix))["count"]
         rows.append(row)
     baseline = rows[0]["readme_log_gap"] if rows and variants[0] == VARIANTS[0] else None
     for row in rows:
@@ -125,7 +129,7 @@ def main() -> int:
 
 
 def render(summary: dict) -> str:
-    lines = ["# Carving without training: importance criteria and compensation", "",
+    lines = ["# Carving without training: importance criteria, compensation and refit", "",
              f"Command: `{summary['command']}`  ",
              f"Machine: {summary['machine']}; {summary['seconds']} s of this run (kept "
              "reports of a resumed run not counted).  ",
@@ -135,12 +139,14 @@ def render(summary: dict) -> str:
              "domain. ReadME with oracle routing (each domain's tokens use its own expert).", "",
              "Log-perplexity gap to dense (mean over the six domains of log(ppl / dense); "
              "lower is better; 'vs today' is the ReadME gap over that of the first row, the "
-             "paper's criterion without compensation):", "",
+             "paper's criterion without compensation). Compensation: 'bias' adds the mean output "
+             "of the dropped channels (--compensate); 'refit' refits the kept channels' down "
+             "projection by least squares on the statistics' tokens (--refit):", "",
              "| importance | compensation | ReadME gap | vs today | prune gap | ReadME beats "
              "prune on |", "|---|---|---:|---:|---:|---:|"]
     for row in summary["variants"]:
         vs = row["readme_gap_vs_today"]
-        lines.append(f"| {row['importance']} | {'yes' if row['compensate'] else 'no'} | "
+        lines.append(f"| {row['importance']} | {row['fix']} | "
                      f"{row['readme_log_gap']:.3f} | {'-' if vs is None else f'{vs:.2f}x'} | "
                      f"{row['prune_log_gap']:.3f} | {row['readme_beats_prune']} of 6 |")
     lines += ["", "Held-out perplexity per domain:", "", format_ppl_table(summary["reports"]),

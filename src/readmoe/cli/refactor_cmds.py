@@ -50,6 +50,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     refactor.add_argument("--compensate", action="store_true",
                           help="add to each expert (prune: each layer) the mean output of the "
                           "channels it drops, as an output bias (off: not yet measured)")
+    refactor.add_argument("--refit", action="store_true",
+                          help="refit the kept channels' down projection by least squares so "
+                          "each FFN best reproduces the dense output on the statistics' tokens "
+                          "(computes their second moments into the statistics folder)")
     add_placement_args(refactor)
     refactor.set_defaults(handler=run_refactor_cmd)
 
@@ -84,7 +88,8 @@ def run_refactor_cmd(args: argparse.Namespace) -> int:
     plan = run_refactor(args.model, args.corpus, args.out, method=args.method, keep=args.keep,
                         stats_dir=args.stats, seed=args.seed, tokens=args.tokens,
                         block_size=args.block_size, recompute_stats=args.recompute_stats,
-                        compensate=args.compensate, importance=args.importance,
+                        compensate=args.compensate, refit=args.refit,
+                        importance=args.importance,
                         placement=placement_from_args(args))
     sizes = [(lp.shared_size, lp.expert_size) for lp in plan.layers]
     print(json.dumps({"out": args.out, "method": plan.method, "importance": plan.importance,

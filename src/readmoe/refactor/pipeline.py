@@ -10,9 +10,11 @@ from readmoe.models.device import Placement, resolve_placement
 from readmoe.paths import cache_dir
 from readmoe.refactor.compensation import compensation_biases
 from readmoe.refactor.fingerprint import model_fingerprint
+from readmoe.refactor.gram import compute_grams
 from readmoe.refactor.importance import DEFAULT_CRITERION, channel_importance, check_criterion
 from readmoe.refactor.plan import ExpertPlan
 from readmoe.refactor.planners import make_planner
+from readmoe.refactor.refit import DEFAULT_DAMP, refit_down_projections
 from readmoe.refactor.stats import STATS_JSON, ActivationStats, clear_stats, compute_stats
 
 DEFAULT_STATS_TOKENS = 16384
@@ -72,14 +74,17 @@ def run_refactor(model_spec: str, corpus_spec: str, out: str | Path, *, method: 
                  keep: float = 0.5, stats_dir: str | Path | None = None, seed: int = 0,
                  tokens: int | None = None, block_size: int | None = None,
                  recompute_stats: bool = False, compensate: bool = False,
-                 importance: str = DEFAULT_CRITERION,
+                 refit: bool = False, importance: str = DEFAULT_CRITERION,
                  placement: Placement | None = None) -> ExpertPlan:
     """Plan experts from statistics and write the sliced ReadME model folder to `out`.
 
     Statistics come from ``stats_dir`` (computed there if absent) or the cache, checked by
     ``run_stats`` against this model, corpus, ``tokens`` and ``block_size`` (None: accept
     the folder's own). ``compensate`` folds the mean output of the channels each expert drops
-    into a bias (off by default until measured). ``importance`` is the criterion channels are
+    into a bias (off by default until measured); ``refit`` refits the kept channels' down
+    projection by least squares on the statistics' tokens (``refactor/refit.py``; their second
+    moments are computed into the statistics folder on first use). ``importance`` is the
+    criterion channels are
     ranked by (``refactor/importance.py``; default the paper's), checked against what the
     statistics hold before the dense model loads. ``placement`` is where statistics are
     computed; the folder always gets the dense model's weights sliced in fp32 (training and
@@ -89,14 +94,23 @@ def run_refactor(model_spec: str, corpus_spec: str, out: str | Path, *, method: 
 
     planner = make_planner(method, seed)
     check_criterion(importance)
-    stats, _ = run_stats(model_spec, corpus_spec, stats_dir, tokens=tokens,
-                         block_size=block_size, placement=placement, recompute=recompute_stats)
+    stats, stats_folder = run_stats(model_spec, corpus_spec, stats_dir, tokens=tokens,
+                                    block_size=block_size, placement=placement,
+                                    recompute=recompute_stats)
     check_criterion(importance, stats)
     dense = load_model(model_spec)
+    tokenizer = load_tokenizer(model_spec)
     plan = planner.plan(stats, keep=keep, importance=channel_importance(stats, importance, dense))
     biases = compensation_biases(dense, plan, stats) if compensate else None
-    model = slice_dense(dense, plan, biases)
-    save_readme(model, out, tokenizer=load_tokenizer(model_spec), plan=plan)
+    down = None
+    if refit:
+        from readmoe.data.corpus import load_corpus
+
+        grams = compute_grams(dense, tokenizer, load_corpus(corpus_spec), stats, stats_folder)
+        down = refit_down_projections(dense, plan, grams)
+        plan.meta["down_refit"] = {"damp": DEFAULT_DAMP, "tokens": grams.tokens}
+    model = slice_dense(dense, plan, biases, down)
+    save_readme(model, out, tokenizer=tokenizer, plan=plan)
     return plan
 
 

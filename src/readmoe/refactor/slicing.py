@@ -57,8 +57,11 @@ def _check_dense(dense_model: PreTrainedModel, plan: ExpertPlan) -> None:
 
 
 def _sliced_mlp_tensors(prefix: str, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-                        shared: torch.Tensor, experts: torch.Tensor) -> dict[str, torch.Tensor]:
-    """State-dict entries of one ReadMEMoE from the dense gate/up [D, H] and down [H, D]."""
+                        shared: torch.Tensor, experts: torch.Tensor,
+                        refit: tuple[torch.Tensor, torch.Tensor] | None = None
+                        ) -> dict[str, torch.Tensor]:
+    """State-dict entries of one ReadMEMoE from the dense gate/up [D, H] and down [H, D];
+    ``refit`` replaces the sliced down columns (shared [H, S], experts [E, H, R])."""
     tensors = {}
     if shared.numel():
         index = shared.to(gate.device)  # [S]
@@ -76,18 +79,32 @@ def _sliced_mlp_tensors(prefix: str, gate: torch.Tensor, up: torch.Tensor, down:
         tensors[f"{prefix}experts.down_proj"] = (
             down.index_select(1, index).view(hidden, num_experts, size)
             .permute(1, 0, 2).contiguous())  # [H, E*R] -> [E, H, R]
+    if refit is not None:
+        for name, value in zip(("shared.down_proj.weight", "experts.down_proj"), refit,
+                               strict=True):
+            key = prefix + name
+            if key in tensors:
+                if value.shape != tensors[key].shape:
+                    raise ReadmoeError(f"{key}: refitted columns {tuple(value.shape)}, the "
+                                       f"slice is {tuple(tensors[key].shape)}")
+                tensors[key] = value.to(device=down.device, dtype=down.dtype).contiguous()
     return tensors
 
 
 @torch.no_grad()
 def slice_dense(dense_model: PreTrainedModel, plan: ExpertPlan,
-                compensation: list[torch.Tensor] | None = None) -> ReadMEForCausalLM:
+                compensation: list[torch.Tensor] | None = None,
+                down: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+                ) -> ReadMEForCausalLM:
     """A ReadME model holding the dense model's attention, norms and embeddings, and the plan's
     shared expert and routed experts cut from each FFN (same dtype and device as the dense one);
     with ``compensation`` (per layer ``[E, H]`` or ``[1, H]``, see refactor.compensation)
-    every FFN adds its bias for the channels it dropped."""
+    every FFN adds its bias for the channels it dropped; ``down`` (per layer, see
+    refactor.refit) replaces the sliced down_proj columns."""
     plan.validate()
     _check_dense(dense_model, plan)
+    if down is not None and len(down) != plan.num_layers:
+        raise ReadmoeError(f"{len(down)} refitted layers for a plan of {plan.num_layers}")
     config = ReadMEConfig.from_dense_config(
         dense_model.config,
         shared_intermediate_sizes=[lp.shared_size for lp in plan.layers],
@@ -99,8 +116,10 @@ def slice_dense(dense_model: PreTrainedModel, plan: ExpertPlan,
     state = {name: tensor for name, tensor in dense_state.items() if ".mlp." not in name}
     for index, lp in enumerate(plan.layers):
         dense_prefix = f"model.layers.{index}.mlp."
-        gate, up, down = (dense_state[f"{dense_prefix}{name}.weight"] for name in _MLP_PROJECTIONS)
-        state.update(_sliced_mlp_tensors(dense_prefix, gate, up, down, lp.shared, lp.experts))
+        gate, up, dense_down = (dense_state[f"{dense_prefix}{name}.weight"]
+                                  for name in _MLP_PROJECTIONS)
+        state.update(_sliced_mlp_tensors(dense_prefix, gate, up, dense_down, lp.shared,
+                                         lp.experts, None if down is None else down[index]))
         if compensation is not None:
             state[f"{dense_prefix}compensation"] = compensation[index].to(gate.device)
 

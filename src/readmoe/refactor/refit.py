@@ -1,0 +1,92 @@
+"""Least-squares refit of the kept channels' down projection (``readmoe refactor --refit``).
+
+Slicing keeps each kept channel's down_proj column as it was, so what the dropped channels
+added is simply lost. Since the kept activations a_K(x) are exactly the dense ones, the down
+columns that best reproduce the dense FFN output y = W a on the calibration tokens are a linear
+least-squares problem with a closed form in the second moments G = E[a a^T] (``gram.py``):
+the same shapes, the same active width, other values (as OBS-style structured pruning does).
+
+In a ReadME layer the shared columns W_S serve every expert and expert e's columns W_e serve
+only its tokens, so one joint problem per layer, over every domain's tokens at once:
+
+    min  sum_e n_e E_e ||W a - W_S a_S - W_e a_e||^2  +  lam ||[W_S, W_1..W_E] - W0||^2
+
+with n_e the tokens of expert e's domain (the readme planner names experts after domains; an
+expert without a domain, from cluster or random, is fitted on all tokens), W0 the sliced
+columns and lam = damp * mean(diag(A)) (GPTQ's dampening, pulled towards the slice rather than
+towards zero, so a channel the data never excites keeps its dense column). The normal matrix is
+an arrow: a shared block coupled to each expert's block, experts not to each other.
+A prune layer (no routed part) is the same problem with W_S alone over all tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from readmoe.errors import ReadmoeError
+from readmoe.refactor.gram import Grams
+from readmoe.refactor.plan import ExpertPlan, LayerPlan
+
+DEFAULT_DAMP = 0.01
+
+
+def refit_layer(down: torch.Tensor, lp: LayerPlan, moments: list[tuple[torch.Tensor, float]],
+                damp: float = DEFAULT_DAMP) -> tuple[torch.Tensor, torch.Tensor]:
+    """New down columns of one layer: shared ``[H, S]`` and experts ``[E, H, R]`` (float64).
+
+    ``down`` is the dense ``[H, I]`` down_proj; ``moments`` gives per routed expert (one entry
+    for a layer without a routed part) its tokens' mean a a^T ``[I, I]`` and their count."""
+    down = down.double()
+    num_experts, size = lp.experts.shape
+    blocks = [lp.shared] + ([lp.experts[e] for e in range(num_experts)] if size else [])
+    if len(moments) != max(len(blocks) - 1, 1):
+        raise ReadmoeError(f"{len(moments)} second moments for a layer of {len(blocks) - 1} "
+                           "routed experts")
+    offsets = [0]
+    for block in blocks:
+        offsets.append(offsets[-1] + block.numel())
+    n = offsets[-1]
+    a = torch.zeros(n, n, dtype=torch.float64)
+    b = torch.zeros(n, down.shape[0], dtype=torch.float64)
+    total = sum(count for _, count in moments)
+    s = slice(0, offsets[1])
+    for e, (gram, count) in enumerate(moments):
+        gram = gram * (count / total)
+        a[s, s] += gram[lp.shared][:, lp.shared]
+        b[s] += gram[lp.shared] @ down.T
+        if not size:
+            continue
+        r, cols = slice(offsets[e + 1], offsets[e + 2]), blocks[e + 1]
+        a[s, r] = gram[lp.shared][:, cols]
+        a[r, s] = a[s, r].T
+        a[r, r] = gram[cols][:, cols]
+        b[r] = gram[cols] @ down.T
+    start = torch.cat([down[:, block].T for block in blocks])  # [n, H]: the sliced columns
+    lam = damp * float(a.diagonal().mean()) if n else 0.0
+    a.diagonal().add_(lam)
+    solution = torch.cholesky_solve(b + lam * start, torch.linalg.cholesky(a))  # [n, H]
+    shared = solution[s].T.contiguous()
+    experts = (torch.stack([solution[offsets[e + 1]:offsets[e + 2]].T for e in range(num_experts)])
+               if size else torch.zeros(num_experts, down.shape[0], 0, dtype=torch.float64))
+    return shared, experts
+
+
+def refit_down_projections(dense, plan: ExpertPlan, grams: Grams, damp: float = DEFAULT_DAMP
+                           ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer the refitted (shared ``[H, S]``, experts ``[E, H, R]``) down columns, in the
+    dense model's dtype, for ``slicing.slice_dense(down=...)``."""
+    total = sum(grams.tokens.values())
+    result = []
+    for index, lp in enumerate(tqdm(plan.layers, desc="refit down_proj", unit="layer")):
+        per_domain = {d: grams.layer(d, index) for d in grams.domains}
+        overall = sum(per_domain[d] * grams.tokens[d] for d in grams.domains) / total
+        if lp.expert_size:
+            moments = [(per_domain[name], grams.tokens[name]) if name in per_domain
+                       else (overall, total / plan.num_experts) for name in plan.expert_names]
+        else:
+            moments = [(overall, total)]
+        weight = dense.model.layers[index].mlp.down_proj.weight
+        shared, experts = refit_layer(weight.detach().cpu(), lp, moments, damp)
+        result.append((shared.to(weight.dtype), experts.to(weight.dtype)))
+    return result
