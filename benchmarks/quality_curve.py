@@ -44,7 +44,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", default="runs/demo", help="the demo's run folder")
-    parser.add_argument("--work", default="runs/quality_curve")
+    parser.add_argument("--work", default=None, help="default runs/quality_curve<TAG>")
+    parser.add_argument("--tag", default="", help="start from the demo's moe-<method><TAG> "
+                        "folders, e.g. -refit from `python -m readmoe.demo --refit`")
     parser.add_argument("--rounds", type=int, nargs="+", default=[1, 2, 4, 8],
                         help="budgets, as rounds of tuning (at least 4 for a curve)")
     parser.add_argument("--router-steps", type=int, default=40, help="ReadME, per round")
@@ -68,11 +70,11 @@ def tokens_per_round(args: argparse.Namespace) -> int:
 def main() -> int:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    demo, work = Path(args.demo), Path(args.work)
+    demo, work = Path(args.demo), Path(args.work or f"runs/quality_curve{args.tag}")
     budgets = sorted(set(args.rounds))
     if budgets[0] < 1:
         raise ReadmoeError("--rounds: every budget is at least 1 round")
-    missing = [p for p in ("moe-readme", "moe-prune", "corpus", "ppl.json")
+    missing = [p for p in (f"moe-readme{args.tag}", f"moe-prune{args.tag}", "corpus", "ppl.json")
                if not (demo / p).exists()]
     if missing:
         raise ReadmoeError(f"{demo} lacks {', '.join(missing)}: run `make demo` first")
@@ -105,7 +107,7 @@ def main() -> int:
                              block_size=args.block_size, lr_router=args.lr_router,
                              lr_experts=args.lr_experts, kd_weight=args.kd, eval_tokens=512)
         train = work / f"train-{method}"
-        Trainer(demo / f"moe-{method}", str(corpus_dir), train, config,
+        Trainer(demo / f"moe-{method}{args.tag}", str(corpus_dir), train, config,
                 placement=placement).run()
         for rounds in budgets:
             model_dir = train / f"round-{rounds - 1}"
@@ -124,11 +126,13 @@ def main() -> int:
                "recipe": {k: getattr(args, k) for k in ("router_steps", "expert_steps",
                                                         "batch_size", "block_size", "lr_router",
                                                         "lr_experts", "kd")},
+               "sources": [f"moe-readme{args.tag}", f"moe-prune{args.tag}"],
                "seconds": round(time.time() - started), "dense": dense,
                "budgets": [summarize(points, rounds, dense) for rounds in budgets],
                "points": points}
-    write_results(args.results, "quality_curve", summary, render(summary))
-    plot(summary, Path(args.results) / "quality_curve.png")
+    name = f"quality_curve{args.tag}"  # a tagged curve never overwrites the untagged one
+    write_results(args.results, name, summary, render(summary))
+    plot(summary, Path(args.results) / f"{name}.png")
     return 0
 
 
@@ -161,7 +165,8 @@ def render(summary: dict) -> str:
              f"{recipe['lr_router']:g}), then both {recipe['expert_steps']} expert steps of "
              f"{recipe['batch_size']} x {recipe['block_size']} tokens (lr "
              f"{recipe['lr_experts']:g}, KD weight {recipe['kd']:g}); from the demo's untrained "
-             "folders. Perplexity: mean over the six domains' held-out text.", "",
+             f"folders {' and '.join(summary.get('sources', ['moe-readme', 'moe-prune']))}. "
+             "Perplexity: mean over the six domains' held-out text.", "",
              "| rounds | expert-tuning tokens | dense | ReadME (own router) | ReadME (oracle) | "
              "prune | ReadME / dense | log gap ReadME / prune | ReadME beats prune on |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

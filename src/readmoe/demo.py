@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="recompute OUT/stats (else statistics made from another model, "
                         "corpus or token count are refused)")
     add_importance_arg(parser)
+    parser.add_argument("--refit", action="store_true",
+                        help="refit the kept channels' down projection by least squares "
+                        "(`readmoe refactor --refit`), ReadME and prune alike")
     parser.add_argument("--eval-tokens", type=int, default=2048,
                         help="held-out tokens per domain for perplexity")
     parser.add_argument("--rounds", type=int, default=2)
@@ -62,9 +65,10 @@ class Demo:
 
         self.args, self.out = args, Path(args.out)
         self.reports: list[dict] = []
-        # models carved by another criterion get their own folders: training resumes by
-        # folder, and must never continue a model carved differently
-        self.tag = "" if args.importance == DEFAULT_CRITERION else f"-{args.importance}"
+        # models carved by another criterion or refitted get their own folders: training
+        # resumes by folder, and must never continue a model carved differently
+        self.tag = ("" if args.importance == DEFAULT_CRITERION else f"-{args.importance}") + (
+            "-refit" if args.refit else "")
 
     def run(self) -> None:
         from readmoe.data.corpus import load_corpus
@@ -131,7 +135,7 @@ class Demo:
             folder = self.out / f"moe-{method}{self.tag}"
             plan = run_refactor(self.args.model, str(self.corpus_dir), folder, method=method,
                                 stats_dir=self.stats_dir, tokens=self.args.stats_tokens,
-                                importance=self.args.importance)
+                                importance=self.args.importance, refit=self.args.refit)
             active = plan.active_sizes()
             print(f"{plan.num_experts} routed expert(s) {plan.expert_names}; active FFN "
                   f"channels per token {min(active)}-{max(active)} of {plan.intermediate_size}")

@@ -52,7 +52,7 @@ from readmoe.serve.kv_cache import PagedKVCache
 from readmoe.serve.metrics import aggregate
 from readmoe.serve.placement import experts_offloaded
 from readmoe.serve.queue import RequestQueue
-from readmoe.serve.router_step import route_next
+from readmoe.serve.router_step import prompt_experts, route_next
 from readmoe.serve.runner import ModelRunner, RunnerChunk
 from readmoe.serve.sampling import SamplingParams, find_stop, sample
 from readmoe.serve.schedulers import Scheduler, make_scheduler
@@ -359,13 +359,10 @@ class Engine:
             self.queue.add(seq.request)
 
     def _route_prompt(self, seq: _Sequence) -> list[int]:
-        if self.layerwise:
-            return [UNKNOWN_EXPERT] * len(seq.prompt_ids)
-        if not self.pregating:
-            return [0] * len(seq.prompt_ids)
-        seq.router_cache = RouterCache()
-        ids = torch.tensor([seq.prompt_ids], device=self.model.device)  # [1, T]
-        return self.model.route(ids, seq.router_cache)[0][0].tolist()
+        if self.pregating:
+            seq.router_cache = RouterCache()
+        experts = prompt_experts(self.model, seq.prompt_ids, seq.router_cache)
+        return [UNKNOWN_EXPERT] * len(seq.prompt_ids) if experts is None else experts
 
     def _accept(self, seq: _Sequence, token: int) -> bool:
         """Record a sampled token; return whether it will be fed back (the request goes on)."""

@@ -1,4 +1,5 @@
-"""Routing every token a step sampled in one pre-gating router call.
+"""Routing a prompt as the engine does, and every token a step sampled in one pre-gating
+router call.
 
 Why: each decoded token's expert must be known right after sampling, before the step that
 feeds it back. Routing the step's S new tokens one request at a time costs S small router
@@ -17,6 +18,20 @@ import torch
 import torch.nn.functional as F
 
 from readmoe.model.pregating import PreGatingRouter, RouterCache, rotary
+
+
+@torch.inference_mode()
+def prompt_experts(model, prompt_ids: Sequence[int],
+                   cache: RouterCache | None = None) -> list[int] | None:
+    """Each prompt token's routed expert, read ahead of the backbone; None where each layer's
+    gate decides inside it (a layer-wise model), all 0 for a model without a router (one
+    expert or none). ``cache`` (pre-gating only) is left holding the prompt."""
+    if model.config.router_type == "layerwise":
+        return None
+    if model.model.router is None:
+        return [0] * len(prompt_ids)
+    ids = torch.tensor([list(prompt_ids)], device=model.device)  # [1, T]
+    return model.route(ids, cache)[0][0].tolist()
 
 
 @torch.inference_mode()

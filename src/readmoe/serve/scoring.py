@@ -16,17 +16,8 @@ import torch.nn.functional as F
 
 from readmoe.eval.perplexity import PerplexityResult
 from readmoe.serve.kv_cache import PagedKVCache
+from readmoe.serve.router_step import prompt_experts
 from readmoe.serve.runner import ModelRunner, RunnerChunk
-
-
-def window_experts(model, window: torch.Tensor) -> list[int] | None:
-    """A window's routed experts as the engine takes them (None: each layer's gate)."""
-    config = model.config
-    if config.router_type == "layerwise":
-        return None
-    if model.model.router is None:
-        return [0] * window.numel()
-    return model.route(window[None].to(model.device))[0][0].tolist()
 
 
 @torch.inference_mode()
@@ -46,7 +37,8 @@ def served_nll(model, blocks: torch.Tensor, quantize: str = "none",
         kv.admit(request, window)
         kv.grow(request, window)
         chunk = RunnerChunk(block.tolist(), 0, kv.slots(request, 0, window), True)
-        logits = runner.forward([chunk], window_experts(model, block), every_token=True)
+        logits = runner.forward([chunk], prompt_experts(model, block.tolist()),
+                                every_token=True)
         targets = block[1:].to(logits.device)
         nll_sum += float(F.cross_entropy(logits[:-1].float(), targets, reduction="sum"))
         count += targets.numel()
