@@ -35,6 +35,7 @@ import platform
 import random
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -100,6 +101,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-engine", action="store_true",
                         help="rerun the simulator parts only, keeping the engine side of the "
                         "last full run in --out (the engine grid takes over an hour here)")
+    parser.add_argument("--engine-only", action="store_true", help="only the engine cells asked "
+                        "for (no cross-check, no simulator), e.g. more --repeats of undecided "
+                        "cells: kept runs are reused, the calibration is the kept one; write "
+                        "them to another --out")
     parser.add_argument("--fresh", action="store_true", help="discard the engine runs kept "
                         "under runs/codesign/cells from an earlier, killed run")
     parser.add_argument("--out", default="results")
@@ -633,7 +638,8 @@ def main() -> int:
     for name, folder in folders.items():
         models[name] = load_model(str(folder))
         place_for_offload(models[name])
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+    result = {"command": " ".join([".venv/bin/python benchmarks/codesign.py", *sys.argv[1:]]),
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
               "threads": threads, "model": str(readme), "layerwise_model": str(layerwise),
               "dense_model": str(dense), "routed_expert_bytes": routed}
     previous = Path(args.out) / "codesign.json"
@@ -645,8 +651,9 @@ def main() -> int:
                                             "cross_check") if k in kept})
     else:
         specs = workloads(tokenizer, args.corpus, args)
+        # the repeat count is not part of it: kept runs are per repeat, so more repeats add runs
         workload = {"requests": args.requests, "rate": args.rate, "max_output": args.max_output,
-                    "repeats": args.repeats, "engine_budget": vars(ENGINE_BUDGET)}
+                    "engine_budget": vars(ENGINE_BUDGET)}
         models_used = {k: str(v) for k, v in folders.items()}
         models_used["readme_weights"] = weights_fingerprint(readme)
         cells = CellStore(RUN / "cells")
@@ -675,6 +682,11 @@ def main() -> int:
         result["engine_resident"] = resident
         headline = f"{args.settings[0]}/synthetic"
         result["engine"] = grid.get(headline, {})
+        result["workload"] = {**result["workload"], "repeats": args.repeats}
+    if args.engine_only:
+        write_results(args.out, "codesign", result, report(result, threads))
+        return 0
+    if not args.skip_engine:
         result["cross_check"] = cross_checks(models["resident"], tokenizer, readme,
                                              specs["synthetic"], setting_by_name,
                                              result["predictor"]["chosen"], args.repeats)
@@ -696,7 +708,7 @@ def main() -> int:
 
 def report(result: dict, threads: int) -> str:
     lines = ["# Co-design at equal memory: what the router's foresight buys", "",
-             "Command: `.venv/bin/python benchmarks/codesign.py` (defaults) on "
+             f"Command: `{result['command']}` on "
              f"{result['machine']}, torch threads {threads} (the copy engine has its own core). "
              "Engine cells: median of the repeats, [min-max]; the link setting is **emulated** "
              f"({result['settings'].get('link', {}).get('bandwidth', 0) / 1e9:.2f} GB/s: one "
@@ -705,9 +717,10 @@ def report(result: dict, threads: int) -> str:
         setting, workload = key.split("/")
         lines += table(cells, result["engine_resident"].get(workload),
                        f"engine, {setting} setting, {workload} workload")
-    lines += table({k: v for k, v in result["sim"].items() if k.startswith("budget_")},
-                   result["sim"]["resident"], "simulator, A100 projection (all experts "
-                   "resident: capacity 6 after a cold start)")
+    if "sim" in result:
+        lines += table({k: v for k, v in result["sim"].items() if k.startswith("budget_")},
+                       result["sim"]["resident"], "simulator, A100 projection (all experts "
+                       "resident: capacity 6 after a cold start)")
     return "\n".join(lines + extra_tables(result))
 
 if __name__ == "__main__":
