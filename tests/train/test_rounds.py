@@ -84,6 +84,25 @@ def test_resume_with_other_arguments_is_refused(tmp_path, tiny_moe_dir, train_co
         Trainer(tiny_moe_dir, str(train_corpus_dir), out, small_config(rounds=3)).run()
 
 
+def test_resume_from_a_recarved_source_is_refused(tmp_path, tiny_moe_dir, train_corpus_dir):
+    """The same source folder carved again with other weights (another criterion, a refit):
+    continuing the old run would silently train from the old weights."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    source = tmp_path / "recarved"
+    shutil.copytree(tiny_moe_dir, source)
+    out = tmp_path / "run"
+    Trainer(source, str(train_corpus_dir), out, small_config()).run(max_phases=1)
+    tensors = weights(source)
+    key = next(k for k in tensors if "down_proj" in k)
+    tensors[key] = tensors[key] + 1e-3
+    save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ReadmoeError, match="carved again since"):
+        Trainer(source, str(train_corpus_dir), out, small_config()).run()
+
+
 def test_prune_baseline_trains_experts_only(tmp_path, tiny_llama_dir, train_corpus_dir):
     stats = tmp_path / "stats"
     main(["stats", str(tiny_llama_dir), "--corpus", str(train_corpus_dir), "--out", str(stats),

@@ -30,3 +30,25 @@ def model_fingerprint(folder: str | Path) -> str:
             handle.seek(max(8 + size, total // 2 - SAMPLE_BYTES // 2))
             digest.update(handle.read(SAMPLE_BYTES))
     return digest.hexdigest()[:24]
+
+
+def tensors_fingerprint(folder: str | Path, sample: int = 4096) -> str:
+    """Hash of each safetensors header and the first ``sample`` bytes of every tensor.
+
+    Stricter than ``model_fingerprint`` where a derived model differs from another in some
+    tensors only (a refit changes every down_proj and nothing else), still reading a few KiB
+    per tensor."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        with path.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = handle.read(size)
+            digest.update(header)
+            for name, info in sorted(json.loads(header).items()):
+                if name == "__metadata__":
+                    continue
+                start, end = info["data_offsets"]
+                handle.seek(8 + size + start)
+                digest.update(handle.read(min(sample, end - start)))
+    return digest.hexdigest()[:24]

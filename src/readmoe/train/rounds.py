@@ -24,6 +24,7 @@ import torch
 from readmoe.errors import ReadmoeError
 from readmoe.io import atomic_write_bytes, atomic_write_json
 from readmoe.models.device import Placement, resolve_placement
+from readmoe.refactor.fingerprint import tensors_fingerprint
 from readmoe.train.config import DEFAULT_CHECKPOINT_EVERY, TrainConfig
 from readmoe.train.data import BlockSchedule, mixed_blocks
 from readmoe.train.evaluate import RoundEvaluator
@@ -182,6 +183,7 @@ class Trainer:
 
     def _load_state(self) -> dict:
         fresh = {"config": self.config.to_dict(), "source": str(self.moe_dir),
+                 "source_weights": tensors_fingerprint(self.moe_dir),
                  "corpus": self.corpus.fingerprint(), "phases_done": 0, "phase_step": 0,
                  "phase_losses": [], "rounds": {}}
         path = self.out / STATE
@@ -191,9 +193,11 @@ class Trainer:
                                    "choose another --out")
             return fresh
         state = json.loads(path.read_text())
-        for key in ("config", "source", "corpus"):
+        state.setdefault("source_weights", fresh["source_weights"])  # begun before it was kept
+        for key in ("config", "source", "source_weights", "corpus"):
             if state[key] != fresh[key]:
-                what = key
+                what = {"source_weights": f"source: {self.moe_dir} was carved again since "
+                        "(other weights)"}.get(key, key)
                 if key == "config":  # name each setting that moved, e.g. an older default
                     kept, wanted = state[key], fresh[key]
                     what += ": " + ", ".join(f"{k} {kept.get(k)} (now {wanted[k]})"
