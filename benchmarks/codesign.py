@@ -104,10 +104,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--engine-only", action="store_true", help="only the engine cells asked "
                         "for (no cross-check, no simulator), e.g. more --repeats of undecided "
                         "cells: kept runs are reused, the calibration is the kept one; write "
-                        "them to another --out")
+                        "them under another --name")
     parser.add_argument("--fresh", action="store_true", help="discard the engine runs kept "
                         "under runs/codesign/cells from an earlier, killed run")
     parser.add_argument("--out", default="results")
+    parser.add_argument("--name", default="codesign", help="results/<NAME>.{json,md,png}")
     return parser.parse_args()
 
 
@@ -642,7 +643,7 @@ def main() -> int:
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
               "threads": threads, "model": str(readme), "layerwise_model": str(layerwise),
               "dense_model": str(dense), "routed_expert_bytes": routed}
-    previous = Path(args.out) / "codesign.json"
+    previous = Path(args.out) / f"{args.name}.json"
     if args.skip_engine and previous.is_file():  # keep the engine side of the last full run
         kept = json.loads(previous.read_text())
         result.update({k: kept[k] for k in ("calibration", "settings", "predictor",
@@ -684,7 +685,7 @@ def main() -> int:
         result["engine"] = grid.get(headline, {})
         result["workload"] = {**result["workload"], "repeats": args.repeats}
     if args.engine_only:
-        write_results(args.out, "codesign", result, report(result, threads))
+        write_results(args.out, args.name, result, report(result, threads))
         return 0
     if not args.skip_engine:
         result["cross_check"] = cross_checks(models["resident"], tokenizer, readme,
@@ -697,9 +698,9 @@ def main() -> int:
     chosen = result["predictor"]["chosen"]
     result["sim"] = sim_grid(args, pregating, layerwise_trace, sim_routed, chosen)
     result["tradeoff"] = sim_tradeoff(args, pregating, chosen)
-    write_results(args.out, "codesign", result, report(result, threads))
+    write_results(args.out, args.name, result, report(result, threads))
     if result.get("engine"):
-        plot(Path(args.out) / "codesign.png", result["engine"],
+        plot(Path(args.out) / f"{args.name}.png", result["engine"],
              result["engine_resident"]["synthetic"],
              f"engine ({args.settings[0]} setting, synthetic workload), median of "
              f"{result['workload']['repeats']} runs")

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from tqdm import tqdm
 
 from readmoe.data.tokens import pack_blocks
 from readmoe.errors import ReadmoeError
 from readmoe.io import atomic_save_safetensors
-from readmoe.refactor.hooks import capture_ffn_inputs
+from readmoe.refactor.hooks import feed_blocks
 from readmoe.refactor.stats import ActivationStats
 
 GRAM_DIR = "gram"
@@ -70,11 +69,7 @@ def domain_gram(model, blocks: torch.Tensor, batch_size: int, desc: str) -> list
         product = (flat.T @ flat).double().cpu()  # [I, I]
         sums[layer] = sums[layer] + product if layer in sums else product
 
-    backbone = getattr(model, "model", model)
-    device = next(model.parameters()).device
-    with capture_ffn_inputs(model, sink):
-        for start in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, unit="batch"):
-            backbone(input_ids=blocks[start : start + batch_size].to(device))
+    feed_blocks(model, blocks, batch_size, desc, sink)
     return [sums[layer] / blocks.numel() for layer in sorted(sums)]
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+from tqdm import tqdm
 
 from readmoe.errors import ReadmoeError
 
@@ -39,3 +40,15 @@ def capture_ffn_inputs(model, sink: Callable[[int, torch.Tensor], None]) -> Iter
     finally:
         for handle in handles:
             handle.remove()
+
+
+@torch.no_grad()
+def feed_blocks(model, blocks: torch.Tensor, batch_size: int, desc: str,
+                sink: Callable[[int, torch.Tensor], None]) -> None:
+    """Run the backbone over ``blocks`` ``[n, T]`` a batch at a time (with progress), handing
+    every layer's down_proj input to ``sink`` (``capture_ffn_inputs``)."""
+    backbone = getattr(model, "model", model)
+    device = next(model.parameters()).device
+    with capture_ffn_inputs(model, sink):
+        for start in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, unit="batch"):
+            backbone(input_ids=blocks[start : start + batch_size].to(device))

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 from readmoe.data.tokens import pack_blocks
 from readmoe.errors import ReadmoeError
 from readmoe.io import atomic_save_safetensors, atomic_write_json
-from readmoe.refactor.hooks import capture_ffn_inputs
+from readmoe.refactor.hooks import feed_blocks
 
 STATS_JSON = "stats.json"
 STATS_TENSORS = "stats.safetensors"
@@ -121,11 +120,7 @@ def domain_means(model, blocks: torch.Tensor, batch_size: int, desc: str
                              wide.sum(dim=(0, 1))])  # [3, I]
         sums[layer] = sums[layer] + total if layer in sums else total
 
-    backbone = getattr(model, "model", model)
-    device = next(model.parameters()).device
-    with capture_ffn_inputs(model, sink):
-        for start in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, unit="batch"):
-            backbone(input_ids=blocks[start : start + batch_size].to(device))
+    feed_blocks(model, blocks, batch_size, desc, sink)
     stacked = (torch.stack([sums[layer] for layer in sorted(sums)]) / blocks.numel()).float()
     return stacked[:, 0].cpu(), stacked[:, 1].cpu(), stacked[:, 2].cpu()  # [L, 3, I]
 
