@@ -28,7 +28,6 @@ folder under runs/codesign/ on first use.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -46,6 +45,7 @@ from tqdm import tqdm
 from readmoe.errors import ReadmoeError
 from readmoe.io import atomic_write_bytes, atomic_write_json, atomic_write_text, write_results
 from readmoe.models import load_model, load_tokenizer
+from readmoe.refactor.fingerprint import tensors_fingerprint
 from readmoe.serve.cost import get_profile
 from readmoe.serve.crosscheck import engine_vs_simulator
 from readmoe.serve.engine import Engine
@@ -137,7 +137,7 @@ def layerwise_folder(arg: str | None, readme: Path, corpus: str) -> Path:
     out = RUN / "train-layerwise"
     source = RUN / "layerwise-source"
     stamp = RUN / "layerwise-derived-from.json"
-    origin = {"readme": str(readme), "weights": weights_fingerprint(readme)}
+    origin = {"readme": str(readme), "weights": tensors_fingerprint(readme)}
     derived = json.loads(stamp.read_text()) if stamp.is_file() else None
     if derived == origin and (out / "state.json").is_file() and list(out.glob("round-*")):
         return final_model_dir(out)
@@ -154,16 +154,6 @@ def layerwise_folder(arg: str | None, readme: Path, corpus: str) -> Path:
     Trainer(source, corpus, out, config).run()
     atomic_write_json(stamp, origin)
     return final_model_dir(out)
-
-
-def weights_fingerprint(folder: Path) -> str:
-    """sha256 of the weights file: the layer-wise MoE is valid only on the experts it was
-    derived from, and a retrained demo model keeps its folder name."""
-    digest = hashlib.sha256()
-    with open(folder / "model.safetensors", "rb") as handle:
-        while block := handle.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def dense_folder(readme: Path) -> Path:
@@ -656,7 +646,7 @@ def main() -> int:
         workload = {"requests": args.requests, "rate": args.rate, "max_output": args.max_output,
                     "engine_budget": vars(ENGINE_BUDGET)}
         models_used = {k: str(v) for k, v in folders.items()}
-        models_used["readme_weights"] = weights_fingerprint(readme)
+        models_used["readme_weights"] = tensors_fingerprint(readme)
         cells = CellStore(RUN / "cells")
         kept = {} if args.fresh else cells.prelude()
         if kept.get("workload") == workload and kept.get("models") == models_used:

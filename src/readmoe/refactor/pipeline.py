@@ -84,11 +84,10 @@ def run_refactor(model_spec: str, corpus_spec: str, out: str | Path, *, method: 
     into a bias (off by default until measured); ``refit`` refits the kept channels' down
     projection by least squares on the statistics' tokens (``refactor/refit.py``; their second
     moments are computed into the statistics folder on first use). ``importance`` is the
-    criterion channels are
-    ranked by (``refactor/importance.py``; default the paper's), checked against what the
-    statistics hold before the dense model loads. ``placement`` is where statistics are
-    computed; the folder always gets the dense model's weights sliced in fp32 (training and
-    serving choose their own dtype later)."""
+    criterion channels are ranked by (``refactor/importance.py``; default the paper's), checked
+    against what the statistics hold before the dense model loads. ``placement`` is where
+    statistics are computed; the folder always gets the dense model's weights sliced in fp32
+    (training and serving choose their own dtype later)."""
     from readmoe.models import load_model, load_tokenizer
     from readmoe.refactor.slicing import save_readme, slice_dense
 

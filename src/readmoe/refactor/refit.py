@@ -53,15 +53,17 @@ def refit_layer(down: torch.Tensor, lp: LayerPlan, moments: list[tuple[torch.Ten
     s = slice(0, offsets[1])
     for e, (gram, count) in enumerate(moments):
         gram = gram * (count / total)
-        a[s, s] += gram[lp.shared][:, lp.shared]
-        b[s] += gram[lp.shared] @ down.T
+        shared_rows = gram[lp.shared]  # [S, I]
+        a[s, s] += shared_rows[:, lp.shared]
+        b[s] += shared_rows @ down.T
         if not size:
             continue
         r, cols = slice(offsets[e + 1], offsets[e + 2]), blocks[e + 1]
-        a[s, r] = gram[lp.shared][:, cols]
+        expert_rows = gram[cols]  # [R, I]
+        a[s, r] = shared_rows[:, cols]
         a[r, s] = a[s, r].T
-        a[r, r] = gram[cols][:, cols]
-        b[r] = gram[cols] @ down.T
+        a[r, r] = expert_rows[:, cols]
+        b[r] = expert_rows @ down.T
     start = torch.cat([down[:, block].T for block in blocks])  # [n, H]: the sliced columns
     lam = damp * float(a.diagonal().mean()) if n else 0.0
     a.diagonal().add_(lam)
