@@ -2,7 +2,8 @@
 compensation, ReadME experts and the prune baseline alike, at the paper's active width.
 
 Each variant is an (importance criterion, compensation) pair, compensation being none, the
-mean-output bias or the least-squares refit of the kept down columns; for each, the ReadME experts
+mean-output bias, the least-squares refit of the kept down columns, or the refit with the
+bias fitted in the same least-squares problem; for each, the ReadME experts
 (oracle routing: each domain's tokens use its own expert) and the prune baseline (one mask) are
 refactored from the same statistics and scored on the same held-out tokens as the dense model.
 The number the quality issue judges is the mean over domains of log(ppl / dense ppl): the
@@ -36,11 +37,13 @@ from readmoe.refactor.importance import CRITERIA
 from readmoe.refactor.pipeline import run_refactor, run_stats
 
 # (importance criterion, what makes up for the dropped channels): nothing, the mean-output
-# bias (--compensate) or the least-squares refit of the kept down columns (--refit)
+# bias (--compensate), the least-squares refit of the kept down columns (--refit), or both
+# (the bias fitted with the columns)
 VARIANTS = (("activation", "none"), ("activation", "bias"), ("weighted", "none"),
             ("contribution", "none"), ("contribution", "bias"), ("activation", "refit"),
-            ("contribution", "refit"))
-FIX_LABELS = {"none": "", "bias": "+comp", "refit": "+refit"}
+            ("contribution", "refit"), ("activation", "refit+bias"),
+            ("contribution", "refit+bias"))
+FIX_LABELS = {"none": "", "bias": "+comp", "refit": "+refit", "refit+bias": "+refit+comp"}
 METHODS = (("readme", "oracle"), ("prune", "router"))
 
 
@@ -105,7 +108,8 @@ def main() -> int:
                 folder = work / ("moe-" + label.replace("/", "-"))
                 run_refactor(args.model, str(corpus_dir), folder, method=method,
                              keep=args.keep, stats_dir=stats_dir, importance=importance,
-                             compensate=fix == "bias", refit=fix == "refit")
+                             compensate=fix in ("bias", "refit+bias"),
+                             refit=fix in ("refit", "refit+bias"))
                 return folder
             report = scored(label, make, routing)
             reports.append(report)
@@ -141,7 +145,9 @@ def render(summary: dict) -> str:
              "lower is better; 'vs today' is the ReadME gap over that of the first row, the "
              "paper's criterion without compensation). Compensation: 'bias' adds the mean output "
              "of the dropped channels (--compensate); 'refit' refits the kept channels' down "
-             "projection by least squares on the statistics' tokens (--refit):", "",
+             "projection by least squares on the statistics' tokens (--refit); 'refit+bias' "
+             "fits an output bias per expert (prune: per layer) in the same problem (--refit "
+             "--compensate):", "",
              "| importance | compensation | ReadME gap | vs today | prune gap | ReadME beats "
              "prune on |", "|---|---|---:|---:|---:|---:|"]
     for row in summary["variants"]:

@@ -49,7 +49,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     _recompute_arg(refactor)
     refactor.add_argument("--compensate", action="store_true",
                           help="add to each expert (prune: each layer) the mean output of the "
-                          "channels it drops, as an output bias (off: not yet measured)")
+                          "channels it drops, as an output bias; with --refit the bias is "
+                          "fitted with the columns by least squares")
     refactor.add_argument("--refit", action="store_true",
                           help="refit the kept channels' down projection by least squares so "
                           "each FFN best reproduces the dense output on the statistics' tokens "
@@ -58,13 +59,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     refactor.set_defaults(handler=run_refactor_cmd)
 
 
-def add_importance_arg(parser: argparse.ArgumentParser) -> None:
+def add_importance_arg(parser: argparse.ArgumentParser, default: str = DEFAULT_CRITERION
+                       ) -> None:
     """``--importance``, shared with the demo so both offer the same criteria."""
-    parser.add_argument("--importance", default=DEFAULT_CRITERION, choices=CRITERIA,
+    parser.add_argument("--importance", default=default, choices=CRITERIA,
                         help="how channels are ranked, for every method alike: activation "
-                        "(mean |act|, the paper's; default), weighted (times the norm of the "
-                        "channel's down_proj column) or contribution (mean squared act times "
-                        "the squared column norm)")
+                        "(mean |act|, the paper's), weighted (times the norm of the channel's "
+                        "down_proj column) or contribution (mean squared act times the squared "
+                        f"column norm); default {default}")
 
 
 def _recompute_arg(parser: argparse.ArgumentParser) -> None:

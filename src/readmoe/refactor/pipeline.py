@@ -81,9 +81,10 @@ def run_refactor(model_spec: str, corpus_spec: str, out: str | Path, *, method: 
     Statistics come from ``stats_dir`` (computed there if absent) or the cache, checked by
     ``run_stats`` against this model, corpus, ``tokens`` and ``block_size`` (None: accept
     the folder's own). ``compensate`` folds the mean output of the channels each expert drops
-    into a bias (off by default until measured); ``refit`` refits the kept channels' down
-    projection by least squares on the statistics' tokens (``refactor/refit.py``; their second
-    moments are computed into the statistics folder on first use). ``importance`` is the
+    into a bias (off by default: measured worse, results/carving.md); ``refit`` refits the kept
+    channels' down projection by least squares on the statistics' tokens (``refactor/refit.py``;
+    their second moments are computed into the statistics folder on first use), with
+    ``compensate`` fitting the bias in the same problem. ``importance`` is the
     criterion channels are ranked by (``refactor/importance.py``; default the paper's), checked
     against what the statistics hold before the dense model loads. ``placement`` is where
     statistics are computed; the folder always gets the dense model's weights sliced in fp32
@@ -100,14 +101,16 @@ def run_refactor(model_spec: str, corpus_spec: str, out: str | Path, *, method: 
     dense = load_model(model_spec)
     tokenizer = load_tokenizer(model_spec)
     plan = planner.plan(stats, keep=keep, importance=channel_importance(stats, importance, dense))
-    biases = compensation_biases(dense, plan, stats) if compensate else None
+    biases = compensation_biases(dense, plan, stats) if compensate and not refit else None
     down = None
     if refit:
         from readmoe.data.corpus import load_corpus
 
         grams = compute_grams(dense, tokenizer, load_corpus(corpus_spec), stats, stats_folder)
-        down = refit_down_projections(dense, plan, grams)
-        plan.meta["down_refit"] = {"damp": DEFAULT_DAMP, "tokens": grams.tokens}
+        down, biases = refit_down_projections(dense, plan, grams,
+                                              stats=stats if compensate else None)
+        plan.meta["down_refit"] = {"damp": DEFAULT_DAMP, "tokens": grams.tokens,
+                                   "bias": compensate}
     model = slice_dense(dense, plan, biases, down)
     save_readme(model, out, tokenizer=tokenizer, plan=plan)
     return plan

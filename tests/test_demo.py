@@ -1,0 +1,64 @@
+"""The demo's folder naming and its handling of a training run begun on other weights."""
+
+import json
+
+import torch
+from safetensors.torch import save_file
+
+from readmoe.demo import DEMO_IMPORTANCE, DEMO_REFIT, carving_tag, parse_args, set_aside_stale_run
+from readmoe.refactor.fingerprint import tensors_fingerprint
+from readmoe.train.rounds import STATE
+
+
+def test_defaults_are_the_demo_carving_and_get_the_plain_folders():
+    args = parse_args([])
+    assert (args.importance, args.refit) == (DEMO_IMPORTANCE, DEMO_REFIT)
+    assert carving_tag(args.importance, args.refit) == ""
+    assert parse_args(["--no-refit"]).refit is False
+
+
+def test_other_carvings_name_criterion_and_refit():
+    assert carving_tag("activation", False) == "-activation"
+    assert carving_tag("activation", True) == "-activation-refit"
+    other = "activation" if DEMO_IMPORTANCE != "activation" else "weighted"
+    assert carving_tag(other, DEMO_REFIT).startswith(f"-{other}")
+    assert carving_tag(DEMO_IMPORTANCE, not DEMO_REFIT) == f"-{DEMO_IMPORTANCE}"
+
+
+def _moe(folder, value):
+    folder.mkdir()
+    save_file({"w": torch.full((4, 4), float(value))}, str(folder / "model.safetensors"))
+    return folder
+
+
+def _run(out, moe):
+    out.mkdir()
+    (out / STATE).write_text(json.dumps({"source_weights": tensors_fingerprint(moe)}))
+    (out / "round-0").mkdir()
+    return out
+
+
+def test_a_run_from_the_same_weights_stays(tmp_path):
+    moe = _moe(tmp_path / "moe", 1)
+    out = _run(tmp_path / "train", moe)
+    set_aside_stale_run(out, moe)
+    assert (out / STATE).is_file()
+    assert not list(tmp_path.glob("train-stale-*"))
+
+
+def test_a_run_from_other_weights_is_moved_aside_not_deleted(tmp_path):
+    old = _moe(tmp_path / "old", 1)
+    new = _moe(tmp_path / "new", 2)
+    out = _run(tmp_path / "train", old)
+    set_aside_stale_run(out, new)
+    assert not out.exists()
+    assert (tmp_path / "train-stale-1" / "round-0").is_dir()
+    _run(out, old)
+    set_aside_stale_run(out, new)
+    assert (tmp_path / "train-stale-2" / STATE).is_file()
+
+
+def test_no_training_yet_is_left_alone(tmp_path):
+    moe = _moe(tmp_path / "moe", 1)
+    set_aside_stale_run(tmp_path / "train", moe)
+    assert not (tmp_path / "train").exists()
