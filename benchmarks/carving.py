@@ -59,6 +59,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--keep", type=float, default=0.5)
     parser.add_argument("--importance", nargs="+", default=None, choices=CRITERIA,
                         help="only the variants with these criteria (default: all)")
+    parser.add_argument("--compensation", nargs="+", default=None, choices=list(FIX_LABELS),
+                        help="only the variants with these compensations (default: all)")
     parser.add_argument("--fresh", action="store_true", help="discard kept reports")
     return parser.parse_args()
 
@@ -97,7 +99,8 @@ def main() -> int:
         return report
 
     dense = scored("dense", lambda: args.model, "router")
-    variants = [v for v in VARIANTS if args.importance is None or v[0] in args.importance]
+    variants = [v for v in VARIANTS if (args.importance is None or v[0] in args.importance)
+                and (args.compensation is None or v[1] in args.compensation)]
     rows, reports = [], [dense]
     for importance, fix in variants:
         row = {"importance": importance, "fix": fix}
