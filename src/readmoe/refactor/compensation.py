@@ -15,6 +15,15 @@ from readmoe.refactor.plan import ExpertPlan
 from readmoe.refactor.stats import ActivationStats
 
 
+def require_signed_means(stats: ActivationStats, domains: list[str]) -> None:
+    """Refuse statistics made before signed means were recorded, naming the fix."""
+    missing = [d for d in domains if d not in stats.mean]
+    if missing:
+        raise ReadmoeError(f"the statistics hold no signed means for {', '.join(missing)} "
+                           "(computed by an older readmoe); recompute them with "
+                           "--recompute-stats to use --compensate")
+
+
 def compensation_biases(dense, plan: ExpertPlan, stats: ActivationStats) -> list[torch.Tensor]:
     """Per layer ``[E, H]``, a bias per routed expert, or ``[1, H]`` in a layer without a
     routed part (the prune baseline's per-layer bias), in the dense model's dtype.
@@ -22,11 +31,7 @@ def compensation_biases(dense, plan: ExpertPlan, stats: ActivationStats) -> list
     An expert named after a calibration domain (the readme planner's) is measured on that
     domain's tokens, the tokens its router sends it; other experts (cluster, random) and
     layers without routed experts on all calibration tokens together."""
-    missing = [d for d in stats.domains if d not in stats.mean]
-    if missing:
-        raise ReadmoeError(f"the statistics hold no signed means for {', '.join(missing)} "
-                           "(computed by an older readmoe); recompute them with "
-                           "--recompute-stats to use --compensate")
+    require_signed_means(stats, stats.domains)
     overall = stats.token_weighted_mean()  # [L, I]
     per_expert = [stats.mean[name].double() if name in stats.mean else overall
                   for name in plan.expert_names]

@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from readmoe.errors import ReadmoeError
+from readmoe.refactor.compensation import require_signed_means
 from readmoe.refactor.gram import Grams
 from readmoe.refactor.plan import ExpertPlan, LayerPlan
 from readmoe.refactor.stats import ActivationStats
@@ -107,11 +108,7 @@ def refit_down_projections(dense, plan: ExpertPlan, grams: Grams, damp: float = 
     dense model's dtype, for ``slicing.slice_dense(down=...)``; with ``stats`` (whose signed
     means are of the grams' tokens) also the fitted biases for ``slice_dense``'s ``biases``."""
     if stats is not None:
-        missing = [d for d in grams.domains if d not in stats.mean]
-        if missing:
-            raise ReadmoeError(f"the statistics hold no signed means for {', '.join(missing)} "
-                               "(computed by an older readmoe); recompute them with "
-                               "--recompute-stats to use --compensate")
+        require_signed_means(stats, grams.domains)
         overall_mean = stats.token_weighted_mean()  # [L, I]
     total = sum(grams.tokens.values())
     down, biases = [], [] if stats is not None else None
