@@ -78,14 +78,9 @@ def carving_tag(importance: str, refit: bool) -> str:
 def set_aside_stale_run(out: Path, moe_dir: Path) -> None:
     """Rename a training folder begun on other source weights (an older demo's carving) to
     ``<out>-stale-<n>`` so the demo trains afresh without deleting anyone's run."""
-    from readmoe.refactor.fingerprint import tensors_fingerprint
-    from readmoe.train.rounds import STATE
+    from readmoe.train.rounds import begun_on_other_weights
 
-    state_path = out / STATE
-    if not state_path.is_file():
-        return
-    kept = json.loads(state_path.read_text()).get("source_weights")
-    if kept is None or kept == tensors_fingerprint(moe_dir):
+    if not begun_on_other_weights(out, moe_dir):
         return
     n = 1
     while out.with_name(f"{out.name}-stale-{n}").exists():

@@ -101,8 +101,7 @@ def run_refactor(model_spec: str, corpus_spec: str, out: str | Path, *, method: 
     dense = load_model(model_spec)
     tokenizer = load_tokenizer(model_spec)
     plan = planner.plan(stats, keep=keep, importance=channel_importance(stats, importance, dense))
-    biases = compensation_biases(dense, plan, stats) if compensate and not refit else None
-    down = None
+    down = biases = None
     if refit:
         from readmoe.data.corpus import load_corpus
 
@@ -111,6 +110,8 @@ def run_refactor(model_spec: str, corpus_spec: str, out: str | Path, *, method: 
                                               stats=stats if compensate else None)
         plan.meta["down_refit"] = {"damp": DEFAULT_DAMP, "tokens": grams.tokens,
                                    "bias": compensate}
+    elif compensate:
+        biases = compensation_biases(dense, plan, stats)
     model = slice_dense(dense, plan, biases, down)
     save_readme(model, out, tokenizer=tokenizer, plan=plan)
     return plan

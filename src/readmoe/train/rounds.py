@@ -253,6 +253,17 @@ class Trainer:
         save_readme(model, folder, tokenizer=self.tokenizer, plan=self.plan)
 
 
+def begun_on_other_weights(out: str | Path, moe_dir: str | Path) -> bool:
+    """Whether ``out`` holds a run begun on other weights than ``moe_dir`` holds now, the
+    state a ``Trainer`` refuses to resume (a run from before the weights were recorded is
+    taken to be on the same, as the trainer takes it)."""
+    path = Path(out) / STATE
+    if not path.is_file():
+        return False
+    kept = json.loads(path.read_text()).get("source_weights")
+    return kept is not None and kept != tensors_fingerprint(moe_dir)
+
+
 def final_model_dir(out: str | Path) -> Path:
     """The last round's folder of a finished run."""
     rounds = sorted(Path(out).glob("round-*"), key=lambda p: int(p.name.split("-")[1]))
