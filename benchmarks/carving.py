@@ -3,7 +3,8 @@ compensation, ReadME experts and the prune baseline alike, at the paper's active
 
 Each variant is an (importance criterion, compensation) pair, compensation being none, the
 mean-output bias, the least-squares refit of the kept down columns, or the refit with the
-bias fitted in the same least-squares problem; for each, the ReadME experts
+bias fitted in the same least-squares problem, each refit on the dense model's inputs or
+sequentially on the carved model's own; for each, the ReadME experts
 (oracle routing: each domain's tokens use its own expert) and the prune baseline (one mask) are
 refactored from the same statistics and scored on the same held-out tokens as the dense model.
 The number the quality issue judges is the mean over domains of log(ppl / dense ppl): the
@@ -38,12 +39,17 @@ from readmoe.refactor.pipeline import run_refactor, run_stats
 
 # (importance criterion, what makes up for the dropped channels): nothing, the mean-output
 # bias (--compensate), the least-squares refit of the kept down columns (--refit), or both
-# (the bias fitted with the columns)
+# (the bias fitted with the columns); each refit also sequential (--sequential: every layer
+# fitted on the inputs the carved layers before it give it), to the dense FFN's output on them
+# or (-layer: --refit-target layer) to the dense layer's output
 VARIANTS = (("activation", "none"), ("activation", "bias"), ("weighted", "none"),
             ("contribution", "none"), ("contribution", "bias"), ("activation", "refit"),
             ("contribution", "refit"), ("activation", "refit+bias"),
-            ("contribution", "refit+bias"))
-FIX_LABELS = {"none": "", "bias": "+comp", "refit": "+refit", "refit+bias": "+refit+comp"}
+            ("contribution", "refit+bias"), ("activation", "seqrefit"),
+            ("contribution", "seqrefit"), ("activation", "seqrefit-layer"),
+            ("contribution", "seqrefit-layer"))
+FIX_LABELS = {"none": "", "bias": "+comp", "refit": "+refit", "refit+bias": "+refit+comp",
+              "seqrefit": "+seqrefit", "seqrefit-layer": "+seqrefit-layer"}
 METHODS = (("readme", "oracle"), ("prune", "router"))
 
 
@@ -111,8 +117,9 @@ def main() -> int:
                 folder = work / ("moe-" + label.replace("/", "-"))
                 run_refactor(args.model, str(corpus_dir), folder, method=method,
                              keep=args.keep, stats_dir=stats_dir, importance=importance,
-                             compensate=fix in ("bias", "refit+bias"),
-                             refit=fix in ("refit", "refit+bias"))
+                             compensate=fix.endswith("bias"), refit="refit" in fix,
+                             sequential=fix.startswith("seq"),
+                             refit_target="layer" if fix.endswith("-layer") else "ffn")
                 return folder
             report = scored(label, make, routing)
             reports.append(report)
@@ -150,7 +157,10 @@ def render(summary: dict) -> str:
              "of the dropped channels (--compensate); 'refit' refits the kept channels' down "
              "projection by least squares on the statistics' tokens (--refit); 'refit+bias' "
              "fits an output bias per expert (prune: per layer) in the same problem (--refit "
-             "--compensate):", "",
+             "--compensate); 'seqrefit' fits each layer on the inputs the carved and refitted "
+             "layers before it give it instead of the dense model's (--refit --sequential), "
+             "'seqrefit-layer' to the dense layer's output rather than the dense FFN's "
+             "(--refit-target layer):", "",
              "| importance | compensation | ReadME gap | vs today | prune gap | ReadME beats "
              "prune on |", "|---|---|---:|---:|---:|---:|"]
     for row in summary["variants"]:

@@ -43,6 +43,7 @@ import torch
 from tqdm import tqdm
 
 from readmoe.errors import ReadmoeError
+from readmoe.eval.significance import sign_test
 from readmoe.io import atomic_write_bytes, atomic_write_json, atomic_write_text, write_results
 from readmoe.models import load_model, load_tokenizer
 from readmoe.refactor.fingerprint import tensors_fingerprint
@@ -224,7 +225,33 @@ def median_cell(rows: list[dict]) -> dict:
         elif all(v is None for v in values):
             cell[key] = None
     cell["repeats"] = len(rows)
+    cell["per_repeat_norm_latency_mean_s"] = [r["norm_latency_mean_s"] for r in rows]
     return cell
+
+
+def prefetch_pairs(engine_settings: dict) -> list[dict]:
+    """Prefetch against on-demand loading, paired by repeat: within a repeat the two ran next
+    to each other (systems interleaved), so drift of the shared machine cancels in their ratio.
+    A cell is called slower or faster only when the exact sign test says so (p < 0.05): the
+    spread between identical real-time replays here is wider than most differences."""
+    pairs = []
+    for key, cells in engine_settings.items():
+        for budget, systems in cells.items():
+            ahead = systems.get("readme-codesign")
+            demand = systems.get("readme-codesign-on-demand")
+            if not ahead or not demand:
+                continue
+            a = ahead["per_repeat_norm_latency_mean_s"]
+            b = demand["per_repeat_norm_latency_mean_s"]
+            ratios = [x / y for x, y in zip(a, b, strict=True)]
+            p = sign_test([r - 1 for r in ratios])
+            median = statistics.median(ratios)
+            verdict = ("no difference shown" if p >= 0.05 else
+                       "prefetch slower" if median > 1 else "prefetch faster")
+            pairs.append({"cell": f"{key}/{budget}", "ratios": ratios, "median_ratio": median,
+                          "slower_in": sum(r > 1 for r in ratios), "repeats": len(ratios),
+                          "sign_test_p": p, "verdict": verdict})
+    return pairs
 
 
 def predictor_accuracy(model, tokenizer, corpus) -> dict:
@@ -532,6 +559,18 @@ def extra_tables(result: dict) -> list[str]:
     lines += ["", "Busy = the copy engine loading back to back the whole time (its worst "
               "case); a memcpy contends with compute for memory bandwidth, not for the "
               "interpreter.", ""]
+    if result.get("prefetch_vs_on_demand"):
+        lines += ["### Prefetch against on-demand loading, paired by repeat", "",
+                  "| cell | prefetch / on-demand, per repeat | median | slower in | sign test p |"
+                  " verdict |", "|---|---|---:|---:|---:|---|"]
+        for row in result["prefetch_vs_on_demand"]:
+            ratios = ", ".join(f"{r:.2f}" for r in row["ratios"])
+            lines.append(f"| {row['cell']} | {ratios} | {row['median_ratio']:.2f} | "
+                         f"{row['slower_in']} of {row['repeats']} | {row['sign_test_p']:.3f} | "
+                         f"{row['verdict']} |")
+        lines += ["", "Ratio of normalized latency means of the two runs of one repeat (run "
+                  "next to each other); a verdict needs the exact sign test at p < 0.05, which "
+                  "takes at least 6 repeats that agree.", ""]
     grain = [(key, budget, name, c) for key, cells in result.get("engine_settings", {}).items()
              for budget, systems in cells.items() for name, c in systems.items()
              if "token_grain" in c and key.endswith("/synthetic")]
@@ -673,6 +712,7 @@ def main() -> int:
         result["engine_resident"] = resident
         headline = f"{args.settings[0]}/synthetic"
         result["engine"] = grid.get(headline, {})
+        result["prefetch_vs_on_demand"] = prefetch_pairs(result["engine_settings"])
         result["workload"] = {**result["workload"], "repeats": args.repeats}
     if args.engine_only:
         write_results(args.out, args.name, result, report(result, threads))

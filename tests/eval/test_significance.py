@@ -8,6 +8,7 @@ from readmoe.eval.significance import (
     average_difference,
     mean_stderr,
     paired_difference,
+    sign_test,
 )
 
 
@@ -59,3 +60,28 @@ def test_average_difference_combines_independent_tasks():
     assert avg.as_dict()["significant"] == avg.significant()
     with pytest.raises(ValueError):
         average_difference([])
+
+
+def _naive_sign_p(differences):
+    """Enumerate every sign pattern of the non-zero differences and add the probability of
+    those at least as extreme as the observed count of positives."""
+    import itertools
+
+    signs = [d > 0 for d in differences if d != 0]
+    n = len(signs)
+    observed = abs(sum(signs) - n / 2)
+    extreme = sum(abs(sum(p) - n / 2) >= observed for p in itertools.product([0, 1], repeat=n))
+    return extreme / 2 ** n
+
+
+@pytest.mark.parametrize("differences", [
+    [1.0] * 7, [-0.2, 0.1, -0.3], [1, -1, 1, -1, 2], [0.0, 0.5, 0.5, 0.5, -0.1, 0.2],
+    [3, 1, 2, 1, -1, 1, 1, 1]])
+def test_sign_test_matches_enumeration(differences):
+    assert sign_test(differences) == pytest.approx(_naive_sign_p(differences))
+
+
+def test_sign_test_values():
+    assert sign_test([0.1] * 7) == pytest.approx(2 / 128)
+    assert sign_test([0.0, 0.0]) == 1.0
+    assert sign_test([1.0, -1.0]) == 1.0

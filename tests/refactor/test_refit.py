@@ -67,11 +67,13 @@ def test_second_moments_are_the_mean_outer_product_and_are_reused(calibrated, tm
     assert path.stat().st_mtime_ns != stamp
 
 
-def naive_refit(down, lp, token_acts: list[torch.Tensor], damp: float, intercept: bool = False):
+def naive_refit(down, lp, token_acts: list[torch.Tensor], damp: float, intercept: bool = False,
+                token_targets: list[torch.Tensor] | None = None):
     """One explicit least-squares problem over every token: the shared columns see every
     token, expert e's columns only the tokens of ``token_acts[e]`` (with ``intercept`` also a
     column of ones of its own, after all the channels); dampening rows pull the solution
-    towards the sliced columns and a zero bias."""
+    towards the sliced columns and a zero bias. The targets are the dense FFN's outputs
+    ``a @ down.T``, or ``token_targets[e]`` ``[N_e, H]`` where given."""
     down = down.double()
     size = lp.expert_size
     columns = lp.shared_size + size * len(token_acts) if size else lp.shared_size
@@ -86,7 +88,7 @@ def naive_refit(down, lp, token_acts: list[torch.Tensor], damp: float, intercept
         if intercept:
             design[:, columns + e] = 1.0
         rows.append(design)
-        targets.append(a @ down.T)
+        targets.append(a @ down.T if token_targets is None else token_targets[e].double())
     design, target = torch.cat(rows), torch.cat(targets)
     lam = damp * float((design.square().sum(dim=0) / design.shape[0]).mean())
     blocks = [lp.shared] + ([lp.experts[e] for e in range(len(token_acts))] if size else [])

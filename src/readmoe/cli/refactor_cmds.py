@@ -55,6 +55,16 @@ def register(commands: argparse._SubParsersAction) -> None:
                           help="refit the kept channels' down projection by least squares so "
                           "each FFN best reproduces the dense output on the statistics' tokens "
                           "(computes their second moments into the statistics folder)")
+    refactor.add_argument("--sequential", action="store_true",
+                          help="with --refit: fit each layer on the inputs the carved layers "
+                          "before it give it (GPTQ-style, layer by layer; about one forward "
+                          "pass over the statistics' tokens, held in memory) instead of the "
+                          "dense model's")
+    refactor.add_argument("--refit-target", default="ffn", choices=["ffn", "layer"],
+                          help="with --sequential, what each layer is fitted to: the dense "
+                          "FFN's output on the carved model's inputs (ffn, default) or the "
+                          "dense layer's output on the dense model's inputs, so the FFN also "
+                          "makes up for the drift left by the layers before it (layer)")
     add_placement_args(refactor)
     refactor.set_defaults(handler=run_refactor_cmd)
 
@@ -91,6 +101,7 @@ def run_refactor_cmd(args: argparse.Namespace) -> int:
                         stats_dir=args.stats, seed=args.seed, tokens=args.tokens,
                         block_size=args.block_size, recompute_stats=args.recompute_stats,
                         compensate=args.compensate, refit=args.refit,
+                        sequential=args.sequential, refit_target=args.refit_target,
                         importance=args.importance,
                         placement=placement_from_args(args))
     sizes = [(lp.shared_size, lp.expert_size) for lp in plan.layers]

@@ -66,3 +66,16 @@ def average_difference(differences: Sequence[Difference]) -> Difference:
     return Difference(sum(d.mean for d in differences) / count,
                       math.sqrt(sum(d.stderr ** 2 for d in differences)) / count,
                       sum(d.n for d in differences))
+
+
+def sign_test(differences: Sequence[float]) -> float:
+    """Two-sided exact sign test p-value that positive and negative ``differences`` are equally
+    likely (zeros dropped, as is standard): for a few paired repeats of a noisy timing, where a
+    normal approximation would not hold. 1.0 when no difference is non-zero."""
+    signs = [d for d in differences if d != 0]
+    n = len(signs)
+    if n == 0:
+        return 1.0
+    k = min(sum(d > 0 for d in signs), sum(d < 0 for d in signs))
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)

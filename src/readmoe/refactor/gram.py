@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from readmoe.data.tokens import pack_blocks
 from readmoe.errors import ReadmoeError
 from readmoe.io import atomic_save_safetensors
 from readmoe.refactor.hooks import feed_blocks
@@ -88,12 +87,7 @@ def compute_grams(model, tokenizer, corpus, stats: ActivationStats, stats_dir: s
         want = _metadata(stats, domain)
         if _is_current(path, want):
             continue
-        blocks = pack_blocks(tokenizer, corpus.documents(domain, "train"), stats.block_size,
-                             stats.tokens_requested)
-        if blocks.numel() != stats.tokens[domain]:
-            raise ReadmoeError(f"{domain}: the corpus now packs {blocks.numel()} statistics "
-                               f"tokens, the statistics hold {stats.tokens[domain]}; recompute "
-                               "the statistics with --recompute-stats")
+        blocks = stats.blocks(tokenizer, corpus, domain)
         grams = domain_gram(model, blocks, batch_size, f"second moments {domain}")
         atomic_save_safetensors({f"gram.{i}": g.float() for i, g in enumerate(grams)}, path,
                                 metadata=want)

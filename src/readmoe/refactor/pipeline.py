@@ -15,6 +15,7 @@ from readmoe.refactor.importance import DEFAULT_CRITERION, channel_importance, c
 from readmoe.refactor.plan import ExpertPlan
 from readmoe.refactor.planners import make_planner
 from readmoe.refactor.refit import DEFAULT_DAMP, refit_down_projections
+from readmoe.refactor.sequential import TARGETS, sequential_refit
 from readmoe.refactor.stats import STATS_JSON, ActivationStats, clear_stats, compute_stats
 
 DEFAULT_STATS_TOKENS = 16384
@@ -74,7 +75,8 @@ def run_refactor(model_spec: str, corpus_spec: str, out: str | Path, *, method: 
                  keep: float = 0.5, stats_dir: str | Path | None = None, seed: int = 0,
                  tokens: int | None = None, block_size: int | None = None,
                  recompute_stats: bool = False, compensate: bool = False,
-                 refit: bool = False, importance: str = DEFAULT_CRITERION,
+                 refit: bool = False, sequential: bool = False, refit_target: str = "ffn",
+                 importance: str = DEFAULT_CRITERION,
                  placement: Placement | None = None) -> ExpertPlan:
     """Plan experts from statistics and write the sliced ReadME model folder to `out`.
 
@@ -84,7 +86,11 @@ def run_refactor(model_spec: str, corpus_spec: str, out: str | Path, *, method: 
     into a bias (off by default: measured worse, results/carving.md); ``refit`` refits the kept
     channels' down projection by least squares on the statistics' tokens (``refactor/refit.py``;
     their second moments are computed into the statistics folder on first use), with
-    ``compensate`` fitting the bias in the same problem. ``importance`` is the
+    ``compensate`` fitting the bias in the same problem; with ``sequential`` each layer is
+    refitted on the inputs the carved layers before it give it (``refactor/sequential.py``),
+    fitted to ``refit_target``: the dense FFN's output on them (``ffn``) or the dense layer's
+    output (``layer``).
+    ``importance`` is the
     criterion channels are ranked by (``refactor/importance.py``; default the paper's), checked
     against what the statistics hold before the dense model loads. ``placement`` is where
     statistics are computed; the folder always gets the dense model's weights sliced in fp32
@@ -92,6 +98,18 @@ def run_refactor(model_spec: str, corpus_spec: str, out: str | Path, *, method: 
     from readmoe.models import load_model, load_tokenizer
     from readmoe.refactor.slicing import save_readme, slice_dense
 
+    if sequential and not refit:
+        raise ReadmoeError("--sequential chooses the inputs a refit is fitted on: add --refit")
+    if refit_target != "ffn" and not sequential:
+        raise ReadmoeError(f"--refit-target {refit_target} fits a layer to the dense model's "
+                           "output from the carved model's inputs: add --sequential")
+    if refit_target not in TARGETS:
+        raise ReadmoeError(f"unknown --refit-target {refit_target!r}; choose one of "
+                           f"{', '.join(TARGETS)}")
+    if sequential and method not in ("readme", "prune"):
+        raise ReadmoeError(f"--sequential routes each domain's tokens to the expert named after "
+                           f"it; the {method} planner's experts have no domain: use --method "
+                           "readme or prune, or refit without --sequential")
     planner = make_planner(method, seed)
     check_criterion(importance)
     stats, stats_folder = run_stats(model_spec, corpus_spec, stats_dir, tokens=tokens,
@@ -102,14 +120,24 @@ def run_refactor(model_spec: str, corpus_spec: str, out: str | Path, *, method: 
     tokenizer = load_tokenizer(model_spec)
     plan = planner.plan(stats, keep=keep, importance=channel_importance(stats, importance, dense))
     down = biases = None
-    if refit:
+    if refit and sequential:
+        from readmoe.data.corpus import load_corpus
+
+        corpus = load_corpus(corpus_spec)
+        blocks = {d: stats.blocks(tokenizer, corpus, d) for d in stats.domains}
+        down, biases = sequential_refit(dense, plan, blocks, bias=compensate,
+                                        target=refit_target)
+        plan.meta["down_refit"] = {"damp": DEFAULT_DAMP, "tokens": dict(stats.tokens),
+                                   "bias": compensate, "sequential": True,
+                                   "target": refit_target}
+    elif refit:
         from readmoe.data.corpus import load_corpus
 
         grams = compute_grams(dense, tokenizer, load_corpus(corpus_spec), stats, stats_folder)
         down, biases = refit_down_projections(dense, plan, grams,
                                               stats=stats if compensate else None)
         plan.meta["down_refit"] = {"damp": DEFAULT_DAMP, "tokens": grams.tokens,
-                                   "bias": compensate}
+                                   "bias": compensate, "sequential": False}
     elif compensate:
         biases = compensation_biases(dense, plan, stats)
     model = slice_dense(dense, plan, biases, down)

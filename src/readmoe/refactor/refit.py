@@ -41,7 +41,8 @@ DEFAULT_DAMP = 0.01
 
 
 def refit_layer(down: torch.Tensor, lp: LayerPlan, moments: list[tuple[torch.Tensor, float]],
-                damp: float = DEFAULT_DAMP, means: list[torch.Tensor] | None = None
+                damp: float = DEFAULT_DAMP, means: list[torch.Tensor] | None = None,
+                targets: list[tuple[torch.Tensor, torch.Tensor]] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """New down columns of one layer: shared ``[H, S]`` and experts ``[E, H, R]`` (float64),
     and with ``means`` the fitted output biases (``[E, H]``, or ``[1, H]`` without a routed
@@ -49,7 +50,9 @@ def refit_layer(down: torch.Tensor, lp: LayerPlan, moments: list[tuple[torch.Ten
 
     ``down`` is the dense ``[H, I]`` down_proj; ``moments`` gives per routed expert (one entry
     for a layer without a routed part) its tokens' mean a a^T ``[I, I]`` and their count;
-    ``means`` the same tokens' mean a ``[I]``."""
+    ``means`` the same tokens' mean a ``[I]``. The fit reproduces the dense FFN's output W a
+    on those tokens, or with ``targets`` (per entry the mean a t^T ``[I, H]`` and mean t
+    ``[H]``) another output t of theirs (``sequential.py``: what the dense layer outputs)."""
     down = down.double()
     num_experts, size = lp.experts.shape
     blocks = [lp.shared] + ([lp.experts[e] for e in range(num_experts)] if size else [])
@@ -58,6 +61,8 @@ def refit_layer(down: torch.Tensor, lp: LayerPlan, moments: list[tuple[torch.Ten
                            "routed experts")
     if means is not None and len(means) != len(moments):
         raise ReadmoeError(f"{len(means)} mean activations for {len(moments)} second moments")
+    if targets is not None and len(targets) != len(moments):
+        raise ReadmoeError(f"{len(targets)} target moments for {len(moments)} second moments")
     offsets = [0]
     for block in blocks:
         offsets.append(offsets[-1] + block.numel())
@@ -70,9 +75,15 @@ def refit_layer(down: torch.Tensor, lp: LayerPlan, moments: list[tuple[torch.Ten
     for e, (gram, count) in enumerate(moments):
         share = count / total
         gram = gram * share
+
+        def rhs(rows: torch.Tensor, gram=gram, e=e, share=share) -> torch.Tensor:  # [len, H]
+            if targets is None:
+                return gram[rows] @ down.T
+            return targets[e][0].double()[rows] * share
+
         shared_rows = gram[lp.shared]  # [S, I]
         a[s, s] += shared_rows[:, lp.shared]
-        b[s] += shared_rows @ down.T
+        b[s] += rhs(lp.shared)
         r = slice(offsets[e + 1], offsets[e + 2]) if size else None
         if size:
             cols = blocks[e + 1]
@@ -80,14 +91,14 @@ def refit_layer(down: torch.Tensor, lp: LayerPlan, moments: list[tuple[torch.Ten
             a[s, r] = shared_rows[:, cols]
             a[r, s] = a[s, r].T
             a[r, r] = expert_rows[:, cols]
-            b[r] = expert_rows @ down.T
+            b[r] = rhs(cols)
         if means is not None:  # the constant feature of this expert's (or layer's) tokens
             mean, i = means[e].double() * share, columns + e  # mean: [I]
             a[s, i] = a[i, s] = mean[lp.shared]
             if size:
                 a[r, i] = a[i, r] = mean[blocks[e + 1]]
             a[i, i] = share
-            b[i] = down @ mean
+            b[i] = down @ mean if targets is None else targets[e][1].double() * share
     start = torch.cat([down[:, block].T for block in blocks]
                       + [torch.zeros(n - columns, down.shape[0], dtype=torch.float64)])
     lam = damp * float(a.diagonal().mean()) if n else 0.0

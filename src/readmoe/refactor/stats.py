@@ -100,6 +100,18 @@ class ActivationStats:
             kinds[kind][domain] = value
         return cls(**meta, **kinds)
 
+    def blocks(self, tokenizer, corpus, domain: str) -> torch.Tensor:
+        """``domain``'s statistics blocks ``[n, block_size]`` packed again from ``corpus``, for
+        what is computed later on exactly these tokens (second moments, a sequential refit);
+        refused if the corpus no longer packs the count the statistics hold."""
+        blocks = pack_blocks(tokenizer, corpus.documents(domain, "train"), self.block_size,
+                             self.tokens_requested)
+        if blocks.numel() != self.tokens[domain]:
+            raise ReadmoeError(f"{domain}: the corpus now packs {blocks.numel()} statistics "
+                               f"tokens, the statistics hold {self.tokens[domain]}; recompute "
+                               "the statistics with --recompute-stats")
+        return blocks
+
     def token_weighted_mean(self) -> torch.Tensor:
         """The signed mean over every domain's tokens together: `[L, I]`."""
         total = sum(self.tokens[d] for d in self.domains)
