@@ -5,16 +5,25 @@ import json
 import torch
 from safetensors.torch import save_file
 
-from readmoe.demo import DEMO_IMPORTANCE, DEMO_REFIT, carving_tag, parse_args, set_aside_stale_run
+from readmoe.demo import (
+    DEMO_IMPORTANCE,
+    DEMO_REFIT,
+    DEMO_SEQUENTIAL,
+    carving_tag,
+    parse_args,
+    set_aside_stale_run,
+)
 from readmoe.refactor.fingerprint import tensors_fingerprint
 from readmoe.train.rounds import STATE
 
 
 def test_defaults_are_the_demo_carving_and_get_the_plain_folders():
     args = parse_args([])
-    assert (args.importance, args.refit) == (DEMO_IMPORTANCE, DEMO_REFIT)
-    assert carving_tag(args.importance, args.refit) == ""
+    assert (args.importance, args.refit, args.sequential) == (DEMO_IMPORTANCE, DEMO_REFIT,
+                                                              DEMO_SEQUENTIAL)
+    assert carving_tag(args.importance, args.refit, args.sequential) == ""
     assert parse_args(["--no-refit"]).refit is False
+    assert parse_args(["--sequential"]).sequential is True
 
 
 def test_other_carvings_name_criterion_and_refit():
@@ -22,7 +31,12 @@ def test_other_carvings_name_criterion_and_refit():
     assert carving_tag("activation", True) == "-activation-refit"
     other = "activation" if DEMO_IMPORTANCE != "activation" else "weighted"
     assert carving_tag(other, DEMO_REFIT).startswith(f"-{other}")
-    assert carving_tag(DEMO_IMPORTANCE, not DEMO_REFIT) == f"-{DEMO_IMPORTANCE}"
+    assert carving_tag(DEMO_IMPORTANCE, not DEMO_REFIT) == f"-{DEMO_IMPORTANCE}" + (
+        "" if DEMO_REFIT else "-seqrefit" if DEMO_SEQUENTIAL else "-refit")
+    assert carving_tag("activation", True, True) == "-activation-seqrefit"
+    assert carving_tag(DEMO_IMPORTANCE, True, not DEMO_SEQUENTIAL).endswith(
+        "-refit" if DEMO_SEQUENTIAL else "-seqrefit")
+    assert carving_tag("activation", False, True) == "-activation"  # nothing to run in order
 
 
 def _moe(folder, value):

@@ -31,6 +31,7 @@ from readmoe.models.builtin import DEFAULT_MODEL
 # `readmoe refactor` defaults stay the paper's.
 DEMO_IMPORTANCE = "contribution"
 DEMO_REFIT = True
+DEMO_SEQUENTIAL = False
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,6 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--refit", action=argparse.BooleanOptionalAction, default=DEMO_REFIT,
                         help="refit the kept channels' down projection by least squares "
                         "(`readmoe refactor --refit`), ReadME and prune alike (default on)")
+    parser.add_argument("--sequential", action=argparse.BooleanOptionalAction,
+                        default=DEMO_SEQUENTIAL, help="with --refit, fit each layer on the "
+                        "carved model's own inputs (`readmoe refactor --refit --sequential`; "
+                        f"default {'on' if DEMO_SEQUENTIAL else 'off'})")
     parser.add_argument("--eval-tokens", type=int, default=2048,
                         help="held-out tokens per domain for perplexity")
     parser.add_argument("--rounds", type=int, default=2)
@@ -66,13 +71,15 @@ def step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
-def carving_tag(importance: str, refit: bool) -> str:
+def carving_tag(importance: str, refit: bool, sequential: bool = DEMO_SEQUENTIAL) -> str:
     """The suffix of the demo's model and training folders: empty for the demo's own carving,
     else naming criterion and refit. Training resumes by folder and must never continue a
     model carved another way."""
-    if importance == DEMO_IMPORTANCE and refit == DEMO_REFIT:
+    if (importance, refit, sequential and refit) == (DEMO_IMPORTANCE, DEMO_REFIT,
+                                                     DEMO_SEQUENTIAL and DEMO_REFIT):
         return ""
-    return f"-{importance}" + ("-refit" if refit else "")
+    return f"-{importance}" + ("-seqrefit" if refit and sequential else
+                               "-refit" if refit else "")
 
 
 def set_aside_stale_run(out: Path, moe_dir: Path) -> None:
@@ -95,7 +102,7 @@ class Demo:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.out = args, Path(args.out)
         self.reports: list[dict] = []
-        self.tag = carving_tag(args.importance, args.refit)
+        self.tag = carving_tag(args.importance, args.refit, args.sequential)
 
     def run(self) -> None:
         from readmoe.data.corpus import load_corpus
@@ -168,7 +175,8 @@ class Demo:
             folder = self.out / f"moe-{method}{self.tag}"
             plan = run_refactor(self.args.model, str(self.corpus_dir), folder, method=method,
                                 stats_dir=self.stats_dir, tokens=self.args.stats_tokens,
-                                importance=self.args.importance, refit=self.args.refit)
+                                importance=self.args.importance, refit=self.args.refit,
+                                sequential=self.args.refit and self.args.sequential)
             active = plan.active_sizes()
             print(f"{plan.num_experts} routed expert(s) {plan.expert_names}; active FFN "
                   f"channels per token {min(active)}-{max(active)} of {plan.intermediate_size}")
