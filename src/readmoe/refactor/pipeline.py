@@ -15,7 +15,7 @@ from readmoe.refactor.importance import DEFAULT_CRITERION, channel_importance, c
 from readmoe.refactor.plan import ExpertPlan
 from readmoe.refactor.planners import make_planner
 from readmoe.refactor.refit import DEFAULT_DAMP, refit_down_projections
-from readmoe.refactor.sequential import TARGETS, sequential_refit
+from readmoe.refactor.sequential import check_target, sequential_refit
 from readmoe.refactor.stats import STATS_JSON, ActivationStats, clear_stats, compute_stats
 
 DEFAULT_STATS_TOKENS = 16384
@@ -103,9 +103,7 @@ def run_refactor(model_spec: str, corpus_spec: str, out: str | Path, *, method: 
     if refit_target != "ffn" and not sequential:
         raise ReadmoeError(f"--refit-target {refit_target} fits a layer to the dense model's "
                            "output from the carved model's inputs: add --sequential")
-    if refit_target not in TARGETS:
-        raise ReadmoeError(f"unknown --refit-target {refit_target!r}; choose one of "
-                           f"{', '.join(TARGETS)}")
+    check_target(refit_target)
     if sequential and method not in ("readme", "prune"):
         raise ReadmoeError(f"--sequential routes each domain's tokens to the expert named after "
                            f"it; the {method} planner's experts have no domain: use --method "
@@ -120,24 +118,21 @@ def run_refactor(model_spec: str, corpus_spec: str, out: str | Path, *, method: 
     tokenizer = load_tokenizer(model_spec)
     plan = planner.plan(stats, keep=keep, importance=channel_importance(stats, importance, dense))
     down = biases = None
-    if refit and sequential:
+    if refit:
         from readmoe.data.corpus import load_corpus
 
         corpus = load_corpus(corpus_spec)
-        blocks = {d: stats.blocks(tokenizer, corpus, d) for d in stats.domains}
-        down, biases = sequential_refit(dense, plan, blocks, bias=compensate,
-                                        target=refit_target)
+        if sequential:
+            blocks = {d: stats.blocks(tokenizer, corpus, d) for d in stats.domains}
+            down, biases = sequential_refit(dense, plan, blocks, bias=compensate,
+                                            target=refit_target)
+        else:
+            grams = compute_grams(dense, tokenizer, corpus, stats, stats_folder)
+            down, biases = refit_down_projections(dense, plan, grams,
+                                                  stats=stats if compensate else None)
         plan.meta["down_refit"] = {"damp": DEFAULT_DAMP, "tokens": dict(stats.tokens),
-                                   "bias": compensate, "sequential": True,
+                                   "bias": compensate, "sequential": sequential,
                                    "target": refit_target}
-    elif refit:
-        from readmoe.data.corpus import load_corpus
-
-        grams = compute_grams(dense, tokenizer, load_corpus(corpus_spec), stats, stats_folder)
-        down, biases = refit_down_projections(dense, plan, grams,
-                                              stats=stats if compensate else None)
-        plan.meta["down_refit"] = {"damp": DEFAULT_DAMP, "tokens": grams.tokens,
-                                   "bias": compensate, "sequential": False}
     elif compensate:
         biases = compensation_biases(dense, plan, stats)
     model = slice_dense(dense, plan, biases, down)

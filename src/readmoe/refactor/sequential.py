@@ -35,6 +35,12 @@ from readmoe.refactor.refit import DEFAULT_DAMP, refit_layer
 TARGETS = ("ffn", "layer")
 
 
+def check_target(target: str) -> None:
+    """Refuse a refit target this module does not know, naming the choices."""
+    if target not in TARGETS:
+        raise ReadmoeError(f"unknown refit target {target!r}; choose one of {', '.join(TARGETS)}")
+
+
 class _Reached(Exception):
     """Raised by the hook that stops a forward at the first decoder layer."""
 
@@ -98,8 +104,7 @@ def sequential_refit(dense, plan: ExpertPlan, blocks: Mapping[str, torch.Tensor]
     inputs minus the carved residual stream, so the FFN also makes up for the drift the carved
     layers before it left in the residual stream (ZipLM's choice; it carries the dense hidden
     states too, one more forward pass)."""
-    if target not in TARGETS:
-        raise ReadmoeError(f"unknown refit target {target!r}; choose one of {', '.join(TARGETS)}")
+    check_target(target)
     names = plan.expert_names
     routed = any(lp.expert_size for lp in plan.layers)
     if routed and sorted(names) != sorted(blocks):
@@ -119,14 +124,15 @@ def sequential_refit(dense, plan: ExpertPlan, blocks: Mapping[str, torch.Tensor]
                                              desc="sequential refit", unit="layer")):
         with torch.no_grad():
             passes = {d: _LayerPass(layer, downs[index], states[d]) for d in domains}
-        grams, sums, wanted = {}, {}, {}
+        grams, sums, crosses, target_sums = {}, {}, {}, {}
         for d in domains:
             grams[d], sums[d] = passes[d].moments()
             if dense_states is not None:
                 with torch.no_grad():
                     dense_states[d] = [(_run_layer(layer, hidden, kwargs), kwargs)
                                        for hidden, kwargs in dense_states[d]]
-                wanted[d] = passes[d].target_moments([h for h, _ in dense_states[d]])
+                crosses[d], target_sums[d] = passes[d].target_moments(
+                    [h for h, _ in dense_states[d]])
         # per routed expert (its domain's tokens), or one entry over every token
         keys = names if lp.expert_size else [None]
 
@@ -137,8 +143,7 @@ def sequential_refit(dense, plan: ExpertPlan, blocks: Mapping[str, torch.Tensor]
         moments = [(pooled(grams, k), counts[k] if k else total) for k in keys]
         means = [pooled(sums, k) for k in keys]
         targets = None if dense_states is None else [
-            (pooled({d: c for d, (c, _) in wanted.items()}, k),
-             pooled({d: m for d, (_, m) in wanted.items()}, k)) for k in keys]
+            (pooled(crosses, k), pooled(target_sums, k)) for k in keys]
         weight = downs[index].weight
         shared, experts, fitted = refit_layer(weight.detach().cpu(), lp, moments, damp,
                                               means if bias else None, targets)
