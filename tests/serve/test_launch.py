@@ -82,3 +82,15 @@ def test_options_are_checked():
                            (EngineOptions(max_seqs=0), "--max-seqs")):
         with pytest.raises(ReadmoeError, match=match):
             options.validate()
+
+
+def test_decodes_first_reaches_the_scheduler_and_the_default_is_the_scheduler_s():
+    from readmoe.serve.schedulers import make_scheduler
+
+    assert EngineOptions().scheduler_options() == {}
+    options = EngineOptions(scheduler="expert-aware", decodes_first=True)
+    assert make_scheduler(options.scheduler, **options.scheduler_options()).decodes_first
+    assert make_scheduler("cache-aware").decodes_first
+    assert not make_scheduler("expert-aware").decodes_first
+    with pytest.raises(ReadmoeError, match="does not take"):
+        make_scheduler("fcfs", **EngineOptions(decodes_first=False).scheduler_options())

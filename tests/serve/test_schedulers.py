@@ -166,6 +166,29 @@ def test_cache_aware_prefers_resident_experts_over_a_longer_queue():
     assert blind.experts == (1, 3)  # expert-aware takes the longest queue, 3, first
 
 
+def _decoding(request_id, arrival, expert):
+    """A request past its one-token prompt, its next token (a decode) on ``expert``."""
+    request = Request(request_id, arrival, [expert], 4)
+    request.num_computed, request.state = 1, RequestState.RUNNING
+    request.output_experts.append(expert)
+    return request
+
+
+def test_decodes_first_keeps_a_long_prompt_from_starving_decodes_of_other_experts():
+    running = [_decoding("d1", 0.0, 1), _decoding("d2", 0.1, 2)]
+    waiting = [Request("p", 0.2, [3] * 10, 2)]
+    budget, view = Budget(8, 8), _resident_view({1, 2, 3}, capacity=3)
+    first = make_scheduler("cache-aware").schedule(waiting, running, budget, view)
+    # the decodes of experts 1 and 2 run; the prompt's run of expert 3 fills the rest
+    assert {c.request_id: c.num_tokens for c in first.chunks} == {"d1": 1, "d2": 1, "p": 6}
+    plain = make_scheduler("cache-aware", decodes_first=False).schedule(waiting, running,
+                                                                        budget, view)
+    # the longest queue (the prompt's 10 tokens of expert 3) fills the budget: both decodes wait
+    assert {c.request_id: c.num_tokens for c in plain.chunks} == {"p": 8}
+    aware = make_scheduler("expert-aware", decodes_first=True).schedule(waiting, running, budget)
+    assert {c.request_id for c in aware.chunks} == {"d1", "d2", "p"}
+
+
 def test_cache_aware_admits_a_cold_expert_only_for_a_long_enough_queue():
     waiting = [Request("a", 0.0, [1] * 4, 2), Request("b", 0.1, [3, 3], 2)]
     budget = Budget(16, 8)

@@ -25,6 +25,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="cache-aware: a non-resident expert joins a step only if its "
                         "queue holds this many times the step's tokens (about the time to load "
                         "it into every layer over one step's compute; default 1)")
+    parser.add_argument("--decodes-first", action=argparse.BooleanOptionalAction, default=None,
+                        help="expert-aware and cache-aware: give decoding requests their token "
+                        "before prompt runs fill the step (cache-aware's default; expert-aware "
+                        "defaults to --no-decodes-first, the paper's order)")
     parser.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
                         help="tokens per engine step (prefill chunks and decode tokens)")
     parser.add_argument("--max-seqs", type=int, default=d.max_seqs,
@@ -62,7 +66,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 def engine_options(args: argparse.Namespace) -> EngineOptions:
     return EngineOptions(
         scheduler=args.scheduler, max_experts=args.max_experts, max_wait=args.max_wait,
-        load_ratio=args.load_ratio, max_batch_tokens=args.max_batch_tokens,
+        load_ratio=args.load_ratio, decodes_first=args.decodes_first,
+        max_batch_tokens=args.max_batch_tokens,
         max_seqs=args.max_seqs, kv_blocks=args.kv_blocks, block_size=args.block_size,
         capacity=args.capacity, cache_policy=args.cache_policy, prefetch=args.prefetch,
         tier=args.tier, bandwidth=args.bandwidth, predictor=args.predictor,

@@ -43,6 +43,7 @@ class EngineOptions:
     max_experts: int | None = None
     max_wait: int | None = None
     load_ratio: float | None = None
+    decodes_first: bool | None = None  # None: the scheduler's default
     max_batch_tokens: int = 256
     max_seqs: int = 32
     kv_blocks: int = 1024
@@ -74,7 +75,8 @@ class EngineOptions:
     def scheduler_options(self) -> dict:
         return {name: value for name, value in (("max_experts", self.max_experts),
                                                 ("max_wait", self.max_wait),
-                                                ("load_ratio", self.load_ratio))
+                                                ("load_ratio", self.load_ratio),
+                                                ("decodes_first", self.decodes_first))
                 if value is not None}
 
     def codesign(self) -> CoDesign:

@@ -14,8 +14,8 @@ SCHEDULERS: dict[str, type[Scheduler]] = {
 
 
 def make_scheduler(name: str, **options: float | None) -> Scheduler:
-    """Build the scheduler registered as ``name`` (options: ``max_wait`` and ``max_experts``
-    for expert-aware and cache-aware, ``load_ratio`` for cache-aware)."""
+    """Build the scheduler registered as ``name`` (options: ``max_wait``, ``max_experts`` and
+    ``decodes_first`` for expert-aware and cache-aware, ``load_ratio`` for cache-aware)."""
     if name not in SCHEDULERS:
         raise ReadmoeError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     try:

@@ -17,6 +17,10 @@ One step, with ``S`` the experts chosen so far, ``C`` the cache's slots per laye
    ``load_ratio * n`` tokens and go to 2. Once ``|S| >= C``: add the longest queue only if it
    holds at least ``2 * load_ratio * n`` tokens; otherwise stop.
 
+Steps 2 and 3 run first over the decoding requests alone, then over all (``decodes_first``,
+``expert_aware.py``): a long prompt run of the longest queue would otherwise fill the budget and
+make every decode of another resident expert wait a step.
+
 The rule in 3 weighs what an expert costs against what it serves: loading it delays every
 token of the step by about ``load_ratio`` step times (``load_ratio`` = loading one expert into
 every routed layer over one step's compute: small from RAM, large behind a slow link), while
@@ -56,8 +60,8 @@ class CacheAware(ExpertAware):
     name = "cache-aware"
 
     def __init__(self, max_wait: int = 8, max_experts: int | None = None,
-                 load_ratio: float = 1.0) -> None:
-        super().__init__(max_wait, max_experts)
+                 load_ratio: float = 1.0, decodes_first: bool = True) -> None:
+        super().__init__(max_wait, max_experts, decodes_first)
         if not load_ratio >= 0:
             raise ReadmoeError(f"cache-aware load_ratio must be >= 0, got {load_ratio}")
         self.load_ratio = load_ratio
