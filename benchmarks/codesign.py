@@ -106,6 +106,10 @@ def parse_args() -> argparse.Namespace:
                         "for (no cross-check, no simulator), e.g. more --repeats of undecided "
                         "cells: kept runs are reused, the calibration is the kept one; write "
                         "them under another --name")
+    parser.add_argument("--cross-check-only", action="store_true", help="rerun only the "
+                        "engine-vs-simulator cross-check (--repeats times) into the kept "
+                        "results/<NAME>.json, under the link setting that run calibrated; the "
+                        "rest of the file is kept as it was")
     parser.add_argument("--fresh", action="store_true", help="discard the engine runs kept "
                         "under runs/codesign/cells from an earlier, killed run")
     parser.add_argument("--out", default="results")
@@ -598,8 +602,11 @@ def extra_tables(result: dict) -> list[str]:
                              f"{_num(c['distinct_experts_per_step'])} |")
         lines.append("")
     if result.get("cross_check"):
+        rerun = (f"Rerun apart from the tables above: `{result['cross_check_command']}`."
+                 if result.get("cross_check_command") else "")
         lines += ["### Engine against simulator (same requests, all at time 0; median [spread] "
-                  "of the repeats)", "",
+                  f"of {len(result['cross_check'][0]['runs'])} repeats)", "", *(
+                      [rerun, ""] if rerun else []),
                   "| system | hits, misses, prefetches equal | per-step expert sets equal | "
                   "mean latency error | makespan error | error, resident fit alone | "
                   "store overhead per step (ms) |", "|---|---|---|---:|---:|---:|---:|"]
@@ -652,10 +659,35 @@ def plot(path: Path, grid: dict, resident: dict, title: str) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def rerun_cross_check(args: argparse.Namespace, threads: int) -> int:
+    """The cross-check alone, into the kept result: it takes minutes, the engine grid hours."""
+    previous = Path(args.out) / f"{args.name}.json"
+    if not previous.is_file():
+        raise ReadmoeError(f"--cross-check-only updates {previous}, which does not exist: run "
+                           f"the benchmark once without it (same --name)")
+    result = json.loads(previous.read_text())
+    readme = readme_folder(args.model)
+    if str(readme) != result["model"]:
+        raise ReadmoeError(f"{previous} was measured on {result['model']}, not {readme}: pass "
+                           f"--model {result['model']} or rerun the whole benchmark")
+    tokenizer = load_tokenizer(str(readme))
+    model = load_model(str(readme))
+    settings = {k: Setting(**v) for k, v in result["settings"].items()}
+    specs = workloads(tokenizer, args.corpus, args)["synthetic"]
+    result["cross_check"] = cross_checks(model, tokenizer, readme, specs, settings,
+                                         result["predictor"]["chosen"], args.repeats)
+    result["cross_check_command"] = " ".join([".venv/bin/python benchmarks/codesign.py",
+                                              *sys.argv[1:]])
+    write_results(args.out, args.name, result, report(result, threads))
+    return 0
+
+
 def main() -> int:
     args = parse_args()
     threads = max(1, (os.cpu_count() or 2) - 1)
     torch.set_num_threads(threads)
+    if args.cross_check_only:
+        return rerun_cross_check(args, threads)
     readme = readme_folder(args.model)
     from readmoe.data.corpus import load_corpus
     corpus = load_corpus(args.corpus)
