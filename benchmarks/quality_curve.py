@@ -44,7 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", default="runs/demo", help="the demo's run folder")
-    parser.add_argument("--work", default=None, help="default runs/quality_curve<TAG>")
+    parser.add_argument("--work", default=None, help="default runs/<NAME>")
     parser.add_argument("--tag", default="", help="start from the demo's moe-<method><TAG> "
                         "folders, e.g. -refit from `python -m readmoe.demo --refit`")
     parser.add_argument("--rounds", type=int, nargs="+", default=[1, 2, 4, 8],
@@ -56,10 +56,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr-router", type=float, default=2e-3)
     parser.add_argument("--lr-experts", type=float, default=2e-4)
     parser.add_argument("--kd", type=float, default=1.0, help="weight of the KD loss")
+    parser.add_argument("--decay", type=float, default=TrainConfig.decay,
+                        help="both learning rates are multiplied by this after every round; "
+                        "1 keeps them: at long budgets the default decay starves late rounds")
     parser.add_argument("--eval-tokens", type=int, default=2048, help="held-out, per domain")
     parser.add_argument("--device", default=None, help="default: cuda if torch sees one")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--results", default="results")
+    parser.add_argument("--name", default=None, help="results/<NAME>.{json,md,png}; default "
+                        "quality_curve<TAG>")
     return parser.parse_args()
 
 
@@ -70,7 +75,8 @@ def tokens_per_round(args: argparse.Namespace) -> int:
 def main() -> int:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    demo, work = Path(args.demo), Path(args.work or f"runs/quality_curve{args.tag}")
+    name = args.name or f"quality_curve{args.tag}"  # a tag never overwrites the untagged one
+    demo, work = Path(args.demo), Path(args.work or f"runs/{name}")
     budgets = sorted(set(args.rounds))
     if budgets[0] < 1:
         raise ReadmoeError("--rounds: every budget is at least 1 round")
@@ -105,7 +111,8 @@ def main() -> int:
         config = TrainConfig(rounds=budgets[-1], router_steps=router_steps,
                              expert_steps=args.expert_steps, batch_size=args.batch_size,
                              block_size=args.block_size, lr_router=args.lr_router,
-                             lr_experts=args.lr_experts, kd_weight=args.kd, eval_tokens=512)
+                             lr_experts=args.lr_experts, kd_weight=args.kd, decay=args.decay,
+                             eval_tokens=512)
         train = work / f"train-{method}"
         Trainer(demo / f"moe-{method}{args.tag}", str(corpus_dir), train, config,
                 placement=placement).run()
@@ -125,12 +132,11 @@ def main() -> int:
                           "fp32",
                "recipe": {k: getattr(args, k) for k in ("router_steps", "expert_steps",
                                                         "batch_size", "block_size", "lr_router",
-                                                        "lr_experts", "kd")},
+                                                        "lr_experts", "kd", "decay")},
                "sources": [f"moe-readme{args.tag}", f"moe-prune{args.tag}"],
                "seconds": round(time.time() - started), "dense": dense,
                "budgets": [summarize(points, rounds, dense) for rounds in budgets],
                "points": points}
-    name = f"quality_curve{args.tag}"  # a tagged curve never overwrites the untagged one
     write_results(args.results, name, summary, render(summary))
     plot(summary, Path(args.results) / f"{name}.png")
     return 0
@@ -164,7 +170,8 @@ def render(summary: dict) -> str:
              f"Recipe per round: ReadME {recipe['router_steps']} router steps (lr "
              f"{recipe['lr_router']:g}), then both {recipe['expert_steps']} expert steps of "
              f"{recipe['batch_size']} x {recipe['block_size']} tokens (lr "
-             f"{recipe['lr_experts']:g}, KD weight {recipe['kd']:g}); from the demo's untrained "
+             f"{recipe['lr_experts']:g}, KD weight {recipe['kd']:g}; both rates times "
+             f"{recipe.get('decay', 0.8):g} after every round); from the demo's untrained "
              f"folders {' and '.join(summary.get('sources', ['moe-readme', 'moe-prune']))}. "
              "Perplexity: mean over the six domains' held-out text.", "",
              "| rounds | expert-tuning tokens | dense | ReadME (own router) | ReadME (oracle) | "
