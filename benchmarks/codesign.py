@@ -602,12 +602,11 @@ def extra_tables(result: dict) -> list[str]:
                              f"{_num(c['distinct_experts_per_step'])} |")
         lines.append("")
     if result.get("cross_check"):
-        rerun = (f"Rerun apart from the tables above: `{result['cross_check_command']}`."
-                 if result.get("cross_check_command") else "")
         lines += ["### Engine against simulator (same requests, all at time 0; median [spread] "
-                  f"of {len(result['cross_check'][0]['runs'])} repeats)", "", *(
-                      [rerun, ""] if rerun else []),
-                  "| system | hits, misses, prefetches equal | per-step expert sets equal | "
+                  f"of {len(result['cross_check'][0]['runs'])} repeats)", ""]
+        if result.get("cross_check_command"):
+            lines += [f"Rerun apart from the tables above: `{result['cross_check_command']}`.", ""]
+        lines += ["| system | hits, misses, prefetches equal | per-step expert sets equal | "
                   "mean latency error | makespan error | error, resident fit alone | "
                   "store overhead per step (ms) |", "|---|---|---|---:|---:|---:|---:|"]
 
@@ -659,6 +658,11 @@ def plot(path: Path, grid: dict, resident: dict, title: str) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def command_line() -> str:
+    """How this run was started, for the result file: a reader reruns it as written."""
+    return " ".join([".venv/bin/python benchmarks/codesign.py", *sys.argv[1:]])
+
+
 def rerun_cross_check(args: argparse.Namespace, threads: int) -> int:
     """The cross-check alone, into the kept result: it takes minutes, the engine grid hours."""
     previous = Path(args.out) / f"{args.name}.json"
@@ -676,8 +680,7 @@ def rerun_cross_check(args: argparse.Namespace, threads: int) -> int:
     specs = workloads(tokenizer, args.corpus, args)["synthetic"]
     result["cross_check"] = cross_checks(model, tokenizer, readme, specs, settings,
                                          result["predictor"]["chosen"], args.repeats)
-    result["cross_check_command"] = " ".join([".venv/bin/python benchmarks/codesign.py",
-                                              *sys.argv[1:]])
+    result["cross_check_command"] = command_line()
     write_results(args.out, args.name, result, report(result, threads))
     return 0
 
@@ -700,7 +703,7 @@ def main() -> int:
     for name, folder in folders.items():
         models[name] = load_model(str(folder))
         place_for_offload(models[name])
-    result = {"command": " ".join([".venv/bin/python benchmarks/codesign.py", *sys.argv[1:]]),
+    result = {"command": command_line(),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
               "threads": threads, "model": str(readme), "layerwise_model": str(layerwise),
               "dense_model": str(dense), "routed_expert_bytes": routed}

@@ -171,7 +171,7 @@ def render(summary: dict) -> str:
              f"{recipe['lr_router']:g}), then both {recipe['expert_steps']} expert steps of "
              f"{recipe['batch_size']} x {recipe['block_size']} tokens (lr "
              f"{recipe['lr_experts']:g}, KD weight {recipe['kd']:g}; both rates times "
-             f"{recipe.get('decay', 0.8):g} after every round); from the demo's untrained "
+             f"{recipe['decay']:g} after every round); from the demo's untrained "
              f"folders {' and '.join(summary.get('sources', ['moe-readme', 'moe-prune']))}. "
              "Perplexity: mean over the six domains' held-out text.", "",
              "| rounds | expert-tuning tokens | dense | ReadME (own router) | ReadME (oracle) | "
