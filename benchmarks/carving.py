@@ -32,7 +32,7 @@ import torch
 
 from readmoe.data.corpus import build_corpus, load_corpus
 from readmoe.eval.domains import domain_wins, evaluate_model, format_ppl_table, log_gap
-from readmoe.io import atomic_write_json, write_results
+from readmoe.io import atomic_write_json, command_line, write_results
 from readmoe.models import load_tokenizer
 from readmoe.refactor.importance import CRITERIA
 from readmoe.refactor.pipeline import run_refactor, run_stats
@@ -132,7 +132,7 @@ def main() -> int:
     for row in rows:
         row["readme_gap_vs_today"] = (row["readme_log_gap"] / baseline
                                       if baseline else None)
-    summary = {"command": "python benchmarks/carving.py " + " ".join(sys.argv[1:]),
+    summary = {"command": command_line(),
                "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, fp32",
                "model": args.model, "keep": args.keep,
                "stats_tokens_per_domain": stats.tokens, "eval_tokens_per_domain":

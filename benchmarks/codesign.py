@@ -34,7 +34,6 @@ import platform
 import random
 import shutil
 import statistics
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -44,7 +43,13 @@ from tqdm import tqdm
 
 from readmoe.errors import ReadmoeError
 from readmoe.eval.significance import sign_test
-from readmoe.io import atomic_write_bytes, atomic_write_json, atomic_write_text, write_results
+from readmoe.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    command_line,
+    write_results,
+)
 from readmoe.models import load_model, load_tokenizer
 from readmoe.refactor.fingerprint import tensors_fingerprint
 from readmoe.serve.cost import get_profile
@@ -656,11 +661,6 @@ def plot(path: Path, grid: dict, resident: dict, title: str) -> None:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
-
-
-def command_line() -> str:
-    """How this run was started, for the result file: a reader reruns it as written."""
-    return " ".join([".venv/bin/python benchmarks/codesign.py", *sys.argv[1:]])
 
 
 def rerun_cross_check(args: argparse.Namespace, threads: int) -> int:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from readmoe.io import write_results
+from readmoe.io import command_line, write_results
 from readmoe.models.device import Placement
 from readmoe.serve.engine import Engine
 from readmoe.serve.sampling import SamplingParams
@@ -112,7 +112,7 @@ def main() -> int:
     pool = prompts(tokenizer, max(args.batches), args.prompt_len, args.corpus)
     runs = [profile_batch(model, tokenizer, pool[:b], args.steps, args.top)
             for b in args.batches]
-    result = {"command": "python benchmarks/decode_profile.py " + " ".join(sys.argv[1:]),
+    result = {"command": command_line(),
               "machine": f"{platform.machine()}, threads {args.threads}, fp32",
               "model": described, "runs": runs}
     write_results(Path(args.results), "decode_profile", result, markdown(result))

@@ -19,7 +19,6 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 from dataclasses import replace
 
 import torch
@@ -27,7 +26,7 @@ from codesign import DEMO, ENGINE_BUDGET, readme_folder, summarize_run, workload
 from tqdm import tqdm
 
 from readmoe.eval.significance import sign_test
-from readmoe.io import write_results
+from readmoe.io import command_line, write_results
 from readmoe.models import load_model, load_tokenizer
 from readmoe.serve.placement import place_for_offload, routed_expert_bytes
 from readmoe.serve.systems import calibrate, capacity_for, make_settings, make_system, run_engine
@@ -78,8 +77,7 @@ def main() -> int:
                 runs[cell][first].append(summarize_run(metrics, slots))
                 progress.update()
     progress.close()
-    result = {"command": " ".join([".venv/bin/python benchmarks/decodes_first.py",
-                                   *sys.argv[1:]]),
+    result = {"command": command_line(),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "threads": 1,
               "model": str(readme), "calibration": cal, "cells": {}}
     lines = ["# The cache-aware scheduler's decodes-first order, paired by repeat", "",

@@ -57,7 +57,7 @@ import torch
 
 from readmoe.data.corpus import load_corpus
 from readmoe.eval.domains import heldout_blocks
-from readmoe.io import write_results
+from readmoe.io import command_line, write_results
 from readmoe.models import load_config, load_model, load_tokenizer, resolve_model
 from readmoe.models.builtin import DEFAULT_MODEL
 from readmoe.models.device import Placement, add_placement_args, placement_from_args
@@ -494,7 +494,7 @@ def main() -> int:
         del served, hf_model
         gc.collect()
     rows += llama_cpp_rows(dense, load_config(dense), pool, gbs, threads, args, missing)
-    result = {"command": " ".join([sys.executable, *sys.argv]), "model": described,
+    result = {"command": command_line(), "model": described,
               "dense_model": dense,
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "cpus": os.cpu_count(), "torch": torch.__version__,

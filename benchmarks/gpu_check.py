@@ -42,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the tiny-model helpers live beside the tests
 
-from readmoe.io import write_results  # noqa: E402
+from readmoe.io import command_line, write_results  # noqa: E402
 from readmoe.models.device import resolve_placement  # noqa: E402
 from readmoe.serve.launch import EngineOptions, open_engine  # noqa: E402
 from readmoe.serve.sampling import SamplingParams  # noqa: E402
@@ -224,7 +224,7 @@ def main() -> int:
             print(name, "pass" if outcome["ok"] else "FAIL", flush=True)
     lines = [f"# GPU check ({device})", "", f"torch {results['torch']}, CUDA {results['cuda']}; "
              f"command "
-             f"`{' '.join([sys.executable, *sys.argv])}`", "", "| check | result | seconds |",
+             f"`{command_line()}`", "", "| check | result | seconds |",
              "|---|---|---:|"]
     lines += [f"| {name} | {'pass' if c['ok'] else 'FAIL'} | {c['seconds']} |"
               for name, c in results["checks"].items()]

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from readmoe.io import write_results
+from readmoe.io import command_line, write_results
 from readmoe.models import load_model
 from readmoe.serve.quantized import REDUCE_RANGE, Int8Matrix, quantize_weight
 
@@ -211,7 +211,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     started = time.time()
-    summary = {"command": "python benchmarks/kernel_probe.py " + " ".join(sys.argv[1:]),
+    summary = {"command": command_line(),
                "machine": f"{platform.machine()} CPU, {args.threads} threads, torch "
                           f"{torch.__version__}", "model": args.model,
                "precision": precision_rows(model, args.rows, args.repeats),

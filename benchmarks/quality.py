@@ -31,7 +31,7 @@ from readmoe.errors import ReadmoeError
 from readmoe.eval.params import parameter_counts
 from readmoe.eval.significance import Difference, average_difference, mean_stderr, paired_difference
 from readmoe.eval.tasks import check_task_names, evaluate_tasks, prepare_tasks
-from readmoe.io import atomic_write_json, write_results
+from readmoe.io import atomic_write_json, command_line, write_results
 from readmoe.models import load_model, load_tokenizer
 
 DEFAULT_TASKS = "arc_easy,arc_challenge,hellaswag,piqa,winogrande"
@@ -152,7 +152,7 @@ def main() -> int:
                      "parameters": parameter_counts(load_model(spec)), "tasks": per_task,
                      "average": sum(values) / len(values),
                      "n": {t: len(scores[label][t]["scores"]) for t in tasks}})
-    summary = {"command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]),
+    summary = {"command": command_line(),
                "machine": f"{platform.machine()} CPU, {args.threads} threads, fp32",
                "seconds": round(time.time() - started), "limit": args.limit, "tasks": tasks,
                "rows": rows, "comparisons": compare(scores, tasks)}

@@ -33,7 +33,7 @@ from readmoe.data.corpus import load_corpus
 from readmoe.errors import ReadmoeError
 from readmoe.eval.domains import domain_perplexity, domain_wins, log_gap
 from readmoe.eval.routing_modes import make_routing
-from readmoe.io import atomic_write_json, write_results
+from readmoe.io import atomic_write_json, command_line, write_results
 from readmoe.models import load_model, load_tokenizer
 from readmoe.models.device import resolve_placement
 from readmoe.train.config import TrainConfig
@@ -127,7 +127,7 @@ def main() -> int:
                 point["oracle"] = score(model_dir, f"{method} {rounds}r oracle", "oracle",
                                         work / f"{method}-{rounds}-oracle.json")
             points.append(point)
-    summary = {"command": "python benchmarks/quality_curve.py " + " ".join(sys.argv[1:]),
+    summary = {"command": command_line(),
                "machine": f"{platform.machine()} {placement.device}, {args.threads} threads, "
                           "fp32",
                "recipe": {k: getattr(args, k) for k in ("router_steps", "expert_steps",

@@ -26,7 +26,7 @@ import torch
 
 from readmoe.data.corpus import load_corpus
 from readmoe.eval.domains import evaluate_model, format_ppl_table, log_gap
-from readmoe.io import atomic_write_json, write_results
+from readmoe.io import atomic_write_json, command_line, write_results
 from readmoe.models import load_tokenizer
 from readmoe.train.config import TrainConfig
 from readmoe.train.rounds import Trainer, final_model_dir
@@ -94,7 +94,7 @@ def main() -> int:
                     reports.append(oracle)
                     row["log_gap_oracle"] = log_gap(oracle, dense)
                 rows.append(row)
-    summary = {"command": "python benchmarks/recovery_sweep.py " + " ".join(sys.argv[1:]),
+    summary = {"command": command_line(),
                "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, fp32",
                "budget": {"rounds": args.rounds, "expert_steps": args.expert_steps,
                           "tokens_per_step": 4 * 256},

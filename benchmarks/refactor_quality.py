@@ -22,7 +22,7 @@ import torch
 
 from readmoe.data.corpus import build_corpus, load_corpus
 from readmoe.eval.domains import domain_wins, evaluate_model, format_ppl_table
-from readmoe.io import atomic_save_figure, write_results
+from readmoe.io import atomic_save_figure, command_line, write_results
 from readmoe.models import load_tokenizer
 from readmoe.refactor.importance import CRITERIA, DEFAULT_CRITERION
 from readmoe.refactor.pipeline import run_refactor, run_stats
@@ -77,7 +77,7 @@ def main() -> int:
 
     readme = plans["readme"]
     summary = {
-        "command": "python benchmarks/refactor_quality.py " + " ".join(sys.argv[1:]),
+        "command": command_line(),
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, fp32",
         "model": args.model, "keep": args.keep, "importance": args.importance,
         "stats_tokens_per_domain": stats.tokens,

@@ -38,7 +38,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from readmoe.io import write_results
+from readmoe.io import command_line, write_results
 from readmoe.serve.metrics import summarize
 from readmoe.server.process import ServerProcess
 from readmoe.train.rounds import final_model_dir
@@ -402,7 +402,7 @@ def main() -> int:
         "clean exit on SIGTERM": status == 0,
     }
     failed = [name for name, ok in checks.items() if not ok]
-    result = {"command": " ".join([sys.executable, *sys.argv]), "model": model,
+    result = {"command": command_line(), "model": model,
               "machine": f"{os.cpu_count()} CPUs, {os.uname().sysname} {os.uname().release}",
               "server": "readmoe serve " + " ".join([model, *flags]), "args": vars(args),
               "loadavg": [round(x[0], 2) for x in loadavg], "rss_mib_warm": rss_warm,

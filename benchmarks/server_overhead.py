@@ -35,7 +35,7 @@ import httpx
 import torch
 
 from readmoe.cli.bench_cmds import workload_specs
-from readmoe.io import write_results
+from readmoe.io import command_line, write_results
 from readmoe.models.device import resolve_placement
 from readmoe.serve.launch import EngineOptions, open_engine
 from readmoe.server.http_bench import replay_http
@@ -186,7 +186,7 @@ def main() -> int:
                     print(name, side, runs[side][-1], flush=True)
             rows.append(compare(name, rate, runs["http"], runs["local"]))
         status = server.stop()
-    result = {"command": " ".join([sys.executable, *sys.argv]), "model": model,
+    result = {"command": command_line(), "model": model,
               "corpus": args.corpus, "requests": args.requests, "max_output": args.max_output,
               "repeats": args.repeats, "threads": args.threads,
               "machine": f"{os.cpu_count()} CPUs",

@@ -20,7 +20,7 @@ import torch
 from readmoe.data.corpus import build_corpus, load_corpus
 from readmoe.eval.domains import domain_wins, evaluate_model, format_ppl_table
 from readmoe.eval.router_cost import router_share
-from readmoe.io import atomic_save_figure, write_results
+from readmoe.io import atomic_save_figure, command_line, write_results
 from readmoe.models import load_model, load_tokenizer
 from readmoe.refactor.pipeline import run_refactor, run_stats
 from readmoe.train.config import TrainConfig
@@ -85,7 +85,7 @@ def main() -> int:
     last = runs["readme"]["state"]["rounds"][str(args.rounds - 1)]
     tokens = args.rounds * args.expert_steps * args.batch_size * args.block_size
     summary = {
-        "command": "python benchmarks/train_quality.py " + " ".join(sys.argv[1:]),
+        "command": command_line(),
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, fp32",
         "model": args.model, "seconds": round(time.time() - started),
         "config": common | {"router_steps": args.router_steps},

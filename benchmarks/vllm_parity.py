@@ -248,7 +248,7 @@ def main() -> int:
     if args.vllm_side:
         vllm_side(*args.vllm_side)
         return 0
-    from readmoe.io import write_results
+    from readmoe.io import command_line, write_results
     from readmoe.train.rounds import final_model_dir
 
     model = str(Path(args.model or final_model_dir(DEMO_RUN)).resolve())
@@ -268,7 +268,7 @@ def main() -> int:
         decode[batch] = {"readmoe": a["tokens_per_s"], "vllm": b["tokens_per_s"],
                          "equal": f"{equal} / {len(a['outputs'])}"}
     result = {
-        "command": " ".join([sys.executable, *sys.argv]), "model": model,
+        "command": command_line(), "model": model,
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, load average before / "
                    f"after {load_before:.2f} / {os.getloadavg()[0]:.2f}",
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,

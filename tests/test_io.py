@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import os
 
-from readmoe.io import atomic_save_figure, atomic_write_json
+from readmoe.io import atomic_save_figure, atomic_write_json, command_line
 
 
 def test_atomic_writes_leave_no_temp_files_and_readable_modes(tmp_path):
@@ -29,3 +29,10 @@ def test_write_results_writes_json_and_markdown(tmp_path, capsys):
     assert [p.name for p in paths] == ["bench.json", "bench.md"]
     assert json.loads(paths[0].read_text()) == {"speedup": 1.5}
     assert paths[1].read_text() == "# Bench\n" and "# Bench" in capsys.readouterr().out
+
+
+def test_command_line_is_rerunnable_from_the_repository_root(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    argv = [str(tmp_path / "benchmarks" / "x.py"), "--name", "a b", "--rounds", "1", "2"]
+    assert command_line(argv) == "python benchmarks/x.py --name 'a b' --rounds 1 2"
+    assert command_line(["/elsewhere/x.py"]) == "python /elsewhere/x.py"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -71,3 +73,13 @@ def write_results(folder: str | Path, name: str, data: dict, markdown: str) -> l
     atomic_write_text(paths[1], markdown if markdown.endswith("\n") else markdown + "\n")
     print(markdown)
     return paths
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """How a benchmark run was started, as a reader reruns it from the repository root: the
+    script path relative to the working directory and every argument shell-quoted."""
+    argv = sys.argv if argv is None else argv
+    script = Path(argv[0])
+    if script.is_absolute() and script.is_relative_to(Path.cwd()):
+        script = script.relative_to(Path.cwd())
+    return " ".join(["python", shlex.quote(str(script)), *map(shlex.quote, argv[1:])])
