@@ -3,7 +3,7 @@
 Why one run per method: Read-ME tunes in rounds (router steps, then expert steps), so a budget
 is a number of rounds. Each method trains once to the largest budget; its ``round-<r>/`` folder
 is the model after ``r + 1`` rounds, which is what a run stopped at that budget would have
-kept (the learning rates decay per round, not over a planned total). Both methods start from
+kept (any learning-rate decay is per round, not over a planned total). Both methods start from
 the demo's untrained folders and read the same blocks in the same order (the trainer's seeded
 schedule), so at every budget they have seen the same expert-tuning tokens; ReadME also
 spends ``router_steps`` per round on its router.
@@ -15,7 +15,7 @@ after a kill, and each scored model is kept under ``--work``.
 Writes results/quality_curve.{json,md,png}. Needs `make demo` first (runs/demo). On a GPU the
 same command trains there (the trainer picks it); raise ``--rounds`` and ``--expert-steps``.
 
-    .venv/bin/python benchmarks/quality_curve.py [--rounds 1 2 4 8] [--expert-steps 8]
+    .venv/bin/python benchmarks/quality_curve.py [--rounds 1 2 4 8 16] [--expert-steps 8]
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ from readmoe.eval.routing_modes import make_routing
 from readmoe.io import atomic_write_json, command_line, write_results
 from readmoe.models import load_model, load_tokenizer
 from readmoe.models.device import resolve_placement
-from readmoe.train.config import TrainConfig
+from readmoe.train.config import RECIPES, TrainConfig
 from readmoe.train.rounds import Trainer
+
+SMALL = RECIPES["small"]  # the recipe `readmoe train` picks for this model
 
 
 def parse_args() -> argparse.Namespace:
@@ -47,18 +49,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", default=None, help="default runs/<NAME>")
     parser.add_argument("--tag", default="", help="start from the demo's moe-<method><TAG> "
                         "folders, e.g. -refit from `python -m readmoe.demo --refit`")
-    parser.add_argument("--rounds", type=int, nargs="+", default=[1, 2, 4, 8],
+    parser.add_argument("--rounds", type=int, nargs="+", default=[1, 2, 4, 8, 16],
                         help="budgets, as rounds of tuning (at least 4 for a curve)")
     parser.add_argument("--router-steps", type=int, default=40, help="ReadME, per round")
     parser.add_argument("--expert-steps", type=int, default=8, help="per round")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--block-size", type=int, default=256)
-    parser.add_argument("--lr-router", type=float, default=2e-3)
-    parser.add_argument("--lr-experts", type=float, default=2e-4)
-    parser.add_argument("--kd", type=float, default=1.0, help="weight of the KD loss")
-    parser.add_argument("--decay", type=float, default=TrainConfig.decay,
-                        help="both learning rates are multiplied by this after every round; "
-                        "1 keeps them: at long budgets the default decay starves late rounds")
+    parser.add_argument("--lr-router", type=float, default=SMALL.lr_router)
+    parser.add_argument("--lr-experts", type=float, default=SMALL.lr_experts)
+    parser.add_argument("--kd", type=float, default=SMALL.kd_weight, help="weight of the KD loss")
+    parser.add_argument("--decay", type=float, default=SMALL.decay,
+                        help="both learning rates are multiplied by this after every round "
+                        "(the paper's 0.8 starves the late rounds of a small budget)")
     parser.add_argument("--eval-tokens", type=int, default=2048, help="held-out, per domain")
     parser.add_argument("--device", default=None, help="default: cuda if torch sees one")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -45,9 +45,10 @@ def _moe(folder, value):
     return folder
 
 
-def _run(out, moe):
+def _run(out, moe, config=None):
     out.mkdir()
-    (out / STATE).write_text(json.dumps({"source_weights": tensors_fingerprint(moe)}))
+    state = {"source_weights": tensors_fingerprint(moe), "config": config or {"decay": 1.0}}
+    (out / STATE).write_text(json.dumps(state))
     (out / "round-0").mkdir()
     return out
 
@@ -70,6 +71,16 @@ def test_a_run_from_other_weights_is_moved_aside_not_deleted(tmp_path):
     _run(out, old)
     set_aside_stale_run(out, new)
     assert (tmp_path / "train-stale-2" / STATE).is_file()
+
+
+def test_a_run_with_other_settings_is_moved_aside_the_same_settings_stay(tmp_path):
+    moe = _moe(tmp_path / "moe", 1)
+    out = _run(tmp_path / "train", moe, {"decay": 0.8})
+    set_aside_stale_run(out, moe, {"decay": 0.8})
+    assert (out / STATE).is_file()
+    set_aside_stale_run(out, moe, {"decay": 1.0})
+    assert not out.exists()
+    assert (tmp_path / "train-stale-1" / "round-0").is_dir()
 
 
 def test_no_training_yet_is_left_alone(tmp_path):

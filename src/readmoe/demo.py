@@ -82,20 +82,25 @@ def carving_tag(importance: str, refit: bool, sequential: bool = DEMO_SEQUENTIAL
                                "-refit" if refit else "")
 
 
-def set_aside_stale_run(out: Path, moe_dir: Path) -> None:
-    """Rename a training folder begun on other source weights (an older demo's carving) to
-    ``<out>-stale-<n>`` so the demo trains afresh without deleting anyone's run."""
-    from readmoe.train.rounds import begun_on_other_weights
+def set_aside_stale_run(out: Path, moe_dir: Path, config: dict | None = None) -> None:
+    """Rename a training folder begun on other source weights (an older demo's carving) or,
+    given ``config``, with other training settings (an older default recipe) to
+    ``<out>-stale-<n>``, so the demo trains afresh without deleting anyone's run."""
+    from readmoe.train.rounds import STATE, begun_on_other_weights
 
-    if not begun_on_other_weights(out, moe_dir):
+    if begun_on_other_weights(out, moe_dir):
+        why = f"was trained from other weights than {moe_dir} holds now (carved another way)"
+    elif config is not None and (out / STATE).is_file() \
+            and json.loads((out / STATE).read_text()).get("config", config) != config:
+        why = "was trained with other settings than the demo's (an older default recipe)"
+    else:
         return
     n = 1
     while out.with_name(f"{out.name}-stale-{n}").exists():
         n += 1
     stale = out.with_name(f"{out.name}-stale-{n}")
     out.rename(stale)
-    print(f"{out} was trained from other weights than {moe_dir} holds now (carved another "
-          f"way); moved it to {stale} and training afresh")
+    print(f"{out} {why}; moved it to {stale} and training afresh")
 
 
 class Demo:
@@ -200,9 +205,10 @@ class Demo:
             config = TrainConfig(rounds=a.rounds, router_steps=router_steps,
                                  expert_steps=a.expert_steps, batch_size=4, block_size=256,
                                  lr_router=recipe.lr_router, lr_experts=recipe.lr_experts,
-                                 kd_weight=recipe.kd_weight, eval_tokens=512)
+                                 decay=recipe.decay, kd_weight=recipe.kd_weight,
+                                 eval_tokens=512)
             out = self.out / f"train-{method}{self.tag}"
-            set_aside_stale_run(out, folders[method])
+            set_aside_stale_run(out, folders[method], config.to_dict())
             state = Trainer(folders[method], str(self.corpus_dir), out, config).run()
             last = state["rounds"][str(a.rounds - 1)]
             if "router_accuracy" in last:

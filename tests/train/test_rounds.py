@@ -181,6 +181,10 @@ def test_recipe_auto_picks_small_below_a_billion_and_flags_override(tiny_moe_dir
     register(commands)
     base = ["train", str(tiny_moe_dir), "--corpus", "c", "--out", "o"]
     paper = config_from_args(parser.parse_args([*base, "--recipe", "paper"]))
-    assert (paper.lr_router, paper.lr_experts, paper.kd_weight) == (5e-4, 5e-5, 0.0)
+    assert (paper.lr_router, paper.lr_experts, paper.kd_weight, paper.decay) == \
+        (5e-4, 5e-5, 0.0, 0.8)
     mixed = config_from_args(parser.parse_args([*base, "--lr-experts", "1e-3"]))
-    assert (mixed.lr_router, mixed.lr_experts, mixed.kd_weight) == (2e-3, 1e-3, 1.0)
+    assert (mixed.lr_router, mixed.lr_experts, mixed.kd_weight, mixed.decay) == \
+        (2e-3, 1e-3, 1.0, 1.0)
+    decayed = config_from_args(parser.parse_args([*base, "--decay", "0.8"]))
+    assert (decayed.lr_experts, decayed.decay) == (2e-4, 0.8)

@@ -30,14 +30,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--router-steps", type=int, default=d.router_steps)
     train.add_argument("--expert-steps", type=int, default=d.expert_steps)
     train.add_argument("--recipe", default="auto", choices=["auto", *RECIPES],
-                       help="learning rates and KD: 'paper' (Read-ME's, for 7B models and a "
-                       "billion tokens), 'small' (measured best per token on small models), "
-                       "'auto' (default: small below 1B dense parameters); --lr-router, "
-                       "--lr-experts and --kd-weight override it")
+                       help="learning rates, their decay and KD: 'paper' (Read-ME's, for 7B "
+                       "models and a billion tokens), 'small' (measured best per token on "
+                       "small models), 'auto' (default: small below 1B dense parameters); "
+                       "--lr-router, "
+                       "--lr-experts, --decay and --kd-weight override it")
     train.add_argument("--lr-router", type=float, default=None)
     train.add_argument("--lr-experts", type=float, default=None)
-    train.add_argument("--decay", type=float, default=d.decay,
-                       help="learning-rate factor applied after every round")
+    train.add_argument("--decay", type=float, default=None,
+                       help="learning-rate factor applied after every round (default: the "
+                       "recipe's)")
     train.add_argument("--weight-decay", type=float, default=d.weight_decay)
     train.add_argument("--batch-size", type=int, default=d.batch_size,
                        help="sequences per step, over all processes")
@@ -69,7 +71,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
     name, recipe = recipe_for(args.recipe, load_config(args.model))
     print(f"recipe: {name} (lr router {recipe.lr_router:g}, lr experts {recipe.lr_experts:g}, "
-          f"KD weight {recipe.kd_weight:g}; flags given override it)", flush=True)
+          f"decay {recipe.decay:g} a round, KD weight {recipe.kd_weight:g}; flags given override "
+          "it)", flush=True)
 
     def pick(value: float | None, default: float) -> float:
         return default if value is None else value
@@ -77,7 +80,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         rounds=args.rounds, router_steps=args.router_steps, expert_steps=args.expert_steps,
         lr_router=pick(args.lr_router, recipe.lr_router),
-        lr_experts=pick(args.lr_experts, recipe.lr_experts), decay=args.decay,
+        lr_experts=pick(args.lr_experts, recipe.lr_experts),
+        decay=pick(args.decay, recipe.decay),
         weight_decay=args.weight_decay, batch_size=args.batch_size, block_size=args.block_size,
         router_type=args.router_type, expert_params=args.expert_params,
         kd_weight=pick(args.kd_weight, recipe.kd_weight), eval_tokens=args.eval_tokens,
