@@ -35,7 +35,7 @@ def test_train_cli_writes_rounds_log_and_a_routed_model(tmp_path, tiny_moe_dir,
                                                         train_corpus_dir):
     out = tmp_path / "run"
     assert main(["train", str(tiny_moe_dir), "--corpus", str(train_corpus_dir), "--out",
-                 str(out), *SMALL]) == 0
+                 str(out), *SMALL, "--decay", "0.8"]) == 0
     log = json.loads((out / "train_log.json").read_text())
     assert [r["round"] for r in log["rounds"]] == [0, 1]
     first = log["rounds"][0]
