@@ -86,14 +86,10 @@ def set_aside_stale_run(out: Path, moe_dir: Path, config: dict | None = None) ->
     """Rename a training folder begun on other source weights (an older demo's carving) or,
     given ``config``, with other training settings (an older default recipe) to
     ``<out>-stale-<n>``, so the demo trains afresh without deleting anyone's run."""
-    from readmoe.train.rounds import STATE, begun_on_other_weights
+    from readmoe.train.rounds import stale_run_reason
 
-    if begun_on_other_weights(out, moe_dir):
-        why = f"was trained from other weights than {moe_dir} holds now (carved another way)"
-    elif config is not None and (out / STATE).is_file() \
-            and json.loads((out / STATE).read_text()).get("config", config) != config:
-        why = "was trained with other settings than the demo's (an older default recipe)"
-    else:
+    why = stale_run_reason(out, moe_dir, config)
+    if why is None:
         return
     n = 1
     while out.with_name(f"{out.name}-stale-{n}").exists():

@@ -33,8 +33,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="learning rates, their decay and KD: 'paper' (Read-ME's, for 7B "
                        "models and a billion tokens), 'small' (measured best per token on "
                        "small models), 'auto' (default: small below 1B dense parameters); "
-                       "--lr-router, "
-                       "--lr-experts, --decay and --kd-weight override it")
+                       "--lr-router, --lr-experts, --decay and --kd-weight override it")
     train.add_argument("--lr-router", type=float, default=None)
     train.add_argument("--lr-experts", type=float, default=None)
     train.add_argument("--decay", type=float, default=None,

@@ -31,7 +31,7 @@ RECIPES = {
     "paper": Recipe(lr_router=5e-4, lr_experts=5e-5, kd_weight=0.0, decay=0.8),
     # models under SMALL_MODEL_PARAMS tuned on 1e4-1e5 tokens (results/recovery_sweep.md:
     # 4x the paper's rates and KD from the dense logits recover several times more per token;
-    # results/quality_curve.md: without the per-round decay every budget from 2 rounds up
+    # results/quality_curve-nodecay.md: without the per-round decay every budget from 2 rounds up
     # recovers more, the late rounds are not starved)
     "small": Recipe(lr_router=2e-3, lr_experts=2e-4, kd_weight=1.0, decay=1.0),
 }

@@ -253,15 +253,22 @@ class Trainer:
         save_readme(model, folder, tokenizer=self.tokenizer, plan=self.plan)
 
 
-def begun_on_other_weights(out: str | Path, moe_dir: str | Path) -> bool:
-    """Whether ``out`` holds a run begun on other weights than ``moe_dir`` holds now, the
-    state a ``Trainer`` refuses to resume (a run from before the weights were recorded is
-    taken to be on the same, as the trainer takes it)."""
+def stale_run_reason(out: str | Path, moe_dir: str | Path, config: dict | None = None
+                     ) -> str | None:
+    """Why ``out`` holds a run a ``Trainer`` would refuse to resume from ``moe_dir`` (begun on
+    other weights or, given ``config``, with other settings), or None when it may resume or
+    there is none (a run from before weights or settings were recorded is taken to be on the
+    same, as the trainer takes it)."""
     path = Path(out) / STATE
     if not path.is_file():
-        return False
-    kept = json.loads(path.read_text()).get("source_weights")
-    return kept is not None and kept != tensors_fingerprint(moe_dir)
+        return None
+    state = json.loads(path.read_text())
+    kept = state.get("source_weights")
+    if kept is not None and kept != tensors_fingerprint(moe_dir):
+        return f"was trained from other weights than {moe_dir} holds now (carved another way)"
+    if config is not None and state.get("config", config) != config:
+        return "was trained with other settings (an older default recipe)"
+    return None
 
 
 def final_model_dir(out: str | Path) -> Path:
