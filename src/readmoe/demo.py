@@ -96,7 +96,8 @@ def set_aside_stale_run(out: Path, moe_dir: Path, config: dict | None = None) ->
         n += 1
     stale = out.with_name(f"{out.name}-stale-{n}")
     out.rename(stale)
-    print(f"{out} {why}; moved it to {stale} and training afresh")
+    print(f"{out} holds a run with another {why}; moved it to {stale} and training "
+          "afresh")
 
 
 class Demo:

@@ -34,6 +34,7 @@ from readmoe.train.targets import DistillTargets, build_targets
 STATE = "state.json"
 CHECKPOINT = "checkpoint"  # the prefix of checkpoint-<phases done>-<step>/
 TRAINING_STATE = "training.pt"
+RESUME_KEYS = ("config", "source", "source_weights", "corpus")  # a run resumes only if all match
 
 
 class Trainer:
@@ -194,17 +195,11 @@ class Trainer:
             return fresh
         state = json.loads(path.read_text())
         state.setdefault("source_weights", fresh["source_weights"])  # begun before it was kept
-        for key in ("config", "source", "source_weights", "corpus"):
-            if state[key] != fresh[key]:
-                what = {"source_weights": f"source: {self.moe_dir} was carved again since "
-                        "(other weights)"}.get(key, key)
-                if key == "config":  # name each setting that moved, e.g. an older default
-                    kept, wanted = state[key], fresh[key]
-                    what += ": " + ", ".join(f"{k} {kept.get(k)} (now {wanted[k]})"
-                                             for k in wanted if kept.get(k) != wanted[k])
-                raise ReadmoeError(f"{self.out} holds a run with another {what}; resume with "
-                                   f"the same arguments, or delete {self.out} or choose "
-                                   "another --out to start afresh")
+        what = resume_mismatch(state, {key: fresh[key] for key in RESUME_KEYS}, self.moe_dir)
+        if what is not None:
+            raise ReadmoeError(f"{self.out} holds a run with another {what}; resume with the "
+                               f"same arguments, or delete {self.out} or choose another --out "
+                               "to start afresh")
         return state
 
     def _checkpoint_dir(self, state: dict) -> Path | None:
@@ -253,6 +248,21 @@ class Trainer:
         save_readme(model, folder, tokenizer=self.tokenizer, plan=self.plan)
 
 
+def resume_mismatch(kept: dict, current: dict, moe_dir: str | Path) -> str | None:
+    """What a kept training state was begun with that ``current`` (some of RESUME_KEYS) no
+    longer matches, worded for a message (each setting that moved, for the config), or None."""
+    for key, wanted in current.items():
+        if kept[key] == wanted:
+            continue
+        if key == "source_weights":
+            return f"source: {moe_dir} was carved again since (other weights)"
+        if key == "config":  # name each setting that moved, e.g. an older default
+            return "config: " + ", ".join(f"{k} {kept[key].get(k)} (now {wanted[k]})"
+                                          for k in wanted if kept[key].get(k) != wanted[k])
+        return key
+    return None
+
+
 def stale_run_reason(out: str | Path, moe_dir: str | Path, config: dict | None = None
                      ) -> str | None:
     """Why ``out`` holds a run a ``Trainer`` would refuse to resume from ``moe_dir`` (begun on
@@ -263,12 +273,11 @@ def stale_run_reason(out: str | Path, moe_dir: str | Path, config: dict | None =
     if not path.is_file():
         return None
     state = json.loads(path.read_text())
-    kept = state.get("source_weights")
-    if kept is not None and kept != tensors_fingerprint(moe_dir):
-        return f"was trained from other weights than {moe_dir} holds now (carved another way)"
-    if config is not None and state.get("config", config) != config:
-        return "was trained with other settings (an older default recipe)"
-    return None
+    current = {"source_weights": tensors_fingerprint(moe_dir)}
+    state.setdefault("source_weights", current["source_weights"])
+    if config is not None and "config" in state:
+        current["config"] = config
+    return resume_mismatch(state, current, moe_dir)
 
 
 def final_model_dir(out: str | Path) -> Path:
