@@ -6,7 +6,11 @@ is the model after ``r + 1`` rounds, which is what a run stopped at that budget 
 kept (any learning-rate decay is per round, not over a planned total). Both methods start from
 the demo's untrained folders and read the same blocks in the same order (the trainer's seeded
 schedule), so at every budget they have seen the same expert-tuning tokens; ReadME also
-spends ``router_steps`` per round on its router.
+spends ``router_steps`` per round on its router, and ``--final-router-steps`` after its last
+round, as ``readmoe train`` ends a run (experts fixed): each kept round is finished with the
+trainer's own ``final_router_phase`` into ``--work``/readme-<rounds>-final/. One difference from
+a run of that many rounds, named here: the phase wraps around the long run's target blocks,
+where a shorter run would have had fewer (``rounds * router_steps * batch`` of them).
 
 Scored at every budget on the demo corpus's held-out text: ReadME with its own router and with
 oracle routing (router error vs expert recovery), and prune. Resumable: trainer state resumes
@@ -23,8 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,8 +42,11 @@ from readmoe.eval.routing_modes import make_routing
 from readmoe.io import atomic_write_json, command_line, write_results
 from readmoe.models import load_model, load_tokenizer
 from readmoe.models.device import resolve_placement
+from readmoe.refactor.plan import ExpertPlan
+from readmoe.refactor.slicing import save_readme
 from readmoe.train.config import RECIPES, TrainConfig
-from readmoe.train.rounds import Trainer
+from readmoe.train.rounds import Trainer, final_router_phase
+from readmoe.train.targets import DistillTargets
 
 SMALL = RECIPES["small"]  # the recipe `readmoe train` picks for this model
 
@@ -53,6 +62,8 @@ def parse_args() -> argparse.Namespace:
                         help="budgets, as rounds of tuning (at least 4 for a curve)")
     parser.add_argument("--router-steps", type=int, default=40, help="ReadME, per round")
     parser.add_argument("--expert-steps", type=int, default=8, help="per round")
+    parser.add_argument("--final-router-steps", type=int, default=SMALL.final_router_steps,
+                        help="ReadME, after the last round (0: none)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--lr-router", type=float, default=SMALL.lr_router)
@@ -108,6 +119,24 @@ def main() -> int:
         print(f"{label}: mean ppl {mean_ppl(report):.1f}", flush=True)
         return report
 
+    def finish(config: TrainConfig, rounds: int, train: Path) -> Path:
+        """The kept round ``rounds - 1`` finished as a run of ``rounds`` rounds ends."""
+        folder = work / f"readme-{rounds}-final{args.final_router_steps}"
+        if (folder / "config.json").is_file():
+            return folder
+        round_dir = train / f"round-{rounds - 1}"
+        model = load_model(str(round_dir), device=placement.device)
+        torch.manual_seed(config.seed)
+        finished = replace(config, rounds=rounds, final_router_steps=args.final_router_steps)
+        final_router_phase(model, DistillTargets.load(train / "targets"), finished,
+                           precision=placement.autocast)
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        save_readme(model, partial, tokenizer=tokenizer,
+                    plan=ExpertPlan.load(round_dir / "plan"))
+        partial.rename(folder)
+        return folder
+
     points = []
     for method, router_steps in (("readme", args.router_steps), ("prune", 0)):
         config = TrainConfig(rounds=budgets[-1], router_steps=router_steps,
@@ -120,11 +149,18 @@ def main() -> int:
                 placement=placement).run()
         for rounds in budgets:
             model_dir = train / f"round-{rounds - 1}"
+            final = args.final_router_steps if method == "readme" else 0
             point = {"method": method, "rounds": rounds,
                      "tokens": rounds * tokens_per_round(args),
-                     "router_tokens": rounds * router_steps * args.batch_size * args.block_size,
+                     "router_tokens": (rounds * router_steps + final) * args.batch_size
+                     * args.block_size,
                      "own": score(model_dir, f"{method} {rounds}r", "router",
                                   work / f"{method}-{rounds}-own.json")}
+            if final:
+                point["own_rounds_only"] = point["own"]
+                point["own"] = score(finish(config, rounds, train),
+                                     f"{method} {rounds}r +{final} router", "router",
+                                     work / f"{method}-{rounds}-final{final}-own.json")
             if method == "readme":
                 point["oracle"] = score(model_dir, f"{method} {rounds}r oracle", "oracle",
                                         work / f"{method}-{rounds}-oracle.json")
@@ -133,7 +169,8 @@ def main() -> int:
                "machine": f"{platform.machine()} {placement.device}, {args.threads} threads, "
                           "fp32",
                "recipe": {k: getattr(args, k) for k in ("router_steps", "expert_steps",
-                                                        "batch_size", "block_size", "lr_router",
+                                                        "final_router_steps", "batch_size",
+                                                        "block_size", "lr_router",
                                                         "lr_experts", "kd", "decay")},
                "sources": [f"moe-readme{args.tag}", f"moe-prune{args.tag}"],
                "seconds": round(time.time() - started), "dense": dense,
@@ -155,9 +192,13 @@ def summarize(points: list[dict], rounds: int, dense: dict) -> dict:
     prune = next(p for p in points if p["method"] == "prune" and p["rounds"] == rounds)
     own, oracle, pruned = readme["own"], readme["oracle"], prune["own"]
     wins = domain_wins([{**own, "label": "a"}, {**pruned, "label": "b"}], "a", "b")
+    rounds_only = readme.get("own_rounds_only", own)
     return {"rounds": rounds, "tokens": readme["tokens"],
             "mean_ppl": {"dense": mean_ppl(dense), "readme": mean_ppl(own),
+                         "readme_rounds_only": mean_ppl(rounds_only),
                          "readme_oracle": mean_ppl(oracle), "prune": mean_ppl(pruned)},
+            "readme_rounds_only_wins": domain_wins(
+                [{**rounds_only, "label": "a"}, {**pruned, "label": "b"}], "a", "b")["count"],
             "x_dense": mean_ppl(own) / mean_ppl(dense),
             "log_gap": {"readme": log_gap(own, dense), "readme_oracle": log_gap(oracle, dense),
                         "prune": log_gap(pruned, dense)},
@@ -173,18 +214,23 @@ def render(summary: dict) -> str:
              f"{recipe['lr_router']:g}), then both {recipe['expert_steps']} expert steps of "
              f"{recipe['batch_size']} x {recipe['block_size']} tokens (lr "
              f"{recipe['lr_experts']:g}, KD weight {recipe['kd']:g}; both rates times "
-             f"{recipe['decay']:g} after every round); from the demo's untrained "
+             f"{recipe['decay']:g} after every round), ReadME then "
+             f"{recipe.get('final_router_steps', 0)} router steps with experts fixed (the "
+             "column 'rounds only' leaves them out); from the demo's untrained "
              f"folders {' and '.join(summary.get('sources', ['moe-readme', 'moe-prune']))}. "
              "Perplexity: mean over the six domains' held-out text.", "",
-             "| rounds | expert-tuning tokens | dense | ReadME (own router) | ReadME (oracle) | "
-             "prune | ReadME / dense | log gap ReadME / prune | ReadME beats prune on |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| rounds | expert-tuning tokens | dense | ReadME (own router) | ReadME (rounds "
+             "only) | ReadME (oracle) | prune | ReadME / dense | log gap ReadME / prune | "
+             "ReadME beats prune on | rounds only beat prune on |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for b in summary["budgets"]:
         ppl, gap, wins = b["mean_ppl"], b["log_gap"], b["readme_wins"]
         lines.append(f"| {b['rounds']} | {b['tokens']:,} | {ppl['dense']:.1f} | "
-                     f"{ppl['readme']:.1f} | {ppl['readme_oracle']:.1f} | {ppl['prune']:.1f} | "
+                     f"{ppl['readme']:.1f} | {ppl['readme_rounds_only']:.1f} | "
+                     f"{ppl['readme_oracle']:.1f} | {ppl['prune']:.1f} | "
                      f"{b['x_dense']:.2f}x | {gap['readme']:.3f} / {gap['prune']:.3f} | "
-                     f"{wins['count']} of {wins['of']} |")
+                     f"{wins['count']} of {wins['of']} | {b['readme_rounds_only_wins']} of "
+                     f"{wins['of']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -198,6 +244,7 @@ def plot(summary: dict, path: Path) -> None:
     tokens = [b["tokens"] for b in budgets]
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label, style in (("readme", "ReadME, own router", "o-"),
+                              ("readme_rounds_only", "ReadME, rounds only", "o:"),
                               ("readme_oracle", "ReadME, oracle routing", "o--"),
                               ("prune", "prune", "s-")):
         ax.plot(tokens, [b["mean_ppl"][key] for b in budgets], style, label=label)

@@ -87,3 +87,20 @@ def test_no_training_yet_is_left_alone(tmp_path):
     moe = _moe(tmp_path / "moe", 1)
     set_aside_stale_run(tmp_path / "train", moe)
     assert not (tmp_path / "train").exists()
+
+
+def test_targets_that_name_their_plan_go_along_to_the_fresh_run(tmp_path):
+    """A dense pass per target block is the dear part of a rerun; the trainer checks the
+    carried targets against the plan, so only targets that record theirs are carried."""
+    moe = _moe(tmp_path / "moe", 1)
+    out = _run(tmp_path / "train", moe, {"decay": 0.8})
+    (out / "targets").mkdir()
+    (out / "targets" / "targets.json").write_text(json.dumps({"plan_tensors": "abc"}))
+    set_aside_stale_run(out, moe, {"decay": 1.0})
+    assert json.loads((out / "targets" / "targets.json").read_text()) == {"plan_tensors": "abc"}
+    assert sorted(p.name for p in out.iterdir()) == ["targets"]
+    legacy = _run(tmp_path / "legacy", moe, {"decay": 0.8})
+    (legacy / "targets").mkdir()
+    (legacy / "targets" / "targets.json").write_text("{}")
+    set_aside_stale_run(legacy, moe, {"decay": 1.0})
+    assert not legacy.exists()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="router steps per round (10 left the router the bottleneck: "
                         "results/recovery_sweep.md)")
     parser.add_argument("--expert-steps", type=int, default=8)
+    parser.add_argument("--final-router-steps", type=int, default=None,
+                        help="ReadME's router steps after the last round (default: the "
+                        "recipe's; results/router_budget-demo.md)")
     parser.add_argument("--task-limit", type=int, default=20,
                         help="items per lm-eval task in the quality table")
     parser.add_argument("--serve-requests", type=int, default=16,
@@ -96,6 +100,10 @@ def set_aside_stale_run(out: Path, moe_dir: Path, config: dict | None = None) ->
         n += 1
     stale = out.with_name(f"{out.name}-stale-{n}")
     out.rename(stale)
+    targets = stale / "targets"
+    if (targets / "targets.json").is_file() and "plan_tensors" in json.loads(
+            (targets / "targets.json").read_text()):  # the trainer checks they still apply
+        shutil.copytree(targets, out / "targets")
     print(f"{out} holds a run with another {why}; moved it to {stale} and training "
           "afresh")
 
@@ -197,10 +205,15 @@ class Demo:
         trained = {}
         for method, router_steps in (("readme", a.router_steps), ("prune", 0)):
             name, recipe = recipe_for("auto", load_config(str(folders[method])))
+            final = 0 if method == "prune" else (recipe.final_router_steps
+                                                 if a.final_router_steps is None
+                                                 else a.final_router_steps)
             step(f"train: {method} ({a.rounds} rounds, {router_steps} router + "
-                 f"{a.expert_steps} expert steps each, recipe {name})")
+                 f"{a.expert_steps} expert steps each, then {final} router steps, "
+                 f"recipe {name})")
             config = TrainConfig(rounds=a.rounds, router_steps=router_steps,
-                                 expert_steps=a.expert_steps, batch_size=4, block_size=256,
+                                 expert_steps=a.expert_steps, final_router_steps=final,
+                                 batch_size=4, block_size=256,
                                  lr_router=recipe.lr_router, lr_experts=recipe.lr_experts,
                                  decay=recipe.decay, kd_weight=recipe.kd_weight,
                                  eval_tokens=512)

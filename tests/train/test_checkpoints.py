@@ -115,3 +115,18 @@ def test_kill_while_writing_the_state_resumes_from_the_previous_checkpoint(
 def test_negative_checkpoint_interval_is_refused(tmp_path, tiny_moe_dir, train_corpus_dir):
     with pytest.raises(ReadmoeError, match="--checkpoint-every"):
         train(tiny_moe_dir, train_corpus_dir, tmp_path / "r", every=-1)
+
+
+def test_kill_inside_the_final_router_phase_resumes_exactly(tmp_path, tiny_moe_dir,
+                                                            train_corpus_dir, monkeypatch):
+    final = small_config(router_steps=5, expert_steps=4, final_router_steps=5)
+    out, straight = tmp_path / "killed", tmp_path / "straight"
+    Trainer(tiny_moe_dir, str(train_corpus_dir), straight, final, checkpoint_every=0).run()
+    with monkeypatch.context() as patch:
+        kill_at_step(patch, 2 * (5 + 4) + 4)  # step 4 of the final phase
+        with pytest.raises(Killed):
+            Trainer(tiny_moe_dir, str(train_corpus_dir), out, final, checkpoint_every=2).run()
+    state = json.loads((out / "state.json").read_text())
+    assert (state["phases_done"], state["phase_step"]) == (4, 2)
+    Trainer(tiny_moe_dir, str(train_corpus_dir), out, final, checkpoint_every=2).run()
+    assert_same(weights(straight / "round-1"), weights(out / "round-1"))

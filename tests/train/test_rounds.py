@@ -181,10 +181,84 @@ def test_recipe_auto_picks_small_below_a_billion_and_flags_override(tiny_moe_dir
     register(commands)
     base = ["train", str(tiny_moe_dir), "--corpus", "c", "--out", "o"]
     paper = config_from_args(parser.parse_args([*base, "--recipe", "paper"]))
-    assert (paper.lr_router, paper.lr_experts, paper.kd_weight, paper.decay) == \
-        (5e-4, 5e-5, 0.0, 0.8)
+    assert (paper.lr_router, paper.lr_experts, paper.kd_weight, paper.decay,
+            paper.final_router_steps) == (5e-4, 5e-5, 0.0, 0.8, 0)
     mixed = config_from_args(parser.parse_args([*base, "--lr-experts", "1e-3"]))
     assert (mixed.lr_router, mixed.lr_experts, mixed.kd_weight, mixed.decay) == \
         (2e-3, 1e-3, 1.0, 1.0)
     decayed = config_from_args(parser.parse_args([*base, "--decay", "0.8"]))
-    assert (decayed.lr_experts, decayed.decay) == (2e-4, 0.8)
+    assert (decayed.lr_experts, decayed.decay, decayed.final_router_steps) == (2e-4, 0.8, 640)
+    none = config_from_args(parser.parse_args([*base, "--final-router-steps", "0"]))
+    assert none.final_router_steps == 0
+
+
+def test_final_router_phase_trains_the_router_alone_after_the_last_round(
+        tmp_path, tiny_moe_dir, train_corpus_dir):
+    """Same rounds with and without the final phase: the backbone ends identical, the router
+    moves, the phase is logged in the last round and scored with it."""
+    plain = Trainer(tiny_moe_dir, str(train_corpus_dir), tmp_path / "plain",
+                    small_config()).run()
+    state = Trainer(tiny_moe_dir, str(train_corpus_dir), tmp_path / "final",
+                    small_config(final_router_steps=6)).run()
+    last = state["rounds"]["1"]
+    assert len(last["router_final"]["losses"]) == 6
+    assert last["router_final"]["lr"] == pytest.approx(3e-3 * 0.8)  # the last round's
+    assert "router_final" not in state["rounds"]["0"]
+    assert last["router_accuracy"] != plain["rounds"]["1"]["router_accuracy"]
+    a, b = weights(tmp_path / "plain" / "round-1"), weights(tmp_path / "final" / "round-1")
+    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    assert moved and all(k.startswith("model.router.") for k in moved), sorted(moved)[:5]
+    first_a, first_b = (weights(tmp_path / d / "round-0") for d in ("plain", "final"))
+    assert all(torch.equal(first_a[k], first_b[k]) for k in first_a)
+
+
+def test_final_router_phase_alone_reads_targets_of_its_own(tmp_path, tiny_moe_dir,
+                                                          train_corpus_dir):
+    """No router steps in the rounds: the final phase still has target blocks to learn from."""
+    config = small_config(rounds=1, router_steps=0, expert_steps=0, final_router_steps=40,
+                          lr_router=1e-2)
+    state = Trainer(tiny_moe_dir, str(train_corpus_dir), tmp_path / "r", config).run()
+    assert state["rounds"]["0"]["router_accuracy"]["mean"] > 0.6
+
+
+def test_a_run_begun_before_a_setting_existed_resumes_with_its_neutral_default(
+        tmp_path, tiny_moe_dir, train_corpus_dir):
+    out = tmp_path / "run"
+    Trainer(tiny_moe_dir, str(train_corpus_dir), out, small_config()).run(max_phases=1)
+    state = json.loads((out / "state.json").read_text())
+    del state["config"]["final_router_steps"]
+    (out / "state.json").write_text(json.dumps(state))
+    Trainer(tiny_moe_dir, str(train_corpus_dir), out, small_config()).run()
+    with pytest.raises(ReadmoeError, match=r"final_router_steps 0 \(now 3\)"):
+        Trainer(tiny_moe_dir, str(train_corpus_dir), out,
+                small_config(final_router_steps=3)).run()
+
+
+def test_cached_targets_are_recomputed_when_the_plan_moved_channels(tmp_path, tiny_moe_dir,
+                                                                   train_corpus_dir):
+    """A recarve may keep the dense source (the plan's fingerprint) but move channels between
+    experts: targets made on the old channels would teach the router the old experts."""
+    import shutil
+
+    from readmoe.refactor.plan import ExpertPlan
+    from readmoe.train.targets import DistillTargets
+
+    source = tmp_path / "moved"
+    shutil.copytree(tiny_moe_dir, source)
+    out = tmp_path / "run"
+    Trainer(source, str(train_corpus_dir), out, small_config()).run(max_phases=0)
+    before = DistillTargets.load(out / "targets")
+    plan = ExpertPlan.load(source / "plan")
+    layer = plan.layers[0]
+    others = set(layer.experts[1:].flatten().tolist())
+    column = next(i for i, c in enumerate(layer.experts[0].tolist()) if c not in others)
+    shared, expert = int(layer.shared[0]), int(layer.experts[0, column])
+    layer.shared[0], layer.experts[0, column] = expert, shared  # one channel changes sides
+    layer.shared, _ = layer.shared.sort()
+    layer.experts[0], _ = layer.experts[0].sort()
+    plan.save(source / "plan")
+    Trainer(source, str(train_corpus_dir), out, small_config()).run(max_phases=0)
+    after = DistillTargets.load(out / "targets")
+    assert after.meta["plan_tensors"] != before.meta["plan_tensors"]
+    assert torch.equal(after.tokens, before.tokens)
+    assert not torch.equal(after.scores, before.scores)

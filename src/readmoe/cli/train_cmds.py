@@ -29,6 +29,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--rounds", type=int, default=d.rounds)
     train.add_argument("--router-steps", type=int, default=d.router_steps)
     train.add_argument("--expert-steps", type=int, default=d.expert_steps)
+    train.add_argument("--final-router-steps", type=int, default=None,
+                       help="router steps after the last round, experts fixed (default: the "
+                       "recipe's: 640 small, 0 paper)")
     train.add_argument("--recipe", default="auto", choices=["auto", *RECIPES],
                        help="learning rates, their decay and KD: 'paper' (Read-ME's, for 7B "
                        "models and a billion tokens), 'small' (measured best per token on "
@@ -70,14 +73,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
     name, recipe = recipe_for(args.recipe, load_config(args.model))
     print(f"recipe: {name} (lr router {recipe.lr_router:g}, lr experts {recipe.lr_experts:g}, "
-          f"decay {recipe.decay:g} a round, KD weight {recipe.kd_weight:g}; flags given override "
-          "it)", flush=True)
+          f"decay {recipe.decay:g} a round, KD weight {recipe.kd_weight:g}, "
+          f"{recipe.final_router_steps} final router steps; flags given override it)", flush=True)
 
     def pick(value: float | None, default: float) -> float:
         return default if value is None else value
 
     return TrainConfig(
         rounds=args.rounds, router_steps=args.router_steps, expert_steps=args.expert_steps,
+        final_router_steps=int(pick(args.final_router_steps, recipe.final_router_steps)),
         lr_router=pick(args.lr_router, recipe.lr_router),
         lr_experts=pick(args.lr_experts, recipe.lr_experts),
         decay=pick(args.decay, recipe.decay),

@@ -159,7 +159,10 @@ def _run_phase(model, names: set[str], lr: float, steps: int, desc: str, config:
 def run_router_phase(model, schedule: BlockSchedule, targets: DistillTargets, first_step: int,
                      lr: float, config: TrainConfig, dist: Distributed,
                      precision: Precision = contextlib.nullcontext,
-                     progress: PhaseProgress | None = None) -> list[float]:
+                     progress: PhaseProgress | None = None,
+                     steps: int | None = None) -> list[float]:
+    """``steps`` router steps (default ``config.router_steps``) from router-schedule position
+    ``first_step``."""
     device = next(model.parameters()).device
 
     def step_loss(step: int) -> torch.Tensor:
@@ -170,8 +173,9 @@ def run_router_phase(model, schedule: BlockSchedule, targets: DistillTargets, fi
         return router_distillation_loss(logits.flatten(0, 1), scores, targets.expert_sizes,
                                         config.router_loss)
 
-    return _run_phase(model, router_parameter_names(model), lr, config.router_steps, "router",
-                      config, dist, step_loss, precision, progress)
+    return _run_phase(model, router_parameter_names(model), lr,
+                      config.router_steps if steps is None else steps, "router", config, dist,
+                      step_loss, precision, progress)
 
 
 def run_expert_phase(model, schedule: BlockSchedule, first_step: int, lr: float,

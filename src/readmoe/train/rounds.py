@@ -1,18 +1,20 @@
 """Alternating rounds of router distillation and expert tuning (Read-ME section 4).
 
 Round r: `router_steps` router steps at lr_router * decay**r, then `expert_steps` expert steps
-at lr_experts * decay**r, each phase with its own cosine schedule. The data position
-advances across rounds. After every phase, and every `checkpoint_every` optimizer steps
-inside one, a checkpoint folder `checkpoint-<phases done>-<step>/` (the model, plus
-`training.pt`: AdamW's state and the RNG's) is written whole, then `state.json`, which names
-it, is replaced atomically: a kill at any moment leaves a complete checkpoint named, and the
-resumed run ends with the same weights as an uninterrupted one, bit for bit. After every
-round the model is saved as `round-<r>/` and `train_log.json` gains the round's losses,
-router accuracy and held-out perplexity.
+at lr_experts * decay**r, each phase with its own cosine schedule; the last round ends with
+`final_router_steps` more router steps (experts fixed), before it is scored and saved. The
+data position advances across rounds and wraps around the router's target blocks. After
+every phase, and every `checkpoint_every` optimizer steps inside one, a checkpoint folder
+`checkpoint-<phases done>-<step>/` (the model, plus `training.pt`: AdamW's state and the
+RNG's) is written whole, then `state.json`, which names it, is replaced atomically: a kill at
+any moment leaves a complete checkpoint named, and the resumed run ends with the same weights
+as an uninterrupted one, bit for bit. After every round the model is saved as `round-<r>/`
+and `train_log.json` gains the round's losses, router accuracy and held-out perplexity.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import shutil
@@ -61,13 +63,16 @@ class Trainer:
                                f"number of processes ({self.dist.world})")
 
     def phases(self) -> list[tuple[str, int]]:
-        """The phase sequence: (router, 0), (experts, 0), (router, 1), ... (empty ones left out)."""
+        """The phase sequence: (router, 0), (experts, 0), (router, 1), ..., (router_final, last)
+        (empty ones left out)."""
         order = []
         for r in range(self.config.rounds):
             if self.routed and self.config.router_steps:
                 order.append(("router", r))
             if self.config.expert_steps:
                 order.append(("experts", r))
+        if self.routed and self.config.final_router_steps:
+            order.append(("router_final", self.config.rounds - 1))
         return order
 
     def run(self, max_phases: int | None = None) -> dict:
@@ -108,6 +113,9 @@ class Trainer:
                 losses = run_router_phase(model, router_schedule, targets,
                                           r * self.config.router_steps, lr, self.config,
                                           self.dist, self.placement.autocast, progress)
+            elif kind == "router_final":
+                lr, losses = final_router_phase(model, targets, self.config, self.dist,
+                                                self.placement.autocast, progress)
             else:
                 lr = self.config.lr_experts * self.config.decay**r
                 losses = run_expert_phase(model, schedule, r * self.config.expert_steps, lr,
@@ -160,7 +168,8 @@ class Trainer:
 
     def _blocks(self) -> torch.Tensor:
         c = self.config
-        needed = c.rounds * max(c.router_steps, c.expert_steps) * c.batch_size
+        needed = (c.rounds * max(c.router_steps, c.expert_steps) or c.final_router_steps
+                  ) * c.batch_size
         return mixed_blocks(self.corpus, self.tokenizer, c.block_size, needed)
 
     def _targets(self, dense, schedule: BlockSchedule) -> DistillTargets:
@@ -168,16 +177,25 @@ class Trainer:
         from readmoe.refactor.oracle import OracleRouter
 
         folder = self.out / "targets"
+        c = self.config
+        # the final phase wraps around the rounds' blocks: a target block costs a dense
+        # forward pass, a router step on it a small fraction of one
         count = min(schedule.blocks.shape[0],
-                    self.config.rounds * self.config.router_steps * self.config.batch_size)
+                    (c.rounds * c.router_steps or c.final_router_steps) * c.batch_size)
         blocks = schedule.blocks[:count]
+        meta = {"plan_fingerprint": self.plan.meta.get("fingerprint"),
+                "plan_tensors": plan_tensors_fingerprint(self._plan_dir())}
         if (folder / "targets.json").is_file():
             cached = DistillTargets.load(folder)
-            if cached.tokens.shape[0] >= count and torch.equal(cached.tokens[:count], blocks):
+            # targets cached before the plan's channels were recorded are taken to be on them
+            same_plan = (cached.meta.get("plan_fingerprint") == meta["plan_fingerprint"]
+                         and cached.meta.get("plan_tensors", meta["plan_tensors"])
+                         == meta["plan_tensors"])
+            if same_plan and cached.tokens.shape[0] >= count and torch.equal(
+                    cached.tokens[:count], blocks):
                 return DistillTargets(cached.tokens[:count], cached.scores[:count],
                                       cached.expert_sizes, cached.meta)
-        targets = build_targets(OracleRouter(dense, self.plan), blocks,
-                                meta={"plan_fingerprint": self.plan.meta.get("fingerprint")})
+        targets = build_targets(OracleRouter(dense, self.plan), blocks, meta=meta)
         if self.dist.is_main:
             targets.save(folder)
         return targets
@@ -248,10 +266,37 @@ class Trainer:
         save_readme(model, folder, tokenizer=self.tokenizer, plan=self.plan)
 
 
+def plan_tensors_fingerprint(plan_dir: str | Path) -> str:
+    """Hash of a plan's channel lists, whole (a few hundred KiB): the router's targets are
+    each expert's share of the dense output, so they hold only for the plan they were made on,
+    and a recarve may keep the dense source (the plan's own fingerprint) but move channels."""
+    return tensors_fingerprint(plan_dir, sample=1 << 40)
+
+
+def final_router_phase(model, targets: DistillTargets, config: TrainConfig,
+                       dist: Distributed | None = None, precision=contextlib.nullcontext,
+                       progress: PhaseProgress | None = None) -> tuple[float, list[float]]:
+    """The run's last phase: ``config.final_router_steps`` router steps after the last round
+    (experts fixed), at the last round's router learning rate, reading the target blocks on
+    from where the rounds left off (wrapping around them). Returns (lr, losses). Public so
+    that a benchmark can finish a kept round of a longer run the way a run of that many rounds
+    would end."""
+    lr = config.lr_router * config.decay ** (config.rounds - 1)
+    losses = run_router_phase(model, BlockSchedule(targets.tokens, config.batch_size), targets,
+                              config.rounds * config.router_steps, lr, config,
+                              dist or Distributed(), precision, progress,
+                              config.final_router_steps)
+    return lr, losses
+
+
 def resume_mismatch(kept: dict, current: dict, moe_dir: str | Path) -> str | None:
     """What a kept training state was begun with that ``current`` (some of RESUME_KEYS) no
     longer matches, worded for a message (each setting that moved, for the config), or None."""
     for key, wanted in current.items():
+        if key == "config":  # a setting added since the run began had its neutral default
+            defaults = TrainConfig().to_dict()
+            kept = {**kept, key: {**{k: defaults[k] for k in wanted if k in defaults},
+                                  **kept[key]}}
         if kept[key] == wanted:
             continue
         if key == "source_weights":
