@@ -16,6 +16,7 @@ model's weights, the task and the item count are unchanged.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 from readmoe.errors import ReadmoeError
 from readmoe.eval.params import parameter_counts
+from readmoe.eval.routing_modes import oracle_forward
 from readmoe.eval.significance import Difference, average_difference, mean_stderr, paired_difference
 from readmoe.eval.tasks import check_task_names, evaluate_tasks, prepare_tasks
 from readmoe.io import atomic_write_json, command_line, write_results
@@ -49,7 +51,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--work", default="runs/quality", help="per-(model, task) results")
+    parser.add_argument("--oracle", action="append", default=[], metavar="LABEL",
+                        help="score the ReadME model of this --model label with oracle routing "
+                        "(each token's best expert from the dense model's activations): what "
+                        "its experts can do if its router chose as the oracle does")
     parser.add_argument("--results", default="results")
+    parser.add_argument("--name", default="quality", help="results/<NAME>.{json,md}")
     return parser.parse_args()
 
 
@@ -91,12 +98,17 @@ def score_all(models: dict[str, str], tasks: list[str], args: argparse.Namespace
     work = Path(args.work)
     out: dict[str, dict] = {label: {} for label in models}
     todo = []
+    unknown = sorted(set(args.oracle) - set(models))
+    if unknown:
+        raise ReadmoeError(f"--oracle {', '.join(unknown)}: no --model has that label")
     for label, spec in models.items():
         stamp = weights_stamp(spec)
         for task in tasks:
             path = work / f"{hashlib.sha256(label.encode()).hexdigest()[:8]}-{task}.json"
             key = {"label": label, "model": spec, "weights": stamp, "task": task,
                    "limit": args.limit}
+            if label in args.oracle:
+                key["routing"] = "oracle"
             cached = json.loads(path.read_text()) if path.is_file() else None
             if cached is not None and cached["key"] == key:
                 out[label][task] = cached["score"]
@@ -106,8 +118,12 @@ def score_all(models: dict[str, str], tasks: list[str], args: argparse.Namespace
     for label, spec, task, path, key in tqdm(todo, desc="model x task", unit="run"):
         if loaded is None or loaded[0] != spec:
             loaded = (spec, load_model(spec), load_tokenizer(spec))
-        report = evaluate_tasks(loaded[1], loaded[2], [task], tasks_dir, model_name=spec,
-                                limit=args.limit, batch_size=args.batch_size, per_item=True)
+        routing = (oracle_forward(loaded[1], spec) if label in args.oracle
+                   else contextlib.nullcontext())
+        with routing:
+            report = evaluate_tasks(loaded[1], loaded[2], [task], tasks_dir, model_name=spec,
+                                    limit=args.limit, batch_size=args.batch_size,
+                                    per_item=True)
         items = report["items"][task]
         metric = primary_metric(items)
         scores = items[metric]
@@ -149,6 +165,7 @@ def main() -> int:
                     for t in tasks}
         values = [s["value"] for s in per_task.values()]
         rows.append({"label": label, "model": spec,
+                     "routing": "oracle" if label in args.oracle else "own",
                      "parameters": parameter_counts(load_model(spec)), "tasks": per_task,
                      "average": sum(values) / len(values),
                      "n": {t: len(scores[label][t]["scores"]) for t in tasks}})
@@ -156,7 +173,7 @@ def main() -> int:
                "machine": f"{platform.machine()} CPU, {args.threads} threads, fp32",
                "seconds": round(time.time() - started), "limit": args.limit, "tasks": tasks,
                "rows": rows, "comparisons": compare(scores, tasks)}
-    write_results(args.results, "quality", summary, render(summary))
+    write_results(args.results, args.name, summary, render(summary))
     return 0
 
 

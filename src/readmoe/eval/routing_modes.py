@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -50,6 +51,35 @@ def make_routing(model, routing: str, model_dir: str | Path | None = None,
     def by_oracle(domain: str, batch: torch.Tensor) -> dict:
         return {"expert_ids": router.expert_ids(batch)}
     return by_oracle
+
+
+@contextlib.contextmanager
+def oracle_forward(model, model_dir: str | Path, dense: str | None = None) -> Iterator[None]:
+    """Route every whole-sequence ``model(input_ids)`` call by the oracle while inside.
+
+    Why: callers that only call the model (lm-eval's HFLM) cannot pass ``expert_ids``, so a
+    forward pre-hook adds the oracle's for the ids it is given. The oracle reads the dense
+    model's activations over the whole sequence, so a call that continues a KV cache (only the
+    new tokens in ``input_ids``) is refused rather than routed without its context.
+    """
+    if not is_readme(model):
+        raise ReadmoeError("oracle routing applies to ReadME models only")
+    router = oracle_for(model_dir, dense, like=model)
+
+    def add_expert_ids(_module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if kwargs.get("past_key_values") is not None:
+            raise ReadmoeError("oracle routing scores whole sequences; this call continues a "
+                               "KV cache (generation): use the model's own router there")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and kwargs.get("expert_ids") is None:
+            kwargs = {**kwargs, "expert_ids": router.expert_ids(ids)}
+        return args, kwargs
+
+    handle = model.register_forward_pre_hook(add_expert_ids, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def oracle_for(model_dir: str | Path | None, dense: str | None, like=None):

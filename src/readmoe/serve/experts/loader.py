@@ -128,9 +128,15 @@ class ThreadCopyEngine(CopyEngine):
                 return
 
     def computed(self, position: int) -> None:
+        """Called once per routed expert computed, so it wakes the worker only when the head of
+        a queue was waiting for a position this one reaches: every other wake-up would only make
+        the worker take the interpreter lock from compute, check, and sleep again."""
         with self._ready:
-            if position > self._progress:
-                self._progress = position
+            if position <= self._progress:
+                return
+            previous, self._progress = self._progress, position
+            if any(queue and queue[0][3] is not None and previous < queue[0][3] <= position
+                   for queue in (self._urgent, self._background)):
                 self._ready.notify_all()
 
     def wait(self, ticket: int) -> float:
