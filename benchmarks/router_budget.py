@@ -6,9 +6,13 @@ router's targets come from the dense model, not from the experts, so the router 
 learning after the last round without touching the backbone. This script takes the curve's
 final ReadME folder, continues its router with the trainer's own router phase (same loss, same
 target blocks in the same order, wrapping around them, backbone frozen), and scores each extra
-budget: routing accuracy against the oracle on held-out text, and held-out perplexity per
-domain beside the trained prune model of the same curve. Router steps are cheap (the router is
-a one-block transformer of width 128), so the question is whether spending more of them pays.
+budget: routing accuracy against the oracle on held-out text, held-out perplexity per domain
+beside the trained prune model of the same curve, and the router's temporal locality (the share
+of held-out tokens routed to the previous token's expert: what an expert cache and the serving
+engine's next-expert predictor live on; the oracle's beside it). Router steps are cheap (the
+router is a one-block transformer of width 128), so the question is whether spending more of
+them pays, and what it does to locality. ``--start`` continues another model's router (e.g. a
+run trained without the final router phase) on the curve's targets.
 
 Writes results/<NAME>.{json,md}; with ``--keep`` also the models, for lm-eval. Needs the
 curve's run folder (benchmarks/quality_curve.py).
@@ -46,6 +50,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--curve", default="runs/quality_curve-nodecay",
                         help="a quality-curve run folder (train-readme/, train-prune/)")
     parser.add_argument("--corpus", default="runs/demo/corpus")
+    parser.add_argument("--start", default=None, help="the ReadME folder whose router continues "
+                        "(default: the curve's final ReadME round)")
     parser.add_argument("--extra-steps", type=int, nargs="+", default=[0, 320, 640, 1280])
     parser.add_argument("--batch-size", type=int, default=4, help="as the curve's rounds")
     parser.add_argument("--lr-router", type=float, default=RECIPES["small"].lr_router)
@@ -66,11 +72,16 @@ def routing_accuracy(model, blocks: dict[str, torch.Tensor],
             for domain, b in blocks.items()}
 
 
+def locality(expert_ids: torch.Tensor) -> float:
+    """Share of tokens [B, T] after the first of each row routed as the token before them."""
+    return float((expert_ids[:, 1:] == expert_ids[:, :-1]).float().mean())
+
+
 def main() -> int:
     args = parse_args()
     torch.set_num_threads(args.threads)
     curve = Path(args.curve)
-    readme_dir = final_model_dir(curve / "train-readme")
+    readme_dir = Path(args.start) if args.start else final_model_dir(curve / "train-readme")
     prune_dir = final_model_dir(curve / "train-prune")
     targets_dir = curve / "train-readme" / "targets"
     if not (targets_dir / "targets.json").is_file():
@@ -105,13 +116,16 @@ def main() -> int:
         rows.append({"extra_steps": extra,
                      "extra_router_tokens": extra * args.batch_size * targets.tokens.shape[1],
                      "accuracy": routing_accuracy(model, blocks, oracle_ids),
+                     "locality": {d: locality(model.route(b)[0]) for d, b in blocks.items()},
                      "ppl": report, "wins_over_prune": wins})
         print(f"+{extra} router steps: beats prune on {wins['count']} of {wins['of']}",
               flush=True)
     summary = {"command": command_line(), "machine": f"{platform.machine()} cpu, "
                f"{args.threads} threads, fp32", "readme": str(readme_dir),
                "prune": str(prune_dir), "target_blocks": targets.tokens.shape[0],
-               "seconds": round(time.time() - started), "prune_ppl": prune, "rows": rows}
+               "seconds": round(time.time() - started), "prune_ppl": prune,
+               "oracle_locality": {d: locality(ids) for d, ids in oracle_ids.items()},
+               "rows": rows}
     write_results(args.results, args.name, summary, render(summary))
     return 0
 
@@ -123,18 +137,23 @@ def render(summary: dict) -> str:
              f"Model {summary['readme']}, prune {summary['prune']}; the router phase wraps "
              f"around the run's {summary['target_blocks']} target blocks. Cells: routing "
              "accuracy against the oracle / held-out perplexity.", "",
-             "| extra router steps | " + " | ".join(domains) + " | mean ppl | beats prune on |",
-             "|---:|" + "---:|" * (len(domains) + 2)]
+             "| extra router steps | " + " | ".join(domains) + " | mean ppl | beats prune on "
+             "| locality (mean over domains) |",
+             "|---:|" + "---:|" * (len(domains) + 3)]
     prune = summary["prune_ppl"]["domains"]
     lines.append("| prune | " + " | ".join(f"- / {prune[d]['ppl']:.1f}" for d in domains)
-                 + f" | {sum(prune[d]['ppl'] for d in domains) / len(domains):.1f} | - |")
+                 + f" | {sum(prune[d]['ppl'] for d in domains) / len(domains):.1f} | - | - |")
+    oracle = summary["oracle_locality"]
+    lines.append("| oracle routing | " + " | ".join("-" for _ in domains)
+                 + f" | - | - | {sum(oracle.values()) / len(oracle):.1%} |")
     for row in summary["rows"]:
         ppl, acc = row["ppl"]["domains"], row["accuracy"]
         mean = sum(ppl[d]["ppl"] for d in domains) / len(domains)
         wins = row["wins_over_prune"]
         lines.append(f"| {row['extra_steps']} | "
                      + " | ".join(f"{acc[d]:.0%} / {ppl[d]['ppl']:.1f}" for d in domains)
-                     + f" | {mean:.1f} | {wins['count']} of {wins['of']} |")
+                     + f" | {mean:.1f} | {wins['count']} of {wins['of']} | "
+                     f"{sum(row['locality'].values()) / len(row['locality']):.1%} |")
     return "\n".join(lines) + "\n"
 
 
