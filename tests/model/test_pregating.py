@@ -5,7 +5,12 @@ import math
 import pytest
 import torch
 
-from readmoe.model.pregating import PreGatingRouter, RouterCache, default_router_dim
+from readmoe.model.pregating import (
+    PreGatingRouter,
+    RouterCache,
+    default_router_dim,
+    sticky_argmax,
+)
 
 
 def make_router(seed=0, **kw) -> PreGatingRouter:
@@ -73,3 +78,47 @@ def test_default_dims_are_proportionate():
     assert default_router_dim(4096) == 512
     assert default_router_dim(576) == 128
     assert default_router_dim(64) == 64
+
+
+def naive_sticky(logits, margin, previous=None, valid=None):
+    """The hysteresis rule written out token by token, row by row."""
+    batch, steps, _ = logits.shape
+    out = []
+    for b in range(batch):
+        carried = None if previous is None or previous[b] < 0 else int(previous[b])
+        row = []
+        for t in range(steps):
+            scores = logits[b, t].tolist()
+            best = max(range(len(scores)), key=lambda e: (scores[e], -e))
+            real = valid is None or bool(valid[b, t])
+            pick = best
+            if real and carried is not None and scores[carried] >= scores[best] - margin:
+                pick = carried
+            if real:
+                carried = pick
+            row.append(pick)
+        out.append(row)
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.3, 1.0])
+def test_sticky_argmax_equals_a_naive_scan(margin):
+    logits = torch.randn(3, 20, 5, generator=torch.Generator().manual_seed(1))
+    previous = torch.tensor([2, -1, 0])
+    valid = torch.ones(3, 20, dtype=torch.bool)
+    valid[1, :4] = False  # a left-padded row
+    for args in ((), (previous,), (previous, valid), (None, valid)):
+        expected = naive_sticky(logits, margin, *args)
+        assert torch.equal(sticky_argmax(logits, margin, *args), expected)
+    plain = logits.argmax(-1)
+    assert torch.equal(sticky_argmax(logits, 0.0), plain)
+    switches = (sticky_argmax(logits, margin)[:, 1:] != sticky_argmax(logits, margin)[:, :-1])
+    if margin:  # the rule keeps experts the argmax would have switched away from
+        assert switches.sum() < (plain[:, 1:] != plain[:, :-1]).sum()
+
+
+def test_sticky_argmax_padding_hands_nothing_on():
+    logits = torch.randn(1, 6, 4, generator=torch.Generator().manual_seed(2))
+    padded = torch.cat([torch.randn(1, 3, 4), logits], dim=1)
+    valid = torch.tensor([[False] * 3 + [True] * 6])
+    assert torch.equal(sticky_argmax(padded, 0.8, valid=valid)[:, 3:], sticky_argmax(logits, 0.8))

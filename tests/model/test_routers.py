@@ -24,6 +24,7 @@ from readmoe.model import ReadMEConfig, ReadMEForCausalLM, RouterCache, default_
 from readmoe.model.routing import ROUTER_CACHE_ATTRIBUTE
 from readmoe.refactor.slicing import save_readme, slice_dense
 from tests.model.test_modeling_readme import GENERATE, NUM_EXPERTS, VOCAB, sample, tiny_readme
+from tests.model.test_pregating import naive_sticky
 from tests.refactor.test_slicing import DENSE, dense_model, random_plan, sample_ids
 
 NUM_LAYERS = 3  # tiny_readme: layer 0 shared + routed, layer 1 routed only, layer 2 shared only
@@ -168,6 +169,36 @@ def test_left_padding_does_not_change_the_routing():
     routed = model(padded, attention_mask=attention_mask, output_router_logits=True)
     torch.testing.assert_close(routed.router_logits[0, 3:], expected[0], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(routed.router_logits[1, 3:], expected[1], atol=1e-3)
+
+
+@torch.no_grad()
+def test_router_hysteresis_keeps_experts_in_generate_route_and_padding():
+    model = with_router("pregating")
+    model.config.router_hysteresis = 0.7
+    input_ids, _ = sample(seq=12)
+    expert_ids, router_logits = model.route(input_ids)
+    assert torch.equal(expert_ids, naive_sticky(router_logits, 0.7))
+    plain = router_logits.argmax(-1)
+    assert (expert_ids[:, 1:] != expert_ids[:, :-1]).sum() < (plain[:, 1:] != plain[:, :-1]).sum()
+    # token by token with the router cache: the same choices as the whole sequence at once
+    router_cache = RouterCache()
+    pieces = [model.route(input_ids[:, :5], router_cache)[0]]
+    pieces += [model.route(input_ids[:, t:t + 1], router_cache)[0] for t in range(5, 12)]
+    assert torch.equal(torch.cat(pieces, dim=1), expert_ids)
+    router_cache.crop(7)  # a rolled-back cache keeps the choices of the tokens it keeps
+    assert torch.equal(model.route(input_ids[:, 7:], router_cache)[0], expert_ids[:, 7:])
+    # generate (one router token per step, choices carried in the cache) equals recomputing
+    prompt = input_ids[:, :5]
+    assert torch.equal(model.generate(prompt, **GENERATE), greedy_full_recompute(model, prompt, 10))
+    padded = torch.cat([torch.zeros(2, 3, dtype=torch.long), input_ids], dim=1)
+    attention_mask = torch.ones_like(padded)
+    attention_mask[0, :3] = 0
+    routed = model(padded, attention_mask=attention_mask, output_router_logits=True).expert_ids
+    assert torch.equal(routed[0, 3:], expert_ids[0])
+    with pytest.raises(ValueError, match="router_hysteresis must be >= 0"):
+        ReadMEConfig(num_hidden_layers=1, router_hysteresis=-0.1)
+    restored = ReadMEConfig.from_dict(model.config.to_dict())
+    assert restored.router_hysteresis == 0.7
 
 
 # ---------------------------------------------------------------- layer-wise gates

@@ -91,6 +91,23 @@ def test_greedy_equals_hf_generate_under_every_scheduler(model, prompts, hf_outp
     assert eng.metrics()["requests"] == len(prompts)
 
 
+@torch.no_grad()
+def test_router_hysteresis_serves_as_hf_generate_and_routes_as_the_model(prompts):
+    model = readme()
+    model.config.router_hysteresis = 0.7
+    eng = engine(model, "expert-aware")
+    ids = [eng.add_request(p, SamplingParams(max_tokens=10)) for p in prompts]
+    while eng.has_unfinished():
+        eng.step()
+    for request_id, prompt in zip(ids, prompts, strict=True):
+        out = eng.output(request_id).token_ids
+        reference = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)
+        assert out == reference[0, len(prompt):].tolist()
+        served = next(r for r in eng.queue.finished if r.request_id == request_id)
+        whole = model.route(torch.tensor([prompt + out[:-1]]))[0][0].tolist()
+        assert served.prompt_experts + served.output_experts == whole
+
+
 def test_aborts_free_their_blocks(model, prompts):
     eng = engine(model, kv_blocks=30)
     ids = [eng.add_request(p, SamplingParams(max_tokens=12)) for p in prompts * 2]

@@ -49,6 +49,10 @@ class ReadMEConfig(PreTrainedConfig):
     router_heads: attention heads (default 4); router_dim / router_heads must be even.
     router_mlp_dim: SwiGLU width (default router_dim, as in the paper).
     router_rope_theta: RoPE base (default 10000).
+    router_hysteresis: a token keeps the previous token's routed expert unless the router's best
+        logit beats that expert's by more than this margin (default 0: plain argmax). Why: a
+        request that keeps its expert keeps the expert cache warm; the router's top logits are
+        often close, and trained towards the per-token oracle it switches on small margins.
     """
 
     model_type = "readme"
@@ -86,6 +90,7 @@ class ReadMEConfig(PreTrainedConfig):
     router_heads: int = 4
     router_mlp_dim: int | None = None
     router_rope_theta: float = 10000.0
+    router_hysteresis: float = 0.0
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -137,6 +142,9 @@ class ReadMEConfig(PreTrainedConfig):
         for name in ("router_dim", "router_layers", "router_heads", "router_mlp_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.router_hysteresis >= 0:
+            raise ValueError(f"router_hysteresis must be >= 0 (a logit margin), got "
+                             f"{self.router_hysteresis}")
         if self.router_dim % self.router_heads or (self.router_dim // self.router_heads) % 2:
             raise ValueError(f"router_dim {self.router_dim} must split into router_heads "
                              f"{self.router_heads} heads of even width (RoPE rotates pairs)")

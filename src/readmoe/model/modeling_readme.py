@@ -41,7 +41,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_readme import ROUTER_DIMS, ReadMEConfig
 from .experts import ExpertGroups, ReadMEExperts, ReadMEMoE, ReadMESharedExpert
-from .pregating import PreGatingRouter, RouterCache
+from .pregating import PreGatingRouter, RouterCache, sticky_argmax
 from .routing import (
     ReadMECausalLMOutputWithPast,
     ReadMEModelOutputWithPast,
@@ -140,6 +140,8 @@ class ReadMEPreTrainedModel(PreTrainedModel):
         forward. ``router_cache`` continues a sequence batch: feed only the new tokens, so a
         decoded token costs one token's projections and one attention row, never a rerun of
         the prefix. ``attention_mask`` [B, cached + T] (1 = token, 0 = padding) hides padding.
+        With ``config.router_hysteresis`` > 0 a token keeps its predecessor's expert within that
+        logit margin (``sticky_argmax``); the cache remembers each token's choice for that.
         """
         router = self.base_model.router
         if router is None:
@@ -148,7 +150,15 @@ class ReadMEPreTrainedModel(PreTrainedModel):
             raise ValueError("route() needs the pre-gating router; this model's router_type is "
                              f"{self.config.router_type!r}{where}")
         router_logits = router(input_ids, router_cache, attention_mask)  # [B, T, E]
-        return router_logits.argmax(-1), router_logits
+        steps = input_ids.shape[1]
+        valid = attention_mask[:, -steps:].bool() if attention_mask is not None else None
+        previous = router_cache.previous_experts() if router_cache is not None else None
+        if previous is not None and attention_mask is not None:  # the cached token's padding
+            previous = previous.masked_fill(~attention_mask[:, -steps - 1].bool(), -1)
+        chosen = sticky_argmax(router_logits, self.config.router_hysteresis, previous, valid)
+        if router_cache is not None:
+            router_cache.record(chosen)
+        return chosen, router_logits
 
     def router_parameters(self) -> list[nn.Parameter]:
         """The router's parameters (pre-gating router or layer-wise gates): what router

@@ -53,6 +53,7 @@ class RouterCache:
 
     keys: list[torch.Tensor] = field(default_factory=list)  # per layer [B, heads, T, d]
     values: list[torch.Tensor] = field(default_factory=list)
+    experts: torch.Tensor | None = None  # [B, T] the expert chosen for each token (hysteresis)
 
     @property
     def length(self) -> int:
@@ -73,14 +74,56 @@ class RouterCache:
         still exact after the later tokens are rolled back (assisted decoding, a reset cache)."""
         if length == 0:
             self.keys, self.values = [], []  # a new sequence batch may have another batch size
+            self.experts = None
             return
         self.keys = [k[:, :, :length] for k in self.keys]
         self.values = [v[:, :, :length] for v in self.values]
+        if self.experts is not None:
+            self.experts = self.experts[:, :length]
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows `index` ([B'] int), in that order (beam search's surviving beams)."""
         self.keys = [k.index_select(0, index.to(k.device)) for k in self.keys]
         self.values = [v.index_select(0, index.to(v.device)) for v in self.values]
+        if self.experts is not None:
+            self.experts = self.experts.index_select(0, index.to(self.experts.device))
+
+    def previous_experts(self) -> torch.Tensor | None:
+        """[B] the expert chosen for each sequence's latest token, or None before any."""
+        return None if self.experts is None or not self.experts.shape[1] else self.experts[:, -1]
+
+    def record(self, chosen: torch.Tensor) -> None:
+        """Append the experts chosen for the tokens just routed, [B, T]."""
+        self.experts = chosen if self.experts is None else torch.cat([self.experts, chosen], 1)
+
+
+def sticky_argmax(logits: torch.Tensor, margin: float, previous: torch.Tensor | None = None,
+                  valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Experts [B, T] from router logits [B, T, E] with hysteresis: token t keeps the expert of
+    token t - 1 unless the best logit beats that expert's by more than ``margin``; margin 0 is
+    plain argmax. ``previous`` [B]: the expert of the token before the first one here (a cached
+    sequence; -1 where there is none), else each row's first token takes its argmax. ``valid``
+    [B, T] (False at padding): a padding token takes its argmax and hands nothing on, so a
+    left-padded sequence routes as it would unpadded. A scan over T: each choice depends on the
+    one before."""
+    best = logits.argmax(-1)  # [B, T]
+    if margin == 0:
+        return best
+    top = logits.max(-1).values  # [B, T]
+    carried = (previous.clone() if previous is not None
+               else torch.full_like(best[:, 0], -1))  # [B], -1: nothing to keep
+    chosen = torch.empty_like(best)
+    for t in range(logits.shape[1]):
+        held = carried >= 0
+        score = logits[:, t].gather(1, carried.clamp_min(0)[:, None])[:, 0]  # [B]
+        pick = torch.where(held & (score >= top[:, t] - margin), carried, best[:, t])
+        if valid is not None:
+            pick = torch.where(valid[:, t], pick, best[:, t])
+            carried = torch.where(valid[:, t], pick, carried)
+        else:
+            carried = pick
+        chosen[:, t] = pick
+    return chosen
 
 
 class RouterBlock(nn.Module):

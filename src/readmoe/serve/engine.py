@@ -391,7 +391,8 @@ class Engine:
                              for seq in going_on})
             return revealed
         experts = route_next(self.model.model.router, [seq.output_ids[-1] for seq in going_on],
-                             [seq.router_cache for seq in going_on])
+                             [seq.router_cache for seq in going_on],
+                             self.model.config.router_hysteresis)
         revealed.update({seq.request_id: e for seq, e in zip(going_on, experts, strict=True)})
         return revealed
 

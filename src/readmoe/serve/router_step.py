@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from readmoe.model.pregating import PreGatingRouter, RouterCache, rotary
+from readmoe.model.pregating import PreGatingRouter, RouterCache, rotary, sticky_argmax
 
 
 @torch.inference_mode()
@@ -36,8 +36,10 @@ def prompt_experts(model, prompt_ids: Sequence[int],
 
 @torch.inference_mode()
 def route_next(router: PreGatingRouter, tokens: Sequence[int],
-               caches: Sequence[RouterCache]) -> list[int]:
-    """The expert of each ``tokens[i]``, the next token of the sequence in ``caches[i]``."""
+               caches: Sequence[RouterCache], margin: float = 0.0) -> list[int]:
+    """The expert of each ``tokens[i]``, the next token of the sequence in ``caches[i]``, with
+    the model's hysteresis ``margin`` (``config.router_hysteresis``: keep the sequence's
+    previous expert within that logit margin); each choice is recorded in its cache."""
     if not tokens:
         return []
     device = router.embed.weight.device
@@ -61,4 +63,10 @@ def route_next(router: PreGatingRouter, tokens: Sequence[int],
         x = x + block.out(attn)
         h = block.mlp_norm(x)
         x = x + block.down(F.silu(block.gate(h)) * block.up(h))
-    return router.head(router.norm(x))[:, 0].argmax(-1).tolist()
+    logits = router.head(router.norm(x))  # [S, 1, E]
+    previous = [cache.previous_experts() for cache in caches]
+    known = torch.tensor([-1 if p is None else int(p[0]) for p in previous], device=device)
+    chosen = sticky_argmax(logits, margin, known)  # [S, 1]
+    for i, cache in enumerate(caches):
+        cache.record(chosen[i:i + 1])
+    return chosen[:, 0].tolist()

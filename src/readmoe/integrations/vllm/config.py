@@ -77,6 +77,12 @@ def check_servable(config, tp_size: int, attention_head_sizes: Sequence[int] | N
             f"this ReadME folder has {config.num_experts} routed experts and no router "
             "(router_type 'none', e.g. straight out of `readmoe refactor`): train one with "
             "`readmoe train` (or attach_router) and serve the trained folder")
+    if getattr(config, "router_hysteresis", 0.0):
+        raise ValueError(
+            f"router_hysteresis {config.router_hysteresis} in the folder's config.json: each "
+            "token's expert then depends on its sequence's previous choice, which the vLLM "
+            "model's per-token routing does not keep; serve this folder with readmoe's own "
+            "engine, or set router_hysteresis to 0")
     if config.hidden_act != "silu":
         raise ValueError(f"hidden_act {config.hidden_act!r}: the vLLM model runs SwiGLU "
                          "experts (silu), as every supported Llama-family backbone has")
