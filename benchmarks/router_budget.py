@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from readmoe.analysis.information import reuse_share
 from readmoe.data.corpus import load_corpus
 from readmoe.errors import ReadmoeError
 from readmoe.eval.domains import domain_perplexity, domain_wins, heldout_blocks
@@ -72,11 +73,6 @@ def routing_accuracy(model, blocks: dict[str, torch.Tensor],
             for domain, b in blocks.items()}
 
 
-def locality(expert_ids: torch.Tensor) -> float:
-    """Share of tokens [B, T] after the first of each row routed as the token before them."""
-    return float((expert_ids[:, 1:] == expert_ids[:, :-1]).float().mean())
-
-
 def main() -> int:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -116,7 +112,8 @@ def main() -> int:
         rows.append({"extra_steps": extra,
                      "extra_router_tokens": extra * args.batch_size * targets.tokens.shape[1],
                      "accuracy": routing_accuracy(model, blocks, oracle_ids),
-                     "locality": {d: locality(model.route(b)[0]) for d, b in blocks.items()},
+                     "locality": {d: reuse_share(model.route(b)[0].cpu().numpy())
+                                  for d, b in blocks.items()},
                      "ppl": report, "wins_over_prune": wins})
         print(f"+{extra} router steps: beats prune on {wins['count']} of {wins['of']}",
               flush=True)
@@ -124,7 +121,8 @@ def main() -> int:
                f"{args.threads} threads, fp32", "readme": str(readme_dir),
                "prune": str(prune_dir), "target_blocks": targets.tokens.shape[0],
                "seconds": round(time.time() - started), "prune_ppl": prune,
-               "oracle_locality": {d: locality(ids) for d, ids in oracle_ids.items()},
+               "oracle_locality": {d: reuse_share(ids.cpu().numpy())
+                                   for d, ids in oracle_ids.items()},
                "rows": rows}
     write_results(args.results, args.name, summary, render(summary))
     return 0

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from readmoe.analysis.information import reuse_share
 from readmoe.data.corpus import load_corpus
 from readmoe.eval.domains import domain_perplexity, domain_wins, heldout_blocks
 from readmoe.io import atomic_write_json, command_line, write_results
@@ -58,8 +59,7 @@ def locality(model, blocks: dict[str, torch.Tensor]) -> dict[str, float]:
     out = {}
     with torch.no_grad():
         for domain, block in blocks.items():
-            ids = model.route(block)[0]
-            out[domain] = float((ids[:, 1:] == ids[:, :-1]).float().mean())
+            out[domain] = reuse_share(model.route(block)[0].cpu().numpy())
     return out
 
 
