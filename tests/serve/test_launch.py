@@ -76,8 +76,19 @@ def test_int8_serving_opens_on_cpu_float32_only(readme_dir):
         pass
 
 
+def test_router_hysteresis_flag_overrides_the_folder(readme_dir, tiny_llama_dir):
+    with open_engine(str(readme_dir), EngineOptions(router_hysteresis=0.7), CPU) as served:
+        assert served.engine.model.config.router_hysteresis == 0.7
+    with open_engine(str(readme_dir), EngineOptions(), CPU) as served:
+        assert served.engine.model.config.router_hysteresis == 0.0
+    with (pytest.raises(ReadmoeError, match="acts on a pre-gating router"),
+          open_engine(str(tiny_llama_dir), EngineOptions(router_hysteresis=0.5), CPU)):
+        pass
+
+
 def test_options_are_checked():
     for options, match in ((EngineOptions(tier="ram"), "add --capacity"),
+                           (EngineOptions(router_hysteresis=-1), "margin >= 0"),
                            (EngineOptions(capacity=0), "at least 1"),
                            (EngineOptions(max_seqs=0), "--max-seqs")):
         with pytest.raises(ReadmoeError, match=match):

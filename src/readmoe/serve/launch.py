@@ -57,6 +57,7 @@ class EngineOptions:
     prefetch_rate: float = 0.0
     step_history: int | None = None  # step reports kept (None: all; a server keeps the last)
     quantize: str = "none"  # "int8": the runner's matrices in int8 (CPU; serve/quantized.py)
+    router_hysteresis: float | None = None  # None: the folder's config.json value
 
     def validate(self) -> None:
         if self.capacity is None and (self.bandwidth is not None or self.tier != "file"
@@ -71,6 +72,9 @@ class EngineOptions:
             raise ReadmoeError(f"--capacity must be at least 1, got {self.capacity}")
         if self.max_seqs < 1 or self.max_batch_tokens < 1:
             raise ReadmoeError("--max-seqs and --max-batch-tokens must be at least 1")
+        if self.router_hysteresis is not None and not self.router_hysteresis >= 0:
+            raise ReadmoeError(f"--router-hysteresis is a router-logit margin >= 0, got "
+                               f"{self.router_hysteresis}")
 
     def scheduler_options(self) -> dict:
         return {name: value for name, value in (("max_experts", self.max_experts),
@@ -161,6 +165,11 @@ def open_engine(spec: str, options: EngineOptions, placement: Placement
     scheduler = make_scheduler(options.scheduler, **options.scheduler_options())
     offloaded = options.capacity is not None
     model, tokenizer = load_served_model(spec, placement, offload=offloaded)
+    if options.router_hysteresis is not None:
+        if model.config.router_type != "pregating":
+            raise ReadmoeError(f"--router-hysteresis acts on a pre-gating router; {spec} has "
+                               f"router_type {model.config.router_type!r}: drop the flag")
+        model.config.router_hysteresis = options.router_hysteresis
     store = contextlib.nullcontext()
     experts = {"store": "all routed experts resident",
                "routed_expert_bytes": routed_expert_bytes(model)}
