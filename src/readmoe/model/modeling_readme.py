@@ -41,11 +41,12 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_readme import ROUTER_DIMS, ReadMEConfig
 from .experts import ExpertGroups, ReadMEExperts, ReadMEMoE, ReadMESharedExpert
-from .pregating import PreGatingRouter, RouterCache, sticky_argmax
+from .pregating import PreGatingRouter, RouterCache
 from .routing import (
     ReadMECausalLMOutputWithPast,
     ReadMEModelOutputWithPast,
     check_expert_ids,
+    choose_experts,
     forget_router_cache,
     reorder_router_cache,
     router_cache_for,
@@ -141,7 +142,7 @@ class ReadMEPreTrainedModel(PreTrainedModel):
         decoded token costs one token's projections and one attention row, never a rerun of
         the prefix. ``attention_mask`` [B, cached + T] (1 = token, 0 = padding) hides padding.
         With ``config.router_hysteresis`` > 0 a token keeps its predecessor's expert within that
-        logit margin (``sticky_argmax``); the cache remembers each token's choice for that.
+        logit margin (``routing.choose_experts``).
         """
         router = self.base_model.router
         if router is None:
@@ -150,14 +151,8 @@ class ReadMEPreTrainedModel(PreTrainedModel):
             raise ValueError("route() needs the pre-gating router; this model's router_type is "
                              f"{self.config.router_type!r}{where}")
         router_logits = router(input_ids, router_cache, attention_mask)  # [B, T, E]
-        steps = input_ids.shape[1]
-        valid = attention_mask[:, -steps:].bool() if attention_mask is not None else None
-        previous = router_cache.previous_experts() if router_cache is not None else None
-        if previous is not None and attention_mask is not None:  # the cached token's padding
-            previous = previous.masked_fill(~attention_mask[:, -steps - 1].bool(), -1)
-        chosen = sticky_argmax(router_logits, self.config.router_hysteresis, previous, valid)
-        if router_cache is not None:
-            router_cache.record(chosen)
+        chosen = choose_experts(router_logits, self.config.router_hysteresis, router_cache,
+                                attention_mask)
         return chosen, router_logits
 
     def router_parameters(self) -> list[nn.Parameter]:

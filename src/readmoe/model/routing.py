@@ -18,7 +18,7 @@ import torch
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .pregating import RouterCache
+from .pregating import RouterCache, sticky_argmax
 
 INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 ROUTER_CACHE_ATTRIBUTE = "readme_router_cache"
@@ -79,6 +79,23 @@ def reorder_router_cache(cache: Cache, beam_idx: torch.Tensor) -> None:
     router_cache = getattr(cache, ROUTER_CACHE_ATTRIBUTE, None)
     if router_cache is not None:
         router_cache.reorder(beam_idx)
+
+
+def choose_experts(router_logits: torch.Tensor, margin: float, router_cache: RouterCache | None,
+                   attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The pre-gating router's experts [B, T] for its logits [B, T, E] (``sticky_argmax`` with
+    the config's hysteresis ``margin``), continuing from the choice ``router_cache`` remembers
+    for the token before (none where that token is padding in ``attention_mask`` [B, cached +
+    T]) and recorded there for the next call."""
+    steps = router_logits.shape[1]
+    valid = attention_mask[:, -steps:].bool() if attention_mask is not None else None
+    previous = router_cache.previous_experts() if router_cache is not None else None
+    if previous is not None and attention_mask is not None:
+        previous = previous.masked_fill(~attention_mask[:, -steps - 1].bool(), -1)
+    chosen = sticky_argmax(router_logits, margin, previous, valid)
+    if router_cache is not None:
+        router_cache.record(chosen)
+    return chosen
 
 
 def stack_layer_routing(layer_logits: list[torch.Tensor | None],
