@@ -16,13 +16,14 @@ from readmoe.train.config import TrainConfig
 from readmoe.train.rounds import Trainer
 
 SMALL = ["--rounds", "2", "--router-steps", "3", "--expert-steps", "2", "--batch-size", "4",
-         "--block-size", "32", "--eval-tokens", "64", "--lr-router", "3e-3",
+         "--block-size", "32", "--eval-tokens", "64", "--hysteresis-tokens", "64",
+         "--lr-router", "3e-3",
          "--lr-experts", "1e-3"]
 
 
 def small_config(**overrides) -> TrainConfig:
     fields = dict(rounds=2, router_steps=3, expert_steps=2, batch_size=4, block_size=32,
-                  eval_tokens=64, lr_router=3e-3, lr_experts=1e-3)
+                  eval_tokens=64, hysteresis_tokens=64, lr_router=3e-3, lr_experts=1e-3)
     fields.update(overrides)
     return TrainConfig(**fields)
 

@@ -54,6 +54,13 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="weight of KL to the dense model's logits during expert tuning")
     train.add_argument("--eval-tokens", type=int, default=d.eval_tokens,
                        help="held-out tokens per domain scored after every round")
+    train.add_argument("--hysteresis-margins", type=float, nargs="+",
+                       default=d.hysteresis_margins, metavar="M",
+                       help="routing hysteresis candidates (router logit units, pre-gating "
+                       "only): the model ships with the one of lowest perplexity on train text "
+                       "no step used (default: %(default)s; 0 alone: none)")
+    train.add_argument("--hysteresis-tokens", type=int, default=d.hysteresis_tokens,
+                       help="unseen train tokens per domain each margin is scored on")
     train.add_argument("--hard-weight", type=float, default=d.router_loss.hard_weight)
     train.add_argument("--soft-weight", type=float, default=d.router_loss.soft_weight)
     train.add_argument("--label-smoothing", type=float, default=d.router_loss.label_smoothing)
@@ -88,6 +95,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay, batch_size=args.batch_size, block_size=args.block_size,
         router_type=args.router_type, expert_params=args.expert_params,
         kd_weight=pick(args.kd_weight, recipe.kd_weight), eval_tokens=args.eval_tokens,
+        hysteresis_margins=list(args.hysteresis_margins),
+        hysteresis_tokens=args.hysteresis_tokens,
         seed=args.seed,
         router_loss=RouterLossConfig(hard_weight=args.hard_weight, soft_weight=args.soft_weight,
                                      label_smoothing=args.label_smoothing))
@@ -104,6 +113,7 @@ def run_train(args: argparse.Namespace) -> int:
         last = state["rounds"][str(max(int(k) for k in state["rounds"]))]
         print(json.dumps({"model": str(final_model_dir(args.out)),
                           "router_accuracy": last.get("router_accuracy", {}).get("mean"),
+                          "router_hysteresis": last.get("hysteresis", {}).get("chosen"),
                           "heldout_ppl": {d: v["ppl"] for d, v in last["heldout"].items()}},
                          indent=2))
     return 0

@@ -84,6 +84,11 @@ class TrainConfig:
     # experts stop moving, at the cost of router steps only (a one-block transformer)
     final_router_steps: int = 0
     eval_tokens: int = 2048  # held-out tokens per domain for the per-round perplexity
+    # routing hysteresis candidates (pre-gating only): the trained model ships with the one of
+    # lowest perplexity on unseen train text (train/hysteresis.py); [0]: no hysteresis
+    hysteresis_margins: list[float] = field(
+        default_factory=lambda: [0.0, 0.125, 0.25, 0.5, 1.0])
+    hysteresis_tokens: int = 2048  # unseen train tokens per domain each margin is scored on
     seed: int = 0
     router_loss: RouterLossConfig = field(default_factory=RouterLossConfig)
 
@@ -99,6 +104,11 @@ class TrainConfig:
             raise ReadmoeError(f"--expert-params must be one of {', '.join(EXPERT_PARAMS)}")
         if not 0.0 < self.decay <= 1.0:
             raise ReadmoeError(f"--decay must be in (0, 1], got {self.decay}")
+        if not self.hysteresis_margins or min(self.hysteresis_margins) < 0:
+            raise ReadmoeError("--hysteresis-margins needs one or more margins >= 0 (router "
+                               f"logit units), got {self.hysteresis_margins}")
+        if self.hysteresis_tokens < 1:
+            raise ReadmoeError(f"--hysteresis-tokens must be >= 1, got {self.hysteresis_tokens}")
         if self.batch_size < 1 or self.block_size < 8:
             raise ReadmoeError("--batch-size must be >= 1 and --block-size >= 8")
 
@@ -108,5 +118,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
         data = dict(data)
+        if "hysteresis_margins" in data:
+            data["hysteresis_margins"] = list(data["hysteresis_margins"])
         loss = RouterLossConfig(**data.pop("router_loss", {}))
         return cls(**data, router_loss=loss)

@@ -2,7 +2,9 @@
 
 Round r: `router_steps` router steps at lr_router * decay**r, then `expert_steps` expert steps
 at lr_experts * decay**r, each phase with its own cosine schedule; the last round ends with
-`final_router_steps` more router steps (experts fixed), before it is scored and saved. The
+`final_router_steps` more router steps (experts fixed); then a pre-gating model's routing
+hysteresis is chosen (``hysteresis_margins``, train/hysteresis.py) before the last round is
+scored and saved. The
 data position advances across rounds and wraps around the router's target blocks. After
 every phase, and every `checkpoint_every` optimizer steps inside one, a checkpoint folder
 `checkpoint-<phases done>-<step>/` (the model, plus `training.pt`: AdamW's state and the
@@ -124,13 +126,39 @@ class Trainer:
                                           self.placement.autocast, progress)
             entry = state["rounds"].setdefault(str(r), {"round": r})
             entry[kind] = {"lr": lr, "losses": losses, "seconds": round(time.time() - started, 1)}
-            last_of_round = index == len(self.phases()) - 1 or self.phases()[index + 1][1] != r
-            if last_of_round and self.dist.is_main:
+            last_phase = index == len(self.phases()) - 1
+            if not last_phase and self.phases()[index + 1][1] != r and self.dist.is_main:
                 entry.update(evaluator.evaluate(model))
                 self._save_model(model, self.out / f"round-{r}")
             state.update(phases_done=index + 1, phase_step=0, phase_losses=[])
             self._checkpoint(model, state)
+        if not state.get("finished") and self.dist.is_main:
+            self._finish(model, state, evaluator)
+        self.dist.barrier()
         return state
+
+    def _finish(self, model, state: dict, evaluator: RoundEvaluator) -> None:
+        """The last round: choose the routing hysteresis the model ships with (pre-gating),
+        score the round with it and save it. A step of its own after the last checkpoint, so
+        a kill here, or a run finished before it existed, redoes only this."""
+        from readmoe.train.hysteresis import choose_margin
+
+        last = self.config.rounds - 1
+        entry = state["rounds"].setdefault(str(last), {"round": last})
+        margins = self.config.hysteresis_margins
+        if model.config.router_type == "pregating" and margins != [0.0]:
+            per_domain = -(-self._blocks_needed() // len(self.corpus.domains))
+            entry["hysteresis"] = choose_margin(
+                model, self.corpus, self.tokenizer, margins=margins,
+                trained_tokens=per_domain * self.config.block_size, window=evaluator.window,
+                tokens=self.config.hysteresis_tokens, heldout=evaluator.blocks)
+            print(f"routing hysteresis: margin {entry['hysteresis']['chosen']:g} (lowest "
+                  f"perplexity of {', '.join(f'{m:g}' for m in margins)})", flush=True)
+        entry.update(evaluator.evaluate(model))
+        self._save_model(model, self.out / f"round-{last}")
+        state["finished"] = True
+        atomic_write_json(self.out / STATE, state)
+        self._write_log(state)
 
     def _progress(self, model, state: dict, saved: dict | None) -> PhaseProgress:
         """The next phase's progress: fresh, or (right after a resume) the checkpoint's RNG,
@@ -166,11 +194,15 @@ class Trainer:
                                " pass the right one with --dense")
         return load_model(source, dtype=self.placement.dtype, device=self.placement.device)
 
-    def _blocks(self) -> torch.Tensor:
+    def _blocks_needed(self) -> int:
+        """Training blocks to cut (mixed_blocks takes an equal share from every domain)."""
         c = self.config
-        needed = (c.rounds * max(c.router_steps, c.expert_steps) or c.final_router_steps
-                  ) * c.batch_size
-        return mixed_blocks(self.corpus, self.tokenizer, c.block_size, needed)
+        return (c.rounds * max(c.router_steps, c.expert_steps) or c.final_router_steps
+                ) * c.batch_size
+
+    def _blocks(self) -> torch.Tensor:
+        return mixed_blocks(self.corpus, self.tokenizer, self.config.block_size,
+                            self._blocks_needed())
 
     def _targets(self, dense, schedule: BlockSchedule) -> DistillTargets:
         """Distillation targets for the blocks router phases read (cached in `out`)."""
@@ -252,13 +284,16 @@ class Trainer:
                                      if torch.cuda.is_available() else None)}, buffer)
             atomic_write_bytes(folder / TRAINING_STATE, buffer.getvalue())
             atomic_write_json(self.out / STATE, state)
-            log = {"config": state["config"], "source": state["source"],
-                   "rounds": [state["rounds"][k] for k in sorted(state["rounds"], key=int)]}
-            atomic_write_json(self.out / "train_log.json", log)
+            self._write_log(state)
             for old in self.out.glob(f"{CHECKPOINT}*"):
                 if old.is_dir() and old.name != name:
                     shutil.rmtree(old)
         self.dist.barrier()
+
+    def _write_log(self, state: dict) -> None:
+        log = {"config": state["config"], "source": state["source"],
+               "rounds": [state["rounds"][k] for k in sorted(state["rounds"], key=int)]}
+        atomic_write_json(self.out / "train_log.json", log)
 
     def _save_model(self, model, folder: Path) -> None:
         from readmoe.refactor.slicing import save_readme
