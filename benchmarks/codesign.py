@@ -721,6 +721,8 @@ def main() -> int:
                     "engine_budget": vars(ENGINE_BUDGET)}
         models_used = {k: str(v) for k, v in folders.items()}
         models_used["readme_weights"] = tensors_fingerprint(readme)
+        # serving settings live in config.json too (the routing hysteresis)
+        models_used["readme_config"] = json.loads((readme / "config.json").read_text())
         cells = CellStore(RUN / "cells")
         kept = {} if args.fresh else cells.prelude()
         if kept.get("workload") == workload and kept.get("models") == models_used:

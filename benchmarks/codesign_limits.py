@@ -1,5 +1,6 @@
-"""What keeps the co-design above the resident run on the trace replay: each cost taken away
-in turn, in the simulator calibrated to this machine's engine.
+"""What keeps the co-design above the resident run on one workload of the headline (the trace
+replay, or the synthetic Arena-like one): each cost taken away in turn, in the simulator
+calibrated to this machine's engine.
 
 Why: benchmarks/codesign.py measures readme-codesign against resident on the engine, where one
 repeat differs from the next by up to 40% (arrivals are replayed in real time, so the
@@ -15,14 +16,16 @@ Calibration, all measured: compute from two resident engine runs of the trace he
 expert-aware capped at one expert, pooled: ``serve.crosscheck``); the emulated link's
 bandwidth, the store path's host work per step (cross-check median) and the copy engine's
 slowdown of compute (link) from the ``--headline`` codesign result (the slowdown measured
-again here too, the same way, as it varies between runs), whose trace and layer-wise
-setting it replays (``runs/codesign/trace.jsonl``). Every row uses the recorded routing of the
+again here too, the same way, as it varies between runs), whose ``--workload`` it replays
+(the trace from ``runs/codesign/trace.jsonl``; the synthetic one rebuilt from the headline's
+workload settings, as codesign.py builds it). Every row uses the recorded routing of the
 resident run (``ReplayRouting``), the headline's budget (max 128 tokens, 32 sequences) and its
 KV cache.
 
 Writes results/<NAME>.{json,md}. Needs ``benchmarks/codesign.py`` run first.
 
     .venv/bin/python benchmarks/codesign_limits.py [--headline results/codesign_headline.json]
+        [--workload trace|synthetic]
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from codesign import interference  # benchmarks/codesign.py: the same measurement
+from codesign import interference, workloads  # benchmarks/codesign.py: the same ones
 
 from readmoe.errors import ReadmoeError
 from readmoe.io import command_line, write_results
@@ -63,6 +66,9 @@ def parse_args() -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--headline", default="results/codesign_headline.json")
     parser.add_argument("--model", default=None, help="default: the headline's ReadME model")
+    parser.add_argument("--workload", default="trace", choices=["trace", "synthetic"])
+    parser.add_argument("--corpus", default="runs/demo/corpus", help="the synthetic workload's "
+                        "prompts (held-out text), as codesign.py's --corpus")
     parser.add_argument("--threads", type=int, default=1, help="as the headline's engine runs")
     parser.add_argument("--results", default="results")
     parser.add_argument("--name", default="codesign_limits")
@@ -103,7 +109,13 @@ def main() -> int:
     started = time.time()
     readme = Path(args.model or headline.get("model") or final_model_dir("runs/demo/train-readme"))
     model, tokenizer = load_model(str(readme)), load_tokenizer(str(readme))
-    specs = load_trace(TRACE, tokenizer.encode)
+    if args.workload == "trace":
+        specs = load_trace(TRACE, tokenizer.encode)
+    else:
+        settings = headline["workload"]
+        specs = workloads(tokenizer, args.corpus, argparse.Namespace(
+            workloads=["synthetic"], requests=settings["requests"], rate=settings["rate"],
+            max_output=settings["max_output"]))["synthetic"]
     samples, routing = record(model, tokenizer, specs)
     with ExpertStore(str(readme), capacity=1, tier="ram") as store:
         expert_bytes = store.expert_bytes
@@ -156,11 +168,13 @@ def main() -> int:
     sweep = [(f"load_ratio {ratio:g}, max_wait {wait}", run(codesign[3], 3, link,
                                                              load_ratio=ratio, max_wait=wait))
              for ratio in (0.25, 0.5, setting.load_ratio, 2.0) for wait in (4, 8, 16)]
-    engine = headline["engine_settings"]["link/trace"]["budget_0.5"]["readme-codesign"]
-    resident_engine = headline["engine_resident"]["trace"]
+    engine = headline["engine_settings"][f"link/{args.workload}"]["budget_0.5"][
+        "readme-codesign"]
+    resident_engine = headline["engine_resident"][args.workload]
     summary = {"command": command_line(), "machine": f"{platform.machine()} cpu, "
                f"{args.threads} thread(s), fp32", "seconds": round(time.time() - started),
                "model": str(readme), "headline": str(headline_path),
+               "workload": args.workload,
                "setting": vars(setting), "store_overhead_s": overhead_s,
                "interference_slowdown": slowdown - 1,
                "interference_slowdown_here": slowdown_here - 1,
@@ -181,7 +195,9 @@ def render(summary: dict) -> str:
     resident = summary["rows"][0]["norm_latency_mean_s"]
     load_ratio = summary["setting"]["load_ratio"]
     per_repeat = ", ".join(f"{r:.2f}" for r in summary["engine_ratio_per_repeat"])
-    lines = ["# What keeps the co-design above resident on the trace replay (simulator, "
+    workload = {"trace": "the trace replay", "synthetic": "the synthetic workload"}[
+        summary.get("workload", "trace")]
+    lines = [f"# What keeps the co-design above resident on {workload} (simulator, "
              "calibrated here)", "",
              f"Command: `{summary['command']}`; {summary['machine']}; {summary['seconds']} s. "
              f"Calibrated on {summary['headline']}: emulated link "
@@ -190,7 +206,7 @@ def render(summary: dict) -> str:
              f"{1e3 * summary['store_overhead_s']:.1f} ms per step, copy engine slowdown "
              f"{summary['interference_slowdown']:.0%} (its worst case, busy throughout; "
              f"{summary['interference_slowdown_here']:.0%} measured again here); compute "
-             "fitted to two resident runs of the same trace. The engine measured codesign / "
+             "fitted to two resident runs of the same workload. The engine measured codesign / "
              "resident = "
              f"{summary['engine_ratio']:.2f}x there (median of repeats; per repeat "
              f"{per_repeat}).", "",

@@ -105,7 +105,8 @@ def vllm_side(job_path: str, out_path: str) -> None:
     started = time.perf_counter()
     llm = LLM(model=job["model"], dtype="float32", enforce_eager=job["eager"], seed=0,
               kv_cache_memory_bytes=KV_CACHE_BYTES, max_num_seqs=MAX_SEQS,
-              max_num_batched_tokens=MAX_BATCH_TOKENS, max_model_len=4096)
+              max_num_batched_tokens=MAX_BATCH_TOKENS, max_model_len=4096,
+              hf_overrides={"router_hysteresis": job["router_hysteresis"]})
     startup_s = time.perf_counter() - started
 
     def params(max_tokens: int) -> SamplingParams:
@@ -156,6 +157,7 @@ def readmoe_side(job: dict) -> dict:
     from readmoe.serve.workload import Prompt, RequestSpec
 
     model, tokenizer = load_model(job["model"]), load_tokenizer(job["model"])
+    model.config.router_hysteresis = job["router_hysteresis"]
     engine = Engine(model, tokenizer, budget=Budget(MAX_BATCH_TOKENS, MAX_SEQS))
 
     def generate(prompts, max_tokens):
@@ -208,7 +210,9 @@ def make_job(args: argparse.Namespace, model: str) -> dict:
     workload = [{"id": s.request_id, "arrival_time": s.arrival_time,
                  "prompt": list(s.prompt.tokens), "max_tokens": s.max_tokens} for s in specs]
     return {"model": model, "decode": decode, "new_tokens": args.new_tokens,
-            "repeats": args.repeats, "workload": workload, "eager": args.eager}
+            "repeats": args.repeats, "workload": workload, "eager": args.eager,
+            # vLLM routes token by token: both sides serve the folder without its hysteresis
+            "router_hysteresis": 0.0}
 
 
 def markdown(result: dict) -> str:

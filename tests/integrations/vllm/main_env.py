@@ -33,9 +33,12 @@ def run_reference(*args: str, stdin: str | None = None) -> str:
     return result.stdout
 
 
-def reference_answers(folder: Path, prompts: list[list[int]], max_tokens: int) -> dict:
-    """HF generate's and readmoe's engine's greedy outputs, and the router's experts."""
-    return json.loads(run_reference("answer", str(folder), str(max_tokens),
+def reference_answers(folder: Path, prompts: list[list[int]], max_tokens: int,
+                      margin: float | None = None) -> dict:
+    """HF generate's and readmoe's engine's greedy outputs, and the router's experts
+    (``margin``: the routing hysteresis to answer with; None: the folder's)."""
+    extra = [] if margin is None else [str(margin)]
+    return json.loads(run_reference("answer", str(folder), str(max_tokens), *extra,
                                     stdin=json.dumps(prompts)))
 
 

@@ -55,8 +55,12 @@ def tiny(out: Path) -> None:
 
 
 @torch.inference_mode()
-def answer(folder: str, max_tokens: int, prompts: list[list[int]]) -> dict:
+def answer(folder: str, max_tokens: int, prompts: list[list[int]],
+           margin: float | None = None) -> dict:
+    """``margin``: the routing hysteresis to answer with (None: the folder's)."""
     model, tokenizer = load_model(folder), load_tokenizer(folder)
+    if margin is not None:
+        model.config.router_hysteresis = margin
     pad = model.generation_config.pad_token_id
     hf = [model.generate(torch.tensor([p]), max_new_tokens=max_tokens, do_sample=False,
                          pad_token_id=model.config.eos_token_id if pad is None else pad
@@ -74,7 +78,8 @@ def main(argv: list[str]) -> None:
     if argv[0] == "tiny":
         tiny(Path(argv[1]))
     elif argv[0] == "answer":
-        print(json.dumps(answer(argv[1], int(argv[2]), json.load(sys.stdin))))
+        margin = float(argv[3]) if len(argv) > 3 else None
+        print(json.dumps(answer(argv[1], int(argv[2]), json.load(sys.stdin), margin)))
     else:
         raise SystemExit(__doc__)
 

@@ -51,7 +51,8 @@ def config(**overrides):
     (dict(router_type="none"), 1, "no router .*`readmoe train`"),
     (dict(router_type="oracle"), 1, "unknown router_type 'oracle'"),
     (dict(hidden_act="gelu"), 1, "SwiGLU"),
-    (dict(router_hysteresis=0.5), 1, "router_hysteresis 0.5 .* set router_hysteresis to 0"),
+    (dict(router_hysteresis=0.5), 1,
+     r"router_hysteresis 0.5 .* hf_overrides=\{'router_hysteresis': 0\}"),
     ({}, 2, "tensor_parallel_size 2 must divide the 9 attention heads"),
     (dict(num_attention_heads=8, num_key_value_heads=3), 2, "the 3 KV heads"),
 ])

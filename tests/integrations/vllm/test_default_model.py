@@ -1,9 +1,14 @@
 """vLLM on the trained default model (the last round `make demo` trained, or
 $READMOE_VLLM_MODEL), fp32 on the CPU: greedy tokens equal HF generate's and readmoe's engine's,
 alone and in a mixed batch; the router reads each token once; `readmoe serve --backend vllm`
-answers the official openai client with the same text."""
+answers the official openai client with the same text. The trained model ships with a routing
+hysteresis that vLLM's per-token routing cannot keep: vLLM runs it with
+``hf_overrides={"router_hysteresis": 0}`` (the fix its refusal names) and the references route
+with margin 0 too."""
 
 from __future__ import annotations
+
+import json
 
 import openai
 import pytest
@@ -30,6 +35,7 @@ TEXTS = ["The court held that", "def fibonacci(n):\n    ", "The patient was give
          "In 1905, Einstein published"]
 CHAT = [{"role": "user", "content": "What is a mixture of experts?"}]
 MAX_TOKENS = 24
+PER_TOKEN = {"router_hysteresis": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +52,12 @@ def prompts(tokenizer):
 
 @pytest.fixture(scope="module")
 def reference(prompts):
-    return reference_answers(FOLDER, prompts, MAX_TOKENS)
+    return reference_answers(FOLDER, prompts, MAX_TOKENS, margin=0.0)
 
 
 @pytest.fixture(scope="module")
 def llm():
-    return make_llm(FOLDER, max_model_len=256)
+    return make_llm(FOLDER, max_model_len=256, hf_overrides=PER_TOKEN)
 
 
 def test_greedy_tokens_equal_hf_generate_and_the_engine(llm, prompts, reference):
@@ -72,7 +78,8 @@ def test_router_reads_each_token_once(llm, prompts, reference):
 
 def test_openai_client_gets_the_same_text(prompts, reference, tokenizer):
     flags = ["--served-model-name", "readme", "--dtype", "float32", "--enforce-eager",
-             "--max-model-len", "256", "--kv-cache-memory-bytes", str(KV_CACHE_BYTES)]
+             "--max-model-len", "256", "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
+             "--hf-overrides", json.dumps(PER_TOKEN)]
     # the real `vllm serve` layout: API server and engine core in separate processes
     with (VllmServer(FOLDER, *flags, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}) as server,
           openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0) as client):

@@ -81,8 +81,11 @@ def check_servable(config, tp_size: int, attention_head_sizes: Sequence[int] | N
         raise ValueError(
             f"router_hysteresis {config.router_hysteresis} in the folder's config.json: each "
             "token's expert then depends on its sequence's previous choice, which the vLLM "
-            "model's per-token routing does not keep; serve this folder with readmoe's own "
-            "engine, or set router_hysteresis to 0")
+            "model's per-token routing does not keep. Serve this folder with readmoe's own "
+            "engine (it keeps the choice), or route token by token in vLLM: hf_overrides="
+            "{'router_hysteresis': 0} (`--hf-overrides '{\"router_hysteresis\": 0}'` on "
+            "`vllm serve` or `readmoe serve --backend vllm`), whose tokens are then the folder's "
+            "served with router_hysteresis 0")
     if config.hidden_act != "silu":
         raise ValueError(f"hidden_act {config.hidden_act!r}: the vLLM model runs SwiGLU "
                          "experts (silu), as every supported Llama-family backbone has")
