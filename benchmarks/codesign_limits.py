@@ -24,7 +24,7 @@ KV cache.
 
 Writes results/<NAME>.{json,md}. Needs ``benchmarks/codesign.py`` run first.
 
-    .venv/bin/python benchmarks/codesign_limits.py [--headline results/codesign_headline.json]
+    .venv/bin/python benchmarks/codesign_limits.py [--headline results/codesign.json]
         [--workload trace|synthetic]
 """
 
@@ -64,7 +64,7 @@ HEADLINE_CAPACITY = 3  # the headline cell: 3 of 6 experts per layer (budget 0.5
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--headline", default="results/codesign_headline.json")
+    parser.add_argument("--headline", default="results/codesign.json")
     parser.add_argument("--model", default=None, help="default: the headline's ReadME model")
     parser.add_argument("--workload", default="trace", choices=["trace", "synthetic"])
     parser.add_argument("--corpus", default="runs/demo/corpus", help="the synthetic workload's "
