@@ -6,8 +6,8 @@ cache warm), and a router trained towards the per-token oracle switches on small
 expert unless the router's best logit beats it by more than the margin. For each margin: the
 held-out perplexity per domain with the model routing itself (the rule runs inside the model, as
 in serving), the router's temporal locality on the same windows (share of tokens routed as the
-token before them), and the domains won against the trained prune model. ``readmoe train`` chooses the
-margin a model ships with by the same rule on train text no step used
+token before them), and the domains won against the trained prune model. ``readmoe train``
+chooses the margin a model ships with by the same rule on train text no step used
 (``readmoe.train.hysteresis``); this benchmark reports the held-out side of every margin, and
 its own pick (the lowest mean held-out perplexity, ties: the larger margin, on the windows it
 is reported on: a mild selection effect) is what ``--write`` saves for serving experiments

@@ -9,10 +9,15 @@ from readmoe.data.tokens import pack_blocks
 from readmoe.errors import ReadmoeError
 
 
+def blocks_per_domain(corpus, blocks_needed: int) -> int:
+    """The most blocks `mixed_blocks` cuts from any one domain (the front of its train split)."""
+    return -(-blocks_needed // len(corpus.domains))
+
+
 def mixed_blocks(corpus, tokenizer, block_size: int, blocks_needed: int) -> torch.Tensor:
     """`[N, block]` training blocks, domains interleaved round-robin (a, b, c, a, b, c, ...),
     each domain contributing at most its share of `blocks_needed` (fewer if it is small)."""
-    per_domain = -(-blocks_needed // len(corpus.domains))
+    per_domain = blocks_per_domain(corpus, blocks_needed)
     packed = []
     for domain in corpus.domains:
         try:

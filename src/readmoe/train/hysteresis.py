@@ -59,13 +59,13 @@ def score_margins(model, blocks: dict[str, torch.Tensor], margins: Sequence[floa
     """Perplexity per domain with the model routing itself at each margin, and the router's
     temporal locality on the same blocks; the model's margin is restored afterwards."""
     kept = model.config.router_hysteresis
+    device = next(model.parameters()).device
     scores = []
     try:
         for margin in sorted(set(margins)):
             model.config.router_hysteresis = margin
             ppl = {d: window_nll(model, b, desc=f"margin {margin:g} {d}").ppl
                    for d, b in blocks.items()}
-            device = next(model.parameters()).device
             reuse = [reuse_share(model.route(b.to(device))[0].cpu().numpy())
                      for b in blocks.values()]
             scores.append(MarginScore(margin, sum(ppl.values()) / len(ppl), ppl,

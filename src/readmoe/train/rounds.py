@@ -30,7 +30,7 @@ from readmoe.io import atomic_write_bytes, atomic_write_json
 from readmoe.models.device import Placement, resolve_placement
 from readmoe.refactor.fingerprint import tensors_fingerprint
 from readmoe.train.config import DEFAULT_CHECKPOINT_EVERY, TrainConfig
-from readmoe.train.data import BlockSchedule, mixed_blocks
+from readmoe.train.data import BlockSchedule, blocks_per_domain, mixed_blocks
 from readmoe.train.evaluate import RoundEvaluator
 from readmoe.train.phases import Distributed, PhaseProgress, run_expert_phase, run_router_phase
 from readmoe.train.targets import DistillTargets, build_targets
@@ -146,8 +146,8 @@ class Trainer:
         last = self.config.rounds - 1
         entry = state["rounds"].setdefault(str(last), {"round": last})
         margins = self.config.hysteresis_margins
-        if model.config.router_type == "pregating" and margins != [0.0]:
-            per_domain = -(-self._blocks_needed() // len(self.corpus.domains))
+        if model.config.router_type == "pregating" and any(margins):
+            per_domain = blocks_per_domain(self.corpus, self._blocks_needed())
             entry["hysteresis"] = choose_margin(
                 model, self.corpus, self.tokenizer, margins=margins,
                 trained_tokens=per_domain * self.config.block_size, window=evaluator.window,
@@ -195,7 +195,7 @@ class Trainer:
         return load_model(source, dtype=self.placement.dtype, device=self.placement.device)
 
     def _blocks_needed(self) -> int:
-        """Training blocks to cut (mixed_blocks takes an equal share from every domain)."""
+        """Training blocks to cut, an equal share from every domain (`blocks_per_domain`)."""
         c = self.config
         return (c.rounds * max(c.router_steps, c.expert_steps) or c.final_router_steps
                 ) * c.batch_size
