@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from readmoe.errors import ReadmoeError
+from readmoe.serve import cpu_ops
 from readmoe.serve.engine import Engine
 from readmoe.serve.kv_cache import PagedKVCache
 from readmoe.serve.runner import ModelRunner, RunnerChunk
@@ -52,12 +53,14 @@ def engine(model, scheduler: str = "fcfs", **kwargs) -> Engine:
     return Engine(model, char_tokenizer(), scheduler, **fields)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @torch.no_grad()
-def test_runner_logits_equal_the_model_for_mixed_batches(model, prompts):
+def test_runner_logits_equal_the_model_for_mixed_batches(model, prompts, fused):
     config = model.config
     kv = PagedKVCache(config.num_hidden_layers, 20, 4, config.num_key_value_heads,
                       config.hidden_size // config.num_attention_heads)
-    runner = ModelRunner(model, kv)
+    runner = ModelRunner(model, kv, fused=fused)
+    assert (runner.ops is not None) == (fused and cpu_ops.load() is not None)
     seqs = [torch.tensor(p) for p in prompts[1:3]]  # 17 and 9 tokens
     experts = [model.route(s[None])[0][0] for s in seqs]
     refs = [model(s[None], expert_ids=e[None]).logits[0]

@@ -12,6 +12,9 @@ expert's gate|up fused, ``[in, out]`` on CPU); RMSNorm is ``torch.rms_norm`` wit
 weights and rotary embeddings come from ``model.model.rotary_emb`` (transformers'
 ``rotate_half`` done as a roll, see ``forward``), so the logits equal ``model(...)``'s (tested
 at fp32). A decode-only step (the common one) attends without gathering or scattering rows.
+On CPU at fp32 the small ops between the products (norms, RoPE with the KV write, decode
+attention over the paged pool in place, SiLU times up) are fused C++ ops (``cpu_ops.py``)
+where they can be built; elsewhere they are the torch ops they replace.
 
 The MoE FFN is the shared expert on all rows plus, per routed expert present in the step, that
 expert on its rows. Routed weights come from an ``ExpertSource``: by default the runner's own
@@ -25,13 +28,15 @@ them inside the layer.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 import torch
 
 from readmoe.errors import ReadmoeError
+from readmoe.serve import cpu_ops
 from readmoe.serve.kv_cache import PagedKVCache
 from readmoe.serve.packed import (
     Norm,
@@ -79,6 +84,7 @@ class _AttentionGroup:
     bias: torch.Tensor  # [B, 1, groups * Tq, L] (direct: [B, 1, 1, L]) 0 = attend, -inf not
     valid: torch.Tensor  # [V] positions in the flattened [B * Tq] that are real queries
     targets: torch.Tensor  # [V] their rows in the flat batch
+    lengths: torch.Tensor  # [B] each chunk's context length (its real keys)
     direct: bool = False
 
 
@@ -104,7 +110,8 @@ def _group(chunks: Sequence[RunnerChunk], offsets: Sequence[int], groups: int,
     targets = query_rows.reshape(-1)[valid]
     bias = bias[:, None] if direct else bias[:, None].repeat(1, 1, groups, 1)
     return _AttentionGroup(*(t.to(device) for t in (
-        query_rows, key_slots, bias, valid.nonzero()[:, 0], targets)), direct=direct)
+        query_rows, key_slots, bias, valid.nonzero()[:, 0], targets, torch.tensor(ends))),
+        direct=direct)
 
 
 class _Routing(NamedTuple):
@@ -122,11 +129,12 @@ class ModelRunner:
     ``pack_experts`` False leaves the routed experts unpacked: an engine whose experts live
     in a store passes a ``source`` every step instead. ``quantize`` "int8" packs every matrix
     the runner owns (attention, shared and resident routed experts, LM head) as int8
-    (``quantized.py``; CPU only); the model's own parameters stay as they are.
+    (``quantized.py``; CPU only); the model's own parameters stay as they are. ``fused``
+    False keeps the torch ops where the fused CPU ops would apply (to compare them).
     """
 
     def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache,
-                 pack_experts: bool = True, quantize: str = "none") -> None:
+                 pack_experts: bool = True, quantize: str = "none", fused: bool = True) -> None:
         config = model.config
         if "sliding_attention" in getattr(config, "layer_types", []):
             raise ReadmoeError("the serving runner does not implement sliding-window attention")
@@ -138,6 +146,10 @@ class ModelRunner:
         self.packed = [pack_layer(layer, pack_experts, quantize) for layer in self.layers]
         self.lm_head = matrix_type(quantize).of_linears(model.lm_head)
         self.norm = norm_of(model.model.norm)
+        self.ops = cpu_ops.ops_for(model.device, model.dtype) if fused else None
+        self.glus = [self.ops.silu_mul
+                     if self.ops is not None and p.act is torch.nn.functional.silu
+                     else functools.partial(_glu, p.act) for p in self.packed]
         self.num_experts = config.num_experts
         first = self.layers[0].self_attn
         self.heads = config.num_attention_heads
@@ -191,16 +203,16 @@ class ModelRunner:
         # (a sign moves between factors): one roll a layer instead of slice, slice, neg, cat
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         for index, (layer, packed) in enumerate(zip(self.layers, self.packed, strict=True)):
-            hidden = self._attention(index, packed, hidden, _norm(packed.input_norm, hidden),
+            hidden = self._attention(index, packed, hidden, self._norm(packed.input_norm, hidden),
                                      cos, sin, write_slots, groups)
             hidden = self._ffn(index, layer.mlp, packed, hidden,
-                               _norm(packed.post_attention_norm, hidden), routing, source)
+                               self._norm(packed.post_attention_norm, hidden), routing, source)
         def scored(chunk: RunnerChunk) -> range:  # the chunk's tokens whose logits return
             return range(0 if every_token else len(chunk.tokens) - 1, len(chunk.tokens))
 
         rows = torch.tensor([offsets[i] + t for i, c in enumerate(chunks) if c.samples
                              for t in scored(c)], dtype=torch.long, device=device)  # [S]
-        return self.lm_head(_norm(self.norm, hidden.index_select(0, rows)))  # [S, V]
+        return self.lm_head(self._norm(self.norm, hidden.index_select(0, rows)))  # [S, V]
 
     def _attention(self, layer: int, packed: PackedLayer, residual: torch.Tensor,
                    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -210,12 +222,16 @@ class ModelRunner:
         rows = x.shape[0]
         heads, kvh, dim = self.heads, self.kv_heads, self.head_dim
         qkv = packed.qkv(x)  # [N, (h + 2 kvh) * D]
-        qk, v = qkv.split([(heads + kvh) * dim, kvh * dim], dim=-1)
-        qk, v = qk.view(rows, heads + kvh, dim), v.view(rows, kvh, dim)
-        qk = qk * cos + qk.roll(dim // 2, -1) * sin  # RoPE on queries and keys at once
-        q, k = qk.split([heads, kvh], dim=1)  # [N, h, D], [N, kvh, D]
-        self.kv.write(layer, write_slots, k, v)
         key_pool, value_pool = self.kv.keys[layer], self.kv.values[layer]  # [slots, kvh, D]
+        if self.ops is not None:
+            q = self.ops.rope_write_kv(qkv, cos[:, 0], sin[:, 0], key_pool, value_pool,
+                                       write_slots, heads, kvh)  # [N, h, D]
+        else:
+            qk, v = qkv.split([(heads + kvh) * dim, kvh * dim], dim=-1)
+            qk, v = qk.view(rows, heads + kvh, dim), v.view(rows, kvh, dim)
+            qk = qk * cos + qk.roll(dim // 2, -1) * sin  # RoPE on queries and keys at once
+            q, k = qk.split([heads, kvh], dim=1)  # [N, h, D], [N, kvh, D]
+            self.kv.write(layer, write_slots, k, v)
         if groups[0].direct:
             return packed.o(self._decode_attention(q, key_pool, value_pool, groups[0]),
                             add=residual)
@@ -240,7 +256,11 @@ class ModelRunner:
     def _decode_attention(self, q: torch.Tensor, key_pool: torch.Tensor,
                           value_pool: torch.Tensor, group: _AttentionGroup) -> torch.Tensor:
         """A decode-only step's attention: q [N, h, D] (row b is request b's one query) ->
-        [N, h*D]. The general path's padded math with the gathers and scatters left out."""
+        [N, h*D]. The general path's padded math with the gathers and scatters left out;
+        the fused op reads the pool in place."""
+        if self.ops is not None:
+            return self.ops.decode_attention(q, key_pool, value_pool, group.key_slots,
+                                             group.lengths, self.scaling)
         batch, length = group.key_slots.shape
         kvh, dim = self.kv_heads, self.head_dim
         queries = q.view(batch, kvh, -1, dim)  # [B, kvh, g, D]: head i reads kv head i // g
@@ -249,6 +269,12 @@ class ModelRunner:
         values = value_pool.index_select(0, slots).view(batch, length, kvh, dim).transpose(1, 2)
         result = _sdpa(queries, keys, values, group.bias, self.scaling)  # [B, kvh, g, D]
         return result.view(batch, -1)  # [B, kvh * g * D]
+
+    def _norm(self, norm: Norm, x: torch.Tensor) -> torch.Tensor:
+        """A Llama RMSNorm as one fused op (equal to its forward at fp32 to rounding)."""
+        if self.ops is not None:
+            return self.ops.rms_norm(x, norm.weight, norm.eps)
+        return torch.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
 
     def _grouping(self, experts: torch.Tensor) -> _Routing:
         counts = torch.bincount(experts, minlength=self.num_experts).tolist()
@@ -262,8 +288,8 @@ class ModelRunner:
              source: ExpertSource | None) -> torch.Tensor:
         """x [N, H] -> residual + shared expert + each row's routed expert, [N, H], plus the
         row's compensation bias where the model has one (kept resident: H floats an expert)."""
-        act, bias = packed.act, mlp.compensation
-        out = residual if packed.shared is None else _expert(packed.shared, x, act, residual)
+        glu, bias = self.glus[layer], mlp.compensation
+        out = residual if packed.shared is None else _expert(packed.shared, x, glu, residual)
         if mlp.experts is None:
             return out if bias is None else out + bias[0]
         if routing is None:  # layer-wise router: this layer's gate decides now
@@ -274,14 +300,14 @@ class ModelRunner:
                    else self.experts_for(layer, present))
         if order is None:  # every row has one expert
             for e, expert in weights:
-                out = _expert(expert, x, act, out)
+                out = _expert(expert, x, glu, out)
                 out = out if bias is None else out + bias[e]
             return out
         grouped = x.index_select(0, order)  # [N, H] rows sorted by expert
         result = torch.empty_like(grouped)
         for e, expert in weights:  # the source's order: a store loads while others compute
             rows = slice(starts[e], starts[e] + counts[e])
-            _expert(expert, grouped[rows], act, out=result[rows])
+            _expert(expert, grouped[rows], glu, out=result[rows])
             if bias is not None:
                 result[rows] += bias[e]
         if out is residual:  # no shared expert: leave the caller's tensor as it is
@@ -297,14 +323,14 @@ def _sdpa(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias:
                                                             attn_mask=bias, scale=scale)
 
 
-def _norm(norm: Norm, x: torch.Tensor) -> torch.Tensor:
-    """A Llama RMSNorm as one fused op (equal to its forward at fp32)."""
-    return torch.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
+def _glu(act: Callable[[torch.Tensor], torch.Tensor], gate_up: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up of a fused gate|up product [n, 2R] -> [n, R]."""
+    gate, up = gate_up.chunk(2, dim=-1)  # [n, R] each
+    return act(gate) * up
 
 
-def _expert(weights: PackedExpert, x: torch.Tensor, act, add: torch.Tensor | None = None,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+def _expert(weights: PackedExpert, x: torch.Tensor, glu: Callable[[torch.Tensor], torch.Tensor],
+            add: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """One SwiGLU expert on rows x [n, H] -> [n, H] (+ ``add``; into ``out`` if given), with
-    the runner's weights or a store slot's."""
-    gate, up = weights.gate_up(x).chunk(2, dim=-1)  # [n, R] each
-    return weights.down(act(gate) * up, add=add, out=out)
+    the runner's weights or a store slot's; ``glu`` takes the gate|up product whole."""
+    return weights.down(glu(weights.gate_up(x)), add=add, out=out)

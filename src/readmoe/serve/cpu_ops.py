@@ -1,0 +1,92 @@
+"""The runner's fused CPU ops (``csrc/cpu_ops.cpp``), built once per machine, or nothing.
+
+Why: on CPU a decode step's matrix products run near their floor, and what the engine loses
+beside them is the small ops around them (norms, RoPE and the KV write, the paged-attention
+gathers and the attention itself, SiLU times up), each several ATen calls at sizes where a
+call's fixed cost is its whole cost. The C++ file does each in one call and one pass, as
+vLLM's CPU backend and llama.cpp do.
+
+The extension is compiled with torch's ``cpp_extension`` the first time a runner asks for it
+(about a minute here; it needs a C++ compiler, and ``ninja``, a dependency) into
+``$XDG_CACHE_HOME/readmoe/cpu_ops/<key>`` (key: the source, flags, torch and Python), and is
+loaded from there afterwards. Where it cannot be built the runner keeps its torch ops (the
+same results; a warning says why), as it does on GPU and for dtypes other than fp32.
+``READMOE_CPU_OPS=0`` turns the fused ops off (to compare, or to rule them out).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
+DISABLE = "READMOE_CPU_OPS"
+
+
+def compile_flags() -> list[str]:
+    """-O3, no contraction of a*b + c into FMA (so results round as separate ATen ops do),
+    AVX2/FMA code where torch itself runs AVX2 or better kernels, never -march=native (this
+    project's reference machine advertises AVX-512 it cannot execute)."""
+    flags = ["-O3", "-ffp-contract=off"]
+    x86 = platform.machine().lower() in {"x86_64", "amd64"}
+    if x86 and torch.backends.cpu.get_cpu_capability() in {"AVX2", "AVX512"}:
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def build_dir(flags: list[str]) -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), *flags, torch.__version__,
+                                    sys.version]).encode()).hexdigest()[:16]
+    return cache / "readmoe" / "cpu_ops" / key
+
+
+@functools.cache
+def load() -> ModuleType | None:
+    """The compiled ops, or None where they are turned off or cannot be built (warned)."""
+    if os.environ.get(DISABLE, "1") == "0":
+        return None
+    from torch.utils import cpp_extension
+
+    flags = compile_flags()
+    directory = build_dir(flags)
+    directory.mkdir(parents=True, exist_ok=True)
+    bin_dir = _ninja_bin_dir()
+    if bin_dir and bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    if not any(directory.glob("*.so")):
+        print(f"readmoe: building the fused CPU ops once into {directory} (about a minute)",
+              file=sys.stderr, flush=True)
+    try:
+        return cpp_extension.load(name="readmoe_cpu_ops", sources=[str(SOURCE)],
+                                  extra_cflags=flags, build_directory=str(directory),
+                                  verbose=False)
+    except Exception as error:  # noqa: BLE001 - any build failure leaves the torch ops
+        warnings.warn(f"readmoe's fused CPU ops could not be built ({type(error).__name__}: "
+                      f"{str(error).strip()[-300:]}); the runner uses torch ops instead, "
+                      f"slower at decode. Install a C++ compiler and ninja, or set {DISABLE}=0 "
+                      "to silence this.", RuntimeWarning, stacklevel=2)
+        return None
+
+
+def ops_for(device: torch.device, dtype: torch.dtype) -> ModuleType | None:
+    """The fused ops where they apply (CPU, fp32), else None."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return None
+    return load()
+
+
+def _ninja_bin_dir() -> str | None:
+    try:
+        import ninja
+    except ImportError:
+        return None
+    return ninja.BIN_DIR

@@ -1,0 +1,321 @@
+// The runner's small ops on CPU, fused: what a decode step does besides its matrix products.
+//
+// Why: at decode sizes each of these is a handful of ATen calls whose fixed cost (dispatch,
+// allocation, a pass over memory each) outweighs their arithmetic; here each is one call and
+// one pass. fp32, contiguous inputs (checked); rows are split over torch's intra-op threads.
+// Built with -ffp-contract=off so a*b + c*d rounds as the separate ATen ops do (RoPE is
+// bit-exact against the runner's torch path); exp is a vectorizable polynomial (Cephes expf,
+// about 1 ulp), used by SiLU and the attention's softmax.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+void check_f32(const torch::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32, name, " must be float32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got ", t.dim());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_index(const torch::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kInt64 && t.dim() == dim &&
+                  t.is_contiguous(),
+              name, " must be a contiguous int64 CPU tensor with ", dim, " dimensions");
+}
+
+// e^x for x in float range, branch-free (Cephes expf: ~1 ulp).
+inline float exp_poly(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// exp_poly on eight lanes: the same steps, so both paths agree to rounding.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_floor_ps(
+      _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                    _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+  r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+inline float sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// sum of a[i] * b[i]
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float total = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    even = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), even);
+    odd = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), odd);
+  }
+  for (; i + 8 <= n; i += 8)
+    even = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), even);
+  total = sum8(_mm256_add_ps(even, odd));
+#endif
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// x[i] = e^(x[i] - shift); returns their sum
+inline float exp_shifted(float* x, int64_t n, float shift) {
+  int64_t i = 0;
+  float total = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 lanes = _mm256_setzero_ps();
+  const __m256 by = _mm256_set1_ps(shift);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), by));
+    _mm256_storeu_ps(x + i, e);
+    lanes = _mm256_add_ps(lanes, e);
+  }
+  total = sum8(lanes);
+#endif
+  for (; i < n; ++i) {
+    x[i] = exp_poly(x[i] - shift);
+    total += x[i];
+  }
+  return total;
+}
+
+// out[r] = silu(gate[r]) * up[r]
+inline void silu_mul_row(const float* gate, const float* up, float* out, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, e));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
+  }
+#endif
+  for (; i < n; ++i) out[i] = gate[i] / (1.0f + exp_poly(-gate[i])) * up[i];
+}
+
+// x [N, H] -> x / sqrt(mean(x^2) + eps) * weight
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  check_f32(x, "x", 2);
+  check_f32(weight, "weight", 1);
+  const int64_t rows = x.size(0), width = x.size(1);
+  TORCH_CHECK(weight.size(0) == width, "weight has ", weight.size(0), " entries for rows of ",
+              width);
+  auto y = torch::empty_like(x);
+  const float* src = x.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  float* dst = y.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float* in = src + n * width;
+      float* out = dst + n * width;
+      float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t i = 0;
+      for (; i + 8 <= width; i += 8)
+        for (int j = 0; j < 8; ++j) lanes[j] += in[i + j] * in[i + j];
+      float sum = 0;
+      for (int j = 0; j < 8; ++j) sum += lanes[j];
+      for (; i < width; ++i) sum += in[i] * in[i];
+      const float inv = 1.0f / std::sqrt(sum / static_cast<float>(width) +
+                                         static_cast<float>(eps));
+      for (i = 0; i < width; ++i) out[i] = in[i] * inv * w[i];
+    }
+  });
+  return y;
+}
+
+// RoPE (x * cos + roll(x, D/2) * sin_signed, sin_signed having its first half negated) on
+// the query and key heads of qkv [N, (h + 2 kvh) * D]; keys and values are written to their
+// pools [slots, kvh, D] at slots [N]; returns the rotated queries [N, h, D].
+torch::Tensor rope_write_kv(const torch::Tensor& qkv, const torch::Tensor& cos,
+                            const torch::Tensor& sin, torch::Tensor& key_pool,
+                            torch::Tensor& value_pool, const torch::Tensor& slots, int64_t heads,
+                            int64_t kv_heads) {
+  check_f32(qkv, "qkv", 2);
+  check_f32(cos, "cos", 2);
+  check_f32(sin, "sin", 2);
+  check_f32(key_pool, "key_pool", 3);
+  check_f32(value_pool, "value_pool", 3);
+  check_index(slots, "slots", 1);
+  const int64_t rows = qkv.size(0), dim = cos.size(1), half = dim / 2;
+  TORCH_CHECK(dim % 2 == 0, "head dim must be even, got ", dim);
+  TORCH_CHECK(qkv.size(1) == (heads + 2 * kv_heads) * dim, "qkv has ", qkv.size(1),
+              " columns, expected (heads + 2 kv_heads) * head_dim = ",
+              (heads + 2 * kv_heads) * dim);
+  TORCH_CHECK(cos.size(0) == rows && sin.size(0) == rows && sin.size(1) == dim &&
+                  slots.size(0) == rows,
+              "cos, sin and slots must have one row per qkv row");
+  TORCH_CHECK(key_pool.sizes() == value_pool.sizes() && key_pool.size(1) == kv_heads &&
+                  key_pool.size(2) == dim,
+              "key and value pools must both be [slots, kv_heads, head_dim]");
+  const int64_t pool = key_pool.size(0);
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t n = 0; n < rows; ++n)
+    TORCH_CHECK(slot[n] >= 0 && slot[n] < pool, "slot ", slot[n], " outside the pool of ",
+                pool);
+  auto q = torch::empty({rows, heads, dim}, qkv.options());
+  const float* src = qkv.data_ptr<float>();
+  const float* c = cos.data_ptr<float>();
+  const float* s = sin.data_ptr<float>();
+  float* q_out = q.data_ptr<float>();
+  float* keys = key_pool.data_ptr<float>();
+  float* values = value_pool.data_ptr<float>();
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float* row = src + n * qkv.size(1);
+      const float* cn = c + n * dim;
+      const float* sn = s + n * dim;
+      for (int64_t head = 0; head < heads + kv_heads; ++head) {
+        const float* x = row + head * dim;
+        float* out = head < heads ? q_out + (n * heads + head) * dim
+                                  : keys + (slot[n] * kv_heads + head - heads) * dim;
+        for (int64_t d = 0; d < half; ++d) out[d] = x[d] * cn[d] + x[d + half] * sn[d];
+        for (int64_t d = half; d < dim; ++d) out[d] = x[d] * cn[d] + x[d - half] * sn[d];
+      }
+      std::memcpy(values + slot[n] * kv_heads * dim, row + (heads + kv_heads) * dim,
+                  sizeof(float) * kv_heads * dim);
+    }
+  });
+  return q;
+}
+
+// One query per request against its own paged keys and values: q [B, h, D], pools [slots,
+// kvh, D], slots [B, L] (request b's first lengths[b] are its context) -> [B, h * D].
+// Query head i reads kv head i / (h / kvh), as the runner's grouped view does.
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& key_pool,
+                               const torch::Tensor& value_pool, const torch::Tensor& slots,
+                               const torch::Tensor& lengths, double scale) {
+  check_f32(q, "q", 3);
+  check_f32(key_pool, "key_pool", 3);
+  check_f32(value_pool, "value_pool", 3);
+  check_index(slots, "slots", 2);
+  check_index(lengths, "lengths", 1);
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = key_pool.size(1), width = slots.size(1), pool = key_pool.size(0);
+  TORCH_CHECK(key_pool.sizes() == value_pool.sizes() && key_pool.size(2) == dim,
+              "key and value pools must both be [slots, kv_heads, head_dim]");
+  TORCH_CHECK(heads % kv_heads == 0, heads, " query heads do not share ", kv_heads,
+              " kv heads evenly");
+  TORCH_CHECK(slots.size(0) == batch && lengths.size(0) == batch,
+              "slots and lengths must have one row per query");
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t* length = lengths.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(length[b] >= 1 && length[b] <= width, "request ", b, " has length ",
+                length[b], " for ", width, " slots");
+    for (int64_t l = 0; l < length[b]; ++l)
+      TORCH_CHECK(slot[b * width + l] >= 0 && slot[b * width + l] < pool, "slot ",
+                  slot[b * width + l], " outside the pool of ", pool);
+  }
+  const int64_t group = heads / kv_heads;
+  auto out = torch::empty({batch, heads * dim}, q.options());
+  const float* queries = q.data_ptr<float>();
+  const float* keys = key_pool.data_ptr<float>();
+  const float* values = value_pool.data_ptr<float>();
+  float* result = out.data_ptr<float>();
+  const float scaling = static_cast<float>(scale);
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / kv_heads, kv = task % kv_heads, len = length[b];
+      scores.assign(group * len, 0.0f);
+      const float* qb = queries + (b * heads + kv * group) * dim;
+      for (int64_t l = 0; l < len; ++l) {
+        const float* k = keys + (slot[b * width + l] * kv_heads + kv) * dim;
+        for (int64_t j = 0; j < group; ++j) {
+          scores[j * len + l] = dot(qb + j * dim, k, dim) * scaling;
+        }
+      }
+      for (int64_t j = 0; j < group; ++j) {
+        float* sj = scores.data() + j * len;
+        float top = sj[0];
+        for (int64_t l = 1; l < len; ++l) top = sj[l] > top ? sj[l] : top;
+        const float inv = 1.0f / exp_shifted(sj, len, top);
+        for (int64_t l = 0; l < len; ++l) sj[l] *= inv;
+      }
+      float* ob = result + (b * heads + kv * group) * dim;
+      std::fill(ob, ob + group * dim, 0.0f);
+      for (int64_t l = 0; l < len; ++l) {
+        const float* v = values + (slot[b * width + l] * kv_heads + kv) * dim;
+        for (int64_t j = 0; j < group; ++j) {
+          const float p = scores[j * len + l];
+          float* oj = ob + j * dim;
+          for (int64_t d = 0; d < dim; ++d) oj[d] += p * v[d];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// gate_up [n, 2R] (gate | up) -> silu(gate) * up [n, R]
+torch::Tensor silu_mul(const torch::Tensor& gate_up) {
+  check_f32(gate_up, "gate_up", 2);
+  const int64_t rows = gate_up.size(0), width = gate_up.size(1) / 2;
+  TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up must have an even number of columns");
+  auto out = torch::empty({rows, width}, gate_up.options());
+  const float* src = gate_up.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float* gate = src + n * 2 * width;
+      const float* up = gate + width;
+      float* o = dst + n * width;
+      silu_mul_row(gate, up, o, width);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "RMSNorm of rows [N, H]");
+  m.def("rope_write_kv", &rope_write_kv, "RoPE on q and k; k and v written to their pools");
+  m.def("decode_attention", &decode_attention, "one query per request over its paged KV");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate|up product");
+}

@@ -1,0 +1,124 @@
+"""The fused CPU ops against naive float64 references (RoPE and the KV write bit-exact against
+the runner's torch ops), their refusals of bad input, and the loader's switch and fallback."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from readmoe.serve import cpu_ops
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                reason="no C++ compiler: the runner keeps its torch ops")
+
+
+@pytest.fixture(scope="module")
+def ops():
+    built = cpu_ops.load()
+    assert built is not None, "the fused CPU ops did not build on a machine with a compiler"
+    return built
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_rms_norm_matches_the_definition(ops, rows):
+    x = torch.randn(rows, 75, generator=gen(rows)) * 3
+    w = torch.randn(75, generator=gen(1))
+    naive = x.double() / (x.double().pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * w.double()
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5).double(), naive, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("width", [1, 7, 8, 40, 1536])
+def test_silu_mul_matches_the_definition(ops, width):
+    gate_up = torch.randn(5, 2 * width, generator=gen(width)) * 8
+    gate_up[0, 0], gate_up[1, 0] = -100.0, 100.0  # where exp is clamped
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    naive = gate / (1 + torch.exp(-gate)) * up
+    torch.testing.assert_close(ops.silu_mul(gate_up).double(), naive, rtol=1e-6, atol=1e-6)
+
+
+def naive_attention(q, keys, values, slots, lengths, scale):
+    batch, heads, dim = q.shape
+    group = heads // keys.shape[1]
+    out = torch.empty(batch, heads, dim, dtype=torch.float64)
+    for b in range(batch):
+        used = slots[b, :lengths[b]]
+        for h in range(heads):
+            k = keys[used, h // group].double()  # [L, D]
+            v = values[used, h // group].double()
+            p = torch.softmax(k @ q[b, h].double() * scale, dim=0)
+            out[b, h] = p @ v
+    return out.reshape(batch, heads * dim)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(4, 4, 8), (9, 3, 64), (6, 2, 20)])
+def test_decode_attention_reads_the_pool_in_place(ops, heads, kv_heads, dim):
+    pool, batch, width = 50, 5, 11
+    keys = torch.randn(pool, kv_heads, dim, generator=gen(0)) * 2
+    values = torch.randn(pool, kv_heads, dim, generator=gen(1))
+    q = torch.randn(batch, heads, dim, generator=gen(2))
+    lengths = torch.tensor([1, 11, 4, 7, 2])
+    slots = torch.stack([torch.randperm(pool, generator=gen(3 + b))[:width]
+                         for b in range(batch)])
+    for b in range(batch):  # past a request's length: never read (out of the pool on purpose)
+        slots[b, lengths[b]:] = 10**9
+    got = ops.decode_attention(q, keys, values, slots, lengths, dim ** -0.5)
+    torch.testing.assert_close(got.double(), naive_attention(q, keys, values, slots, lengths,
+                                                             dim ** -0.5), rtol=1e-5, atol=1e-6)
+
+
+def test_rope_write_kv_equals_the_torch_ops_bit_for_bit(ops):
+    rows, heads, kv_heads, dim, pool = 6, 9, 3, 64, 40
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, generator=gen(0))
+    cos = torch.randn(rows, dim, generator=gen(1))
+    sin = torch.randn(rows, dim, generator=gen(2))
+    slots = torch.tensor([3, 17, 0, 39, 8, 21])
+    keys, values = torch.zeros(pool, kv_heads, dim), torch.zeros(pool, kv_heads, dim)
+    want_keys, want_values = keys.clone(), values.clone()
+    qk, v = qkv.split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
+    qk = qk.view(rows, heads + kv_heads, dim)
+    qk = qk * cos[:, None] + qk.roll(dim // 2, -1) * sin[:, None]
+    want_q, k = qk.split([heads, kv_heads], dim=1)
+    want_keys.index_copy_(0, slots, k)
+    want_values.index_copy_(0, slots, v.reshape(rows, kv_heads, dim))
+    q = ops.rope_write_kv(qkv, cos, sin, keys, values, slots, heads, kv_heads)
+    assert torch.equal(q, want_q)
+    assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
+
+
+def test_bad_input_is_refused_with_the_reason(ops):
+    with pytest.raises(RuntimeError, match="must be float32"):
+        ops.rms_norm(torch.ones(2, 4, dtype=torch.float64), torch.ones(4, dtype=torch.float64),
+                     1e-5)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        ops.silu_mul(torch.ones(4, 6).t())
+    keys = torch.zeros(8, 1, 4)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        ops.decode_attention(torch.ones(1, 2, 4), keys, keys, torch.tensor([[9]]),
+                             torch.tensor([1]), 0.5)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        ops.rope_write_kv(torch.ones(1, 16), torch.ones(1, 4), torch.ones(1, 4), keys,
+                          keys.clone(), torch.tensor([8]), 2, 1)
+
+
+def test_the_switch_turns_them_off_and_a_failed_build_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv(cpu_ops.DISABLE, "0")
+    cpu_ops.load.cache_clear()
+    try:
+        assert cpu_ops.load() is None
+        monkeypatch.delenv(cpu_ops.DISABLE)
+        cpu_ops.load.cache_clear()
+        broken = tmp_path / "cpu_ops.cpp"
+        broken.write_text("this is not C++\n")
+        monkeypatch.setattr(cpu_ops, "SOURCE", broken)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        with pytest.warns(RuntimeWarning, match="could not be built"):
+            assert cpu_ops.load() is None
+    finally:
+        cpu_ops.load.cache_clear()
+    assert cpu_ops.ops_for(torch.device("cpu"), torch.bfloat16) is None
