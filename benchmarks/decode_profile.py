@@ -40,7 +40,7 @@ from engine_speed import CORPUS, load, prompts  # noqa: E402
 MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
 ATTENTION = {"aten::_scaled_dot_product_flash_attention_for_cpu",
              "aten::_scaled_dot_product_attention_math", "aten::scaled_dot_product_attention",
-             "aten::_scaled_dot_product_efficient_attention"}
+             "aten::_scaled_dot_product_efficient_attention", "readmoe::decode_attention"}
 
 
 def parse_args() -> argparse.Namespace:

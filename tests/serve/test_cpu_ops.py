@@ -113,9 +113,9 @@ def test_the_switch_turns_them_off_and_a_failed_build_falls_back(monkeypatch, tm
         assert cpu_ops.load() is None
         monkeypatch.delenv(cpu_ops.DISABLE)
         cpu_ops.load.cache_clear()
-        broken = tmp_path / "cpu_ops.cpp"
-        broken.write_text("this is not C++\n")
-        monkeypatch.setattr(cpu_ops, "SOURCE", broken)
+        (tmp_path / "kernels.cpp").write_text("this is not C++\n")
+        (tmp_path / "layer.cpp").write_text("")
+        monkeypatch.setattr(cpu_ops, "CSRC", tmp_path)
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
         with pytest.warns(RuntimeWarning, match="could not be built"):
             assert cpu_ops.load() is None

@@ -72,6 +72,7 @@ def _naive_runner(runner: ModelRunner) -> ModelRunner:
         experts=None if p.experts is None else tuple(expert(e) for e in p.experts))
         for p in runner.packed]
     runner.lm_head = _Naive(runner.lm_head)
+    runner.fused = [False] * len(runner.packed)  # layers of naive products run in Python
     return runner
 
 

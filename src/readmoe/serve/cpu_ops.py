@@ -1,14 +1,15 @@
-"""The runner's fused CPU ops (``csrc/cpu_ops.cpp``), built once per machine, or nothing.
+"""The runner's fused CPU ops (``csrc/``), built once per machine, or nothing.
 
 Why: on CPU a decode step's matrix products run near their floor, and what the engine loses
 beside them is the small ops around them (norms, RoPE and the KV write, the paged-attention
 gathers and the attention itself, SiLU times up), each several ATen calls at sizes where a
-call's fixed cost is its whole cost. The C++ file does each in one call and one pass, as
-vLLM's CPU backend and llama.cpp do.
+call's fixed cost is its whole cost, and the Python between the calls. ``kernels.cpp`` does
+each small op in one call and one pass, as vLLM's CPU backend and llama.cpp do; ``layer.cpp``
+runs a layer's attention block (decode-only steps) and its MoE FFN as one call each.
 
 The extension is compiled with torch's ``cpp_extension`` the first time a runner asks for it
 (about a minute here; it needs a C++ compiler, and ``ninja``, a dependency) into
-``$XDG_CACHE_HOME/readmoe/cpu_ops/<key>`` (key: the source, flags, torch and Python), and is
+``$XDG_CACHE_HOME/readmoe/cpu_ops/<key>`` (key: the sources, flags, torch and Python), and is
 loaded from there afterwards. Where it cannot be built the runner keeps its torch ops (the
 same results; a warning says why), as it does on GPU and for dtypes other than fp32.
 ``READMOE_CPU_OPS=0`` turns the fused ops off (to compare, or to rule them out).
@@ -27,7 +28,8 @@ from types import ModuleType
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = ("kernels.cpp", "layer.cpp")
 DISABLE = "READMOE_CPU_OPS"
 
 
@@ -44,7 +46,8 @@ def compile_flags() -> list[str]:
 
 def build_dir(flags: list[str]) -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), *flags, torch.__version__,
+    texts = [path.read_text() for path in sorted(CSRC.iterdir()) if path.is_file()]
+    key = hashlib.sha256("\n".join([*texts, *flags, torch.__version__,
                                     sys.version]).encode()).hexdigest()[:16]
     return cache / "readmoe" / "cpu_ops" / key
 
@@ -66,7 +69,8 @@ def load() -> ModuleType | None:
         print(f"readmoe: building the fused CPU ops once into {directory} (about a minute)",
               file=sys.stderr, flush=True)
     try:
-        return cpp_extension.load(name="readmoe_cpu_ops", sources=[str(SOURCE)],
+        return cpp_extension.load(name="readmoe_cpu_ops",
+                                  sources=[str(CSRC / name) for name in SOURCES],
                                   extra_cflags=flags, build_directory=str(directory),
                                   verbose=False)
     except Exception as error:  # noqa: BLE001 - any build failure leaves the torch ops

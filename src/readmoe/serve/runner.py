@@ -14,7 +14,9 @@ weights and rotary embeddings come from ``model.model.rotary_emb`` (transformers
 at fp32). A decode-only step (the common one) attends without gathering or scattering rows.
 On CPU at fp32 the small ops between the products (norms, RoPE with the KV write, decode
 attention over the paged pool in place, SiLU times up) are fused C++ ops (``cpu_ops.py``)
-where they can be built; elsewhere they are the torch ops they replace.
+where they can be built, and a layer whose matrices are plain fp32 runs its attention block
+(decode-only steps) and its FFN (resident experts) as one C++ call each, with the products the
+Python path would make; elsewhere they are the torch ops they replace.
 
 The MoE FFN is the shared expert on all rows plus, per routed expert present in the step, that
 expert on its rows. Routed weights come from an ``ExpertSource``: by default the runner's own
@@ -42,6 +44,7 @@ from readmoe.serve.packed import (
     Norm,
     PackedExpert,
     PackedLayer,
+    PackedMatrix,
     matrix_type,
     norm_of,
     pack_layer,
@@ -150,6 +153,7 @@ class ModelRunner:
         self.glus = [self.ops.silu_mul
                      if self.ops is not None and p.act is torch.nn.functional.silu
                      else functools.partial(_glu, p.act) for p in self.packed]
+        self.fused = [self.ops is not None and _fusable(p) for p in self.packed]
         self.num_experts = config.num_experts
         first = self.layers[0].self_attn
         self.heads = config.num_attention_heads
@@ -197,16 +201,14 @@ class ModelRunner:
 
         hidden = model.embed_tokens(tokens)  # [N, H]
         cos, sin = model.rotary_emb(hidden, positions[None])  # [1, N, D] each
-        cos, sin = cos[0, :, None], sin[0, :, None]  # [N, 1, D]: broadcast over heads
+        cos, sin = cos[0], sin[0]  # [N, D]
         half = sin.shape[-1] // 2
         # rotate_half(x) * sin == roll(x, D/2) * sin with its first half negated, exactly
         # (a sign moves between factors): one roll a layer instead of slice, slice, neg, cat
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         for index, (layer, packed) in enumerate(zip(self.layers, self.packed, strict=True)):
-            hidden = self._attention(index, packed, hidden, self._norm(packed.input_norm, hidden),
-                                     cos, sin, write_slots, groups)
-            hidden = self._ffn(index, layer.mlp, packed, hidden,
-                               self._norm(packed.post_attention_norm, hidden), routing, source)
+            hidden = self._attention(index, packed, hidden, cos, sin, write_slots, groups)
+            hidden = self._ffn(index, layer.mlp, packed, hidden, routing, source)
         def scored(chunk: RunnerChunk) -> range:  # the chunk's tokens whose logits return
             return range(0 if every_token else len(chunk.tokens) - 1, len(chunk.tokens))
 
@@ -215,21 +217,29 @@ class ModelRunner:
         return self.lm_head(self._norm(self.norm, hidden.index_select(0, rows)))  # [S, V]
 
     def _attention(self, layer: int, packed: PackedLayer, residual: torch.Tensor,
-                   x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   write_slots: torch.Tensor, groups: Sequence[_AttentionGroup]) -> torch.Tensor:
-        """x [N, H] -> residual + attention output [N, H]; writes the step's keys and values
-        first."""
-        rows = x.shape[0]
+                   cos: torch.Tensor, sin: torch.Tensor, write_slots: torch.Tensor,
+                   groups: Sequence[_AttentionGroup]) -> torch.Tensor:
+        """residual [N, H] -> residual + attention(norm(residual)) [N, H]; writes the step's
+        keys and values first. cos, sin: [N, D]."""
+        rows = residual.shape[0]
         heads, kvh, dim = self.heads, self.kv_heads, self.head_dim
-        qkv = packed.qkv(x)  # [N, (h + 2 kvh) * D]
         key_pool, value_pool = self.kv.keys[layer], self.kv.values[layer]  # [slots, kvh, D]
+        if self.fused[layer] and groups[0].direct:
+            norm, qkv, o, group = packed.input_norm, packed.qkv, packed.o, groups[0]
+            return self.ops.decode_attention_block(
+                residual, norm.weight, norm.eps, qkv.weight, qkv.bias, o.weight, o.bias, cos,
+                sin, key_pool, value_pool, write_slots, group.key_slots, group.lengths, heads,
+                kvh, self.scaling)
+        x = self._norm(packed.input_norm, residual)
+        qkv = packed.qkv(x)  # [N, (h + 2 kvh) * D]
         if self.ops is not None:
-            q = self.ops.rope_write_kv(qkv, cos[:, 0], sin[:, 0], key_pool, value_pool,
-                                       write_slots, heads, kvh)  # [N, h, D]
+            q = self.ops.rope_write_kv(qkv, cos, sin, key_pool, value_pool, write_slots, heads,
+                                       kvh)  # [N, h, D]
         else:
             qk, v = qkv.split([(heads + kvh) * dim, kvh * dim], dim=-1)
             qk, v = qk.view(rows, heads + kvh, dim), v.view(rows, kvh, dim)
-            qk = qk * cos + qk.roll(dim // 2, -1) * sin  # RoPE on queries and keys at once
+            # RoPE on queries and keys at once, broadcast over heads
+            qk = qk * cos[:, None] + qk.roll(dim // 2, -1) * sin[:, None]
             q, k = qk.split([heads, kvh], dim=1)  # [N, h, D], [N, kvh, D]
             self.kv.write(layer, write_slots, k, v)
         if groups[0].direct:
@@ -276,6 +286,15 @@ class ModelRunner:
             return self.ops.rms_norm(x, norm.weight, norm.eps)
         return torch.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
 
+    def _expert(self, weights: PackedExpert, x: torch.Tensor,
+                glu: Callable[[torch.Tensor], torch.Tensor], add: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """One SwiGLU expert on rows x [n, H] -> [n, H] (+ ``add``; into ``out`` if given), with
+        the runner's weights or a store slot's; ``glu`` takes the gate|up product whole."""
+        if self.ops is not None and glu is self.ops.silu_mul and _plain(weights):
+            return self.ops.swiglu(x, weights.gate_up.weight, weights.down.weight, add, out)
+        return weights.down(glu(weights.gate_up(x)), add=add, out=out)
+
     def _grouping(self, experts: torch.Tensor) -> _Routing:
         counts = torch.bincount(experts, minlength=self.num_experts).tolist()
         starts = [sum(counts[:e]) for e in range(len(counts))]
@@ -284,12 +303,31 @@ class ModelRunner:
         return _Routing(torch.argsort(experts, stable=True), counts, starts)
 
     def _ffn(self, layer: int, mlp: torch.nn.Module, packed: PackedLayer,
-             residual: torch.Tensor, x: torch.Tensor, routing: _Routing | None,
+             residual: torch.Tensor, routing: _Routing | None,
              source: ExpertSource | None) -> torch.Tensor:
-        """x [N, H] -> residual + shared expert + each row's routed expert, [N, H], plus the
-        row's compensation bias where the model has one (kept resident: H floats an expert)."""
-        glu, bias = self.glus[layer], mlp.compensation
-        out = residual if packed.shared is None else _expert(packed.shared, x, glu, residual)
+        """residual [N, H] -> residual + shared expert + each row's routed expert of
+        x = norm(residual), [N, H], plus the row's compensation bias where the model has one
+        (kept resident: H floats an expert)."""
+        bias, norm = mlp.compensation, packed.post_attention_norm
+        resident = routing is not None and packed.experts is not None
+        if self.fused[layer] and source is None and (resident or mlp.experts is None):
+            shared = [] if packed.shared is None else [packed.shared.gate_up.weight,
+                                                       packed.shared.down.weight]
+            if mlp.experts is None:
+                return self.ops.moe_ffn(residual, norm.weight, norm.eps, shared, [], [], [],
+                                        None, [], [], bias)
+            order, counts, starts = routing
+            present = [e for e, count in enumerate(counts) if count]
+            experts = [packed.experts[e] for e in present]
+            return self.ops.moe_ffn(residual, norm.weight, norm.eps, shared,
+                                    [e.gate_up.weight for e in experts],
+                                    [e.down.weight for e in experts], present, order,
+                                    [starts[e] for e in present], [counts[e] for e in present],
+                                    bias)
+        x = self._norm(norm, residual)
+        glu = self.glus[layer]
+        out = residual if packed.shared is None else self._expert(packed.shared, x, glu,
+                                                                  residual)
         if mlp.experts is None:
             return out if bias is None else out + bias[0]
         if routing is None:  # layer-wise router: this layer's gate decides now
@@ -300,14 +338,14 @@ class ModelRunner:
                    else self.experts_for(layer, present))
         if order is None:  # every row has one expert
             for e, expert in weights:
-                out = _expert(expert, x, glu, out)
+                out = self._expert(expert, x, glu, out)
                 out = out if bias is None else out + bias[e]
             return out
         grouped = x.index_select(0, order)  # [N, H] rows sorted by expert
         result = torch.empty_like(grouped)
         for e, expert in weights:  # the source's order: a store loads while others compute
             rows = slice(starts[e], starts[e] + counts[e])
-            _expert(expert, grouped[rows], glu, out=result[rows])
+            self._expert(expert, grouped[rows], glu, out=result[rows])
             if bias is not None:
                 result[rows] += bias[e]
         if out is residual:  # no shared expert: leave the caller's tensor as it is
@@ -329,8 +367,17 @@ def _glu(act: Callable[[torch.Tensor], torch.Tensor], gate_up: torch.Tensor) -> 
     return act(gate) * up
 
 
-def _expert(weights: PackedExpert, x: torch.Tensor, glu: Callable[[torch.Tensor], torch.Tensor],
-            add: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """One SwiGLU expert on rows x [n, H] -> [n, H] (+ ``add``; into ``out`` if given), with
-    the runner's weights or a store slot's; ``glu`` takes the gate|up product whole."""
-    return weights.down(glu(weights.gate_up(x)), add=add, out=out)
+def _plain(expert: PackedExpert) -> bool:
+    """Whether the fused ops can run this expert: fp32 [in, out] weights without biases."""
+    return all(type(m) is PackedMatrix and m.transposed and m.bias is None
+               and m.weight.dtype == torch.float32 for m in (expert.gate_up, expert.down))
+
+
+def _fusable(packed: PackedLayer) -> bool:
+    """Whether a layer's attention block and FFN can each run as one fused call."""
+    attention = all(type(m) is PackedMatrix and m.transposed and m.weight.dtype == torch.float32
+                    for m in (packed.qkv, packed.o))
+    experts = [packed.shared] if packed.shared is not None else []
+    experts += list(packed.experts or ())
+    return (attention and packed.act is torch.nn.functional.silu
+            and all(_plain(e) for e in experts))

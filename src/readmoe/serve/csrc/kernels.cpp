@@ -7,9 +7,12 @@
 // bit-exact against the runner's torch path); exp is a vectorizable polynomial (Cephes expf,
 // about 1 ulp), used by SiLU and the attention's softmax.
 
-#include <torch/extension.h>
+#include "cpu_ops.h"
+
+#include <ATen/ATen.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <cmath>
 #include <cstdint>
@@ -22,16 +25,16 @@
 
 namespace {
 
-void check_f32(const torch::Tensor& t, const char* name, int64_t dim) {
+void check_f32(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
-  TORCH_CHECK(t.scalar_type() == torch::kFloat32, name, " must be float32, got ",
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ",
               t.scalar_type());
   TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got ", t.dim());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-void check_index(const torch::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kInt64 && t.dim() == dim &&
+void check_index(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == dim &&
                   t.is_contiguous(),
               name, " must be a contiguous int64 CPU tensor with ", dim, " dimensions");
 }
@@ -56,7 +59,7 @@ inline float exp_poly(float x) {
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// exp_poly on eight lanes: the same steps, so both paths agree to rounding.
+// exp_poly on eight lanes (the same polynomial, with FMA)
 inline __m256 exp8(__m256 x) {
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
   const __m256 n = _mm256_floor_ps(
@@ -83,6 +86,12 @@ inline float sum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 #endif
+
+// asks for a pool row ahead of its use: a request's slots jump between blocks and pages,
+// where the hardware prefetcher stops
+inline void prefetch_row(const float* row, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(row + i);
+}
 
 // sum of a[i] * b[i]
 inline float dot(const float* a, const float* b, int64_t n) {
@@ -138,14 +147,19 @@ inline void silu_mul_row(const float* gate, const float* up, float* out, int64_t
   for (; i < n; ++i) out[i] = gate[i] / (1.0f + exp_poly(-gate[i])) * up[i];
 }
 
+}  // namespace
+
+namespace readmoe {
+
 // x [N, H] -> x / sqrt(mean(x^2) + eps) * weight
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  RECORD_FUNCTION("readmoe::rms_norm", c10::ArrayRef<const c10::IValue>{});
   check_f32(x, "x", 2);
   check_f32(weight, "weight", 1);
   const int64_t rows = x.size(0), width = x.size(1);
   TORCH_CHECK(weight.size(0) == width, "weight has ", weight.size(0), " entries for rows of ",
               width);
-  auto y = torch::empty_like(x);
+  auto y = at::empty_like(x);
   const float* src = x.data_ptr<float>();
   const float* w = weight.data_ptr<float>();
   float* dst = y.data_ptr<float>();
@@ -171,10 +185,11 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 // RoPE (x * cos + roll(x, D/2) * sin_signed, sin_signed having its first half negated) on
 // the query and key heads of qkv [N, (h + 2 kvh) * D]; keys and values are written to their
 // pools [slots, kvh, D] at slots [N]; returns the rotated queries [N, h, D].
-torch::Tensor rope_write_kv(const torch::Tensor& qkv, const torch::Tensor& cos,
-                            const torch::Tensor& sin, torch::Tensor& key_pool,
-                            torch::Tensor& value_pool, const torch::Tensor& slots, int64_t heads,
+at::Tensor rope_write_kv(const at::Tensor& qkv, const at::Tensor& cos,
+                            const at::Tensor& sin, at::Tensor& key_pool,
+                            at::Tensor& value_pool, const at::Tensor& slots, int64_t heads,
                             int64_t kv_heads) {
+  RECORD_FUNCTION("readmoe::rope_write_kv", c10::ArrayRef<const c10::IValue>{});
   check_f32(qkv, "qkv", 2);
   check_f32(cos, "cos", 2);
   check_f32(sin, "sin", 2);
@@ -197,7 +212,7 @@ torch::Tensor rope_write_kv(const torch::Tensor& qkv, const torch::Tensor& cos,
   for (int64_t n = 0; n < rows; ++n)
     TORCH_CHECK(slot[n] >= 0 && slot[n] < pool, "slot ", slot[n], " outside the pool of ",
                 pool);
-  auto q = torch::empty({rows, heads, dim}, qkv.options());
+  auto q = at::empty({rows, heads, dim}, qkv.options());
   const float* src = qkv.data_ptr<float>();
   const float* c = cos.data_ptr<float>();
   const float* s = sin.data_ptr<float>();
@@ -226,9 +241,10 @@ torch::Tensor rope_write_kv(const torch::Tensor& qkv, const torch::Tensor& cos,
 // One query per request against its own paged keys and values: q [B, h, D], pools [slots,
 // kvh, D], slots [B, L] (request b's first lengths[b] are its context) -> [B, h * D].
 // Query head i reads kv head i / (h / kvh), as the runner's grouped view does.
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& key_pool,
-                               const torch::Tensor& value_pool, const torch::Tensor& slots,
-                               const torch::Tensor& lengths, double scale) {
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& key_pool,
+                               const at::Tensor& value_pool, const at::Tensor& slots,
+                               const at::Tensor& lengths, double scale) {
+  RECORD_FUNCTION("readmoe::decode_attention", c10::ArrayRef<const c10::IValue>{});
   check_f32(q, "q", 3);
   check_f32(key_pool, "key_pool", 3);
   check_f32(value_pool, "value_pool", 3);
@@ -252,39 +268,44 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& key_
                   slot[b * width + l], " outside the pool of ", pool);
   }
   const int64_t group = heads / kv_heads;
-  auto out = torch::empty({batch, heads * dim}, q.options());
+  auto out = at::empty({batch, heads * dim}, q.options());
   const float* queries = q.data_ptr<float>();
   const float* keys = key_pool.data_ptr<float>();
   const float* values = value_pool.data_ptr<float>();
   float* result = out.data_ptr<float>();
   const float scaling = static_cast<float>(scale);
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // one task per request, all its heads: each slot's keys (then values) for every kv head
+  // are one contiguous row of the pool, read once, in the order of the request's blocks
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / kv_heads, kv = task % kv_heads, len = length[b];
-      scores.assign(group * len, 0.0f);
-      const float* qb = queries + (b * heads + kv * group) * dim;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t len = length[b];
+      const int64_t* used = slot + b * width;
+      scores.resize(heads * len);
+      const float* qb = queries + b * heads * dim;
       for (int64_t l = 0; l < len; ++l) {
-        const float* k = keys + (slot[b * width + l] * kv_heads + kv) * dim;
-        for (int64_t j = 0; j < group; ++j) {
-          scores[j * len + l] = dot(qb + j * dim, k, dim) * scaling;
-        }
+        const float* row = keys + used[l] * kv_heads * dim;
+        if (l + 2 < len) prefetch_row(keys + used[l + 2] * kv_heads * dim, kv_heads * dim);
+        for (int64_t h = 0; h < heads; ++h)
+          scores[h * len + l] = dot(qb + h * dim, row + (h / group) * dim, dim) * scaling;
       }
-      for (int64_t j = 0; j < group; ++j) {
-        float* sj = scores.data() + j * len;
-        float top = sj[0];
-        for (int64_t l = 1; l < len; ++l) top = sj[l] > top ? sj[l] : top;
-        const float inv = 1.0f / exp_shifted(sj, len, top);
-        for (int64_t l = 0; l < len; ++l) sj[l] *= inv;
+      for (int64_t h = 0; h < heads; ++h) {
+        float* sh = scores.data() + h * len;
+        float top = sh[0];
+        for (int64_t l = 1; l < len; ++l) top = sh[l] > top ? sh[l] : top;
+        const float inv = 1.0f / exp_shifted(sh, len, top);
+        for (int64_t l = 0; l < len; ++l) sh[l] *= inv;
       }
-      float* ob = result + (b * heads + kv * group) * dim;
-      std::fill(ob, ob + group * dim, 0.0f);
+      float* ob = result + b * heads * dim;
+      std::fill(ob, ob + heads * dim, 0.0f);
       for (int64_t l = 0; l < len; ++l) {
-        const float* v = values + (slot[b * width + l] * kv_heads + kv) * dim;
-        for (int64_t j = 0; j < group; ++j) {
-          const float p = scores[j * len + l];
-          float* oj = ob + j * dim;
-          for (int64_t d = 0; d < dim; ++d) oj[d] += p * v[d];
+        const float* row = values + used[l] * kv_heads * dim;
+        if (l + 2 < len) prefetch_row(values + used[l + 2] * kv_heads * dim, kv_heads * dim);
+        for (int64_t h = 0; h < heads; ++h) {
+          const float p = scores[h * len + l];
+          const float* v = row + (h / group) * dim;
+          float* oh = ob + h * dim;
+          for (int64_t d = 0; d < dim; ++d) oh[d] += p * v[d];
         }
       }
     }
@@ -293,11 +314,12 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& key_
 }
 
 // gate_up [n, 2R] (gate | up) -> silu(gate) * up [n, R]
-torch::Tensor silu_mul(const torch::Tensor& gate_up) {
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  RECORD_FUNCTION("readmoe::silu_mul", c10::ArrayRef<const c10::IValue>{});
   check_f32(gate_up, "gate_up", 2);
   const int64_t rows = gate_up.size(0), width = gate_up.size(1) / 2;
   TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up must have an even number of columns");
-  auto out = torch::empty({rows, width}, gate_up.options());
+  auto out = at::empty({rows, width}, gate_up.options());
   const float* src = gate_up.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
@@ -311,11 +333,4 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   return out;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm, "RMSNorm of rows [N, H]");
-  m.def("rope_write_kv", &rope_write_kv, "RoPE on q and k; k and v written to their pools");
-  m.def("decode_attention", &decode_attention, "one query per request over its paged KV");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate|up product");
-}
+}  // namespace readmoe
