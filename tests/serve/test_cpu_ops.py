@@ -56,7 +56,8 @@ def naive_attention(q, keys, values, slots, lengths, scale):
     return out.reshape(batch, heads * dim)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(4, 4, 8), (9, 3, 64), (6, 2, 20)])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"),
+                         [(4, 4, 8), (9, 3, 64), (6, 2, 20), (8, 2, 128)])
 def test_decode_attention_reads_the_pool_in_place(ops, heads, kv_heads, dim):
     pool, batch, width = 50, 5, 11
     keys = torch.randn(pool, kv_heads, dim, generator=gen(0)) * 2
@@ -122,3 +123,27 @@ def test_the_switch_turns_them_off_and_a_failed_build_falls_back(monkeypatch, tm
     finally:
         cpu_ops.load.cache_clear()
     assert cpu_ops.ops_for(torch.device("cpu"), torch.bfloat16) is None
+
+
+def test_threads_split_rows_without_changing_a_bit(ops):
+    rows, width, heads, kv_heads, dim, pool = 64, 1536, 4, 2, 16, 300
+    x = torch.randn(rows, 2 * width, generator=gen(0))
+    w = torch.randn(2 * width, generator=gen(1))
+    q = torch.randn(rows, heads, dim, generator=gen(2))
+    keys = torch.randn(pool, kv_heads, dim, generator=gen(3))
+    slots = torch.randint(0, pool, (rows, 9), generator=gen(4))
+    lengths = torch.randint(1, 10, (rows,), generator=gen(5))
+    before = torch.get_num_threads()
+
+    def run():
+        return (ops.silu_mul(x), ops.rms_norm(x, w, 1e-6),
+                ops.decode_attention(q, keys, keys, slots, lengths, 0.25))
+
+    try:
+        torch.set_num_threads(1)
+        single = run()
+        torch.set_num_threads(2)
+        for got, want in zip(run(), single, strict=True):
+            assert torch.equal(got, want)
+    finally:
+        torch.set_num_threads(before)

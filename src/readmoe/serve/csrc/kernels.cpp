@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -87,8 +88,9 @@ inline float sum8(__m256 v) {
 }
 #endif
 
-// asks for a pool row ahead of its use: a request's slots jump between blocks and pages,
-// where the hardware prefetcher stops
+// asks for a pool row ahead of its use; at most this many bytes of keys and values a request
+// (a share of L2: longer contexts stream the rest)
+constexpr int64_t kPrefetchBytes = 256 * 1024;
 inline void prefetch_row(const float* row, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(row + i);
 }
@@ -147,6 +149,78 @@ inline void silu_mul_row(const float* gate, const float* up, float* out, int64_t
   for (; i < n; ++i) out[i] = gate[i] / (1.0f + exp_poly(-gate[i])) * up[i];
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// One head over a request's context with the head's vectors in registers (Chunks = D / 8):
+// scores[l] = q . k_l * scale, then out = sum_l p[l] v_l; row l of a pool is at
+// base + used[l] * stride. Per head rather than per key, so nothing spills to memory.
+template <int Chunks>
+void head_scores(const float* q, const float* base, const int64_t* used, int64_t len,
+                 int64_t stride, float scale, float* scores) {
+  __m256 query[Chunks];
+  for (int c = 0; c < Chunks; ++c) query[c] = _mm256_loadu_ps(q + 8 * c);
+  for (int64_t l = 0; l < len; ++l) {
+    const float* k = base + used[l] * stride;
+    __m256 even = _mm256_mul_ps(query[0], _mm256_loadu_ps(k));
+    __m256 odd = _mm256_mul_ps(query[1], _mm256_loadu_ps(k + 8));
+    for (int c = 2; c + 1 < Chunks; c += 2) {
+      even = _mm256_fmadd_ps(query[c], _mm256_loadu_ps(k + 8 * c), even);
+      odd = _mm256_fmadd_ps(query[c + 1], _mm256_loadu_ps(k + 8 * c + 8), odd);
+    }
+    scores[l] = sum8(_mm256_add_ps(even, odd)) * scale;
+  }
+}
+
+template <int Chunks>
+void head_values(const float* p, const float* base, const int64_t* used, int64_t len,
+                 int64_t stride, float* out) {
+  __m256 acc[Chunks];
+  for (int c = 0; c < Chunks; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t l = 0; l < len; ++l) {
+    const __m256 w = _mm256_set1_ps(p[l]);
+    const float* v = base + used[l] * stride;
+    for (int c = 0; c < Chunks; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), acc[c]);
+  }
+  for (int c = 0; c < Chunks; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
+}
+#endif
+
+// one head: scores (scaled dots with the keys) then the p-weighted sum of the values, the
+// register kernels where the head dim has one (64, 128), else the generic loops
+void attend_head(const float* q, const float* keys, const float* values, const int64_t* used,
+                 int64_t len, int64_t stride, int64_t dim, float scale, float* scores,
+                 float* out) {
+  bool done = false;
+#if defined(__AVX2__) && defined(__FMA__)
+  if (dim == 64 || dim == 128) {
+    (dim == 64 ? head_scores<8> : head_scores<16>)(q, keys, used, len, stride, scale, scores);
+    done = true;
+  }
+#endif
+  if (!done)
+    for (int64_t l = 0; l < len; ++l) scores[l] = dot(q, keys + used[l] * stride, dim) * scale;
+  float top = scores[0];
+  for (int64_t l = 1; l < len; ++l) top = scores[l] > top ? scores[l] : top;
+  const float inv = 1.0f / exp_shifted(scores, len, top);
+  for (int64_t l = 0; l < len; ++l) scores[l] *= inv;
+#if defined(__AVX2__) && defined(__FMA__)
+  if (done) {
+    (dim == 64 ? head_values<8> : head_values<16>)(scores, values, used, len, stride, out);
+    return;
+  }
+#endif
+  std::fill(out, out + dim, 0.0f);
+  for (int64_t l = 0; l < len; ++l) {
+    const float* v = values + used[l] * stride;
+    for (int64_t d = 0; d < dim; ++d) out[d] += scores[l] * v[d];
+  }
+}
+
+// rows per thread: enough floats that a thread's share outweighs waking it (a few us)
+inline int64_t grain(int64_t row_width) {
+  constexpr int64_t kFloatsPerTask = 32768;
+  return std::max<int64_t>(1, kFloatsPerTask / std::max<int64_t>(1, row_width));
+}
+
 }  // namespace
 
 namespace readmoe {
@@ -163,7 +237,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const float* src = x.data_ptr<float>();
   const float* w = weight.data_ptr<float>();
   float* dst = y.data_ptr<float>();
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain(width), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const float* in = src + n * width;
       float* out = dst + n * width;
@@ -219,7 +293,7 @@ at::Tensor rope_write_kv(const at::Tensor& qkv, const at::Tensor& cos,
   float* q_out = q.data_ptr<float>();
   float* keys = key_pool.data_ptr<float>();
   float* values = value_pool.data_ptr<float>();
-  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain(qkv.size(1)), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const float* row = src + n * qkv.size(1);
       const float* cn = c + n * dim;
@@ -274,39 +348,24 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& key_pool,
   const float* values = value_pool.data_ptr<float>();
   float* result = out.data_ptr<float>();
   const float scaling = static_cast<float>(scale);
-  // one task per request, all its heads: each slot's keys (then values) for every kv head
-  // are one contiguous row of the pool, read once, in the order of the request's blocks
+  // one task per request; its context's pool rows are fetched ahead (they jump between
+  // blocks and pages, where the hardware prefetcher stops), then each head runs over them
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t b = begin; b < end; ++b) {
       const int64_t len = length[b];
       const int64_t* used = slot + b * width;
-      scores.resize(heads * len);
-      const float* qb = queries + b * heads * dim;
-      for (int64_t l = 0; l < len; ++l) {
-        const float* row = keys + used[l] * kv_heads * dim;
-        if (l + 2 < len) prefetch_row(keys + used[l + 2] * kv_heads * dim, kv_heads * dim);
-        for (int64_t h = 0; h < heads; ++h)
-          scores[h * len + l] = dot(qb + h * dim, row + (h / group) * dim, dim) * scaling;
+      scores.resize(len);
+      const int64_t ahead = std::min<int64_t>(len, kPrefetchBytes / (8 * kv_heads * dim));
+      for (int64_t l = 0; l < ahead; ++l) {
+        prefetch_row(keys + used[l] * kv_heads * dim, kv_heads * dim);
+        prefetch_row(values + used[l] * kv_heads * dim, kv_heads * dim);
       }
       for (int64_t h = 0; h < heads; ++h) {
-        float* sh = scores.data() + h * len;
-        float top = sh[0];
-        for (int64_t l = 1; l < len; ++l) top = sh[l] > top ? sh[l] : top;
-        const float inv = 1.0f / exp_shifted(sh, len, top);
-        for (int64_t l = 0; l < len; ++l) sh[l] *= inv;
-      }
-      float* ob = result + b * heads * dim;
-      std::fill(ob, ob + heads * dim, 0.0f);
-      for (int64_t l = 0; l < len; ++l) {
-        const float* row = values + used[l] * kv_heads * dim;
-        if (l + 2 < len) prefetch_row(values + used[l + 2] * kv_heads * dim, kv_heads * dim);
-        for (int64_t h = 0; h < heads; ++h) {
-          const float p = scores[h * len + l];
-          const float* v = row + (h / group) * dim;
-          float* oh = ob + h * dim;
-          for (int64_t d = 0; d < dim; ++d) oh[d] += p * v[d];
-        }
+        const int64_t offset = (h / group) * dim;
+        attend_head(queries + (b * heads + h) * dim, keys + offset, values + offset, used, len,
+                    kv_heads * dim, dim, scaling, scores.data(),
+                    result + (b * heads + h) * dim);
       }
     }
   });
@@ -322,7 +381,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   auto out = at::empty({rows, width}, gate_up.options());
   const float* src = gate_up.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain(2 * width), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const float* gate = src + n * 2 * width;
       const float* up = gate + width;
