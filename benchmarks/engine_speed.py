@@ -8,8 +8,10 @@ folder, ``refactor.pipeline.write_dense_experts``, so engine against engine is t
 ``llama.cpp-quantized`` on the GGUF it came from (the built-in Q4_1 file), at batch 1 through
 ``llama_cpp.Llama`` and at larger batches through its batch API (``serve.llama_cpp_peer``).
 llama.cpp is a benchmark-only dependency (``make bench-deps``); without it the run says which
-rows are missing and why, and measures the rest. Every peer runs at the same thread counts
-(llama.cpp's ``n_threads`` = torch's).
+rows are missing and why, and measures the rest. ``engine-torch-ops`` and
+``engine-dense-torch-ops`` are the engine with its fused CPU ops off (``serve/cpu_ops.py``),
+what they buy side by side. Every peer runs at the same thread counts (llama.cpp's
+``n_threads`` = torch's).
 
 ReadME model: ``--model`` (a ReadME folder); by default the last round of runs/bench/train-readme
 when it exists (``benchmarks/train_quality.py`` trains it), else the untrained refactor
@@ -67,6 +69,7 @@ from readmoe.models.gguf_export import (
     gguf_step_weight_bytes,
     source_gguf,
 )
+from readmoe.serve import cpu_ops
 from readmoe.serve.engine import Engine
 from readmoe.serve.llama_cpp_peer import LlamaCppPeer, llama_cpp_missing
 from readmoe.serve.packed import PackedExpert
@@ -80,8 +83,8 @@ REFACTORED = Path("runs/bench/moe-readme")
 CORPUS = Path("runs/bench/corpus")
 DENSE_EXPERTS = Path("runs/bench/dense-experts")
 GGUF_DIR = Path("runs/bench/gguf")
-PEERS = ("hf", "engine", "engine-int8", "hf-dense", "engine-dense", "engine-dense-int8",
-         "llama.cpp-f32", "llama.cpp-quantized")
+PEERS = ("hf", "engine", "engine-int8", "engine-torch-ops", "hf-dense", "engine-dense",
+         "engine-dense-int8", "engine-dense-torch-ops", "llama.cpp-f32", "llama.cpp-quantized")
 QUALITY_TOKENS = 1024  # held-out tokens per domain for the served-weights perplexity
 FLOOR_REPEATS = 15  # best of: one step of products is ~30-300 ms and this machine is shared
 LLAMA_CPP_KV_BYTES = 2  # llama.cpp's default KV cache type is F16
@@ -196,10 +199,10 @@ def hf_time(model, batch: list[list[int]], new: int) -> float:
 
 
 def engine_time(model, tokenizer, batch: list[list[int]], new: int,
-                quantize: str = "none") -> tuple[float, Engine]:
+                quantize: str = "none", fused: bool = True) -> tuple[float, Engine]:
     blocks = len(batch) * -(-(len(batch[0]) + new) // 16)
     engine = Engine(model, tokenizer, "fcfs", Budget(max_tokens=4096, max_seqs=len(batch)),
-                    kv_blocks=blocks, block_size=16, quantize=quantize)
+                    kv_blocks=blocks, block_size=16, quantize=quantize, fused_ops=fused)
     params = SamplingParams(max_tokens=new, ignore_eos=True)
     return _timed(lambda: engine.generate(batch, params)), engine
 
@@ -293,7 +296,8 @@ def row(peer: str, threads: int, batch: int, precision: str, weight_bytes: float
     """One peer at one batch: its decode rate beside what the bytes it reads allow."""
     rate = batch * (args.new_tokens - 1) / seconds
     roof = batch * gbs * 1e9 / (weight_bytes + kv_bytes)
-    return {"peer": peer, "weights": "readme" if peer in ("hf", "engine", "engine-int8")
+    return {"peer": peer, "weights": "readme" if peer in ("hf", "engine", "engine-int8",
+                                                       "engine-torch-ops")
             else "dense",
             "threads": threads, "batch": batch, "precision": precision,
             "weight_bytes_per_step": weight_bytes, "bytes_per_token": weight_bytes / batch,
@@ -328,17 +332,19 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
                                 kv, hf, f"{type(hf_model).__name__}.generate(ids, max_new_tokens="
                                 f"{args.new_tokens}, min_new_tokens={args.new_tokens}, "
                                 "do_sample=False)", gbs, args))
-            for name, quantize in ((engine_name, "none"), (f"{engine_name}-int8", "int8")):
-                if name not in args.peers or (quantize != "none"
+            variants = ((engine_name, "none", True), (f"{engine_name}-int8", "int8", True),
+                        (f"{engine_name}-torch-ops", "none", False))
+            for name, quantize, fused in variants:
+                if name not in args.peers or (name != engine_name
                                               and engine_model.device.type != "cpu"):
-                    continue  # int8 is a CPU kernel (serve/quantized.py)
-                if quantize != "none":
-                    engine_time(engine_model, tokenizer, pool[:2], 4, quantize)  # warm-up
-                reused = [probe] if quantize == "none" else []  # the fp32 run already made
+                    continue  # int8 and the fused ops are CPU kernels (serve/quantized.py, csrc)
+                if name != engine_name:
+                    engine_time(engine_model, tokenizer, pool[:2], 4, quantize, fused)  # warm-up
+                reused = [probe] if name == engine_name else []  # the run already made
                 full = reused + [engine_time(engine_model, tokenizer, batch, args.new_tokens,
-                                             quantize)
+                                             quantize, fused)
                                  for _ in range(args.repeats - len(reused))]
-                first = min(engine_time(engine_model, tokenizer, batch, 1, quantize)[0]
+                first = min(engine_time(engine_model, tokenizer, batch, 1, quantize, fused)[0]
                             for _ in range(args.repeats))
                 seconds = min(t for t, _ in full) - first
                 engine = full[0][1]
@@ -348,7 +354,8 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
                 rows.append(row(name, count, b, precision if quantize == "none" else quantize,
                                 weights, kv, seconds,
                                 f"Engine(model, 'fcfs', Budget(max_seqs={b}), quantize="
-                                f"{quantize!r}).generate(prompts, SamplingParams(max_tokens="
+                                f"{quantize!r}, fused_ops={fused}).generate(prompts, "
+                                f"SamplingParams(max_tokens="
                                 f"{args.new_tokens}, ignore_eos=True))", gbs, args))
                 bound = None if hf is None else hf / (args.new_tokens - 1) / floor
                 rows[-1].update(matmul_floor_tokens_per_s=b / floor,
@@ -401,7 +408,9 @@ def markdown(result: dict, described: str, dense: str, placement: Placement) -> 
              "limits", "",
              f"ReadME model: {described}; dense model: {dense}; {placement.describe()}; "
              f"{args['prompt_len']}-token prompts mixed over domains, {args['new_tokens']} new "
-             f"tokens, greedy; measured read bandwidth {args['bandwidth_gb_per_s']:.1f} GB/s.",
+             f"tokens, greedy; measured read bandwidth {args['bandwidth_gb_per_s']:.1f} GB/s; "
+             f"fused CPU ops {'on' if args.get('fused_cpu_ops') else 'off'} for the engine rows "
+             "(the `-torch-ops` rows keep torch's).",
              "", f"Command: `{result['command']}`  ", f"Machine: {result['machine']}", "",
              "| threads | batch | peer | weights | precision | MB read / token | tok/s | "
              "x HF, same weights | roofline tok/s | of roofline | matmul floor tok/s | of floor "
@@ -423,19 +432,19 @@ def markdown(result: dict, described: str, dense: str, placement: Placement) -> 
             f"{r['roofline_tokens_per_s']:.1f} | {r['fraction_of_roofline']:.0%} | {floor} | "
             f"{of_floor} | {experts} |")
     rate = {(r["peer"], r["threads"], r["batch"]): r["tokens_per_s"] for r in rows}
-    pairs = [(t, b, rate[("engine-dense", t, b)] / rate[("llama.cpp-f32", t, b)])
-             for (peer, t, b) in rate if peer == "engine-dense" and ("llama.cpp-f32", t, b) in rate]
-    if pairs:
-        lines += ["", "Engine on the dense model over llama.cpp F32 on the same weights (the "
-                  "same work): " + ", ".join(f"{t} thread(s) batch {b}: {x:.2f}x"
-                                             for t, b, x in pairs) + "."]
-    quantized = [(t, b, rate[("engine-dense-int8", t, b)] / rate[("llama.cpp-quantized", t, b)])
-                 for (peer, t, b) in rate
-                 if peer == "engine-dense-int8" and ("llama.cpp-quantized", t, b) in rate]
-    if quantized:
-        lines += ["", "Engine int8 on the dense model over llama.cpp's quantized GGUF: "
-                  + ", ".join(f"{t} thread(s) batch {b}: {x:.2f}x" for t, b, x in quantized)
-                  + "."]
+    for peer, versus, label in (
+            ("engine", "engine-torch-ops", "Engine with its fused CPU ops over the same engine "
+             "with torch ops (ReadME model)"),
+            ("engine-dense", "engine-dense-torch-ops", "The same on the dense model"),
+            ("engine-dense", "llama.cpp-f32", "Engine on the dense model over llama.cpp F32 on "
+             "the same weights (the same work)"),
+            ("engine-dense-int8", "llama.cpp-quantized", "Engine int8 on the dense model over "
+             "llama.cpp's quantized GGUF")):
+        pairs = [(t, b, rate[(peer, t, b)] / rate[(versus, t, b)])
+                 for (name, t, b) in rate if name == peer and (versus, t, b) in rate]
+        if pairs:
+            lines += ["", f"{label}: " + ", ".join(f"{t} thread(s) batch {b}: {x:.2f}x"
+                                                   for t, b, x in pairs) + "."]
     if result.get("served_quality"):
         tokens = result["served_quality"][0]["tokens_per_domain"]
         lines += ["", f"Held-out perplexity of the weights as the engine serves them (through "
@@ -480,12 +489,13 @@ def main() -> int:
                                               quantize, precision))
                 print(quality[-1], flush=True)
 
-    if {"hf", "engine", "engine-int8"} & set(args.peers):
+    if {"hf", "engine", "engine-int8", "engine-torch-ops"} & set(args.peers):
         rows += torch_rows(model, model, tokenizer, ("hf", "engine"), pool, gbs, threads, args)
         score(model, "readme", "engine")
     del model
     gc.collect()
-    if {"hf-dense", "engine-dense", "engine-dense-int8"} & set(args.peers):
+    if {"hf-dense", "engine-dense", "engine-dense-int8", "engine-dense-torch-ops"} & set(
+            args.peers):
         served = load_model(str(dense_experts(dense)), **where)
         hf_model = load_model(dense, **where) if "hf-dense" in args.peers else served
         rows += torch_rows(hf_model, served, tokenizer, ("hf-dense", "engine-dense"), pool, gbs,
@@ -501,7 +511,9 @@ def main() -> int:
                           "gpu": (torch.cuda.get_device_name(placement.device)
                                   if placement.device.type == "cuda" else None)},
               **placement.to_dict(), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-              "threads": threads, "bandwidth_gb_per_s": gbs, "rows": rows,
+              "threads": threads, "bandwidth_gb_per_s": gbs,
+              "fused_cpu_ops": cpu_ops.ops_for(placement.device, placement.dtype) is not None,
+              "rows": rows,
               "served_quality": quality, "missing": missing}
     write_results(args.results, "engine_speed", result,
                   markdown(result, described, dense, placement))
