@@ -53,13 +53,14 @@ def engine(model, scheduler: str = "fcfs", **kwargs) -> Engine:
     return Engine(model, char_tokenizer(), scheduler, **fields)
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize(("fused", "prepack"), [(True, True), (True, False), (False, True),
+                                               (False, False)])
 @torch.no_grad()
-def test_runner_logits_equal_the_model_for_mixed_batches(model, prompts, fused):
+def test_runner_logits_equal_the_model_for_mixed_batches(model, prompts, fused, prepack):
     config = model.config
     kv = PagedKVCache(config.num_hidden_layers, 20, 4, config.num_key_value_heads,
                       config.hidden_size // config.num_attention_heads)
-    runner = ModelRunner(model, kv, fused=fused)
+    runner = ModelRunner(model, kv, fused=fused, prepack=prepack)
     assert (runner.ops is not None) == (fused and cpu_ops.load() is not None)
     seqs = [torch.tensor(p) for p in prompts[1:3]]  # 17 and 9 tokens
     experts = [model.route(s[None])[0][0] for s in seqs]

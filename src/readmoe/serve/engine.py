@@ -113,7 +113,7 @@ class Engine:
                  budget: Budget = DEFAULT_BUDGET, kv_blocks: int = 512, block_size: int = 16,
                  expert_store: ExpertStore | DenseStream | None = None, prefetch: bool = True,
                  codesign: CoDesign | None = None, step_history: int | None = None,
-                 quantize: str = "none", fused_ops: bool = True) -> None:
+                 quantize: str = "none", fused_ops: bool = True, prepack: bool = True) -> None:
         config = model.config
         codesign = codesign or CoDesign()
         self.model = model.eval()
@@ -139,7 +139,7 @@ class Engine:
                                config.num_key_value_heads, attn.head_dim, weight.dtype,
                                weight.device)
         self.runner = ModelRunner(model, self.kv, pack_experts=expert_store is None,
-                                  quantize=quantize, fused=fused_ops)
+                                  quantize=quantize, fused=fused_ops, prepack=prepack)
         eos = model.generation_config.eos_token_id
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])

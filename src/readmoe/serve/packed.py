@@ -8,10 +8,18 @@ matrix as ``[in, out]`` (so the product is ``x @ W``) lets the BLAS stream it at
 rate of the ``[out, in]`` layout ``nn.Linear`` keeps (the LM head: 17.7 vs 10.6 GB/s). On CUDA
 both layouts run at the same speed, so only fusing is done.
 
+Products of two rows or more take a third layout on CPU: oneDNN's own blocked copy of the
+weight (``prepack``), which it multiplies without repacking the weight every call, as the BLAS
+does for ``x @ W``: a decode step's products over the default model, cold, 1 thread, went
+from 76 to 53 ms at 8 rows and 112 to 87 ms at 32 (``benchmarks/kernel_probe.py``). One row
+keeps ``x @ W``, which streams the weight faster than oneDNN does (34 vs 45 ms). vLLM's CPU
+backend multiplies through prepacked oneDNN weights too.
+
 Cost: one extra copy of the attention and FFN matrices (and, on CPU, of the LM head), the
-routed experts included when they are resident; with an expert store they are not packed
-(the store's fast tier is read as is). The model's own parameters are left untouched, so HF
-``generate`` and the router keep working on the same object.
+routed experts included when they are resident, and a second one where prepacked; with an
+expert store they are not packed (the store's fast tier is read as is). The model's own
+parameters are left untouched, so HF ``generate`` and the router keep working on the same
+object.
 """
 
 from __future__ import annotations
@@ -32,29 +40,36 @@ class PackedMatrix:
     weight: torch.Tensor  # [in, out] when transposed, else [out, in]
     bias: torch.Tensor | None  # [out]
     transposed: bool
+    blocked: torch.Tensor | None = None  # oneDNN's prepacked [out, in], for 2 rows or more
 
     @classmethod
-    def of(cls, *weights: torch.Tensor, biases: tuple[torch.Tensor | None, ...] = ()
-           ) -> PackedMatrix:
+    def of(cls, *weights: torch.Tensor, biases: tuple[torch.Tensor | None, ...] = (),
+           prepack: bool = False) -> PackedMatrix:
         """Fuse ``weights`` ([out_i, in] each, one input) along their outputs; ``biases``
-        are theirs (all or none)."""
+        are theirs (all or none). ``prepack``: add oneDNN's copy where it applies."""
         fused = weights[0] if len(weights) == 1 else torch.cat(weights)  # [sum out_i, in]
         transposed = fused.device.type == "cpu"
         weight = fused.detach().t().contiguous() if transposed else fused.detach().contiguous()
         bias = None
         if any(b is not None for b in biases):
             bias = torch.cat([b.detach() for b in biases])
-        return cls(weight, bias, transposed)
-
-    @classmethod
-    def of_linears(cls, *linears: torch.nn.Linear) -> PackedMatrix:
-        return cls.of(*(m.weight for m in linears), biases=tuple(m.bias for m in linears))
+        blocked = None
+        if prepack and prepack_applies(fused.device, fused.dtype):
+            blocked = torch.ops.mkldnn._reorder_linear_weight(fused.detach().contiguous(),
+                                                              PREPACK_ROWS)
+        return cls(weight, bias, transposed, blocked)
 
     def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W.T + b`` for rows x [n, in], plus ``add`` [n, out] if given (a residual: on
         CPU the BLAS adds it as it writes, one op and one pass fewer), into ``out`` if given
         (a contiguous [n, out] view, so a caller's slice is filled without a copy)."""
+        if self.blocked is not None and x.shape[0] >= BLOCKED_MIN_ROWS:
+            y = (torch.ops.mkldnn._linear_pointwise(x, self.blocked, self.bias, "none", [], "")
+                 if add is None else
+                 torch.ops.mkldnn._linear_pointwise.binary(x, add, self.blocked, self.bias,
+                                                           "add"))
+            return y if out is None else out.copy_(y)
         if not self.transposed:
             y = torch.nn.functional.linear(x, self.weight, self.bias)
             y = y if add is None else y.add_(add)
@@ -70,10 +85,33 @@ class PackedMatrix:
 Matrix = PackedMatrix | Int8Matrix
 """A product the runner calls as ``m(x, add=None, out=None)``: fp32/bf16 or int8 weights."""
 
+PREPACK_ROWS = 32  # the batch oneDNN is told to block for (fastest at 2-32 rows, measured)
+BLOCKED_MIN_ROWS = 2  # one row streams faster through ``x @ W``
 
-def matrix_type(quantize: str) -> type[PackedMatrix] | type[Int8Matrix]:
-    """The packing of ``--quantize``: "none" keeps the weights' dtype, "int8" quantizes."""
-    return Int8Matrix if quantize == "int8" else PackedMatrix
+
+def prepack_applies(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether oneDNN can prepack here: CPU fp32 with torch's oneDNN ops."""
+    return (device.type == "cpu" and dtype == torch.float32
+            and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How the runner packs its matrices: ``quantize`` "int8" or the model's dtype, and
+    whether fp32 matrices get oneDNN's prepacked copy too."""
+
+    quantize: str = "none"
+    prepack: bool = False
+
+    def of(self, *weights: torch.Tensor, biases: tuple[torch.Tensor | None, ...] = ()
+           ) -> Matrix:
+        if self.quantize == "int8":
+            return Int8Matrix.of(*weights, biases=biases)
+        return PackedMatrix.of(*weights, biases=biases, prepack=self.prepack)
+
+    def of_linears(self, *linears: torch.nn.Linear) -> Matrix:
+        return self.of(*(m.weight for m in linears), biases=tuple(m.bias for m in linears))
 
 
 @dataclass(frozen=True)
@@ -114,11 +152,10 @@ class PackedLayer:
     act: Callable[[torch.Tensor], torch.Tensor]  # the experts' (SwiGLU's gate activation)
 
 
-def pack_layer(layer: torch.nn.Module, routed: bool, quantize: str = "none") -> PackedLayer:
+def pack_layer(layer: torch.nn.Module, routed: bool, kind: Packing = Packing()) -> PackedLayer:
     """Pack one decoder layer; ``routed`` False leaves its routed experts to a store (whose
-    slots hold the model's own dtype, whatever ``quantize`` says)."""
+    slots hold the model's own dtype, whatever ``kind`` says)."""
     attn, mlp = layer.self_attn, layer.mlp
-    kind = matrix_type(quantize)
     shared = None
     if mlp.shared is not None:
         s = mlp.shared

@@ -45,7 +45,7 @@ from readmoe.serve.packed import (
     PackedExpert,
     PackedLayer,
     PackedMatrix,
-    matrix_type,
+    Packing,
     norm_of,
     pack_layer,
 )
@@ -133,11 +133,13 @@ class ModelRunner:
     in a store passes a ``source`` every step instead. ``quantize`` "int8" packs every matrix
     the runner owns (attention, shared and resident routed experts, LM head) as int8
     (``quantized.py``; CPU only); the model's own parameters stay as they are. ``fused``
-    False keeps the torch ops where the fused CPU ops would apply (to compare them).
+    False keeps the torch ops where the fused CPU ops would apply, ``prepack`` False leaves
+    out oneDNN's copies of the fp32 matrices (``packed.py``; memory, or to compare them).
     """
 
     def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache,
-                 pack_experts: bool = True, quantize: str = "none", fused: bool = True) -> None:
+                 pack_experts: bool = True, quantize: str = "none", fused: bool = True,
+                 prepack: bool = True) -> None:
         config = model.config
         if "sliding_attention" in getattr(config, "layer_types", []):
             raise ReadmoeError("the serving runner does not implement sliding-window attention")
@@ -146,8 +148,9 @@ class ModelRunner:
         self.kv = kv_cache
         self.quantize = quantize
         self.layers = list(model.model.layers)
-        self.packed = [pack_layer(layer, pack_experts, quantize) for layer in self.layers]
-        self.lm_head = matrix_type(quantize).of_linears(model.lm_head)
+        kind = Packing(quantize, prepack)
+        self.packed = [pack_layer(layer, pack_experts, kind) for layer in self.layers]
+        self.lm_head = kind.of_linears(model.lm_head)
         self.norm = norm_of(model.model.norm)
         self.ops = cpu_ops.ops_for(model.device, model.dtype) if fused else None
         self.glus = [self.ops.silu_mul
@@ -227,9 +230,9 @@ class ModelRunner:
         if self.fused[layer] and groups[0].direct:
             norm, qkv, o, group = packed.input_norm, packed.qkv, packed.o, groups[0]
             return self.ops.decode_attention_block(
-                residual, norm.weight, norm.eps, qkv.weight, qkv.bias, o.weight, o.bias, cos,
-                sin, key_pool, value_pool, write_slots, group.key_slots, group.lengths, heads,
-                kvh, self.scaling)
+                residual, norm.weight, norm.eps, qkv.weight, qkv.blocked, qkv.bias, o.weight,
+                o.blocked, o.bias, cos, sin, key_pool, value_pool, write_slots, group.key_slots,
+                group.lengths, heads, kvh, self.scaling)
         x = self._norm(packed.input_norm, residual)
         qkv = packed.qkv(x)  # [N, (h + 2 kvh) * D]
         if self.ops is not None:
@@ -292,7 +295,7 @@ class ModelRunner:
         """One SwiGLU expert on rows x [n, H] -> [n, H] (+ ``add``; into ``out`` if given), with
         the runner's weights or a store slot's; ``glu`` takes the gate|up product whole."""
         if self.ops is not None and glu is self.ops.silu_mul and _plain(weights):
-            return self.ops.swiglu(x, weights.gate_up.weight, weights.down.weight, add, out)
+            return self.ops.swiglu(x, *_matrices(weights), add, out)
         return weights.down(glu(weights.gate_up(x)), add=add, out=out)
 
     def _grouping(self, experts: torch.Tensor) -> _Routing:
@@ -311,19 +314,16 @@ class ModelRunner:
         bias, norm = mlp.compensation, packed.post_attention_norm
         resident = routing is not None and packed.experts is not None
         if self.fused[layer] and source is None and (resident or mlp.experts is None):
-            shared = [] if packed.shared is None else [packed.shared.gate_up.weight,
-                                                       packed.shared.down.weight]
+            shared = None if packed.shared is None else _matrices(packed.shared)
             if mlp.experts is None:
-                return self.ops.moe_ffn(residual, norm.weight, norm.eps, shared, [], [], [],
-                                        None, [], [], bias)
+                return self.ops.moe_ffn(residual, norm.weight, norm.eps, shared, [], [], None,
+                                        [], [], bias)
             order, counts, starts = routing
             present = [e for e, count in enumerate(counts) if count]
-            experts = [packed.experts[e] for e in present]
             return self.ops.moe_ffn(residual, norm.weight, norm.eps, shared,
-                                    [e.gate_up.weight for e in experts],
-                                    [e.down.weight for e in experts], present, order,
-                                    [starts[e] for e in present], [counts[e] for e in present],
-                                    bias)
+                                    [_matrices(packed.experts[e]) for e in present], present,
+                                    order, [starts[e] for e in present],
+                                    [counts[e] for e in present], bias)
         x = self._norm(norm, residual)
         glu = self.glus[layer]
         out = residual if packed.shared is None else self._expert(packed.shared, x, glu,
@@ -371,6 +371,12 @@ def _plain(expert: PackedExpert) -> bool:
     """Whether the fused ops can run this expert: fp32 [in, out] weights without biases."""
     return all(type(m) is PackedMatrix and m.transposed and m.bias is None
                and m.weight.dtype == torch.float32 for m in (expert.gate_up, expert.down))
+
+
+def _matrices(expert: PackedExpert) -> list[torch.Tensor | None]:
+    """A plain expert as the fused ops take it: gate|up, its prepacked copy, down, its copy."""
+    return [expert.gate_up.weight, expert.gate_up.blocked, expert.down.weight,
+            expert.down.blocked]
 
 
 def _fusable(packed: PackedLayer) -> bool:

@@ -3,11 +3,13 @@
 //
 // Why: with the small ops fused (kernels.cpp), what is left of a decode step besides its
 // matrix products is the Python calling them, about twenty calls a layer. The products here
-// are the ATen calls the Python path makes (at::mm / at::addmm on the runner's [in, out]
-// weights, a residual added by the product), in the same order, so the results equal it.
+// are the calls the Python path makes (packed.py: at::mm / at::addmm on the runner's [in, out]
+// weights for one row, oneDNN's prepacked weights for more where the runner has them, a
+// residual added by the product), in the same order, so the results equal it.
 
 #include "cpu_ops.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 
 #include <optional>
@@ -18,75 +20,114 @@ namespace {
 
 using MaybeTensor = std::optional<at::Tensor>;
 
+// packed.py's BLOCKED_MIN_ROWS: products of this many rows or more use the prepacked weight
+constexpr int64_t kBlockedMinRows = 2;
+
+// oneDNN's x @ W.T (+ bias) (+ add) on its prepacked W, through the ops packed.py calls
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& blocked,
+                         const MaybeTensor& bias, const MaybeTensor& add) {
+  static const c10::OperatorHandle plain =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  static const c10::OperatorHandle binary =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "binary");
+  const c10::IValue b = bias ? c10::IValue(*bias) : c10::IValue();
+  std::vector<c10::IValue> stack;
+  if (add) {
+    stack = {x, *add, blocked, b, c10::IValue(std::string("add"))};
+    binary.callBoxed(&stack);
+  } else {
+    stack = {x, blocked, b, c10::IValue(std::string("none")),
+             c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue(std::string())};
+    plain.callBoxed(&stack);
+  }
+  return stack[0].toTensor();
+}
+
 // x @ weight (+ bias) (+ add), into out if given: the runner's PackedMatrix call on CPU
-at::Tensor product(const at::Tensor& x, const at::Tensor& weight, const MaybeTensor& bias,
-                   const MaybeTensor& add, const MaybeTensor& out = std::nullopt) {
+at::Tensor product(const at::Tensor& x, const at::Tensor& weight, const MaybeTensor& blocked,
+                   const MaybeTensor& bias, const MaybeTensor& add,
+                   const MaybeTensor& out = std::nullopt) {
   at::Tensor target = out ? *out : at::Tensor();  // a handle on the caller's storage
+  if (blocked && x.size(0) >= kBlockedMinRows) {
+    const at::Tensor y = onednn_linear(x, *blocked, bias, add);
+    return out ? target.copy_(y) : y;
+  }
   if (!bias && !add) return out ? at::mm_out(target, x, weight) : at::mm(x, weight);
   const at::Tensor base = add ? (bias ? *add + *bias : *add) : *bias;
   return out ? at::addmm_out(target, base, x, weight) : at::addmm(base, x, weight);
 }
 
-// down(silu(gate) * up) of rows x (+ add), into out if given; weights [in, out], no biases
-at::Tensor swiglu(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down,
-                  const MaybeTensor& add, const MaybeTensor& out) {
-  return product(silu_mul(at::mm(x, gate_up)), down, std::nullopt, add, out);
+// down(silu(gate) * up) of rows x (+ add), into out if given; weights [in, out] (and their
+// prepacked copies, if any), no biases
+at::Tensor swiglu(const at::Tensor& x, const at::Tensor& gate_up,
+                  const MaybeTensor& gate_up_blocked, const at::Tensor& down,
+                  const MaybeTensor& down_blocked, const MaybeTensor& add,
+                  const MaybeTensor& out) {
+  const at::Tensor hidden = product(x, gate_up, gate_up_blocked, std::nullopt, std::nullopt);
+  return product(silu_mul(hidden), down, down_blocked, std::nullopt, add, out);
 }
 
 // hidden [B, H] -> hidden + o(attention(RoPE(qkv(norm(hidden))))), one query per request;
 // writes the step's keys and values to the pools first
 at::Tensor decode_attention_block(const at::Tensor& hidden, const at::Tensor& norm, double eps,
-                                  const at::Tensor& qkv, const MaybeTensor& qkv_bias,
-                                  const at::Tensor& o, const MaybeTensor& o_bias,
+                                  const at::Tensor& qkv, const MaybeTensor& qkv_blocked,
+                                  const MaybeTensor& qkv_bias, const at::Tensor& o,
+                                  const MaybeTensor& o_blocked, const MaybeTensor& o_bias,
                                   const at::Tensor& cos, const at::Tensor& sin,
                                   at::Tensor key_pool, at::Tensor value_pool,
                                   const at::Tensor& write_slots, const at::Tensor& key_slots,
                                   const at::Tensor& lengths, int64_t heads, int64_t kv_heads,
                                   double scale) {
-  const at::Tensor q = rope_write_kv(product(rms_norm(hidden, norm, eps), qkv, qkv_bias,
-                                             std::nullopt),
+  const at::Tensor q = rope_write_kv(product(rms_norm(hidden, norm, eps), qkv, qkv_blocked,
+                                             qkv_bias, std::nullopt),
                                      cos, sin, key_pool, value_pool, write_slots, heads,
                                      kv_heads);
   return product(decode_attention(q, key_pool, value_pool, key_slots, lengths, scale), o,
-                 o_bias, hidden);
+                 o_blocked, o_bias, hidden);
 }
 
 // hidden [N, H] -> hidden + shared(x) + each row's routed expert(x) (+ that expert's
-// compensation bias [E, H] row), x = norm(hidden). shared: empty or {gate_up, down}. Routed
-// expert experts[i] (weights gate_ups[i], downs[i]) takes rows starts[i] .. + counts[i] of
-// the rows sorted by order, or every row when order is none. No routed experts: the layer is
-// dense (its bias, if any, is row 0).
+// compensation bias [E, H] row), x = norm(hidden). An expert is its four matrices {gate_up,
+// gate_up prepacked or none, down, down prepacked or none}; shared: none or one. Routed
+// expert experts[i] (matrices routed[i]) takes rows starts[i] .. + counts[i] of the rows
+// sorted by order, or every row when order is none. No routed experts: the layer is dense
+// (its bias, if any, is row 0).
+using Expert = std::vector<MaybeTensor>;
+
+at::Tensor expert_on(const Expert& e, const at::Tensor& x, const MaybeTensor& add,
+                     const MaybeTensor& out) {
+  TORCH_CHECK(e.size() == 4 && e[0] && e[2], "an expert is [gate_up, blocked, down, blocked]");
+  return swiglu(x, *e[0], e[1], *e[2], e[3], add, out);
+}
+
 at::Tensor moe_ffn(const at::Tensor& hidden, const at::Tensor& norm, double eps,
-                   const std::vector<at::Tensor>& shared, const std::vector<at::Tensor>& gate_ups,
-                   const std::vector<at::Tensor>& downs, const std::vector<int64_t>& experts,
-                   const MaybeTensor& order, const std::vector<int64_t>& starts,
-                   const std::vector<int64_t>& counts, const MaybeTensor& bias) {
-  TORCH_CHECK(shared.empty() || shared.size() == 2, "shared must be [] or [gate_up, down]");
-  const size_t routed = experts.size();
-  TORCH_CHECK(gate_ups.size() == routed && downs.size() == routed && starts.size() == routed &&
-                  counts.size() == routed,
-              "one gate_up, down, start and count per routed expert");
+                   const std::optional<Expert>& shared, const std::vector<Expert>& routed,
+                   const std::vector<int64_t>& experts, const MaybeTensor& order,
+                   const std::vector<int64_t>& starts, const std::vector<int64_t>& counts,
+                   const MaybeTensor& bias) {
+  const size_t present = experts.size();
+  TORCH_CHECK(routed.size() == present && starts.size() == present &&
+                  counts.size() == present,
+              "one expert's matrices, start and count per routed expert");
   const at::Tensor x = rms_norm(hidden, norm, eps);
-  at::Tensor out = shared.empty() ? hidden : swiglu(x, shared[0], shared[1], hidden,
-                                                    std::nullopt);
-  if (routed == 0) return bias ? out + (*bias)[0] : out;
+  at::Tensor out = shared ? expert_on(*shared, x, hidden, std::nullopt) : hidden;
+  if (present == 0) return bias ? out + (*bias)[0] : out;
   if (!order) {
-    for (size_t i = 0; i < routed; ++i) {
-      out = swiglu(x, gate_ups[i], downs[i], out, std::nullopt);
+    for (size_t i = 0; i < present; ++i) {
+      out = expert_on(routed[i], x, out, std::nullopt);
       if (bias) out = out + (*bias)[experts[i]];
     }
     return out;
   }
   const at::Tensor grouped = x.index_select(0, *order);
   at::Tensor result = at::empty_like(grouped);
-  for (size_t i = 0; i < routed; ++i) {
+  for (size_t i = 0; i < present; ++i) {
     at::Tensor rows = result.narrow(0, starts[i], counts[i]);
-    swiglu(grouped.narrow(0, starts[i], counts[i]), gate_ups[i], downs[i], std::nullopt, rows);
+    expert_on(routed[i], grouped.narrow(0, starts[i], counts[i]), std::nullopt, rows);
     if (bias) rows.add_((*bias)[experts[i]]);
   }
   // without a shared expert out is the caller's hidden: leave it as it is
-  return shared.empty() ? hidden.index_add(0, *order, result)
-                        : out.index_add_(0, *order, result);
+  return shared ? out.index_add_(0, *order, result) : hidden.index_add(0, *order, result);
 }
 
 }  // namespace
@@ -103,4 +144,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention_block", &readmoe::decode_attention_block,
         "a decode-only step's attention block, residual added");
   m.def("moe_ffn", &readmoe::moe_ffn, "a layer's FFN: shared and routed experts, residual added");
+  m.attr("BLOCKED_MIN_ROWS") = readmoe::kBlockedMinRows;
 }
