@@ -8,8 +8,9 @@ adopted on faith; this measures both on the served model's own matrices.
 1. Matmul floor per precision: every matrix one decode step of the model multiplies (q|k|v,
    o, the shared expert, one routed expert per layer, the LM head), each a distinct tensor
    (as in a real step, the weights stream from memory rather than sit in cache), at rows 1, 8
-   and 32: fp32 ``x @ W`` (the engine's layout for one row), fp32 as the engine multiplies
-   (``float32-served``: oneDNN's prepacked weight from two rows, ``serve/packed.py``), bf16
+   and 32: fp32 ``x @ W`` (the engine's layout for one row), fp32 through oneDNN's prepacked
+   weight at every row count (``float32-onednn``) and as the engine multiplies
+   (``float32-served``: ``x @ W`` for one row, oneDNN from two, ``serve/packed.py``), bf16
    and fp16 ``x @ W``, int8 weight-only
    (``torch._weight_int8pack_mm``, per-channel scales) and fbgemm's dynamic int8 linear
    (``torch.ops.quantized.linear_dynamic``: activations quantized per call, per tensor), and
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 
 from readmoe.io import command_line, write_results
 from readmoe.models import load_model
-from readmoe.serve.packed import PackedMatrix
+from readmoe.serve.packed import PREPACK_ROWS, PackedMatrix
 from readmoe.serve.quantized import REDUCE_RANGE, Int8Matrix, quantize_weight
 
 Product = Callable[[torch.Tensor], torch.Tensor]
@@ -88,6 +89,10 @@ def prepare(kind: str, weight: torch.Tensor) -> tuple[Product, int]:
         if dtype == torch.float32:
             return (lambda x: x @ packed), packed.numel() * 4
         return (lambda x: (x.to(dtype) @ packed).float()), packed.numel() * 2
+    if kind == "float32-onednn":
+        blocked = torch.ops.mkldnn._reorder_linear_weight(weight, PREPACK_ROWS)
+        return (lambda x: torch.ops.mkldnn._linear_pointwise(x, blocked, None, "none", [], "")
+                ), weight.numel() * 4
     if kind == "float32-served":  # x @ W for one row, oneDNN's prepacked copy for more
         matrix = PackedMatrix.of(weight, prepack=True)
         return matrix, matrix.weight.numel() * 4
@@ -104,8 +109,8 @@ def prepare(kind: str, weight: torch.Tensor) -> tuple[Product, int]:
     raise ValueError(kind)
 
 
-KINDS = ("float32", "float32-served", "bfloat16", "float16", "int8-weight-only", "int8-dynamic",
-         "int8-served")
+KINDS = ("float32", "float32-onednn", "float32-served", "bfloat16", "float16",
+         "int8-weight-only", "int8-dynamic", "int8-served")
 
 
 def best_seconds(fn: Callable[[], None], repeats: int) -> float:

@@ -10,6 +10,7 @@ import torch
 from readmoe.errors import ReadmoeError
 from readmoe.models.device import resolve_placement
 from readmoe.serve.launch import EngineOptions, dense_as_readme, open_engine
+from readmoe.serve.packed import prepack_applies
 from readmoe.serve.sampling import SamplingParams
 from tests.conftest import tiny_model
 from tests.server.helpers import save_tiny_model
@@ -74,6 +75,15 @@ def test_int8_serving_opens_on_cpu_float32_only(readme_dir):
           open_engine(str(readme_dir), EngineOptions(quantize="int8"),
                       resolve_placement("cpu", "bfloat16"))):
         pass
+
+
+@pytest.mark.parametrize("prepack", [True, False])
+def test_prepack_option_reaches_the_runner(readme_dir, prepack):
+    with open_engine(str(readme_dir), EngineOptions(prepack=prepack), CPU) as served:
+        blocked = served.engine.runner.packed[0].qkv.blocked
+        assert (blocked is not None) == (prepack and prepack_applies(torch.device("cpu"),
+                                                                     torch.float32))
+        assert all(o.finished for o in served.engine.generate(PROMPTS, SamplingParams(3)))
 
 
 def test_router_hysteresis_flag_overrides_the_folder(readme_dir, tiny_llama_dir):

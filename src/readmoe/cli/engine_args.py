@@ -37,6 +37,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="int8: serve with int8 weights (fbgemm, CPU only; faster decode, "
                         "see results/kernel_probe.md and engine_speed.md for speed and "
                         "perplexity); none: the model's dtype")
+    parser.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=d.prepack,
+                        help="CPU fp32: also keep oneDNN's prepacked copy of each matrix for "
+                        "products of 2+ rows (default; faster batched decode, one more copy "
+                        "of the runner's matrices in memory: --no-prepack saves it)")
     parser.add_argument("--router-hysteresis", type=float, default=None, metavar="MARGIN",
                         help="pre-gating router: keep a request's previous expert unless the "
                         "best router logit beats it by more than MARGIN (default: the folder's "
@@ -75,5 +79,5 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         max_seqs=args.max_seqs, kv_blocks=args.kv_blocks, block_size=args.block_size,
         capacity=args.capacity, cache_policy=args.cache_policy, prefetch=args.prefetch,
         tier=args.tier, bandwidth=args.bandwidth, predictor=args.predictor,
-        prefetch_rate=args.prefetch_rate, quantize=args.quantize,
+        prefetch_rate=args.prefetch_rate, quantize=args.quantize, prepack=args.prepack,
         router_hysteresis=args.router_hysteresis)

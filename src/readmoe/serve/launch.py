@@ -57,6 +57,7 @@ class EngineOptions:
     prefetch_rate: float = 0.0
     step_history: int | None = None  # step reports kept (None: all; a server keeps the last)
     quantize: str = "none"  # "int8": the runner's matrices in int8 (CPU; serve/quantized.py)
+    prepack: bool = True  # CPU fp32: oneDNN's prepacked copies for multi-row products
     router_hysteresis: float | None = None  # None: the folder's config.json value
 
     def validate(self) -> None:
@@ -193,5 +194,6 @@ def open_engine(spec: str, options: EngineOptions, placement: Placement
                         expert_store=store if offloaded else None,
                         prefetch=options.prefetch and offloaded,
                         codesign=options.codesign() if offloaded else None,
-                        step_history=options.step_history, quantize=options.quantize)
+                        step_history=options.step_history, quantize=options.quantize,
+                        prepack=options.prepack)
         yield ServedEngine(engine, tokenizer, spec, placement, experts)

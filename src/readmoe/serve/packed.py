@@ -9,11 +9,11 @@ rate of the ``[out, in]`` layout ``nn.Linear`` keeps (the LM head: 17.7 vs 10.6 
 both layouts run at the same speed, so only fusing is done.
 
 Products of two rows or more take a third layout on CPU: oneDNN's own blocked copy of the
-weight (``prepack``), which it multiplies without repacking the weight every call, as the BLAS
-does for ``x @ W``: a decode step's products over the default model, cold, 1 thread, went
-from 76 to 53 ms at 8 rows and 112 to 87 ms at 32 (``benchmarks/kernel_probe.py``). One row
-keeps ``x @ W``, which streams the weight faster than oneDNN does (34 vs 45 ms). vLLM's CPU
-backend multiplies through prepacked oneDNN weights too.
+weight (``prepack``, made once when the runner packs). One decode step's products on the
+default ReadME model (every layer, one routed expert each, the LM head;
+``benchmarks/kernel_probe.py``, 1 thread): 56.6 -> 40.0 ms at 8 rows, 69.1 -> 64.1 ms at 32;
+at one row oneDNN's took 32.3 ms against ``x @ W``'s 23.9, so one row keeps ``x @ W``. vLLM's
+CPU backend multiplies through prepacked oneDNN weights too.
 
 Cost: one extra copy of the attention and FFN matrices (and, on CPU, of the LM head), the
 routed experts included when they are resident, and a second one where prepacked; with an
