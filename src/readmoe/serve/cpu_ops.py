@@ -35,9 +35,11 @@ DISABLE = "READMOE_CPU_OPS"
 
 def compile_flags() -> list[str]:
     """-O3, no contraction of a*b + c into FMA (so results round as separate ATen ops do),
-    AVX2/FMA code where torch itself runs AVX2 or better kernels, never -march=native (this
-    project's reference machine advertises AVX-512 it cannot execute)."""
-    flags = ["-O3", "-ffp-contract=off"]
+    OpenMP (``at::parallel_for`` splits work only in code built with it; the library is the
+    libgomp torch already loaded, same soname), AVX2/FMA code where torch itself runs AVX2 or
+    better kernels, never -march=native (this project's reference machine advertises AVX-512
+    it cannot execute)."""
+    flags = ["-O3", "-ffp-contract=off", "-fopenmp"]
     x86 = platform.machine().lower() in {"x86_64", "amd64"}
     if x86 and torch.backends.cpu.get_cpu_capability() in {"AVX2", "AVX512"}:
         flags += ["-mavx2", "-mfma"]
@@ -71,7 +73,8 @@ def load() -> ModuleType | None:
     try:
         return cpp_extension.load(name="readmoe_cpu_ops",
                                   sources=[str(CSRC / name) for name in SOURCES],
-                                  extra_cflags=flags, build_directory=str(directory),
+                                  extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                  build_directory=str(directory),
                                   verbose=False)
     except Exception as error:  # noqa: BLE001 - any build failure leaves the torch ops
         warnings.warn(f"readmoe's fused CPU ops could not be built ({type(error).__name__}: "
