@@ -34,6 +34,14 @@ void check_f32(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+// the paged KV pools of one layer: fp32 [slots, kv_heads, head_dim] each, the same shape
+void check_pools(const at::Tensor& key_pool, const at::Tensor& value_pool, int64_t dim) {
+  check_f32(key_pool, "key_pool", 3);
+  check_f32(value_pool, "value_pool", 3);
+  TORCH_CHECK(key_pool.sizes() == value_pool.sizes() && key_pool.size(2) == dim,
+              "key and value pools must both be [slots, kv_heads, head_dim ", dim, "]");
+}
+
 void check_index(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == dim &&
                   t.is_contiguous(),
@@ -259,18 +267,16 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 // RoPE (x * cos + roll(x, D/2) * sin_signed, sin_signed having its first half negated) on
 // the query and key heads of qkv [N, (h + 2 kvh) * D]; keys and values are written to their
 // pools [slots, kvh, D] at slots [N]; returns the rotated queries [N, h, D].
-at::Tensor rope_write_kv(const at::Tensor& qkv, const at::Tensor& cos,
-                            const at::Tensor& sin, at::Tensor& key_pool,
-                            at::Tensor& value_pool, const at::Tensor& slots, int64_t heads,
-                            int64_t kv_heads) {
+at::Tensor rope_write_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                         at::Tensor& key_pool, at::Tensor& value_pool, const at::Tensor& slots,
+                         int64_t heads, int64_t kv_heads) {
   RECORD_FUNCTION("readmoe::rope_write_kv", c10::ArrayRef<const c10::IValue>{});
   check_f32(qkv, "qkv", 2);
   check_f32(cos, "cos", 2);
   check_f32(sin, "sin", 2);
-  check_f32(key_pool, "key_pool", 3);
-  check_f32(value_pool, "value_pool", 3);
   check_index(slots, "slots", 1);
   const int64_t rows = qkv.size(0), dim = cos.size(1), half = dim / 2;
+  check_pools(key_pool, value_pool, dim);
   TORCH_CHECK(dim % 2 == 0, "head dim must be even, got ", dim);
   TORCH_CHECK(qkv.size(1) == (heads + 2 * kv_heads) * dim, "qkv has ", qkv.size(1),
               " columns, expected (heads + 2 kv_heads) * head_dim = ",
@@ -278,9 +284,8 @@ at::Tensor rope_write_kv(const at::Tensor& qkv, const at::Tensor& cos,
   TORCH_CHECK(cos.size(0) == rows && sin.size(0) == rows && sin.size(1) == dim &&
                   slots.size(0) == rows,
               "cos, sin and slots must have one row per qkv row");
-  TORCH_CHECK(key_pool.sizes() == value_pool.sizes() && key_pool.size(1) == kv_heads &&
-                  key_pool.size(2) == dim,
-              "key and value pools must both be [slots, kv_heads, head_dim]");
+  TORCH_CHECK(key_pool.size(1) == kv_heads, "the pools hold ", key_pool.size(1),
+              " kv heads, qkv ", kv_heads);
   const int64_t pool = key_pool.size(0);
   const int64_t* slot = slots.data_ptr<int64_t>();
   for (int64_t n = 0; n < rows; ++n)
@@ -316,18 +321,15 @@ at::Tensor rope_write_kv(const at::Tensor& qkv, const at::Tensor& cos,
 // kvh, D], slots [B, L] (request b's first lengths[b] are its context) -> [B, h * D].
 // Query head i reads kv head i / (h / kvh), as the runner's grouped view does.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& key_pool,
-                               const at::Tensor& value_pool, const at::Tensor& slots,
-                               const at::Tensor& lengths, double scale) {
+                            const at::Tensor& value_pool, const at::Tensor& slots,
+                            const at::Tensor& lengths, double scale) {
   RECORD_FUNCTION("readmoe::decode_attention", c10::ArrayRef<const c10::IValue>{});
   check_f32(q, "q", 3);
-  check_f32(key_pool, "key_pool", 3);
-  check_f32(value_pool, "value_pool", 3);
   check_index(slots, "slots", 2);
   check_index(lengths, "lengths", 1);
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
+  check_pools(key_pool, value_pool, dim);
   const int64_t kv_heads = key_pool.size(1), width = slots.size(1), pool = key_pool.size(0);
-  TORCH_CHECK(key_pool.sizes() == value_pool.sizes() && key_pool.size(2) == dim,
-              "key and value pools must both be [slots, kv_heads, head_dim]");
   TORCH_CHECK(heads % kv_heads == 0, heads, " query heads do not share ", kv_heads,
               " kv heads evenly");
   TORCH_CHECK(slots.size(0) == batch && lengths.size(0) == batch,
