@@ -8,7 +8,7 @@ each small op in one call and one pass, as vLLM's CPU backend and llama.cpp do; 
 runs a layer's attention block (decode-only steps) and its MoE FFN as one call each.
 
 The extension is compiled with torch's ``cpp_extension`` the first time a runner asks for it
-(about a minute here; it needs a C++ compiler, and ``ninja``, a dependency) into
+(about 25 s on a 2-core CPU; it needs a C++ compiler, and ``ninja``, a dependency) into
 ``$XDG_CACHE_HOME/readmoe/cpu_ops/<key>`` (key: the sources, flags, torch and Python), and is
 loaded from there afterwards. Where it cannot be built the runner keeps its torch ops (the
 same results; a warning says why), as it does on GPU and for dtypes other than fp32.
@@ -68,7 +68,7 @@ def load() -> ModuleType | None:
     if bin_dir and bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     if not any(directory.glob("*.so")):
-        print(f"readmoe: building the fused CPU ops once into {directory} (about a minute)",
+        print(f"readmoe: building the fused CPU ops once into {directory} (under a minute)",
               file=sys.stderr, flush=True)
     try:
         return cpp_extension.load(name="readmoe_cpu_ops",
