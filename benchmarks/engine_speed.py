@@ -22,8 +22,10 @@ model named in the ReadME folder's plan.
 
 Every peer decodes the same equal-length prompts, taken from the corpus's domains in turn (so a
 batch mixes domains and experts), greedily for exactly ``--new-tokens`` tokens (EOS ignored),
-after a warm-up. Decode tokens/s = batch * (new - 1) / (time(new) - time(1)), so prefill is
-excluded on every side.
+after a warm-up: the engine is built once per batch size and variant and run once untimed
+on the same batch (as a server's engine is warm; HF's model and llama.cpp's context are
+reused warm the same way). Decode tokens/s = batch * (new - 1) / (time(new) - time(1)), best
+of ``--repeats`` each, so prefill is excluded on every side.
 
 Limits. Bytes per token: the weights one decode step reads (every matrix once, the LM head too
 when it is tied to the embedding, only the routed experts the engine's decode steps really
@@ -198,13 +200,21 @@ def hf_time(model, batch: list[list[int]], new: int) -> float:
                                              do_sample=False))
 
 
-def engine_time(model, tokenizer, batch: list[list[int]], new: int,
-                quantize: str = "none", fused: bool = True) -> tuple[float, Engine]:
+def warm_engine(model, tokenizer, batch: list[list[int]], new: int, quantize: str = "none",
+                fused: bool = True) -> Engine:
+    """The engine every timing of ``batch`` runs on: built once and run once untimed on the
+    same batch, as a server's engine is warm (HF's model and llama.cpp's context are reused
+    warm too), so no timing pays for building, packing or first-call set-up."""
     blocks = len(batch) * -(-(len(batch[0]) + new) // 16)
     engine = Engine(model, tokenizer, "fcfs", Budget(max_tokens=4096, max_seqs=len(batch)),
                     kv_blocks=blocks, block_size=16, quantize=quantize, fused_ops=fused)
+    engine_time(engine, batch, new)
+    return engine
+
+
+def engine_time(engine: Engine, batch: list[list[int]], new: int) -> float:
     params = SamplingParams(max_tokens=new, ignore_eos=True)
-    return _timed(lambda: engine.generate(batch, params)), engine
+    return _timed(lambda: engine.generate(batch, params))
 
 
 def decode_seconds(run, batch: list[list[int]], args: argparse.Namespace) -> float:
@@ -318,11 +328,10 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
         torch.set_num_threads(count)
         if hf_name in args.peers:
             hf_time(hf_model, pool[:2], 4)  # warm-up
-        engine_time(engine_model, tokenizer, pool[:2], 4)
         for b in args.batches:
             batch, before = pool[:b], len(rows)
-            probe = engine_time(engine_model, tokenizer, batch, args.new_tokens)
-            decode_steps = [s for s in probe[1].steps if s.num_tokens == b]
+            warm = warm_engine(engine_model, tokenizer, batch, args.new_tokens)
+            decode_steps = [s for s in warm.steps if s.num_tokens == b]
             distinct = sum(s.distinct_experts for s in decode_steps) / max(1, len(decode_steps))
             kv = kv_step_bytes(engine_model.config, b, context, kv_size)
             hf = None
@@ -338,16 +347,10 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
                 if name not in args.peers or (name != engine_name
                                               and engine_model.device.type != "cpu"):
                     continue  # int8 and the fused ops are CPU kernels (serve/quantized.py, csrc)
-                if name != engine_name:
-                    engine_time(engine_model, tokenizer, pool[:2], 4, quantize, fused)  # warm-up
-                reused = [probe] if name == engine_name else []  # the run already made
-                full = reused + [engine_time(engine_model, tokenizer, batch, args.new_tokens,
-                                             quantize, fused)
-                                 for _ in range(args.repeats - len(reused))]
-                first = min(engine_time(engine_model, tokenizer, batch, 1, quantize, fused)[0]
-                            for _ in range(args.repeats))
-                seconds = min(t for t, _ in full) - first
-                engine = full[0][1]
+                engine = warm if name == engine_name else warm_engine(
+                    engine_model, tokenizer, batch, args.new_tokens, quantize, fused)
+                seconds = decode_seconds(lambda ids, new, e=engine: engine_time(e, ids, new),
+                                         batch, args)
                 floor = matmul_floor(engine, b, distinct, args.repeats)
                 weights = (weight_step_bytes(engine_model, distinct) if quantize == "none"
                            else packed_step_bytes(engine, distinct))
@@ -356,7 +359,8 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
                                 f"Engine(model, 'fcfs', Budget(max_seqs={b}), quantize="
                                 f"{quantize!r}, fused_ops={fused}).generate(prompts, "
                                 f"SamplingParams(max_tokens="
-                                f"{args.new_tokens}, ignore_eos=True))", gbs, args))
+                                f"{args.new_tokens}, ignore_eos=True)), warm", gbs, args))
+                del engine
                 bound = None if hf is None else hf / (args.new_tokens - 1) / floor
                 rows[-1].update(matmul_floor_tokens_per_s=b / floor,
                                 fraction_of_floor=rows[-1]["tokens_per_s"] * floor / b,
