@@ -85,8 +85,9 @@ REFACTORED = Path("runs/bench/moe-readme")
 CORPUS = Path("runs/bench/corpus")
 DENSE_EXPERTS = Path("runs/bench/dense-experts")
 GGUF_DIR = Path("runs/bench/gguf")
-PEERS = ("hf", "engine", "engine-int8", "engine-torch-ops", "hf-dense", "engine-dense",
-         "engine-dense-int8", "engine-dense-torch-ops", "llama.cpp-f32", "llama.cpp-quantized")
+README_PEERS = ("hf", "engine", "engine-int8", "engine-torch-ops")  # torch on the ReadME model
+DENSE_PEERS = ("hf-dense", "engine-dense", "engine-dense-int8", "engine-dense-torch-ops")
+PEERS = (*README_PEERS, *DENSE_PEERS, "llama.cpp-f32", "llama.cpp-quantized")
 QUALITY_TOKENS = 1024  # held-out tokens per domain for the served-weights perplexity
 FLOOR_REPEATS = 15  # best of: one step of products is ~30-300 ms and this machine is shared
 LLAMA_CPP_KV_BYTES = 2  # llama.cpp's default KV cache type is F16
@@ -306,9 +307,7 @@ def row(peer: str, threads: int, batch: int, precision: str, weight_bytes: float
     """One peer at one batch: its decode rate beside what the bytes it reads allow."""
     rate = batch * (args.new_tokens - 1) / seconds
     roof = batch * gbs * 1e9 / (weight_bytes + kv_bytes)
-    return {"peer": peer, "weights": "readme" if peer in ("hf", "engine", "engine-int8",
-                                                       "engine-torch-ops")
-            else "dense",
+    return {"peer": peer, "weights": "readme" if peer in README_PEERS else "dense",
             "threads": threads, "batch": batch, "precision": precision,
             "weight_bytes_per_step": weight_bytes, "bytes_per_token": weight_bytes / batch,
             "tokens_per_s": rate, "roofline_tokens_per_s": roof,
@@ -493,13 +492,12 @@ def main() -> int:
                                               quantize, precision))
                 print(quality[-1], flush=True)
 
-    if {"hf", "engine", "engine-int8", "engine-torch-ops"} & set(args.peers):
+    if set(README_PEERS) & set(args.peers):
         rows += torch_rows(model, model, tokenizer, ("hf", "engine"), pool, gbs, threads, args)
         score(model, "readme", "engine")
     del model
     gc.collect()
-    if {"hf-dense", "engine-dense", "engine-dense-int8", "engine-dense-torch-ops"} & set(
-            args.peers):
+    if set(DENSE_PEERS) & set(args.peers):
         served = load_model(str(dense_experts(dense)), **where)
         hf_model = load_model(dense, **where) if "hf-dense" in args.peers else served
         rows += torch_rows(hf_model, served, tokenizer, ("hf-dense", "engine-dense"), pool, gbs,

@@ -315,10 +315,7 @@ class ModelRunner:
         resident = routing is not None and packed.experts is not None
         if self.fused[layer] and source is None and (resident or mlp.experts is None):
             shared = None if packed.shared is None else _matrices(packed.shared)
-            if mlp.experts is None:
-                return self.ops.moe_ffn(residual, norm.weight, norm.eps, shared, [], [], None,
-                                        [], [], bias)
-            order, counts, starts = routing
+            order, counts, starts = routing if resident else (None, [], [])  # dense: shared only
             present = [e for e, count in enumerate(counts) if count]
             return self.ops.moe_ffn(residual, norm.weight, norm.eps, shared,
                                     [_matrices(packed.experts[e]) for e in present], present,
