@@ -7,14 +7,19 @@ import pytest
 import torch
 
 from readmoe.serve import cpu_ops
-from readmoe.serve.packed import BLOCKED_MIN_ROWS, PackedMatrix, prepack_applies
+from readmoe.serve.packed import (
+    BLOCKED_MAX_ROWS,
+    BLOCKED_MIN_ROWS,
+    PackedMatrix,
+    prepack_applies,
+)
 
 needs_onednn = pytest.mark.skipif(not prepack_applies(torch.device("cpu"), torch.float32),
                                   reason="torch without oneDNN: nothing is prepacked")
 
 
 @needs_onednn
-@pytest.mark.parametrize("rows", [1, 2, 5, 33])
+@pytest.mark.parametrize("rows", [1, 2, 5, 33, 48, 49, 200])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_prepacked_products_equal_the_plain_ones(rows, with_bias):
     gen = torch.Generator().manual_seed(rows)
@@ -48,3 +53,21 @@ def test_the_fused_layer_switches_at_the_same_row_count():
     if ops is None:
         pytest.skip("no fused CPU ops here")
     assert ops.BLOCKED_MIN_ROWS == BLOCKED_MIN_ROWS
+    assert ops.BLOCKED_MAX_ROWS == BLOCKED_MAX_ROWS
+
+
+@needs_onednn
+def test_only_decode_sized_products_go_through_onednn():
+    """A prefill's row counts must not reach oneDNN: each one would be a primitive in its
+    cache, evicting the decode step's."""
+    matrix = PackedMatrix.of(torch.randn(16, 8), prepack=True)
+
+    def onednn_calls(rows: int) -> int:
+        with torch.profiler.profile() as prof:
+            matrix(torch.randn(rows, 8))
+        return sum(e.count for e in prof.key_averages() if e.key.startswith("mkldnn::"))
+
+    assert onednn_calls(BLOCKED_MIN_ROWS - 1) == 0
+    assert onednn_calls(BLOCKED_MIN_ROWS) == 1
+    assert onednn_calls(BLOCKED_MAX_ROWS) == 1
+    assert onednn_calls(BLOCKED_MAX_ROWS + 1) == 0

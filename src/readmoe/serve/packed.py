@@ -64,7 +64,7 @@ class PackedMatrix:
         """``x @ W.T + b`` for rows x [n, in], plus ``add`` [n, out] if given (a residual: on
         CPU the BLAS adds it as it writes, one op and one pass fewer), into ``out`` if given
         (a contiguous [n, out] view, so a caller's slice is filled without a copy)."""
-        if self.blocked is not None and x.shape[0] >= BLOCKED_MIN_ROWS:
+        if self.blocked is not None and BLOCKED_MIN_ROWS <= x.shape[0] <= BLOCKED_MAX_ROWS:
             y = (torch.ops.mkldnn._linear_pointwise(x, self.blocked, self.bias, "none", [], "")
                  if add is None else
                  torch.ops.mkldnn._linear_pointwise.binary(x, add, self.blocked, self.bias,
@@ -87,6 +87,12 @@ Matrix = PackedMatrix | Int8Matrix
 
 PREPACK_ROWS = 32  # the batch oneDNN is told to block for (fastest at 2-32 rows, measured)
 BLOCKED_MIN_ROWS = 2  # one row streams faster through ``x @ W``
+# Above this, ``x @ W`` is as fast (compute-bound), and oneDNN would create and cache one
+# primitive per row count: a prefill's many expert row counts evicted the decode step's from
+# its cache (1024 entries), and the first decode step after a batch-32 prefill took 331 ms
+# instead of 143 (streamed weights, 1 thread: x @ W / oneDNN 1.21x at 32 rows, 1.09x at 48,
+# 0.85x at 64, 0.93-1.12x up to 512).
+BLOCKED_MAX_ROWS = 48
 
 
 def prepack_applies(device: torch.device, dtype: torch.dtype) -> bool:

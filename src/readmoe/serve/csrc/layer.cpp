@@ -20,8 +20,10 @@ namespace {
 
 using MaybeTensor = std::optional<at::Tensor>;
 
-// packed.py's BLOCKED_MIN_ROWS: products of this many rows or more use the prepacked weight
+// packed.py's BLOCKED_MIN_ROWS and BLOCKED_MAX_ROWS: products of this many rows use the
+// prepacked weight
 constexpr int64_t kBlockedMinRows = 2;
+constexpr int64_t kBlockedMaxRows = 48;
 
 // oneDNN's x @ W.T (+ bias) (+ add) on its prepacked W, through the ops packed.py calls
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& blocked,
@@ -48,7 +50,7 @@ at::Tensor product(const at::Tensor& x, const at::Tensor& weight, const MaybeTen
                    const MaybeTensor& bias, const MaybeTensor& add,
                    const MaybeTensor& out = std::nullopt) {
   at::Tensor target = out ? *out : at::Tensor();  // a handle on the caller's storage
-  if (blocked && x.size(0) >= kBlockedMinRows) {
+  if (blocked && x.size(0) >= kBlockedMinRows && x.size(0) <= kBlockedMaxRows) {
     const at::Tensor y = onednn_linear(x, *blocked, bias, add);
     return out ? target.copy_(y) : y;
   }
@@ -145,4 +147,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "a decode-only step's attention block, residual added");
   m.def("moe_ffn", &readmoe::moe_ffn, "a layer's FFN: shared and routed experts, residual added");
   m.attr("BLOCKED_MIN_ROWS") = readmoe::kBlockedMinRows;
+  m.attr("BLOCKED_MAX_ROWS") = readmoe::kBlockedMaxRows;
 }
