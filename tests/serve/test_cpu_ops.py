@@ -59,6 +59,26 @@ def naive_attention(q, keys, values, slots, lengths, scale):
     return out.reshape(batch, heads * dim)
 
 
+def naive_first_max(row: list[float]) -> int:
+    """The index torch.max(-1) gives: the first NaN if any, else the first maximum."""
+    for i, value in enumerate(row):
+        if value != value:
+            return i
+    return row.index(max(row))
+
+
+@pytest.mark.parametrize("width", [1, 7, 31, 32, 33, 100, 49152])
+def test_argmax_rows_finds_the_first_maximum(ops, width):
+    x = torch.randn(5, width, generator=gen(width))
+    x[1] = x[1].round()  # many ties: the first must win
+    x[2, width // 2:] = float("inf")
+    x[3] = float("-inf")
+    x[4, (2 * width) // 3] = float("nan")
+    got = ops.argmax_rows(x).tolist()
+    assert got == [naive_first_max(row) for row in x.tolist()]
+    assert got == x.max(-1).indices.tolist()
+
+
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"),
                          [(4, 4, 8), (9, 3, 64), (6, 2, 20), (8, 2, 128)])
 def test_decode_attention_reads_the_pool_in_place(ops, heads, kv_heads, dim):
@@ -108,6 +128,8 @@ def test_bad_input_is_refused_with_the_reason(ops):
     with pytest.raises(RuntimeError, match="outside the pool"):
         ops.rope_write_kv(torch.ones(1, 16), torch.ones(1, 4), torch.ones(1, 4), keys,
                           keys.clone(), torch.tensor([8]), 2, 1)
+    with pytest.raises(RuntimeError, match="must not be empty"):
+        ops.argmax_rows(torch.ones(2, 0))
 
 
 def test_the_switch_turns_them_off(monkeypatch):

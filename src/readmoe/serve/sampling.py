@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from readmoe.errors import ReadmoeError
+from readmoe.serve.cpu_ops import ops_for
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,13 @@ class SamplingParams:
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            generators: Sequence[torch.Generator]) -> list[int]:
     """One token per row of ``logits`` [S, V], row i with ``params[i]`` and ``generators[i]``."""
-    # greedy rows keep this; max's indices are argmax's (the first maximum) at about 0.65x of
-    # its time on CPU over a 49k vocabulary (measured: 2.2 vs 3.4 ms at 32 rows)
-    tokens = logits.max(-1).indices.tolist()
+    # greedy rows keep this: the first maximum, as argmax. On CPU fp32 the fused op reads the
+    # logits once, vectorized (32 rows of a 49k vocabulary, 1 thread: 0.5 ms a decode step
+    # against max's 2.0; 0.24 / 0.66 / 1.97 ms for ours / max / argmax on warm logits)
+    ops = ops_for(logits.device, logits.dtype)
+    best = (ops.argmax_rows(logits) if ops is not None and logits.is_contiguous()
+            else logits.max(-1).indices)
+    tokens = best.tolist()
     for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
         if p.greedy:
             continue

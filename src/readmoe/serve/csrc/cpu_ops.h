@@ -24,4 +24,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& key_pool,
 // gate_up [n, 2R] -> silu(gate) * up [n, R]
 at::Tensor silu_mul(const at::Tensor& gate_up);
 
+// x [S, V] -> the index of each row's first maximum [S] (int64)
+at::Tensor argmax_rows(const at::Tensor& x);
+
 }  // namespace readmoe

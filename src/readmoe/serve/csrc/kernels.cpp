@@ -223,6 +223,49 @@ void attend_head(const float* q, const float* keys, const float* values, const i
   }
 }
 
+// index of the first maximum of x[0..n) (of the first NaN if there is one, as torch.max)
+inline int64_t first_max(const float* x, int64_t n) {
+  int64_t i = 0;
+  float top = x[0];
+  bool nan = false;
+#if defined(__AVX2__) && defined(__FMA__)
+  if (n >= 32) {
+    __m256 m[4], unordered = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) m[j] = _mm256_loadu_ps(x + 8 * j);
+    for (; i + 32 <= n; i += 32)
+      for (int j = 0; j < 4; ++j) {
+        const __m256 v = _mm256_loadu_ps(x + i + 8 * j);
+        m[j] = _mm256_max_ps(m[j], v);
+        unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      }
+    nan = _mm256_movemask_ps(unordered) != 0;
+    const __m256 both = _mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3]));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, both);
+    for (float lane : lanes) top = lane > top ? lane : top;
+  }
+#endif
+  for (; i < n; ++i) {
+    nan = nan || std::isnan(x[i]);
+    top = x[i] > top ? x[i] : top;
+  }
+  if (nan)
+    for (i = 0; i < n; ++i)
+      if (std::isnan(x[i])) return i;
+  i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 wanted = _mm256_set1_ps(top);
+  for (; i + 8 <= n; i += 8) {
+    const int hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), wanted,
+                                                      _CMP_EQ_OQ));
+    if (hits) return i + __builtin_ctz(hits);
+  }
+#endif
+  for (; i < n; ++i)
+    if (x[i] == top) return i;
+  return 0;  // unreachable: top is one of x's values
+}
+
 // rows per thread: enough floats that a thread's share outweighs waking it (a few us)
 inline int64_t grain(int64_t row_width) {
   constexpr int64_t kFloatsPerTask = 32768;
@@ -390,6 +433,22 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
       float* o = dst + n * width;
       silu_mul_row(gate, up, o, width);
     }
+  });
+  return out;
+}
+
+// x [S, V] -> the index of each row's first maximum [S] (int64), as torch.max(-1).indices:
+// greedy sampling's pass over the logits, one vectorized read instead of ATen's scalar one
+at::Tensor argmax_rows(const at::Tensor& x) {
+  RECORD_FUNCTION("readmoe::argmax_rows", c10::ArrayRef<const c10::IValue>{});
+  check_f32(x, "x", 2);
+  const int64_t rows = x.size(0), width = x.size(1);
+  TORCH_CHECK(width > 0, "rows must not be empty");
+  auto out = at::empty({rows}, x.options().dtype(at::kLong));
+  const float* src = x.data_ptr<float>();
+  int64_t* index = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, grain(width), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) index[n] = first_max(src + n * width, width);
   });
   return out;
 }

@@ -142,6 +142,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &readmoe::decode_attention,
         "one query per request over its paged KV");
   m.def("silu_mul", &readmoe::silu_mul, "silu(gate) * up of a fused gate|up product");
+  m.def("argmax_rows", &readmoe::argmax_rows, "each row's first maximum, as torch.max");
   m.def("swiglu", &readmoe::swiglu, "one SwiGLU expert on rows (+ add, into out)");
   m.def("decode_attention_block", &readmoe::decode_attention_block,
         "a decode-only step's attention block, residual added");
