@@ -158,29 +158,45 @@ inline void silu_mul_row(const float* gate, const float* up, float* out, int64_t
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
+// [sum(a), sum(b), sum(c), sum(d)] of four vectors in one reduction
+inline __m128 sum4x8(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
 // One head over a request's context with the head's vectors in registers (Chunks = D / 8):
-// scores[l] = q . k_l * scale, then out = sum_l p[l] v_l; row l of a pool is at
-// base + used[l] * stride. Per head rather than per key, so nothing spills to memory.
+// scores[l] = q . k_l * scale; row l of a pool is at base + used[l] * stride. Four keys a
+// pass, so their four dot products reduce together rather than one by one.
 template <int Chunks>
 void head_scores(const float* q, const float* base, const int64_t* used, int64_t len,
                  int64_t stride, float scale, float* scores) {
   __m256 query[Chunks];
   for (int c = 0; c < Chunks; ++c) query[c] = _mm256_loadu_ps(q + 8 * c);
-  for (int64_t l = 0; l < len; ++l) {
+  int64_t l = 0;
+  const __m128 by = _mm_set1_ps(scale);
+  for (; l + 4 <= len; l += 4) {
+    const float* k[4] = {base + used[l] * stride, base + used[l + 1] * stride,
+                         base + used[l + 2] * stride, base + used[l + 3] * stride};
+    __m256 acc[4];
+    for (int j = 0; j < 4; ++j) acc[j] = _mm256_mul_ps(query[0], _mm256_loadu_ps(k[j]));
+    for (int c = 1; c < Chunks; ++c)
+      for (int j = 0; j < 4; ++j)
+        acc[j] = _mm256_fmadd_ps(query[c], _mm256_loadu_ps(k[j] + 8 * c), acc[j]);
+    _mm_storeu_ps(scores + l, _mm_mul_ps(sum4x8(acc[0], acc[1], acc[2], acc[3]), by));
+  }
+  for (; l < len; ++l) {
     const float* k = base + used[l] * stride;
-    __m256 even = _mm256_mul_ps(query[0], _mm256_loadu_ps(k));
-    __m256 odd = _mm256_mul_ps(query[1], _mm256_loadu_ps(k + 8));
-    for (int c = 2; c + 1 < Chunks; c += 2) {
-      even = _mm256_fmadd_ps(query[c], _mm256_loadu_ps(k + 8 * c), even);
-      odd = _mm256_fmadd_ps(query[c + 1], _mm256_loadu_ps(k + 8 * c + 8), odd);
-    }
-    scores[l] = sum8(_mm256_add_ps(even, odd)) * scale;
+    __m256 acc = _mm256_mul_ps(query[0], _mm256_loadu_ps(k));
+    for (int c = 1; c < Chunks; ++c)
+      acc = _mm256_fmadd_ps(query[c], _mm256_loadu_ps(k + 8 * c), acc);
+    scores[l] = sum8(acc) * scale;
   }
 }
 
+// out = weight * sum_l p[l] v_l (weight: the softmax's 1 / sum, applied once at the end)
 template <int Chunks>
 void head_values(const float* p, const float* base, const int64_t* used, int64_t len,
-                 int64_t stride, float* out) {
+                 int64_t stride, float weight, float* out) {
   __m256 acc[Chunks];
   for (int c = 0; c < Chunks; ++c) acc[c] = _mm256_setzero_ps();
   for (int64_t l = 0; l < len; ++l) {
@@ -188,39 +204,49 @@ void head_values(const float* p, const float* base, const int64_t* used, int64_t
     const float* v = base + used[l] * stride;
     for (int c = 0; c < Chunks; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), acc[c]);
   }
-  for (int c = 0; c < Chunks; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
+  const __m256 by = _mm256_set1_ps(weight);
+  for (int c = 0; c < Chunks; ++c) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(acc[c], by));
 }
 #endif
+
+// the largest of x[0..n)
+inline float max_of(const float* x, int64_t n) {
+  int64_t i = 0;
+  float top = x[0];
+#if defined(__AVX2__) && defined(__FMA__)
+  if (n >= 8) {
+    __m256 m = _mm256_loadu_ps(x);
+    for (i = 8; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, m);
+    for (float lane : lanes) top = lane > top ? lane : top;
+  }
+#endif
+  for (; i < n; ++i) top = x[i] > top ? x[i] : top;
+  return top;
+}
 
 // one head: scores (scaled dots with the keys) then the p-weighted sum of the values, the
 // register kernels where the head dim has one (64, 128), else the generic loops
 void attend_head(const float* q, const float* keys, const float* values, const int64_t* used,
                  int64_t len, int64_t stride, int64_t dim, float scale, float* scores,
                  float* out) {
-  bool done = false;
 #if defined(__AVX2__) && defined(__FMA__)
   if (dim == 64 || dim == 128) {
     (dim == 64 ? head_scores<8> : head_scores<16>)(q, keys, used, len, stride, scale, scores);
-    done = true;
-  }
-#endif
-  if (!done)
-    for (int64_t l = 0; l < len; ++l) scores[l] = dot(q, keys + used[l] * stride, dim) * scale;
-  float top = scores[0];
-  for (int64_t l = 1; l < len; ++l) top = scores[l] > top ? scores[l] : top;
-  const float inv = 1.0f / exp_shifted(scores, len, top);
-  for (int64_t l = 0; l < len; ++l) scores[l] *= inv;
-#if defined(__AVX2__) && defined(__FMA__)
-  if (done) {
-    (dim == 64 ? head_values<8> : head_values<16>)(scores, values, used, len, stride, out);
+    const float inv = 1.0f / exp_shifted(scores, len, max_of(scores, len));
+    (dim == 64 ? head_values<8> : head_values<16>)(scores, values, used, len, stride, inv, out);
     return;
   }
 #endif
+  for (int64_t l = 0; l < len; ++l) scores[l] = dot(q, keys + used[l] * stride, dim) * scale;
+  const float inv = 1.0f / exp_shifted(scores, len, max_of(scores, len));
   std::fill(out, out + dim, 0.0f);
   for (int64_t l = 0; l < len; ++l) {
     const float* v = values + used[l] * stride;
     for (int64_t d = 0; d < dim; ++d) out[d] += scores[l] * v[d];
   }
+  for (int64_t d = 0; d < dim; ++d) out[d] *= inv;
 }
 
 // index of the first maximum of x[0..n) (of the first NaN if there is one, as torch.max)
