@@ -82,6 +82,41 @@ def test_runner_logits_equal_the_model_for_mixed_batches(model, prompts, fused, 
             torch.testing.assert_close(logits[row], refs[rid][end - 1], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("compensation", [False, True])
+@torch.no_grad()
+def test_the_whole_step_decoder_equals_the_layer_loop(prompts, compensation):
+    """Layers with and without a shared expert, a dense layer, compensation biases: the fused
+    ops' one-call decode step makes the per-layer calls, in order, so it equals them exactly."""
+    if cpu_ops.load() is None:
+        pytest.skip("no fused CPU ops here")
+    model = readme(compensation=compensation)
+    for layer in model.model.layers:
+        if layer.mlp.compensation is not None:
+            layer.mlp.compensation.normal_()
+    config = model.config
+    kv = PagedKVCache(config.num_hidden_layers, 20, 4, config.num_key_value_heads,
+                      config.hidden_size // config.num_attention_heads)
+    runner = ModelRunner(model, kv)
+    decoder = runner.decoder
+    assert decoder is not None and decoder.num_layers == config.num_hidden_layers
+    seqs = [prompts[1][:12], prompts[2], prompts[3][:7]]
+    experts = [model.route(torch.tensor([s]))[0][0].tolist() for s in seqs]
+    for rid, s in enumerate(seqs):
+        kv.admit(str(rid), len(s))
+        kv.grow(str(rid), len(s) - 1)
+    prefill = [RunnerChunk(s[:-1], 0, kv.slots(str(rid), 0, len(s) - 1), False)
+               for rid, s in enumerate(seqs)]
+    runner.forward(prefill, [e for ids in experts for e in ids[:-1]])
+    for rid, s in enumerate(seqs):
+        kv.grow(str(rid), len(s))
+    step = [RunnerChunk(s[-1:], len(s) - 1, kv.slots(str(rid), 0, len(s)), True)
+            for rid, s in enumerate(seqs)]
+    routed = [ids[-1] for ids in experts]
+    whole = runner.forward(step, routed)
+    runner.decoder = None
+    torch.testing.assert_close(runner.forward(step, routed), whole, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
 def test_greedy_equals_hf_generate_under_every_scheduler(model, prompts, hf_outputs, scheduler):
     eng = engine(model, scheduler)  # 14 blocks of 4: not every request fits at once

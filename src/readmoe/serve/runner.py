@@ -163,6 +163,27 @@ class ModelRunner:
         self.kv_heads = config.num_key_value_heads
         self.head_dim = first.head_dim
         self.scaling = first.scaling
+        self._routed = any(layer.mlp.experts is not None for layer in self.layers)
+        self.decoder = self._decoder()
+
+    def _decoder(self) -> object | None:
+        """The fused ops' whole-step decoder over this runner's packed weights and KV pools,
+        where every layer is fusable and its routed experts (if any) are packed; else None."""
+        if self.ops is None or not all(self.fused) or any(
+                layer.mlp.experts is not None and packed.experts is None
+                for layer, packed in zip(self.layers, self.packed, strict=True)):
+            return None
+        decoder = self.ops.Decoder(self.heads, self.kv_heads, self.scaling)
+        for index, (layer, packed) in enumerate(zip(self.layers, self.packed, strict=True)):
+            norm, post = packed.input_norm, packed.post_attention_norm
+            routed = packed.experts if layer.mlp.experts is not None else ()
+            decoder.add_layer(
+                norm.weight, norm.eps, packed.qkv.weight, packed.qkv.blocked, packed.qkv.bias,
+                packed.o.weight, packed.o.blocked, packed.o.bias, self.kv.keys[index],
+                self.kv.values[index], post.weight, post.eps,
+                None if packed.shared is None else _matrices(packed.shared),
+                [_matrices(e) for e in routed], layer.mlp.compensation)
+        return decoder
 
     def experts_for(self, layer: int, experts: Sequence[int]
                     ) -> Iterator[tuple[int, PackedExpert]]:
@@ -209,9 +230,19 @@ class ModelRunner:
         # rotate_half(x) * sin == roll(x, D/2) * sin with its first half negated, exactly
         # (a sign moves between factors): one roll a layer instead of slice, slice, neg, cat
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-        for index, (layer, packed) in enumerate(zip(self.layers, self.packed, strict=True)):
-            hidden = self._attention(index, packed, hidden, cos, sin, write_slots, groups)
-            hidden = self._ffn(index, layer.mlp, packed, hidden, routing, source)
+        if (self.decoder is not None and all(self.fused) and groups[0].direct
+                and source is None and (routing is not None or not self._routed)):
+            order, counts, starts = routing or (None, [], [])
+            present = [e for e, count in enumerate(counts) if count]
+            hidden = self.decoder.step(hidden, cos, sin, write_slots, groups[0].key_slots,
+                                       groups[0].lengths, present, order,
+                                       [starts[e] for e in present],
+                                       [counts[e] for e in present])
+        else:
+            for index, (layer, packed) in enumerate(zip(self.layers, self.packed,
+                                                        strict=True)):
+                hidden = self._attention(index, packed, hidden, cos, sin, write_slots, groups)
+                hidden = self._ffn(index, layer.mlp, packed, hidden, routing, source)
         def scored(chunk: RunnerChunk) -> range:  # the chunk's tokens whose logits return
             return range(0 if every_token else len(chunk.tokens) - 1, len(chunk.tokens))
 

@@ -1,5 +1,6 @@
 // A decoder layer's two halves as one call each: the attention block of a decode-only step,
-// and the MoE FFN (shared expert, then each routed expert present on its rows).
+// and the MoE FFN (shared expert, then each routed expert present on its rows); and a
+// decode-only step's layers, all of them, as one call (Decoder).
 //
 // Why: with the small ops fused (kernels.cpp), what is left of a decode step besides its
 // matrix products is the Python calling them, about twenty calls a layer. The products here
@@ -132,6 +133,87 @@ at::Tensor moe_ffn(const at::Tensor& hidden, const at::Tensor& norm, double eps,
   return shared ? out.index_add_(0, *order, result) : hidden.index_add(0, *order, result);
 }
 
+// One layer's weights and KV pools as Decoder holds them
+struct DecodeLayer {
+  at::Tensor attn_norm;
+  double attn_eps;
+  at::Tensor qkv;
+  MaybeTensor qkv_blocked, qkv_bias;
+  at::Tensor o;
+  MaybeTensor o_blocked, o_bias;
+  at::Tensor key_pool, value_pool;
+  at::Tensor ffn_norm;
+  double ffn_eps;
+  std::optional<Expert> shared;
+  std::vector<Expert> routed;  // every routed expert of the layer, by index; none: dense
+  MaybeTensor bias;            // compensation [E, H] (dense: [1, H]) or none
+};
+
+// Every layer of a decode-only step in one call: the runner's per-layer loop without the
+// Python between the layers' calls (about 1.2 ms a step on the default model). Holds
+// references to the runner's packed weights and KV pools, made once; each step passes what
+// changes: the hidden rows, their RoPE factors and slots, and the step's routing, which a
+// pre-gating router fixes for every layer at once.
+class Decoder {
+ public:
+  Decoder(int64_t heads, int64_t kv_heads, double scale)
+      : heads_(heads), kv_heads_(kv_heads), scale_(scale) {}
+
+  void add_layer(const at::Tensor& attn_norm, double attn_eps, const at::Tensor& qkv,
+                 const MaybeTensor& qkv_blocked, const MaybeTensor& qkv_bias, const at::Tensor& o,
+                 const MaybeTensor& o_blocked, const MaybeTensor& o_bias,
+                 const at::Tensor& key_pool, const at::Tensor& value_pool,
+                 const at::Tensor& ffn_norm, double ffn_eps, const std::optional<Expert>& shared,
+                 const std::vector<Expert>& routed, const MaybeTensor& bias) {
+    for (const Expert& e : routed) expert_checked(e);
+    if (shared) expert_checked(*shared);
+    layers_.push_back({attn_norm, attn_eps, qkv, qkv_blocked, qkv_bias, o, o_blocked, o_bias,
+                       key_pool, value_pool, ffn_norm, ffn_eps, shared, routed, bias});
+  }
+
+  // hidden [B, H] (one decode row per request) -> the last layer's output [B, H]; experts:
+  // the routed experts present, with their rows as moe_ffn takes them
+  at::Tensor step(at::Tensor hidden, const at::Tensor& cos, const at::Tensor& sin,
+                  const at::Tensor& write_slots, const at::Tensor& key_slots,
+                  const at::Tensor& lengths, const std::vector<int64_t>& experts,
+                  const MaybeTensor& order, const std::vector<int64_t>& starts,
+                  const std::vector<int64_t>& counts) const {
+    const std::vector<int64_t> none;
+    for (const DecodeLayer& l : layers_) {
+      std::vector<Expert> present;
+      if (!l.routed.empty()) {
+        TORCH_CHECK(!experts.empty(), "a layer with routed experts needs the step's routing");
+        for (const int64_t e : experts) {
+          TORCH_CHECK(e >= 0 && e < static_cast<int64_t>(l.routed.size()), "expert ", e,
+                      " outside the layer's ", l.routed.size());
+          present.push_back(l.routed[e]);
+        }
+      }
+      hidden = decode_attention_block(hidden, l.attn_norm, l.attn_eps, l.qkv, l.qkv_blocked,
+                                      l.qkv_bias, l.o, l.o_blocked, l.o_bias, cos, sin,
+                                      l.key_pool, l.value_pool, write_slots, key_slots, lengths,
+                                      heads_, kv_heads_, scale_);
+      hidden = l.routed.empty()  // a dense layer: its FFN is the shared expert alone
+                   ? moe_ffn(hidden, l.ffn_norm, l.ffn_eps, l.shared, {}, none, std::nullopt,
+                             none, none, l.bias)
+                   : moe_ffn(hidden, l.ffn_norm, l.ffn_eps, l.shared, present, experts, order,
+                             starts, counts, l.bias);
+    }
+    return hidden;
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  static void expert_checked(const Expert& e) {
+    TORCH_CHECK(e.size() == 4 && e[0] && e[2], "an expert is [gate_up, blocked, down, blocked]");
+  }
+
+  int64_t heads_, kv_heads_;
+  double scale_;
+  std::vector<DecodeLayer> layers_;
+};
+
 }  // namespace
 }  // namespace readmoe
 
@@ -147,6 +229,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention_block", &readmoe::decode_attention_block,
         "a decode-only step's attention block, residual added");
   m.def("moe_ffn", &readmoe::moe_ffn, "a layer's FFN: shared and routed experts, residual added");
+  pybind11::class_<readmoe::Decoder>(m, "Decoder")
+      .def(pybind11::init<int64_t, int64_t, double>())
+      .def("add_layer", &readmoe::Decoder::add_layer)
+      .def("step", &readmoe::Decoder::step)
+      .def_property_readonly("num_layers", &readmoe::Decoder::num_layers);
   m.attr("BLOCKED_MIN_ROWS") = readmoe::kBlockedMinRows;
   m.attr("BLOCKED_MAX_ROWS") = readmoe::kBlockedMaxRows;
 }
