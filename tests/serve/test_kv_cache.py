@@ -32,6 +32,30 @@ def test_slots_follow_the_block_table():
     assert kv.slots("b", 3, 3).tolist() == [b[0] * 4 + 3, b[1] * 4, b[1] * 4 + 1]
 
 
+def naive_slots(kv: PagedKVCache, request_id: str, start: int, count: int) -> list[int]:
+    table = kv.table(request_id)
+    return [table[p // kv.block_size] * kv.block_size + p % kv.block_size
+            for p in range(start, start + count)]
+
+
+def test_reused_slots_follow_growth_and_a_new_table_under_the_same_id():
+    kv = cache()
+    kv.admit("x", 2)  # takes a block first, so "a" does not get the blocks it freed back
+    kv.grow("x", 2)
+    kv.admit("a", 12)
+    for tokens in range(1, 13):
+        kv.grow("a", tokens)
+        assert kv.slots("a", 0, tokens).tolist() == naive_slots(kv, "a", 0, tokens)
+    kv.free("a")
+    kv.admit("b", 4)
+    kv.grow("b", 4)
+    kv.admit("a", 6)  # the same id, other blocks
+    kv.grow("a", 6)
+    assert kv.slots("a", 1, 5).tolist() == naive_slots(kv, "a", 1, 5)
+    with pytest.raises(IndexError, match="outside its 2 blocks"):
+        kv.slots("a", 6, 3)
+
+
 def test_reservations_limit_admission_and_growth():
     kv = cache(blocks=4)
     assert kv.can_admit(16) and not kv.can_admit(17)

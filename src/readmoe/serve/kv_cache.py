@@ -26,12 +26,28 @@ class PagedKVCache(BlockAllocator):
         shape = (num_blocks * block_size, kv_heads, head_dim)  # flattened [blocks * size, ...]
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # per request: the block table its slots were made from, and those slots (every
+        # position its blocks hold): a decode step asks each request for its context's slots
+        # again, and its table changes only once per block_size tokens
+        self._slots: dict[str, tuple[list[int], torch.Tensor]] = {}
 
     def slots(self, request_id: str, start: int, count: int) -> torch.Tensor:
-        """Flat pool slots of positions ``start .. start + count - 1`` -> [count] int64."""
-        table = torch.tensor(self.table(request_id), dtype=torch.long)  # [blocks]
-        positions = torch.arange(start, start + count)
-        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+        """Flat pool slots of positions ``start .. start + count - 1`` -> [count] int64 (a
+        read-only view: the cache reuses it)."""
+        table = self.table(request_id)
+        cached = self._slots.get(request_id)
+        if cached is None or cached[0] != table:
+            blocks = torch.tensor(table, dtype=torch.long)[:, None]  # [blocks, 1]
+            every = (blocks * self.block_size + torch.arange(self.block_size)).reshape(-1)
+            cached = self._slots[request_id] = (list(table), every)
+        if start < 0 or count < 0 or start + count > len(cached[1]):
+            raise IndexError(f"positions {start}..{start + count - 1} of request {request_id} "
+                             f"are outside its {len(table)} blocks of {self.block_size}")
+        return cached[1][start:start + count]
+
+    def free(self, request_id: str) -> None:
+        self._slots.pop(request_id, None)
+        super().free(request_id)
 
     def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor,
               values: torch.Tensor) -> None:

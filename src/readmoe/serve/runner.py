@@ -84,7 +84,8 @@ class _AttentionGroup:
 
     query_rows: torch.Tensor  # [B, Tq] rows of the flat batch (padding: row 0)
     key_slots: torch.Tensor  # [B, L] pool slots (padding: slot 0)
-    bias: torch.Tensor  # [B, 1, groups * Tq, L] (direct: [B, 1, 1, L]) 0 = attend, -inf not
+    bias: torch.Tensor | None  # [B, 1, groups * Tq, L] (direct: [B, 1, 1, L]) 0 = attend,
+    # -inf not; None where the fused decode attention reads lengths instead
     valid: torch.Tensor  # [V] positions in the flattened [B * Tq] that are real queries
     targets: torch.Tensor  # [V] their rows in the flat batch
     lengths: torch.Tensor  # [B] each chunk's context length (its real keys)
@@ -92,7 +93,8 @@ class _AttentionGroup:
 
 
 def _group(chunks: Sequence[RunnerChunk], offsets: Sequence[int], groups: int,
-           dtype: torch.dtype, device: torch.device, direct: bool = False) -> _AttentionGroup:
+           dtype: torch.dtype, device: torch.device, direct: bool = False,
+           masked: bool = True) -> _AttentionGroup:
     sizes = [len(c.tokens) for c in chunks]
     ends = [c.start + n for c, n in zip(chunks, sizes, strict=True)]
     width, length = max(sizes), max(ends)
@@ -101,20 +103,22 @@ def _group(chunks: Sequence[RunnerChunk], offsets: Sequence[int], groups: int,
     for b, (chunk, size, offset) in enumerate(zip(chunks, sizes, offsets, strict=True)):
         query_rows[b, :size] = torch.arange(offset, offset + size)
         key_slots[b, :ends[b]] = chunk.context_slots
-    starts = torch.tensor([c.start for c in chunks])[:, None, None]  # [B, 1, 1]
-    keys = torch.arange(length)[None, None, :]  # [1, 1, L]
-    queries = torch.arange(width)[None, :, None]  # [1, Tq, 1]
-    # Query i of a chunk sits at position start + i and sees keys up to it; a padding query
-    # (i >= size) sees the request's keys too, so its softmax row is never empty (no NaN).
-    mask = (keys <= starts + queries) & (keys < torch.tensor(ends)[:, None, None])
     valid = (torch.arange(width)[None, :] < torch.tensor(sizes)[:, None]).reshape(-1)
-    # query rows are (GQA group, query) pairs, group-major: the mask repeats per group
-    bias = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
     targets = query_rows.reshape(-1)[valid]
-    bias = bias[:, None] if direct else bias[:, None].repeat(1, 1, groups, 1)
-    return _AttentionGroup(*(t.to(device) for t in (
-        query_rows, key_slots, bias, valid.nonzero()[:, 0], targets, torch.tensor(ends))),
-        direct=direct)
+    bias = None
+    if masked:
+        starts = torch.tensor([c.start for c in chunks])[:, None, None]  # [B, 1, 1]
+        keys = torch.arange(length)[None, None, :]  # [1, 1, L]
+        queries = torch.arange(width)[None, :, None]  # [1, Tq, 1]
+        # Query i of a chunk sits at position start + i and sees keys up to it; a padding
+        # query (i >= size) sees the request's keys too, so its softmax row is never empty.
+        mask = (keys <= starts + queries) & (keys < torch.tensor(ends)[:, None, None])
+        bias = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+        # query rows are (GQA group, query) pairs, group-major: the mask repeats per group
+        bias = (bias[:, None] if direct else bias[:, None].repeat(1, 1, groups, 1)).to(device)
+    query_rows, key_slots, valid, targets, lengths = (t.to(device) for t in (
+        query_rows, key_slots, valid.nonzero()[:, 0], targets, torch.tensor(ends)))
+    return _AttentionGroup(query_rows, key_slots, bias, valid, targets, lengths, direct=direct)
 
 
 class _Routing(NamedTuple):
@@ -218,7 +222,8 @@ class ModelRunner:
         prefill = [i for i, c in enumerate(chunks) if len(c.tokens) > 1]
         groups = [_group([chunks[i] for i in ids], [offsets[i] for i in ids],
                          self.heads // self.kv_heads, hidden_dtype, device,
-                         direct=not prefill and ids is decode)
+                         direct=not prefill and ids is decode,
+                         masked=self.ops is None or bool(prefill))
                   for ids in (decode, prefill) if ids]
         routing = (self._grouping(torch.tensor(experts, device=device))
                    if experts is not None else None)
