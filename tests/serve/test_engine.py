@@ -86,7 +86,8 @@ def test_runner_logits_equal_the_model_for_mixed_batches(model, prompts, fused, 
 @torch.no_grad()
 def test_the_whole_step_decoder_equals_the_layer_loop(prompts, compensation):
     """Layers with and without a shared expert, a dense layer, compensation biases: the fused
-    ops' one-call decode step makes the per-layer calls, in order, so it equals them exactly."""
+    ops' one-call decode step (rows sorted by expert once, each expert adding into its rows
+    in place) equals the per-layer loop (gather, compute, scatter-add) to float rounding."""
     if cpu_ops.load() is None:
         pytest.skip("no fused CPU ops here")
     model = readme(compensation=compensation)
@@ -114,7 +115,8 @@ def test_the_whole_step_decoder_equals_the_layer_loop(prompts, compensation):
     routed = [ids[-1] for ids in experts]
     whole = runner.forward(step, routed)
     runner.decoder = None
-    torch.testing.assert_close(runner.forward(step, routed), whole, rtol=0, atol=0)
+    assert len(set(routed)) > 1  # the rows really are sorted and put back
+    torch.testing.assert_close(runner.forward(step, routed), whole, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))

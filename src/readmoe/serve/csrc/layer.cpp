@@ -133,6 +133,23 @@ at::Tensor moe_ffn(const at::Tensor& hidden, const at::Tensor& norm, double eps,
   return shared ? out.index_add_(0, *order, result) : hidden.index_add(0, *order, result);
 }
 
+// moe_ffn for rows already sorted by expert: routed expert experts[i] (matrices routed[i])
+// takes rows starts[i] .. + counts[i] and adds its output to them in place, so no gather or
+// scatter; without a shared expert the sum starts from a copy of hidden
+at::Tensor sorted_moe_ffn(const at::Tensor& hidden, const at::Tensor& norm, double eps,
+                          const std::optional<Expert>& shared, const std::vector<Expert>& routed,
+                          const std::vector<int64_t>& experts, const std::vector<int64_t>& starts,
+                          const std::vector<int64_t>& counts, const MaybeTensor& bias) {
+  const at::Tensor x = rms_norm(hidden, norm, eps);
+  at::Tensor out = shared ? expert_on(*shared, x, hidden, std::nullopt) : hidden.clone();
+  for (size_t i = 0; i < routed.size(); ++i) {
+    at::Tensor rows = out.narrow(0, starts[i], counts[i]);
+    expert_on(routed[i], x.narrow(0, starts[i], counts[i]), rows, rows);
+    if (bias) rows.add_((*bias)[experts[i]]);
+  }
+  return out;
+}
+
 // One layer's weights and KV pools as Decoder holds them
 struct DecodeLayer {
   at::Tensor attn_norm;
@@ -172,12 +189,17 @@ class Decoder {
   }
 
   // hidden [B, H] (one decode row per request) -> the last layer's output [B, H]; experts:
-  // the routed experts present, with their rows as moe_ffn takes them
-  at::Tensor step(at::Tensor hidden, const at::Tensor& cos, const at::Tensor& sin,
-                  const at::Tensor& write_slots, const at::Tensor& key_slots,
-                  const at::Tensor& lengths, const std::vector<int64_t>& experts,
+  // the routed experts present, with their rows as moe_ffn takes them. The routing is the
+  // same in every layer, so the rows (and their RoPE factors, slots and lengths) are sorted
+  // by expert once here and put back once at the end, not gathered and scattered per layer.
+  at::Tensor step(at::Tensor hidden, at::Tensor cos, at::Tensor sin, at::Tensor write_slots,
+                  at::Tensor key_slots, at::Tensor lengths, const std::vector<int64_t>& experts,
                   const MaybeTensor& order, const std::vector<int64_t>& starts,
                   const std::vector<int64_t>& counts) const {
+    if (order) {
+      for (at::Tensor* t : {&hidden, &cos, &sin, &write_slots, &key_slots, &lengths})
+        *t = t->index_select(0, *order);
+    }
     const std::vector<int64_t> none;
     for (const DecodeLayer& l : layers_) {
       std::vector<Expert> present;
@@ -196,10 +218,10 @@ class Decoder {
       hidden = l.routed.empty()  // a dense layer: its FFN is the shared expert alone
                    ? moe_ffn(hidden, l.ffn_norm, l.ffn_eps, l.shared, {}, none, std::nullopt,
                              none, none, l.bias)
-                   : moe_ffn(hidden, l.ffn_norm, l.ffn_eps, l.shared, present, experts, order,
-                             starts, counts, l.bias);
+                   : sorted_moe_ffn(hidden, l.ffn_norm, l.ffn_eps, l.shared, present, experts,
+                                    starts, counts, l.bias);
     }
-    return hidden;
+    return order ? at::empty_like(hidden).index_copy_(0, *order, hidden) : hidden;
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
