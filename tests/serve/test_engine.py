@@ -11,6 +11,7 @@ from readmoe.errors import ReadmoeError
 from readmoe.serve import cpu_ops
 from readmoe.serve.engine import Engine
 from readmoe.serve.kv_cache import PagedKVCache
+from readmoe.serve.packed import prepack_applies
 from readmoe.serve.runner import ModelRunner, RunnerChunk
 from readmoe.serve.sampling import SamplingParams
 from readmoe.serve.schedulers import SCHEDULERS
@@ -117,6 +118,37 @@ def test_the_whole_step_decoder_equals_the_layer_loop(prompts, compensation):
     runner.decoder = None
     assert len(set(routed)) > 1  # the rows really are sorted and put back
     torch.testing.assert_close(runner.forward(step, routed), whole, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_only_decode_steps_multiply_through_onednn(model, prompts):
+    """A step with prefill rows brings row counts of its own to every matrix: through oneDNN
+    each would be a cached primitive, evicting the decode steps' (``runner.forward``)."""
+    if not prepack_applies(torch.device("cpu"), torch.float32):
+        pytest.skip("torch without oneDNN: nothing is prepacked")
+    config = model.config
+    kv = PagedKVCache(config.num_hidden_layers, 20, 4, config.num_key_value_heads,
+                      config.hidden_size // config.num_attention_heads)
+    runner = ModelRunner(model, kv)
+    seqs = prompts[1:3]
+    experts = [model.route(torch.tensor([s]))[0][0].tolist() for s in seqs]
+
+    def onednn_calls(chunks, ids) -> int:
+        with torch.profiler.profile() as prof:
+            runner.forward(chunks, ids)
+        return sum(e.count for e in prof.key_averages() if e.key.startswith("mkldnn::"))
+
+    for rid, s in enumerate(seqs):
+        kv.admit(str(rid), len(s))
+        kv.grow(str(rid), len(s) - 1)
+    prefill = [RunnerChunk(s[:-1], 0, kv.slots(str(rid), 0, len(s) - 1), False)
+               for rid, s in enumerate(seqs)]  # (the LM head's few rows may use oneDNN)
+    assert onednn_calls(prefill, [e for ids in experts for e in ids[:-1]]) == 0
+    for rid, s in enumerate(seqs):
+        kv.grow(str(rid), len(s))
+    decode = [RunnerChunk(s[-1:], len(s) - 1, kv.slots(str(rid), 0, len(s)), True)
+              for rid, s in enumerate(seqs)]
+    assert onednn_calls(decode, [ids[-1] for ids in experts]) > 0
 
 
 @pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))

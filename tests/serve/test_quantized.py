@@ -57,7 +57,7 @@ class _Naive:
 
     matrix: PackedMatrix
 
-    def __call__(self, x, add=None, out=None):
+    def __call__(self, x, add=None, out=None, prepacked=True):  # the Matrix interface
         y = reference_product(x, self.matrix.weight.t(), self.matrix.bias)
         y = y if add is None else y + add
         return y if out is None else out.copy_(y)

@@ -60,11 +60,13 @@ class PackedMatrix:
         return cls(weight, bias, transposed, blocked)
 
     def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, prepacked: bool = True) -> torch.Tensor:
         """``x @ W.T + b`` for rows x [n, in], plus ``add`` [n, out] if given (a residual: on
         CPU the BLAS adds it as it writes, one op and one pass fewer), into ``out`` if given
-        (a contiguous [n, out] view, so a caller's slice is filled without a copy)."""
-        if self.blocked is not None and BLOCKED_MIN_ROWS <= x.shape[0] <= BLOCKED_MAX_ROWS:
+        (a contiguous [n, out] view, so a caller's slice is filled without a copy).
+        ``prepacked`` False leaves oneDNN's copy unused (a prefill step's products)."""
+        if (prepacked and self.blocked is not None
+                and BLOCKED_MIN_ROWS <= x.shape[0] <= BLOCKED_MAX_ROWS):
             y = (torch.ops.mkldnn._linear_pointwise(x, self.blocked, self.bias, "none", [], "")
                  if add is None else
                  torch.ops.mkldnn._linear_pointwise.binary(x, add, self.blocked, self.bias,

@@ -87,7 +87,9 @@ class Int8Matrix:
         return cls.of(*(m.weight for m in linears), biases=tuple(m.bias for m in linears))
 
     def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, prepacked: bool = True) -> torch.Tensor:
+        """As ``PackedMatrix``'s call; ``prepacked`` (its switch for oneDNN's copy) has
+        nothing to switch here: int8 matrices have no such copy."""
         if x.shape[0] == 1:  # one row: the kernel's per-tensor grid is already per token
             y = torch.ops.quantized.linear_dynamic(x.contiguous(), self.packed, REDUCE_RANGE)
             y = y if add is None else y.add_(add)

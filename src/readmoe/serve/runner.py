@@ -244,10 +244,15 @@ class ModelRunner:
                                        [starts[e] for e in present],
                                        [counts[e] for e in present])
         else:
+            # a step with prefill rows multiplies through x @ W only: oneDNN would create and
+            # cache a primitive for every (matrix, row count) its chunks bring, evicting the
+            # decode steps' (ReadME experts differ in width per layer, so there are many)
+            prepacked = not prefill
             for index, (layer, packed) in enumerate(zip(self.layers, self.packed,
                                                         strict=True)):
-                hidden = self._attention(index, packed, hidden, cos, sin, write_slots, groups)
-                hidden = self._ffn(index, layer.mlp, packed, hidden, routing, source)
+                hidden = self._attention(index, packed, hidden, cos, sin, write_slots, groups,
+                                         prepacked)
+                hidden = self._ffn(index, layer.mlp, packed, hidden, routing, source, prepacked)
         def scored(chunk: RunnerChunk) -> range:  # the chunk's tokens whose logits return
             return range(0 if every_token else len(chunk.tokens) - 1, len(chunk.tokens))
 
@@ -257,9 +262,10 @@ class ModelRunner:
 
     def _attention(self, layer: int, packed: PackedLayer, residual: torch.Tensor,
                    cos: torch.Tensor, sin: torch.Tensor, write_slots: torch.Tensor,
-                   groups: Sequence[_AttentionGroup]) -> torch.Tensor:
+                   groups: Sequence[_AttentionGroup], prepacked: bool = True) -> torch.Tensor:
         """residual [N, H] -> residual + attention(norm(residual)) [N, H]; writes the step's
-        keys and values first. cos, sin: [N, D]."""
+        keys and values first. cos, sin: [N, D]. ``prepacked`` False keeps oneDNN's copies
+        unused."""
         rows = residual.shape[0]
         heads, kvh, dim = self.heads, self.kv_heads, self.head_dim
         key_pool, value_pool = self.kv.keys[layer], self.kv.values[layer]  # [slots, kvh, D]
@@ -270,7 +276,7 @@ class ModelRunner:
                 o.blocked, o.bias, cos, sin, key_pool, value_pool, write_slots, group.key_slots,
                 group.lengths, heads, kvh, self.scaling)
         x = self._norm(packed.input_norm, residual)
-        qkv = packed.qkv(x)  # [N, (h + 2 kvh) * D]
+        qkv = packed.qkv(x, prepacked=prepacked)  # [N, (h + 2 kvh) * D]
         if self.ops is not None:
             q = self.ops.rope_write_kv(qkv, cos, sin, key_pool, value_pool, write_slots, heads,
                                        kvh)  # [N, h, D]
@@ -283,7 +289,7 @@ class ModelRunner:
             self.kv.write(layer, write_slots, k, v)
         if groups[0].direct:
             return packed.o(self._decode_attention(q, key_pool, value_pool, groups[0]),
-                            add=residual)
+                            add=residual, prepacked=prepacked)
         out = x.new_empty(rows, heads * dim)  # [N, h*D]
         for group in groups:
             # index_select beats advanced indexing at these sizes
@@ -300,7 +306,7 @@ class ModelRunner:
             flat = (result.view(batch, kvh, -1, width, dim).permute(0, 3, 1, 2, 4)
                     .reshape(batch * width, -1))  # [B*Tq, h*D]
             out.index_copy_(0, group.targets, flat.index_select(0, group.valid))
-        return packed.o(out, add=residual)
+        return packed.o(out, add=residual, prepacked=prepacked)
 
     def _decode_attention(self, q: torch.Tensor, key_pool: torch.Tensor,
                           value_pool: torch.Tensor, group: _AttentionGroup) -> torch.Tensor:
@@ -327,12 +333,13 @@ class ModelRunner:
 
     def _expert(self, weights: PackedExpert, x: torch.Tensor,
                 glu: Callable[[torch.Tensor], torch.Tensor], add: torch.Tensor | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, prepacked: bool = True) -> torch.Tensor:
         """One SwiGLU expert on rows x [n, H] -> [n, H] (+ ``add``; into ``out`` if given), with
         the runner's weights or a store slot's; ``glu`` takes the gate|up product whole."""
         if self.ops is not None and glu is self.ops.silu_mul and _plain(weights):
-            return self.ops.swiglu(x, *_matrices(weights), add, out)
-        return weights.down(glu(weights.gate_up(x)), add=add, out=out)
+            return self.ops.swiglu(x, *_matrices(weights, prepacked), add, out)
+        return weights.down(glu(weights.gate_up(x, prepacked=prepacked)), add=add, out=out,
+                            prepacked=prepacked)
 
     def _grouping(self, experts: torch.Tensor) -> _Routing:
         counts = torch.bincount(experts, minlength=self.num_experts).tolist()
@@ -343,24 +350,25 @@ class ModelRunner:
 
     def _ffn(self, layer: int, mlp: torch.nn.Module, packed: PackedLayer,
              residual: torch.Tensor, routing: _Routing | None,
-             source: ExpertSource | None) -> torch.Tensor:
+             source: ExpertSource | None, prepacked: bool = True) -> torch.Tensor:
         """residual [N, H] -> residual + shared expert + each row's routed expert of
         x = norm(residual), [N, H], plus the row's compensation bias where the model has one
         (kept resident: H floats an expert)."""
         bias, norm = mlp.compensation, packed.post_attention_norm
         resident = routing is not None and packed.experts is not None
         if self.fused[layer] and source is None and (resident or mlp.experts is None):
-            shared = None if packed.shared is None else _matrices(packed.shared)
+            shared = None if packed.shared is None else _matrices(packed.shared, prepacked)
             order, counts, starts = routing if resident else (None, [], [])  # dense: shared only
             present = [e for e, count in enumerate(counts) if count]
             return self.ops.moe_ffn(residual, norm.weight, norm.eps, shared,
-                                    [_matrices(packed.experts[e]) for e in present], present,
+                                    [_matrices(packed.experts[e], prepacked) for e in present],
+                                    present,
                                     order, [starts[e] for e in present],
                                     [counts[e] for e in present], bias)
         x = self._norm(norm, residual)
         glu = self.glus[layer]
         out = residual if packed.shared is None else self._expert(packed.shared, x, glu,
-                                                                  residual)
+                                                                  residual, prepacked=prepacked)
         if mlp.experts is None:
             return out if bias is None else out + bias[0]
         if routing is None:  # layer-wise router: this layer's gate decides now
@@ -371,14 +379,14 @@ class ModelRunner:
                    else self.experts_for(layer, present))
         if order is None:  # every row has one expert
             for e, expert in weights:
-                out = self._expert(expert, x, glu, out)
+                out = self._expert(expert, x, glu, out, prepacked=prepacked)
                 out = out if bias is None else out + bias[e]
             return out
         grouped = x.index_select(0, order)  # [N, H] rows sorted by expert
         result = torch.empty_like(grouped)
         for e, expert in weights:  # the source's order: a store loads while others compute
             rows = slice(starts[e], starts[e] + counts[e])
-            self._expert(expert, grouped[rows], glu, out=result[rows])
+            self._expert(expert, grouped[rows], glu, out=result[rows], prepacked=prepacked)
             if bias is not None:
                 result[rows] += bias[e]
         if out is residual:  # no shared expert: leave the caller's tensor as it is
@@ -406,10 +414,11 @@ def _plain(expert: PackedExpert) -> bool:
                and m.weight.dtype == torch.float32 for m in (expert.gate_up, expert.down))
 
 
-def _matrices(expert: PackedExpert) -> list[torch.Tensor | None]:
-    """A plain expert as the fused ops take it: gate|up, its prepacked copy, down, its copy."""
-    return [expert.gate_up.weight, expert.gate_up.blocked, expert.down.weight,
-            expert.down.blocked]
+def _matrices(expert: PackedExpert, prepacked: bool = True) -> list[torch.Tensor | None]:
+    """A plain expert as the fused ops take it: gate|up, its prepacked copy, down, its copy
+    (the copies None where ``prepacked`` is False)."""
+    return [expert.gate_up.weight, expert.gate_up.blocked if prepacked else None,
+            expert.down.weight, expert.down.blocked if prepacked else None]
 
 
 def _fusable(packed: PackedLayer) -> bool:
