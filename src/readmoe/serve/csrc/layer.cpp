@@ -89,25 +89,29 @@ at::Tensor decode_attention_block(const at::Tensor& hidden, const at::Tensor& no
                  o_blocked, o_bias, hidden);
 }
 
-// hidden [N, H] -> hidden + shared(x) + each row's routed expert(x) (+ that expert's
-// compensation bias [E, H] row), x = norm(hidden). An expert is its four matrices {gate_up,
-// gate_up prepacked or none, down, down prepacked or none}; shared: none or one. Routed
-// expert experts[i] (matrices routed[i]) takes rows starts[i] .. + counts[i] of the rows
-// sorted by order, or every row when order is none. No routed experts: the layer is dense
-// (its bias, if any, is row 0).
+// An expert is its four matrices {gate_up, gate_up prepacked or none, down, down prepacked
+// or none}
 using Expert = std::vector<MaybeTensor>;
+
+void check_expert(const Expert& e) {
+  TORCH_CHECK(e.size() == 4 && e[0] && e[2], "an expert is [gate_up, blocked, down, blocked]");
+}
 
 at::Tensor expert_on(const Expert& e, const at::Tensor& x, const MaybeTensor& add,
                      const MaybeTensor& out) {
-  TORCH_CHECK(e.size() == 4 && e[0] && e[2], "an expert is [gate_up, blocked, down, blocked]");
+  check_expert(e);
   return swiglu(x, *e[0], e[1], *e[2], e[3], add, out);
 }
 
-at::Tensor moe_ffn(const at::Tensor& hidden, const at::Tensor& norm, double eps,
-                   const std::optional<Expert>& shared, const std::vector<Expert>& routed,
-                   const std::vector<int64_t>& experts, const MaybeTensor& order,
-                   const std::vector<int64_t>& starts, const std::vector<int64_t>& counts,
-                   const MaybeTensor& bias) {
+// hidden [N, H], rows sorted by expert -> hidden + shared(x) + each row's routed expert(x)
+// (+ that expert's compensation bias [E, H] row), x = norm(hidden); shared: none or one.
+// Routed expert experts[i] (matrices routed[i]) takes rows starts[i] .. + counts[i] and adds
+// its output to them in place, so no gather or scatter. No routed experts: the layer is
+// dense (its bias, if any, is row 0).
+at::Tensor sorted_moe_ffn(const at::Tensor& hidden, const at::Tensor& norm, double eps,
+                          const std::optional<Expert>& shared, const std::vector<Expert>& routed,
+                          const std::vector<int64_t>& experts, const std::vector<int64_t>& starts,
+                          const std::vector<int64_t>& counts, const MaybeTensor& bias) {
   const size_t present = experts.size();
   TORCH_CHECK(routed.size() == present && starts.size() == present &&
                   counts.size() == present,
@@ -115,39 +119,27 @@ at::Tensor moe_ffn(const at::Tensor& hidden, const at::Tensor& norm, double eps,
   const at::Tensor x = rms_norm(hidden, norm, eps);
   at::Tensor out = shared ? expert_on(*shared, x, hidden, std::nullopt) : hidden;
   if (present == 0) return bias ? out + (*bias)[0] : out;
-  if (!order) {
-    for (size_t i = 0; i < present; ++i) {
-      out = expert_on(routed[i], x, out, std::nullopt);
-      if (bias) out = out + (*bias)[experts[i]];
-    }
-    return out;
-  }
-  const at::Tensor grouped = x.index_select(0, *order);
-  at::Tensor result = at::empty_like(grouped);
+  if (!shared) out = hidden.clone();  // the experts add in place: leave the caller's hidden
   for (size_t i = 0; i < present; ++i) {
-    at::Tensor rows = result.narrow(0, starts[i], counts[i]);
-    expert_on(routed[i], grouped.narrow(0, starts[i], counts[i]), std::nullopt, rows);
-    if (bias) rows.add_((*bias)[experts[i]]);
-  }
-  // without a shared expert out is the caller's hidden: leave it as it is
-  return shared ? out.index_add_(0, *order, result) : hidden.index_add(0, *order, result);
-}
-
-// moe_ffn for rows already sorted by expert: routed expert experts[i] (matrices routed[i])
-// takes rows starts[i] .. + counts[i] and adds its output to them in place, so no gather or
-// scatter; without a shared expert the sum starts from a copy of hidden
-at::Tensor sorted_moe_ffn(const at::Tensor& hidden, const at::Tensor& norm, double eps,
-                          const std::optional<Expert>& shared, const std::vector<Expert>& routed,
-                          const std::vector<int64_t>& experts, const std::vector<int64_t>& starts,
-                          const std::vector<int64_t>& counts, const MaybeTensor& bias) {
-  const at::Tensor x = rms_norm(hidden, norm, eps);
-  at::Tensor out = shared ? expert_on(*shared, x, hidden, std::nullopt) : hidden.clone();
-  for (size_t i = 0; i < routed.size(); ++i) {
     at::Tensor rows = out.narrow(0, starts[i], counts[i]);
     expert_on(routed[i], x.narrow(0, starts[i], counts[i]), rows, rows);
     if (bias) rows.add_((*bias)[experts[i]]);
   }
   return out;
+}
+
+// sorted_moe_ffn for rows in any order: order [N] sorts them by expert (none: one expert
+// holds every row, or none does), and the result comes back in the rows' own order
+at::Tensor moe_ffn(const at::Tensor& hidden, const at::Tensor& norm, double eps,
+                   const std::optional<Expert>& shared, const std::vector<Expert>& routed,
+                   const std::vector<int64_t>& experts, const MaybeTensor& order,
+                   const std::vector<int64_t>& starts, const std::vector<int64_t>& counts,
+                   const MaybeTensor& bias) {
+  if (!order) return sorted_moe_ffn(hidden, norm, eps, shared, routed, experts, starts, counts,
+                                    bias);
+  const at::Tensor sorted = sorted_moe_ffn(hidden.index_select(0, *order), norm, eps, shared,
+                                           routed, experts, starts, counts, bias);
+  return at::empty_like(sorted).index_copy_(0, *order, sorted);
 }
 
 // One layer's weights and KV pools as Decoder holds them
@@ -182,8 +174,8 @@ class Decoder {
                  const at::Tensor& key_pool, const at::Tensor& value_pool,
                  const at::Tensor& ffn_norm, double ffn_eps, const std::optional<Expert>& shared,
                  const std::vector<Expert>& routed, const MaybeTensor& bias) {
-    for (const Expert& e : routed) expert_checked(e);
-    if (shared) expert_checked(*shared);
+    for (const Expert& e : routed) check_expert(e);
+    if (shared) check_expert(*shared);
     layers_.push_back({attn_norm, attn_eps, qkv, qkv_blocked, qkv_bias, o, o_blocked, o_bias,
                        key_pool, value_pool, ffn_norm, ffn_eps, shared, routed, bias});
   }
@@ -202,8 +194,9 @@ class Decoder {
     }
     const std::vector<int64_t> none;
     for (const DecodeLayer& l : layers_) {
+      const bool dense = l.routed.empty();  // its FFN is the shared expert alone
       std::vector<Expert> present;
-      if (!l.routed.empty()) {
+      if (!dense) {
         TORCH_CHECK(!experts.empty(), "a layer with routed experts needs the step's routing");
         for (const int64_t e : experts) {
           TORCH_CHECK(e >= 0 && e < static_cast<int64_t>(l.routed.size()), "expert ", e,
@@ -215,11 +208,9 @@ class Decoder {
                                       l.qkv_bias, l.o, l.o_blocked, l.o_bias, cos, sin,
                                       l.key_pool, l.value_pool, write_slots, key_slots, lengths,
                                       heads_, kv_heads_, scale_);
-      hidden = l.routed.empty()  // a dense layer: its FFN is the shared expert alone
-                   ? moe_ffn(hidden, l.ffn_norm, l.ffn_eps, l.shared, {}, none, std::nullopt,
-                             none, none, l.bias)
-                   : sorted_moe_ffn(hidden, l.ffn_norm, l.ffn_eps, l.shared, present, experts,
-                                    starts, counts, l.bias);
+      hidden = sorted_moe_ffn(hidden, l.ffn_norm, l.ffn_eps, l.shared, present,
+                              dense ? none : experts, dense ? none : starts,
+                              dense ? none : counts, l.bias);
     }
     return order ? at::empty_like(hidden).index_copy_(0, *order, hidden) : hidden;
   }
@@ -227,10 +218,6 @@ class Decoder {
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
  private:
-  static void expert_checked(const Expert& e) {
-    TORCH_CHECK(e.size() == 4 && e[0] && e[2], "an expert is [gate_up, blocked, down, blocked]");
-  }
-
   int64_t heads_, kv_heads_;
   double scale_;
   std::vector<DecodeLayer> layers_;
