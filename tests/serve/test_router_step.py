@@ -1,32 +1,86 @@
-"""route_next: one batched router step equals each request's own cached route() call."""
+"""PagedRouter: one batched router step over pooled keys equals each request's own cached
+route() call, with the fused CPU ops and with torch ops."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from readmoe.model import RouterCache
-from readmoe.serve.router_step import route_next
+from readmoe.serve import cpu_ops
+from readmoe.serve.router_step import PagedRouter
 from tests.serve.test_engine import VOCAB, readme
 
+BLOCK = 8
 
-def test_batched_step_equals_per_request_routing():
+
+def ops_variants() -> list:
+    built = cpu_ops.load()
+    return [None] if built is None else [None, built]
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.7])
+@pytest.mark.parametrize("fused", [False, True])
+def test_batched_step_equals_per_request_routing(margin, fused):
+    ops = cpu_ops.load() if fused else None
+    if fused and ops is None:
+        pytest.skip("the fused CPU ops could not be built here")
     model = readme()
-    router = model.model.router
+    model.config.router_hysteresis = margin
+    paged = PagedRouter(model, 64 * BLOCK, ops)
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, VOCAB, (n,), generator=gen) for n in (3, 11, 1, 7)]
-    ours, theirs = [RouterCache() for _ in prompts], [RouterCache() for _ in prompts]
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (3, 11, 1, 7)]
+    # scattered, non-contiguous blocks per request, as the allocator hands them out
+    blocks = torch.randperm(64, generator=gen).view(len(prompts), -1)  # [R, 16]
+    slots = [(b[:, None] * BLOCK + torch.arange(BLOCK)).reshape(-1) for b in blocks]
+    caches = [RouterCache() for _ in prompts]
+    previous = []
     with torch.inference_mode():
-        for prompt, a, b in zip(prompts, ours, theirs, strict=True):
-            model.route(prompt[None], a)
-            model.route(prompt[None], b)
-        for _ in range(5):  # several steps: the caches keep growing in step
+        for prompt, cache, own in zip(prompts, caches, slots, strict=True):
+            routed = paged.route_prompt(prompt, own[:len(prompt)])
+            assert routed == model.route(torch.tensor([prompt]), cache)[0][0].tolist()
+            previous.append(routed[-1])
+        lengths = [len(p) for p in prompts]
+        for _ in range(6):  # several steps: the pools keep growing in step with the caches
             tokens = torch.randint(3, VOCAB, (len(prompts),), generator=gen).tolist()
-            batched = route_next(router, tokens, ours)
+            lengths = [n + 1 for n in lengths]
+            batched = paged.step(tokens, [s[:n] for s, n in zip(slots, lengths, strict=True)],
+                                 previous)
             single = [int(model.route(torch.tensor([[t]]), cache)[0][0, 0])
-                      for t, cache in zip(tokens, theirs, strict=True)]
+                      for t, cache in zip(tokens, caches, strict=True)]
             assert batched == single
-        for a, b in zip(ours, theirs, strict=True):
-            assert a.length == b.length
-            for ka, kb in zip(a.keys, b.keys, strict=True):
-                torch.testing.assert_close(ka, kb, atol=1e-6, rtol=0)
-    assert route_next(router, [], []) == []
+            previous = batched
+        for cache, own, n in zip(caches, slots, lengths, strict=True):
+            assert cache.length == n
+            for layer, (keys, values) in enumerate(zip(cache.keys, cache.values, strict=True)):
+                torch.testing.assert_close(paged.keys[layer][own[:n]], keys[0].transpose(0, 1),
+                                           atol=1e-6, rtol=0)
+                torch.testing.assert_close(paged.values[layer][own[:n]],
+                                           values[0].transpose(0, 1), atol=1e-6, rtol=0)
+    assert paged.step([], [], []) == []
+
+
+def test_logits_follow_the_cache_not_the_pool_neighbours():
+    """A request attends to its own slots only: garbage elsewhere in the pools changes
+    nothing (lengths bound the padded slot rows)."""
+    model = readme()
+    for ops in ops_variants():
+        paged = PagedRouter(model, 16 * BLOCK, ops)
+        prompt = [5, 9, 17, 33]
+        own = torch.arange(BLOCK, 2 * BLOCK)
+        with torch.inference_mode():
+            paged.route_prompt(prompt, own[:4])
+            clean = paged.step([40], [own[:5]], [-1])
+            for pool in (*paged.keys, *paged.values):
+                pool[:BLOCK].normal_()
+                pool[2 * BLOCK:].normal_()
+            paged.route_prompt(prompt, own[:4])
+            assert paged.step([40], [own[:5]], [-1]) == clean
+
+
+def test_refuses_a_model_without_the_pregating_router_and_mismatched_slots():
+    with pytest.raises(ValueError, match="pre-gating"):
+        PagedRouter(readme("layerwise"), 64)
+    paged = PagedRouter(readme(), 64)
+    with pytest.raises(ValueError, match="2 slots for a prompt of 3"):
+        paged.route_prompt([1, 2, 3], torch.arange(2))

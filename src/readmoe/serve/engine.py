@@ -5,10 +5,11 @@ One step: admit arrived requests the KV cache can hold; ask the scheduler (throu
 sampling chunk; route each new token at once with the pre-gating router, so its expert is known
 (``RequestQueue.complete``) before the step that feeds it back; free the KV of ended requests.
 
-The router runs ahead of the backbone. On admission the whole prompt is routed with a fresh
-per-request ``RouterCache``, so ``Request.prompt_experts`` are real and the scheduler (and an
-expert cache reading the queue) sees every pending token's expert; the tokens a step sampled
-are then routed together, one batched cached router step (``router_step.route_next``). With
+The router runs ahead of the backbone. On admission the whole prompt is routed, so
+``Request.prompt_experts`` are real and the scheduler (and an expert cache reading the queue)
+sees every pending token's expert; the tokens a step sampled are then routed together, one
+batched router step whose keys and values sit at the backbone's KV slots
+(``router_step.PagedRouter``). With
 a layer-wise router the experts are ``UNKNOWN_EXPERT`` until each layer's gate runs inside the
 runner; a model without routed choice (``router_type`` "none" with one expert, e.g. the prune
 baseline) uses expert 0.
@@ -44,7 +45,6 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from readmoe.errors import ReadmoeError
-from readmoe.model import RouterCache
 from readmoe.serve.experts import CoDesign, StepPlan
 from readmoe.serve.experts.store import ExpertStore, StepAccess
 from readmoe.serve.experts.stream import DenseStream
@@ -52,7 +52,7 @@ from readmoe.serve.kv_cache import PagedKVCache
 from readmoe.serve.metrics import aggregate
 from readmoe.serve.placement import experts_offloaded
 from readmoe.serve.queue import RequestQueue
-from readmoe.serve.router_step import prompt_experts, route_next
+from readmoe.serve.router_step import PagedRouter, prompt_experts
 from readmoe.serve.runner import ModelRunner, RunnerChunk
 from readmoe.serve.sampling import SamplingParams, find_stop, sample
 from readmoe.serve.schedulers import Scheduler, make_scheduler
@@ -82,7 +82,7 @@ class RequestOutput:
 
 @dataclass
 class _Sequence:
-    """The engine's side of one request: its tokens, sampler state and router cache."""
+    """The engine's side of one request: its tokens, sampler state and latest expert."""
 
     request_id: str
     prompt_ids: list[int]
@@ -90,7 +90,7 @@ class _Sequence:
     generator: torch.Generator
     arrival_time: float
     output_ids: list[int] = field(default_factory=list)
-    router_cache: RouterCache | None = None
+    expert: int = -1  # its latest token's routed expert (the router's hysteresis); -1: none
     request: Request | None = None
     finish_reason: str | None = None
     text: str = ""
@@ -140,6 +140,8 @@ class Engine:
                                weight.device)
         self.runner = ModelRunner(model, self.kv, pack_experts=expert_store is None,
                                   quantize=quantize, fused=fused_ops, prepack=prepack)
+        self.router = (PagedRouter(model, kv_blocks * block_size, self.runner.ops)
+                       if self.pregating else None)
         eos = model.generation_config.eos_token_id
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -183,7 +185,6 @@ class Engine:
         if seq.finished:
             return
         seq.finish_reason = "abort"
-        seq.router_cache = None
         if seq in self._arrived:
             self._arrived.remove(seq)
         if seq.request is not None:  # admitted: in the queue, holding KV blocks
@@ -242,7 +243,6 @@ class Engine:
             if seq.finish_reason != "stop":  # a stop already set the text, cut
                 seq.finish_reason = seq.finish_reason or "length"
                 seq.text = self._decode(seq.output_ids)
-            seq.router_cache = None
             self.kv.free(seq.request_id)
         load_s = stall_s = 0.0
         if before is not None:
@@ -359,9 +359,13 @@ class Engine:
             self.queue.add(seq.request)
 
     def _route_prompt(self, seq: _Sequence) -> list[int]:
-        if self.pregating:
-            seq.router_cache = RouterCache()
-        experts = prompt_experts(self.model, seq.prompt_ids, seq.router_cache)
+        if self.router is not None:  # its router keys go where its backbone keys will
+            self.kv.grow(seq.request_id, len(seq.prompt_ids))
+            experts = self.router.route_prompt(
+                seq.prompt_ids, self.kv.slots(seq.request_id, 0, len(seq.prompt_ids)))
+            seq.expert = experts[-1]
+            return experts
+        experts = prompt_experts(self.model, seq.prompt_ids)
         return [UNKNOWN_EXPERT] * len(seq.prompt_ids) if experts is None else experts
 
     def _accept(self, seq: _Sequence, token: int) -> bool:
@@ -384,16 +388,21 @@ class Engine:
     def _reveal(self, going_on: list[_Sequence], sampling: list[_Sequence]
                 ) -> dict[str, int | None]:
         """Each sampling request's new token's expert (None where the request ends), routed
-        in one batched router call (``router_step.route_next``)."""
+        in one batched router call (``PagedRouter.step``)."""
         revealed: dict[str, int | None] = {seq.request_id: None for seq in sampling}
-        if self.layerwise or not self.pregating:
+        if self.router is None:
             revealed.update({seq.request_id: UNKNOWN_EXPERT if self.layerwise else 0
                              for seq in going_on})
             return revealed
-        experts = route_next(self.model.model.router, [seq.output_ids[-1] for seq in going_on],
-                             [seq.router_cache for seq in going_on],
-                             self.model.config.router_hysteresis)
-        revealed.update({seq.request_id: e for seq, e in zip(going_on, experts, strict=True)})
+        contexts = []
+        for seq in going_on:  # the new token's position is the context's last
+            length = len(seq.prompt_ids) + len(seq.output_ids)
+            self.kv.grow(seq.request_id, length)
+            contexts.append(self.kv.slots(seq.request_id, 0, length))
+        experts = self.router.step([seq.output_ids[-1] for seq in going_on], contexts,
+                                   [seq.expert for seq in going_on])
+        for seq, expert in zip(going_on, experts, strict=True):
+            seq.expert = revealed[seq.request_id] = expert
         return revealed
 
     def _decode(self, ids: list[int]) -> str:
