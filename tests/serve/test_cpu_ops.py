@@ -80,7 +80,8 @@ def test_argmax_rows_finds_the_first_maximum(ops, width):
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"),
-                         [(4, 4, 8), (9, 3, 64), (6, 2, 20), (8, 2, 128)])
+                         [(4, 4, 8), (9, 3, 64), (6, 2, 20), (8, 2, 128), (4, 2, 64),
+                          (10, 2, 64), (7, 1, 128)])
 def test_decode_attention_reads_the_pool_in_place(ops, heads, kv_heads, dim):
     pool, batch, width = 50, 5, 11
     keys = torch.randn(pool, kv_heads, dim, generator=gen(0)) * 2

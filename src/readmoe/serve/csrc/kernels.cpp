@@ -102,6 +102,9 @@ constexpr int64_t kPrefetchBytes = 256 * 1024;
 inline void prefetch_row(const float* row, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(row + i);
 }
+// past the rows fetched up front, the attention loops ask for the row this many keys ahead
+// (pool rows jump between blocks, where the hardware prefetcher loses the stream)
+constexpr int64_t kAheadKeys = 32;
 
 // sum of a[i] * b[i]
 inline float dot(const float* a, const float* b, int64_t n) {
@@ -164,48 +167,77 @@ inline __m128 sum4x8(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
-// One head over a request's context with the head's vectors in registers (Chunks = D / 8):
-// scores[l] = q . k_l * scale; row l of a pool is at base + used[l] * stride. Four keys a
-// pass, so their four dot products reduce together rather than one by one.
-template <int Chunks>
-void head_scores(const float* q, const float* base, const int64_t* used, int64_t len,
-                 int64_t stride, float scale, float* scores) {
-  __m256 query[Chunks];
-  for (int c = 0; c < Chunks; ++c) query[c] = _mm256_loadu_ps(q + 8 * c);
+// N query heads (N <= 3: a GQA group, or a part of one) over a request's context, reading
+// each key once for all of them: scores[h * len + l] = q_h . k_l * scale, row l of a pool at
+// base + used[l] * stride. Four keys a pass, each head's four dot products reduced together;
+// every head's sums run in the order a single head's would (4 x N accumulators, query chunks
+// read from L1), so the grouping changes no bit of the result.
+template <int Chunks, int N>
+void group_scores(const float* q, int64_t q_stride, const float* base, const int64_t* used,
+                  int64_t len, int64_t stride, float scale, float* scores) {
   int64_t l = 0;
   const __m128 by = _mm_set1_ps(scale);
   for (; l + 4 <= len; l += 4) {
     const float* k[4] = {base + used[l] * stride, base + used[l + 1] * stride,
                          base + used[l + 2] * stride, base + used[l + 3] * stride};
-    __m256 acc[4];
-    for (int j = 0; j < 4; ++j) acc[j] = _mm256_mul_ps(query[0], _mm256_loadu_ps(k[j]));
-    for (int c = 1; c < Chunks; ++c)
-      for (int j = 0; j < 4; ++j)
-        acc[j] = _mm256_fmadd_ps(query[c], _mm256_loadu_ps(k[j] + 8 * c), acc[j]);
-    _mm_storeu_ps(scores + l, _mm_mul_ps(sum4x8(acc[0], acc[1], acc[2], acc[3]), by));
+    for (int64_t j = l + kAheadKeys; j < std::min(l + kAheadKeys + 4, len); ++j)
+      prefetch_row(base + used[j] * stride, 8 * Chunks);
+    __m256 acc[N][4];
+    for (int h = 0; h < N; ++h) {
+      const __m256 q0 = _mm256_loadu_ps(q + h * q_stride);
+      for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_mul_ps(q0, _mm256_loadu_ps(k[j]));
+    }
+    for (int c = 1; c < Chunks; ++c) {
+      __m256 key[4];
+      for (int j = 0; j < 4; ++j) key[j] = _mm256_loadu_ps(k[j] + 8 * c);
+      for (int h = 0; h < N; ++h) {
+        const __m256 qc = _mm256_loadu_ps(q + h * q_stride + 8 * c);
+        for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_fmadd_ps(qc, key[j], acc[h][j]);
+      }
+    }
+    for (int h = 0; h < N; ++h)
+      _mm_storeu_ps(scores + h * len + l,
+                    _mm_mul_ps(sum4x8(acc[h][0], acc[h][1], acc[h][2], acc[h][3]), by));
   }
   for (; l < len; ++l) {
     const float* k = base + used[l] * stride;
-    __m256 acc = _mm256_mul_ps(query[0], _mm256_loadu_ps(k));
-    for (int c = 1; c < Chunks; ++c)
-      acc = _mm256_fmadd_ps(query[c], _mm256_loadu_ps(k + 8 * c), acc);
-    scores[l] = sum8(acc) * scale;
+    for (int h = 0; h < N; ++h) {
+      const float* qh = q + h * q_stride;
+      __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(k));
+      for (int c = 1; c < Chunks; ++c)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c), _mm256_loadu_ps(k + 8 * c), acc);
+      scores[h * len + l] = sum8(acc) * scale;
+    }
   }
 }
 
-// out = weight * sum_l p[l] v_l (weight: the softmax's 1 / sum, applied once at the end)
-template <int Chunks>
-void head_values(const float* p, const float* base, const int64_t* used, int64_t len,
-                 int64_t stride, float weight, float* out) {
-  __m256 acc[Chunks];
-  for (int c = 0; c < Chunks; ++c) acc[c] = _mm256_setzero_ps();
-  for (int64_t l = 0; l < len; ++l) {
-    const __m256 w = _mm256_set1_ps(p[l]);
-    const float* v = base + used[l] * stride;
-    for (int c = 0; c < Chunks; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), acc[c]);
+// out_h = weight[h] * sum_l p[h * len + l] v_l for N heads (weight: each softmax's 1 / sum,
+// applied once at the end), each value row read once for all of them, four chunks of it at
+// a time (4 x N accumulators); each (head, chunk) sums in a single head's order
+template <int Chunks, int N>
+void group_values(const float* p, const float* base, const int64_t* used, int64_t len,
+                  int64_t stride, const float* weight, float* out, int64_t out_stride) {
+  for (int c0 = 0; c0 < Chunks; c0 += 4) {
+    __m256 acc[N][4];
+    for (int h = 0; h < N; ++h)
+      for (int c = 0; c < 4; ++c) acc[h][c] = _mm256_setzero_ps();
+    for (int64_t l = 0; l < len; ++l) {
+      if (c0 == 0 && l + kAheadKeys < len) prefetch_row(base + used[l + kAheadKeys] * stride,
+                                                         8 * Chunks);
+      const float* v = base + used[l] * stride + 8 * c0;
+      __m256 row[4];
+      for (int c = 0; c < 4; ++c) row[c] = _mm256_loadu_ps(v + 8 * c);
+      for (int h = 0; h < N; ++h) {
+        const __m256 w = _mm256_set1_ps(p[h * len + l]);
+        for (int c = 0; c < 4; ++c) acc[h][c] = _mm256_fmadd_ps(w, row[c], acc[h][c]);
+      }
+    }
+    for (int h = 0; h < N; ++h) {
+      const __m256 by = _mm256_set1_ps(weight[h]);
+      for (int c = 0; c < 4; ++c)
+        _mm256_storeu_ps(out + h * out_stride + 8 * (c0 + c), _mm256_mul_ps(acc[h][c], by));
+    }
   }
-  const __m256 by = _mm256_set1_ps(weight);
-  for (int c = 0; c < Chunks; ++c) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(acc[c], by));
 }
 #endif
 
@@ -226,27 +258,40 @@ inline float max_of(const float* x, int64_t n) {
   return top;
 }
 
-// one head: scores (scaled dots with the keys) then the p-weighted sum of the values, the
-// register kernels where the head dim has one (64, 128), else the generic loops
-void attend_head(const float* q, const float* keys, const float* values, const int64_t* used,
-                 int64_t len, int64_t stride, int64_t dim, float scale, float* scores,
-                 float* out) {
+// N query heads (one GQA group's, or part of it, N <= 3) sharing one kv head: scores
+// (scaled dots with the keys), softmax, then the p-weighted sum of the values; the register
+// kernels where the head dim has one (64, 128), else the generic loops head by head.
+// q: the first head's query, the next ones q_stride floats on; out likewise (dim apart).
+template <int N>
+void attend_group(const float* q, int64_t q_stride, const float* keys, const float* values,
+                  const int64_t* used, int64_t len, int64_t stride, int64_t dim, float scale,
+                  float* scores, float* out) {
 #if defined(__AVX2__) && defined(__FMA__)
   if (dim == 64 || dim == 128) {
-    (dim == 64 ? head_scores<8> : head_scores<16>)(q, keys, used, len, stride, scale, scores);
-    const float inv = 1.0f / exp_shifted(scores, len, max_of(scores, len));
-    (dim == 64 ? head_values<8> : head_values<16>)(scores, values, used, len, stride, inv, out);
+    (dim == 64 ? group_scores<8, N> : group_scores<16, N>)(q, q_stride, keys, used, len, stride,
+                                                           scale, scores);
+    float inv[N];
+    for (int h = 0; h < N; ++h) {
+      float* row = scores + h * len;
+      inv[h] = 1.0f / exp_shifted(row, len, max_of(row, len));
+    }
+    (dim == 64 ? group_values<8, N> : group_values<16, N>)(scores, values, used, len, stride,
+                                                           inv, out, dim);
     return;
   }
 #endif
-  for (int64_t l = 0; l < len; ++l) scores[l] = dot(q, keys + used[l] * stride, dim) * scale;
-  const float inv = 1.0f / exp_shifted(scores, len, max_of(scores, len));
-  std::fill(out, out + dim, 0.0f);
-  for (int64_t l = 0; l < len; ++l) {
-    const float* v = values + used[l] * stride;
-    for (int64_t d = 0; d < dim; ++d) out[d] += scores[l] * v[d];
+  for (int h = 0; h < N; ++h) {
+    const float* qh = q + h * q_stride;
+    float* oh = out + h * dim;
+    for (int64_t l = 0; l < len; ++l) scores[l] = dot(qh, keys + used[l] * stride, dim) * scale;
+    const float inv = 1.0f / exp_shifted(scores, len, max_of(scores, len));
+    std::fill(oh, oh + dim, 0.0f);
+    for (int64_t l = 0; l < len; ++l) {
+      const float* v = values + used[l] * stride;
+      for (int64_t d = 0; d < dim; ++d) oh[d] += scores[l] * v[d];
+    }
+    for (int64_t d = 0; d < dim; ++d) oh[d] *= inv;
   }
-  for (int64_t d = 0; d < dim; ++d) out[d] *= inv;
 }
 
 // index of the first maximum of x[0..n) (of the first NaN if there is one, as torch.max)
@@ -426,17 +471,22 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& key_pool,
     for (int64_t b = begin; b < end; ++b) {
       const int64_t len = length[b];
       const int64_t* used = slot + b * width;
-      scores.resize(len);
+      scores.resize(3 * len);
       const int64_t ahead = std::min<int64_t>(len, kPrefetchBytes / (8 * kv_heads * dim));
       for (int64_t l = 0; l < ahead; ++l) {
         prefetch_row(keys + used[l] * kv_heads * dim, kv_heads * dim);
         prefetch_row(values + used[l] * kv_heads * dim, kv_heads * dim);
       }
-      for (int64_t h = 0; h < heads; ++h) {
+      // each kv head's query heads together, three at a time (what the registers hold)
+      for (int64_t h = 0; h < heads;) {
         const int64_t offset = (h / group) * dim;
-        attend_head(queries + (b * heads + h) * dim, keys + offset, values + offset, used, len,
-                    kv_heads * dim, dim, scaling, scores.data(),
-                    result + (b * heads + h) * dim);
+        const int64_t n = std::min<int64_t>(3, group - h % group);
+        const float* qh = queries + (b * heads + h) * dim;
+        float* oh = result + (b * heads + h) * dim;
+        (n == 3 ? attend_group<3> : n == 2 ? attend_group<2> : attend_group<1>)(
+            qh, dim, keys + offset, values + offset, used, len, kv_heads * dim, dim, scaling,
+            scores.data(), oh);
+        h += n;
       }
     }
   });
