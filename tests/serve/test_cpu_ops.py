@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -183,3 +185,36 @@ def test_threads_split_rows_without_changing_a_bit(ops):
             assert torch.equal(got, want)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_long_call_lets_other_python_threads_run(ops):
+    """The ops release the GIL as torch's do: a Python thread (the expert store's copy
+    worker, a server's front end) keeps running through a long decode call. Holding the GIL
+    would freeze it for the whole call: a gap in its timestamps as long as the call."""
+    batch, heads, dim, length, pool = 32, 8, 128, 6144, 4096
+    q = torch.randn(batch, heads, dim, generator=gen(0))
+    keys = torch.randn(pool, heads, dim, generator=gen(1))
+    slots = torch.randint(0, pool, (batch, length), generator=gen(2))
+    lengths = torch.full((batch,), length)
+    stamps: list[float] = []
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            stamps.append(time.perf_counter())
+
+    worker = threading.Thread(target=spin)
+    worker.start()
+    try:
+        time.sleep(0.02)
+        begin = time.perf_counter()
+        ops.decode_attention(q, keys, keys, slots, lengths, 0.1)
+        end = time.perf_counter()
+        time.sleep(0.02)
+    finally:
+        stop.set()
+        worker.join()
+    assert end - begin > 0.06, "the call is too short to tell"
+    around = [s for s in stamps if begin - 0.01 < s < end + 0.01]
+    longest = max(b - a for a, b in zip(around, around[1:], strict=False))
+    assert longest < (end - begin) / 2, f"the thread stood still {longest:.3f} s of the call"

@@ -227,21 +227,26 @@ class Decoder {
 }  // namespace readmoe
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &readmoe::rms_norm, "RMSNorm of rows [N, H]");
+  // every call runs without the GIL, as torch's own ops do: a decode step holds no Python
+  // lock for its tens of milliseconds, so the expert store's copy thread and a server's
+  // front end run beside it
+  const auto kFree = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("rms_norm", &readmoe::rms_norm, "RMSNorm of rows [N, H]", kFree);
   m.def("rope_write_kv", &readmoe::rope_write_kv,
-        "RoPE on q and k; k and v written to their pools");
+        "RoPE on q and k; k and v written to their pools", kFree);
   m.def("decode_attention", &readmoe::decode_attention,
-        "one query per request over its paged KV");
-  m.def("silu_mul", &readmoe::silu_mul, "silu(gate) * up of a fused gate|up product");
-  m.def("argmax_rows", &readmoe::argmax_rows, "each row's first maximum, as torch.max");
-  m.def("swiglu", &readmoe::swiglu, "one SwiGLU expert on rows (+ add, into out)");
+        "one query per request over its paged KV", kFree);
+  m.def("silu_mul", &readmoe::silu_mul, "silu(gate) * up of a fused gate|up product", kFree);
+  m.def("argmax_rows", &readmoe::argmax_rows, "each row's first maximum, as torch.max", kFree);
+  m.def("swiglu", &readmoe::swiglu, "one SwiGLU expert on rows (+ add, into out)", kFree);
   m.def("decode_attention_block", &readmoe::decode_attention_block,
-        "a decode-only step's attention block, residual added");
-  m.def("moe_ffn", &readmoe::moe_ffn, "a layer's FFN: shared and routed experts, residual added");
+        "a decode-only step's attention block, residual added", kFree);
+  m.def("moe_ffn", &readmoe::moe_ffn, "a layer's FFN: shared and routed experts, residual added",
+        kFree);
   pybind11::class_<readmoe::Decoder>(m, "Decoder")
       .def(pybind11::init<int64_t, int64_t, double>())
       .def("add_layer", &readmoe::Decoder::add_layer)
-      .def("step", &readmoe::Decoder::step)
+      .def("step", &readmoe::Decoder::step, kFree)
       .def_property_readonly("num_layers", &readmoe::Decoder::num_layers);
   m.attr("BLOCKED_MIN_ROWS") = readmoe::kBlockedMinRows;
   m.attr("BLOCKED_MAX_ROWS") = readmoe::kBlockedMaxRows;
