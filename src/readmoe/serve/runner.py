@@ -95,6 +95,13 @@ class _AttentionGroup:
 def _group(chunks: Sequence[RunnerChunk], offsets: Sequence[int], groups: int,
            dtype: torch.dtype, device: torch.device, direct: bool = False,
            masked: bool = True) -> _AttentionGroup:
+    if direct and not masked:  # what the fused decode attention reads: slots and lengths
+        key_slots = torch.nn.utils.rnn.pad_sequence([c.context_slots for c in chunks],
+                                                    batch_first=True)  # [B, L], padding 0
+        rows = torch.arange(len(chunks))
+        lengths = torch.tensor([len(c.context_slots) for c in chunks])
+        return _AttentionGroup(*(t.to(device) for t in (rows[:, None], key_slots)), None,
+                               *(t.to(device) for t in (rows, rows, lengths)), direct=True)
     sizes = [len(c.tokens) for c in chunks]
     ends = [c.start + n for c, n in zip(chunks, sizes, strict=True)]
     width, length = max(sizes), max(ends)
@@ -215,11 +222,15 @@ class ModelRunner:
         device = model.embed_tokens.weight.device
         hidden_dtype = model.embed_tokens.weight.dtype
         tokens = torch.tensor([t for c in chunks for t in c.tokens], device=device)  # [N]
-        positions = torch.cat([torch.arange(c.start, c.start + len(c.tokens))
-                               for c in chunks]).to(device)  # [N]
-        write_slots = torch.cat([c.context_slots[c.start:] for c in chunks]).to(device)  # [N]
         decode = [i for i, c in enumerate(chunks) if len(c.tokens) == 1]
         prefill = [i for i, c in enumerate(chunks) if len(c.tokens) > 1]
+        if prefill:
+            positions = torch.cat([torch.arange(c.start, c.start + len(c.tokens))
+                                   for c in chunks]).to(device)  # [N]
+            write_slots = torch.cat([c.context_slots[c.start:] for c in chunks]).to(device)
+        else:  # one token a chunk: a few batched ops instead of a few per chunk
+            positions = torch.tensor([c.start for c in chunks], device=device)  # [N]
+            write_slots = torch.stack([c.context_slots[-1] for c in chunks]).to(device)  # [N]
         groups = [_group([chunks[i] for i in ids], [offsets[i] for i in ids],
                          self.heads // self.kv_heads, hidden_dtype, device,
                          direct=not prefill and ids is decode,
