@@ -9,10 +9,9 @@ The router runs ahead of the backbone. On admission the whole prompt is routed, 
 ``Request.prompt_experts`` are real and the scheduler (and an expert cache reading the queue)
 sees every pending token's expert; the tokens a step sampled are then routed together, one
 batched router step whose keys and values sit at the backbone's KV slots
-(``router_step.PagedRouter``). With
-a layer-wise router the experts are ``UNKNOWN_EXPERT`` until each layer's gate runs inside the
-runner; a model without routed choice (``router_type`` "none" with one expert, e.g. the prune
-baseline) uses expert 0.
+(``router_step.PagedRouter``). With a layer-wise router the experts are ``UNKNOWN_EXPERT``
+until each layer's gate runs inside the runner; a model without routed choice
+(``router_type`` "none" with one expert, e.g. the prune baseline) uses expert 0.
 
 Admission policy: requests are admitted in arrival order, each only when the KV cache can
 reserve its largest footprint (prompt + max_tokens - 1 tokens, see kv_cache.py); the first one
