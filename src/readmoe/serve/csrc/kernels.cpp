@@ -105,6 +105,9 @@ inline void prefetch_row(const float* row, int64_t n) {
 // past the rows fetched up front, the attention loops ask for the row this many keys ahead
 // (pool rows jump between blocks, where the hardware prefetcher loses the stream)
 constexpr int64_t kAheadKeys = 32;
+// query heads the attention kernels take at once: 4 x 3 accumulators and 4 keys fill the
+// sixteen AVX2 registers
+constexpr int64_t kGroupHeads = 3;
 
 // sum of a[i] * b[i]
 inline float dot(const float* a, const float* b, int64_t n) {
@@ -167,14 +170,16 @@ inline __m128 sum4x8(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
-// N query heads (N <= 3: a GQA group, or a part of one) over a request's context, reading
-// each key once for all of them: scores[h * len + l] = q_h . k_l * scale, row l of a pool at
-// base + used[l] * stride. Four keys a pass, each head's four dot products reduced together;
-// every head's sums run in the order a single head's would (4 x N accumulators, query chunks
-// read from L1), so the grouping changes no bit of the result.
+// N query heads (N <= kGroupHeads: a GQA group, or a part of one; their queries q, one after
+// another) over a request's context, reading each key once for all of them:
+// scores[h * len + l] = q_h . k_l * scale, row l of a pool at base + used[l] * stride. Four
+// keys a pass, each head's four dot products reduced together; every head's sums run in the
+// order a single head's would (4 x N accumulators, query chunks read from L1), so the
+// grouping changes no bit of the result.
 template <int Chunks, int N>
-void group_scores(const float* q, int64_t q_stride, const float* base, const int64_t* used,
-                  int64_t len, int64_t stride, float scale, float* scores) {
+void group_scores(const float* q, const float* base, const int64_t* used, int64_t len,
+                  int64_t stride, float scale, float* scores) {
+  constexpr int64_t dim = 8 * Chunks;
   int64_t l = 0;
   const __m128 by = _mm_set1_ps(scale);
   for (; l + 4 <= len; l += 4) {
@@ -184,14 +189,14 @@ void group_scores(const float* q, int64_t q_stride, const float* base, const int
       prefetch_row(base + used[j] * stride, 8 * Chunks);
     __m256 acc[N][4];
     for (int h = 0; h < N; ++h) {
-      const __m256 q0 = _mm256_loadu_ps(q + h * q_stride);
+      const __m256 q0 = _mm256_loadu_ps(q + h * dim);
       for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_mul_ps(q0, _mm256_loadu_ps(k[j]));
     }
     for (int c = 1; c < Chunks; ++c) {
       __m256 key[4];
       for (int j = 0; j < 4; ++j) key[j] = _mm256_loadu_ps(k[j] + 8 * c);
       for (int h = 0; h < N; ++h) {
-        const __m256 qc = _mm256_loadu_ps(q + h * q_stride + 8 * c);
+        const __m256 qc = _mm256_loadu_ps(q + h * dim + 8 * c);
         for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_fmadd_ps(qc, key[j], acc[h][j]);
       }
     }
@@ -202,7 +207,7 @@ void group_scores(const float* q, int64_t q_stride, const float* base, const int
   for (; l < len; ++l) {
     const float* k = base + used[l] * stride;
     for (int h = 0; h < N; ++h) {
-      const float* qh = q + h * q_stride;
+      const float* qh = q + h * dim;
       __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(k));
       for (int c = 1; c < Chunks; ++c)
         acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c), _mm256_loadu_ps(k + 8 * c), acc);
@@ -213,10 +218,12 @@ void group_scores(const float* q, int64_t q_stride, const float* base, const int
 
 // out_h = weight[h] * sum_l p[h * len + l] v_l for N heads (weight: each softmax's 1 / sum,
 // applied once at the end), each value row read once for all of them, four chunks of it at
-// a time (4 x N accumulators); each (head, chunk) sums in a single head's order
+// a time (4 x N accumulators); each (head, chunk) sums in a single head's order. The heads'
+// outputs go to out one after another.
 template <int Chunks, int N>
 void group_values(const float* p, const float* base, const int64_t* used, int64_t len,
-                  int64_t stride, const float* weight, float* out, int64_t out_stride) {
+                  int64_t stride, const float* weight, float* out) {
+  constexpr int64_t dim = 8 * Chunks;
   for (int c0 = 0; c0 < Chunks; c0 += 4) {
     __m256 acc[N][4];
     for (int h = 0; h < N; ++h)
@@ -235,7 +242,7 @@ void group_values(const float* p, const float* base, const int64_t* used, int64_
     for (int h = 0; h < N; ++h) {
       const __m256 by = _mm256_set1_ps(weight[h]);
       for (int c = 0; c < 4; ++c)
-        _mm256_storeu_ps(out + h * out_stride + 8 * (c0 + c), _mm256_mul_ps(acc[h][c], by));
+        _mm256_storeu_ps(out + h * dim + 8 * (c0 + c), _mm256_mul_ps(acc[h][c], by));
     }
   }
 }
@@ -258,30 +265,30 @@ inline float max_of(const float* x, int64_t n) {
   return top;
 }
 
-// N query heads (one GQA group's, or part of it, N <= 3) sharing one kv head: scores
-// (scaled dots with the keys), softmax, then the p-weighted sum of the values; the register
-// kernels where the head dim has one (64, 128), else the generic loops head by head.
-// q: the first head's query, the next ones q_stride floats on; out likewise (dim apart).
+// N query heads (one GQA group's, or part of it, N <= kGroupHeads) sharing one kv head:
+// scores (scaled dots with the keys), softmax, then the p-weighted sum of the values; the
+// register kernels where the head dim has one (64, 128), else the generic loops head by
+// head. q and out: the N heads' rows of dim floats, one after another; scores: N * len.
 template <int N>
-void attend_group(const float* q, int64_t q_stride, const float* keys, const float* values,
-                  const int64_t* used, int64_t len, int64_t stride, int64_t dim, float scale,
-                  float* scores, float* out) {
+void attend_group(const float* q, const float* keys, const float* values, const int64_t* used,
+                  int64_t len, int64_t stride, int64_t dim, float scale, float* scores,
+                  float* out) {
 #if defined(__AVX2__) && defined(__FMA__)
   if (dim == 64 || dim == 128) {
-    (dim == 64 ? group_scores<8, N> : group_scores<16, N>)(q, q_stride, keys, used, len, stride,
-                                                           scale, scores);
+    (dim == 64 ? group_scores<8, N> : group_scores<16, N>)(q, keys, used, len, stride, scale,
+                                                           scores);
     float inv[N];
     for (int h = 0; h < N; ++h) {
       float* row = scores + h * len;
       inv[h] = 1.0f / exp_shifted(row, len, max_of(row, len));
     }
     (dim == 64 ? group_values<8, N> : group_values<16, N>)(scores, values, used, len, stride,
-                                                           inv, out, dim);
+                                                           inv, out);
     return;
   }
 #endif
   for (int h = 0; h < N; ++h) {
-    const float* qh = q + h * q_stride;
+    const float* qh = q + h * dim;
     float* oh = out + h * dim;
     for (int64_t l = 0; l < len; ++l) scores[l] = dot(qh, keys + used[l] * stride, dim) * scale;
     const float inv = 1.0f / exp_shifted(scores, len, max_of(scores, len));
@@ -471,20 +478,21 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& key_pool,
     for (int64_t b = begin; b < end; ++b) {
       const int64_t len = length[b];
       const int64_t* used = slot + b * width;
-      scores.resize(3 * len);
+      scores.resize(kGroupHeads * len);
       const int64_t ahead = std::min<int64_t>(len, kPrefetchBytes / (8 * kv_heads * dim));
       for (int64_t l = 0; l < ahead; ++l) {
         prefetch_row(keys + used[l] * kv_heads * dim, kv_heads * dim);
         prefetch_row(values + used[l] * kv_heads * dim, kv_heads * dim);
       }
-      // each kv head's query heads together, three at a time (what the registers hold)
+      // each kv head's query heads together, kGroupHeads at a time
       for (int64_t h = 0; h < heads;) {
         const int64_t offset = (h / group) * dim;
-        const int64_t n = std::min<int64_t>(3, group - h % group);
+        const int64_t n = std::min<int64_t>(kGroupHeads, group - h % group);
         const float* qh = queries + (b * heads + h) * dim;
         float* oh = result + (b * heads + h) * dim;
+        static_assert(kGroupHeads == 3, "attend_group is instantiated for 1 to 3 heads");
         (n == 3 ? attend_group<3> : n == 2 ? attend_group<2> : attend_group<1>)(
-            qh, dim, keys + offset, values + offset, used, len, kv_heads * dim, dim, scaling,
+            qh, keys + offset, values + offset, used, len, kv_heads * dim, dim, scaling,
             scores.data(), oh);
         h += n;
       }
