@@ -9,8 +9,10 @@ adopted on faith; this measures both on the served model's own matrices.
    o, the shared expert, one routed expert per layer, the LM head), each a distinct tensor
    (as in a real step, the weights stream from memory rather than sit in cache), at rows 1, 8
    and 32: fp32 ``x @ W`` (the engine's layout for one row), fp32 through oneDNN's prepacked
-   weight at every row count (``float32-onednn``) and as the engine multiplies
-   (``float32-served``: ``x @ W`` for one row, oneDNN from two, ``serve/packed.py``), bf16
+   weight at every row count (``float32-onednn``), through the fused ops' panels
+   (``float32-panels``, AVX-512 CPUs, ``serve/csrc/gemm.cpp``) and as the engine multiplies
+   (``float32-served``: ``x @ W`` for one row, the panels or else oneDNN from two,
+   ``serve/packed.py``), bf16
    and fp16 ``x @ W``, int8 weight-only
    (``torch._weight_int8pack_mm``, per-channel scales) and fbgemm's dynamic int8 linear
    (``torch.ops.quantized.linear_dynamic``: activations quantized per call, per tensor), and
@@ -39,7 +41,8 @@ import torch.nn.functional as F
 
 from readmoe.io import command_line, write_results
 from readmoe.models import load_model
-from readmoe.serve.packed import PREPACK_ROWS, PackedMatrix
+from readmoe.serve import cpu_ops
+from readmoe.serve.packed import PREPACK_ROWS, PackedMatrix, to_panels
 from readmoe.serve.quantized import REDUCE_RANGE, Int8Matrix, quantize_weight
 
 Product = Callable[[torch.Tensor], torch.Tensor]
@@ -93,8 +96,16 @@ def prepare(kind: str, weight: torch.Tensor) -> tuple[Product, int]:
         blocked = torch.ops.mkldnn._reorder_linear_weight(weight, PREPACK_ROWS)
         return (lambda x: torch.ops.mkldnn._linear_pointwise(x, blocked, None, "none", [], "")
                 ), weight.numel() * 4
-    if kind == "float32-served":  # x @ W for one row, oneDNN's prepacked copy for more
-        matrix = PackedMatrix.of(weight, prepack=True)
+    if kind == "float32-panels":  # the fused ops' panels (AVX-512 CPUs) at every row count
+        ops = cpu_ops.load()
+        if not cpu_ops.panels_apply(ops):
+            raise RuntimeError("the panel products need the fused ops and an AVX-512 CPU")
+        panels = to_panels(weight)
+        return (lambda x: ops.panel_linear(x, panels, weight.shape[0], None, None, None)
+                ), weight.numel() * 4
+    if kind == "float32-served":  # x @ W for one row, the engine's copy (panels or oneDNN's)
+        matrix = PackedMatrix.of(weight, prepack=True,
+                                 panels=cpu_ops.panels_apply(cpu_ops.load()))
         return matrix, matrix.weight.numel() * 4
     if kind == "int8-weight-only":
         q, scales = quantize_weight(weight)  # the served int8 weights, per output channel
@@ -109,7 +120,7 @@ def prepare(kind: str, weight: torch.Tensor) -> tuple[Product, int]:
     raise ValueError(kind)
 
 
-KINDS = ("float32", "float32-onednn", "float32-served", "bfloat16", "float16",
+KINDS = ("float32", "float32-onednn", "float32-panels", "float32-served", "bfloat16", "float16",
          "int8-weight-only", "int8-dynamic", "int8-served")
 
 

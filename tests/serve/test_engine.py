@@ -121,9 +121,10 @@ def test_the_whole_step_decoder_equals_the_layer_loop(prompts, compensation):
 
 
 @torch.no_grad()
-def test_only_decode_steps_multiply_through_onednn(model, prompts):
+def test_only_decode_steps_multiply_through_the_prepacked_copies(model, prompts):
     """A step with prefill rows brings row counts of its own to every matrix: through oneDNN
-    each would be a cached primitive, evicting the decode steps' (``runner.forward``)."""
+    each would be a cached primitive, evicting the decode steps' (``runner.forward``); the
+    panels (AVX-512 CPUs, in oneDNN's place) are kept to the same decode steps."""
     if not prepack_applies(torch.device("cpu"), torch.float32):
         pytest.skip("torch without oneDNN: nothing is prepacked")
     config = model.config
@@ -136,7 +137,8 @@ def test_only_decode_steps_multiply_through_onednn(model, prompts):
     def onednn_calls(chunks, ids) -> int:
         with torch.profiler.profile() as prof:
             runner.forward(chunks, ids)
-        return sum(e.count for e in prof.key_averages() if e.key.startswith("mkldnn::"))
+        return sum(e.count for e in prof.key_averages()
+                   if e.key.startswith("mkldnn::") or e.key == "readmoe::panel_linear")
 
     for rid, s in enumerate(seqs):
         kv.admit(str(rid), len(s))

@@ -5,7 +5,9 @@ beside them is the small ops around them (norms, RoPE and the KV write, the page
 gathers and the attention itself, SiLU times up), each several ATen calls at sizes where a
 call's fixed cost is its whole cost, and the Python between the calls. ``kernels.cpp`` does
 each small op in one call and one pass, as vLLM's CPU backend and llama.cpp do; ``layer.cpp``
-runs a layer's attention block (decode-only steps) and its MoE FFN as one call each.
+runs a layer's attention block (decode-only steps) and its MoE FFN as one call each;
+``gemm.cpp`` multiplies 2-48 rows on AVX-512 CPUs faster than oneDNN's prepacked kernel
+(its weights' next panel prefetched while one is multiplied; ``panels_apply``).
 
 The extension is compiled with torch's ``cpp_extension`` the first time a runner asks for it
 (about 25 s on a 2-core CPU; it needs a C++ compiler, and ``ninja``, a dependency) into
@@ -29,8 +31,9 @@ from types import ModuleType
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("kernels.cpp", "layer.cpp")
+SOURCES = ("kernels.cpp", "layer.cpp", "gemm.cpp")
 DISABLE = "READMOE_CPU_OPS"
+PANELS = "READMOE_PANELS"
 
 
 def compile_flags() -> list[str]:
@@ -89,6 +92,15 @@ def ops_for(device: torch.device, dtype: torch.dtype) -> ModuleType | None:
     if device.type != "cpu" or dtype != torch.float32:
         return None
     return load()
+
+
+def panels_apply(ops: ModuleType | None) -> bool:
+    """Whether fp32 products of 2-48 rows go through the fused ops' panels (``gemm.cpp``)
+    instead of oneDNN's prepacked copy: ops built, an AVX-512 CPU (torch's own kernels use
+    it here, and the CPU says so at run time), ``READMOE_PANELS`` not 0 (to compare)."""
+    return (ops is not None and os.environ.get(PANELS, "1") != "0"
+            and torch.backends.cpu.get_cpu_capability() == "AVX512"
+            and ops.panels_supported())
 
 
 def _ninja_bin_dir() -> str | None:

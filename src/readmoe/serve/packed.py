@@ -13,7 +13,10 @@ weight (``prepack``, made once when the runner packs). One decode step's product
 default ReadME model (every layer, one routed expert each, the LM head;
 ``benchmarks/kernel_probe.py``, 1 thread): 56.6 -> 40.0 ms at 8 rows, 69.1 -> 64.1 ms at 32;
 at one row oneDNN's took 32.3 ms against ``x @ W``'s 23.9, so one row keeps ``x @ W``. vLLM's
-CPU backend multiplies through prepacked oneDNN weights too.
+CPU backend multiplies through prepacked oneDNN weights too. On AVX-512 CPUs with the fused
+ops built, that copy is this library's own panels instead (``csrc/gemm.cpp``: oneDNN's kernel
+waits on its streamed weights; the panels prefetch theirs), which multiply 16-48 rows 1.3-1.5x
+faster than oneDNN's and 2-8 rows as fast or faster (1 and 2 threads, weights streamed).
 
 Cost: one extra copy of the attention and FFN matrices (and, on CPU, of the LM head), the
 routed experts included when they are resident, and a second one where prepacked; with an
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from transformers.activations import SiLUActivation
 
+from readmoe.serve import cpu_ops
 from readmoe.serve.quantized import Int8Matrix
 
 
@@ -40,13 +44,16 @@ class PackedMatrix:
     weight: torch.Tensor  # [in, out] when transposed, else [out, in]
     bias: torch.Tensor | None  # [out]
     transposed: bool
-    blocked: torch.Tensor | None = None  # oneDNN's prepacked [out, in], for 2 rows or more
+    # the copy for 2-48 rows: oneDNN's prepacked [out, in] (an mkldnn tensor), or the fused
+    # ops' panels [ceil(out / 48), in, 48] (a strided one)
+    blocked: torch.Tensor | None = None
 
     @classmethod
     def of(cls, *weights: torch.Tensor, biases: tuple[torch.Tensor | None, ...] = (),
-           prepack: bool = False) -> PackedMatrix:
+           prepack: bool = False, panels: bool = False) -> PackedMatrix:
         """Fuse ``weights`` ([out_i, in] each, one input) along their outputs; ``biases``
-        are theirs (all or none). ``prepack``: add oneDNN's copy where it applies."""
+        are theirs (all or none). ``prepack``: add the copy for 2-48 rows where it applies,
+        the panels if ``panels`` (fp32 CPU only: ``cpu_ops.panels_apply``), else oneDNN's."""
         fused = weights[0] if len(weights) == 1 else torch.cat(weights)  # [sum out_i, in]
         transposed = fused.device.type == "cpu"
         weight = fused.detach().t().contiguous() if transposed else fused.detach().contiguous()
@@ -54,7 +61,9 @@ class PackedMatrix:
         if any(b is not None for b in biases):
             bias = torch.cat([b.detach() for b in biases])
         blocked = None
-        if prepack and prepack_applies(fused.device, fused.dtype):
+        if prepack and panels and prepack_applies(fused.device, fused.dtype):
+            blocked = to_panels(fused.detach())
+        elif prepack and prepack_applies(fused.device, fused.dtype):
             blocked = torch.ops.mkldnn._reorder_linear_weight(fused.detach().contiguous(),
                                                               PREPACK_ROWS)
         return cls(weight, bias, transposed, blocked)
@@ -67,6 +76,9 @@ class PackedMatrix:
         ``prepacked`` False leaves oneDNN's copy unused (a prefill step's products)."""
         if (prepacked and self.blocked is not None
                 and BLOCKED_MIN_ROWS <= x.shape[0] <= BLOCKED_MAX_ROWS):
+            if not self.blocked.is_mkldnn:
+                return cpu_ops.load().panel_linear(x, self.blocked, self.weight.shape[1],
+                                                   self.bias, add, out)
             y = (torch.ops.mkldnn._linear_pointwise(x, self.blocked, self.bias, "none", [], "")
                  if add is None else
                  torch.ops.mkldnn._linear_pointwise.binary(x, add, self.blocked, self.bias,
@@ -97,6 +109,19 @@ BLOCKED_MIN_ROWS = 2  # one row streams faster through ``x @ W``
 BLOCKED_MAX_ROWS = 48
 
 
+PANEL_COLUMNS = 48  # output columns of one panel (csrc/cpu_ops.h kPanelColumns)
+
+
+def to_panels(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` [out, in] as panels [ceil(out / 48), in, 48]: panel p holds output
+    columns 48p .. 48p + 47 (zero past ``out``), one k step's 48 weights contiguous."""
+    out, width = weight.shape
+    count = -(-out // PANEL_COLUMNS)
+    padded = weight.new_zeros(count * PANEL_COLUMNS, width)
+    padded[:out] = weight
+    return padded.view(count, PANEL_COLUMNS, width).transpose(1, 2).contiguous()
+
+
 def prepack_applies(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether oneDNN can prepack here: CPU fp32 with torch's oneDNN ops."""
     return (device.type == "cpu" and dtype == torch.float32
@@ -106,17 +131,19 @@ def prepack_applies(device: torch.device, dtype: torch.dtype) -> bool:
 
 @dataclass(frozen=True)
 class Packing:
-    """How the runner packs its matrices: ``quantize`` "int8" or the model's dtype, and
-    whether fp32 matrices get oneDNN's prepacked copy too."""
+    """How the runner packs its matrices: ``quantize`` "int8" or the model's dtype, whether
+    fp32 matrices get a copy for 2-48 rows too, and whether that copy is the panels."""
 
     quantize: str = "none"
     prepack: bool = False
+    panels: bool = False
 
     def of(self, *weights: torch.Tensor, biases: tuple[torch.Tensor | None, ...] = ()
            ) -> Matrix:
         if self.quantize == "int8":
             return Int8Matrix.of(*weights, biases=biases)
-        return PackedMatrix.of(*weights, biases=biases, prepack=self.prepack)
+        return PackedMatrix.of(*weights, biases=biases, prepack=self.prepack,
+                               panels=self.panels)
 
     def of_linears(self, *linears: torch.nn.Linear) -> Matrix:
         return self.of(*(m.weight for m in linears), biases=tuple(m.bias for m in linears))

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from readmoe.model.pregating import RouterCache, sticky_argmax
+from readmoe.serve import cpu_ops
+from readmoe.serve.packed import to_panels
 
 
 @torch.inference_mode()
@@ -69,8 +71,11 @@ class PagedRouter:
         angles = torch.arange(num_slots, device=weight.device).to(torch.float32)[:, None] * freqs
         cos, sin = angles.cos().to(weight.dtype), angles.sin().to(weight.dtype)
         self._cos, self._sin = torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
-        # the fused ops take [in, out] matrices: two calls a block (attention, then MLP)
-        self._blocks = [_fused_block(b) for b in self.router.blocks] if ops is not None else []
+        # the fused ops take [in, out] matrices (and their panels for 2-48 rows, where the
+        # runner's have them): two calls a block (attention, then MLP)
+        panels = cpu_ops.panels_apply(ops)
+        self._blocks = ([_fused_block(b, panels) for b in self.router.blocks]
+                        if ops is not None else [])
         self._head = self.router.head.weight.t().contiguous() if ops is not None else None
 
     @torch.inference_mode()
@@ -125,7 +130,7 @@ class PagedRouter:
         scale = 1.0 / math.sqrt(self.head_dim)
         for layer, (attn_norm, qkv, out, mlp_norm, mlp) in enumerate(self._blocks):
             x = self.ops.decode_attention_block(
-                x, attn_norm.weight, attn_norm.eps, qkv, None, None, out, None, None, cos, sin,
+                x, attn_norm.weight, attn_norm.eps, *qkv, None, *out, None, cos, sin,
                 self.keys[layer], self.values[layer], write, key_slots, lengths, self.heads,
                 self.heads, scale)
             x = self.ops.moe_ffn(x, mlp_norm.weight, mlp_norm.eps, mlp, [], [], None, [], [],
@@ -156,9 +161,14 @@ class PagedRouter:
         return out.reshape(count, heads * dim)
 
 
-def _fused_block(block: torch.nn.Module) -> tuple:
-    """A router block as the fused ops take it: (attention norm, q|k|v [dim, 3 dim], out
-    [dim, dim], MLP norm, [gate|up [dim, 2 m], None, down [m, dim], None])."""
-    gate_up = torch.cat([block.gate.weight, block.up.weight]).t().contiguous()
-    return (block.attn_norm, block.qkv.weight.t().contiguous(), block.out.weight.t().contiguous(),
-            block.mlp_norm, [gate_up, None, block.down.weight.t().contiguous(), None])
+def _fused_block(block: torch.nn.Module, panels: bool) -> tuple:
+    """A router block as the fused ops take it: (attention norm, (q|k|v [dim, 3 dim], its
+    panels), (out [dim, dim], its panels), MLP norm, [gate|up [dim, 2 m], its panels, down
+    [m, dim], its panels]); the panels None unless ``panels``."""
+    def matrix(*weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        fused = torch.cat(weights).detach()  # [out, in]
+        return fused.t().contiguous(), to_panels(fused) if panels else None
+
+    return (block.attn_norm, matrix(block.qkv.weight), matrix(block.out.weight),
+            block.mlp_norm, [*matrix(block.gate.weight, block.up.weight),
+                             *matrix(block.down.weight)])

@@ -145,7 +145,8 @@ class ModelRunner:
     the runner owns (attention, shared and resident routed experts, LM head) as int8
     (``quantized.py``; CPU only); the model's own parameters stay as they are. ``fused``
     False keeps the torch ops where the fused CPU ops would apply, ``prepack`` False leaves
-    out oneDNN's copies of the fp32 matrices (``packed.py``; memory, or to compare them).
+    out the fp32 matrices' copies for 2-48 rows (``packed.py``: the fused ops' panels on
+    AVX-512 CPUs, else oneDNN's prepacked weights; memory, or to compare them).
     """
 
     def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache,
@@ -159,11 +160,11 @@ class ModelRunner:
         self.kv = kv_cache
         self.quantize = quantize
         self.layers = list(model.model.layers)
-        kind = Packing(quantize, prepack)
+        self.ops = cpu_ops.ops_for(model.device, model.dtype) if fused else None
+        kind = Packing(quantize, prepack, panels=cpu_ops.panels_apply(self.ops))
         self.packed = [pack_layer(layer, pack_experts, kind) for layer in self.layers]
         self.lm_head = kind.of_linears(model.lm_head)
         self.norm = norm_of(model.model.norm)
-        self.ops = cpu_ops.ops_for(model.device, model.dtype) if fused else None
         self.glus = [self.ops.silu_mul
                      if self.ops is not None and p.act is torch.nn.functional.silu
                      else functools.partial(_glu, p.act) for p in self.packed]

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace readmoe {
 
@@ -26,5 +27,18 @@ at::Tensor silu_mul(const at::Tensor& gate_up);
 
 // x [S, V] -> the index of each row's first maximum [S] (int64)
 at::Tensor argmax_rows(const at::Tensor& x);
+
+// output columns of one weight panel (gemm.cpp)
+constexpr int64_t kPanelColumns = 48;
+
+// whether this CPU runs panel_linear (AVX-512F, checked at run time)
+bool panels_supported();
+
+// x [M, K] @ W.T (+ bias [N]) (+ add [M, N]) into out [M, N] if given, W [N, K] stored as
+// panels [ceil(N / 48), K, 48] (panel p holds columns 48p .. 48p + 47, zero padded)
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t out_features,
+                        const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& add,
+                        const std::optional<at::Tensor>& out);
 
 }  // namespace readmoe

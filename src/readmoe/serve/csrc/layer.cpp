@@ -5,8 +5,9 @@
 // Why: with the small ops fused (kernels.cpp), what is left of a decode step besides its
 // matrix products is the Python calling them, about twenty calls a layer. The products here
 // are the calls the Python path makes (packed.py: at::mm / at::addmm on the runner's [in, out]
-// weights for one row, oneDNN's prepacked weights for more where the runner has them, a
-// residual added by the product), in the same order, so the results equal it.
+// weights for one row; for 2-48 rows the runner's copy, gemm.cpp's panels or oneDNN's
+// prepacked weights; a residual added by the product), in the same order, so the results
+// equal it.
 
 #include "cpu_ops.h"
 
@@ -46,12 +47,15 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& blocked,
   return stack[0].toTensor();
 }
 
-// x @ weight (+ bias) (+ add), into out if given: the runner's PackedMatrix call on CPU
+// x @ weight (+ bias) (+ add), into out if given: the runner's PackedMatrix call on CPU.
+// blocked: the copy for 2-48 rows, oneDNN's prepacked weight (an mkldnn tensor) or this
+// library's panels (gemm.cpp, a strided [P, in, 48] tensor)
 at::Tensor product(const at::Tensor& x, const at::Tensor& weight, const MaybeTensor& blocked,
                    const MaybeTensor& bias, const MaybeTensor& add,
                    const MaybeTensor& out = std::nullopt) {
   at::Tensor target = out ? *out : at::Tensor();  // a handle on the caller's storage
   if (blocked && x.size(0) >= kBlockedMinRows && x.size(0) <= kBlockedMaxRows) {
+    if (!blocked->is_mkldnn()) return panel_linear(x, *blocked, weight.size(1), bias, add, out);
     const at::Tensor y = onednn_linear(x, *blocked, bias, add);
     return out ? target.copy_(y) : y;
   }
@@ -237,6 +241,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &readmoe::decode_attention,
         "one query per request over its paged KV", kFree);
   m.def("silu_mul", &readmoe::silu_mul, "silu(gate) * up of a fused gate|up product", kFree);
+  m.def("panels_supported", &readmoe::panels_supported,
+        "whether this CPU runs panel_linear (AVX-512F)");
+  m.def("panel_linear", &readmoe::panel_linear,
+        "x @ W.T (+ bias) (+ add) through W's panels, into out if given", kFree);
   m.def("argmax_rows", &readmoe::argmax_rows, "each row's first maximum, as torch.max", kFree);
   m.def("swiglu", &readmoe::swiglu, "one SwiGLU expert on rows (+ add, into out)", kFree);
   m.def("decode_attention_block", &readmoe::decode_attention_block,
@@ -250,4 +258,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("num_layers", &readmoe::Decoder::num_layers);
   m.attr("BLOCKED_MIN_ROWS") = readmoe::kBlockedMinRows;
   m.attr("BLOCKED_MAX_ROWS") = readmoe::kBlockedMaxRows;
+  m.attr("PANEL_COLUMNS") = readmoe::kPanelColumns;
 }

@@ -1,0 +1,138 @@
+"""The fused ops' panel products (csrc/gemm.cpp): x @ W.T (+ bias) (+ add) equal to a float64
+reference for every row, column and K remainder; a row's result the same bits alone, in any
+batch and on any thread count; and the packed matrices use them for 2-48 rows only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from readmoe.serve import cpu_ops
+from readmoe.serve.packed import (
+    BLOCKED_MAX_ROWS,
+    BLOCKED_MIN_ROWS,
+    PANEL_COLUMNS,
+    PackedMatrix,
+    to_panels,
+)
+
+OPS = cpu_ops.load()
+pytestmark = pytest.mark.skipif(OPS is None or not OPS.panels_supported(),
+                                reason="the panel products need the fused ops and AVX-512")
+
+
+def reference(x, weight, bias=None, add=None):
+    want = x.double() @ weight.double().t()
+    if bias is not None:
+        want = want + bias.double()
+    return want if add is None else want + add.double()
+
+
+def test_panels_hold_the_columns_in_order_zero_padded():
+    weight = torch.randn(50, 7)
+    panels = to_panels(weight)
+    assert panels.shape == (2, 7, PANEL_COLUMNS) and panels.is_contiguous()
+    assert torch.equal(panels[0], weight[:48].t())
+    assert torch.equal(panels[1, :, :2], weight[48:].t())
+    assert panels[1, :, 2:].abs().sum() == 0
+    assert OPS.PANEL_COLUMNS == PANEL_COLUMNS
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 16, 33, 48])
+@pytest.mark.parametrize(("columns", "width"), [(1, 5), (47, 64), (48, 1), (49, 33),
+                                                (130, 64)])
+def test_panel_products_equal_the_reference(rows, columns, width):
+    gen = torch.Generator().manual_seed(rows * 1000 + columns)
+    weight = torch.randn(columns, width, generator=gen)
+    bias = torch.randn(columns, generator=gen)
+    x = torch.randn(rows, width, generator=gen)
+    add = torch.randn(rows, columns, generator=gen)
+    panels = to_panels(weight)
+    close = {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(OPS.panel_linear(x, panels, columns, None, None, None).double(),
+                               reference(x, weight), **close)
+    torch.testing.assert_close(OPS.panel_linear(x, panels, columns, bias, add, None).double(),
+                               reference(x, weight, bias, add), **close)
+    # into a caller's rows, the residual added in place (the MoE FFN's routed experts)
+    target = torch.randn(rows + 2, columns, generator=gen)
+    before = target.clone()
+    rows_view = target[1:rows + 1]
+    OPS.panel_linear(x, panels, columns, None, rows_view, rows_view)
+    torch.testing.assert_close(target[1:rows + 1].double(),
+                               reference(x, weight, add=before[1:rows + 1]), **close)
+    assert torch.equal(target[0], before[0]) and torch.equal(target[-1], before[-1])
+
+
+def test_strided_inputs_and_outputs():
+    gen = torch.Generator().manual_seed(3)
+    weight, wide = torch.randn(60, 32, generator=gen), torch.randn(5, 70, generator=gen)
+    x = wide[:, :32]  # a column slice: strided rows, as the floor's gate|up halves are
+    add = torch.randn(60, 5, generator=gen).t()
+    out = torch.zeros(5, 80)[:, 10:70]
+    OPS.panel_linear(x, to_panels(weight), 60, None, add, out)
+    torch.testing.assert_close(out.double(), reference(x, weight, add=add), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_a_rows_result_is_the_same_bits_alone_in_any_batch_and_thread_count():
+    gen = torch.Generator().manual_seed(4)
+    weight, x = torch.randn(200, 96, generator=gen), torch.randn(37, 96, generator=gen)
+    panels = to_panels(weight)
+    batch = OPS.panel_linear(x, panels, 200, None, None, None)
+    for row in (0, 8, 31, 36):
+        alone = OPS.panel_linear(x[row:row + 1], panels, 200, None, None, None)
+        assert torch.equal(alone[0], batch[row])
+    assert torch.equal(OPS.panel_linear(x[5:13], panels, 200, None, None, None), batch[5:13])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = OPS.panel_linear(x, panels, 200, None, None, None)
+        torch.set_num_threads(1)
+        one = OPS.panel_linear(x, panels, 200, None, None, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, batch) and torch.equal(two, batch)
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda p: OPS.panel_linear(torch.randn(2, 9), p, 50, None, None, None), "panels must be"),
+    (lambda p: OPS.panel_linear(torch.randn(2, 8), p, 97, None, None, None), "do not hold"),
+    (lambda p: OPS.panel_linear(torch.randn(2, 8), p, 50, torch.randn(49), None, None), "bias"),
+    (lambda p: OPS.panel_linear(torch.randn(2, 8), p, 50, None, torch.randn(3, 50), None),
+     "add must be"),
+    (lambda p: OPS.panel_linear(torch.randn(2, 8), p, 50, None, None, torch.empty(2, 49)),
+     "out must be"),
+    (lambda p: OPS.panel_linear(torch.randn(2, 8).double(), p, 50, None, None, None),
+     "float32"),
+])
+def test_bad_shapes_are_refused_with_the_reason(call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call(to_panels(torch.randn(50, 8)))
+
+
+def test_packed_matrices_use_the_panels_for_decode_row_counts_only():
+    weights = [torch.randn(40, 24), torch.randn(16, 24)]
+    bias = (torch.randn(40), torch.randn(16))
+    matrix = PackedMatrix.of(*weights, biases=bias, prepack=True, panels=True)
+    assert matrix.blocked is not None and not matrix.blocked.is_mkldnn
+    assert matrix.blocked.shape == (2, 24, PANEL_COLUMNS)
+
+    def panel_calls(rows: int) -> int:
+        x = torch.randn(rows, 24)
+        with torch.profiler.profile() as prof:
+            y = matrix(x)
+        torch.testing.assert_close(y.double(), reference(x, torch.cat(weights), torch.cat(bias)),
+                                   rtol=1e-5, atol=1e-5)
+        return sum(e.count for e in prof.key_averages() if e.key == "readmoe::panel_linear")
+
+    assert panel_calls(BLOCKED_MIN_ROWS - 1) == 0
+    assert panel_calls(BLOCKED_MIN_ROWS) == 1
+    assert panel_calls(BLOCKED_MAX_ROWS) == 1
+    assert panel_calls(BLOCKED_MAX_ROWS + 1) == 0
+
+
+def test_the_runner_packs_panels_where_they_apply(monkeypatch):
+    assert cpu_ops.panels_apply(OPS) == (torch.backends.cpu.get_cpu_capability() == "AVX512")
+    monkeypatch.setenv(cpu_ops.PANELS, "0")
+    assert not cpu_ops.panels_apply(OPS)
+    assert not cpu_ops.panels_apply(None)
