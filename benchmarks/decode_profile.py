@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from engine_speed import CORPUS, load, prompts  # noqa: E402
 
 MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
-          "mkldnn::_linear_pointwise"}
+          "mkldnn::_linear_pointwise", "readmoe::panel_linear"}
 ATTENTION = {"aten::_scaled_dot_product_flash_attention_for_cpu",
              "aten::_scaled_dot_product_attention_math", "aten::scaled_dot_product_attention",
              "aten::_scaled_dot_product_efficient_attention", "readmoe::decode_attention"}

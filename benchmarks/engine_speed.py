@@ -10,8 +10,10 @@ folder, ``refactor.pipeline.write_dense_experts``, so engine against engine is t
 llama.cpp is a benchmark-only dependency (``make bench-deps``); without it the run says which
 rows are missing and why, and measures the rest. ``engine-torch-ops`` and
 ``engine-dense-torch-ops`` are the engine with its fused CPU ops off (``serve/cpu_ops.py``),
-what they buy side by side. Every peer runs at the same thread counts (llama.cpp's
-``n_threads`` = torch's).
+what they buy side by side; ``engine-onednn`` and ``engine-dense-onednn`` (AVX-512 CPUs, where
+the engine multiplies 2-48 rows through the fused ops' panels, ``serve/csrc/gemm.cpp``) the
+engine with oneDNN's prepacked copies instead (``READMOE_PANELS=0``), what the panels buy.
+Every peer runs at the same thread counts (llama.cpp's ``n_threads`` = torch's).
 
 ReadME model: ``--model`` (a ReadME folder); by default the last round of runs/bench/train-readme
 when it exists (``benchmarks/train_quality.py`` trains it), else the untrained refactor
@@ -52,12 +54,14 @@ Writes results/engine_speed.{json,md}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -88,8 +92,10 @@ REFACTORED = Path("runs/bench/moe-readme")
 CORPUS = Path("runs/bench/corpus")
 DENSE_EXPERTS = Path("runs/bench/dense-experts")
 GGUF_DIR = Path("runs/bench/gguf")
-README_PEERS = ("hf", "engine", "engine-int8", "engine-torch-ops")  # torch on the ReadME model
-DENSE_PEERS = ("hf-dense", "engine-dense", "engine-dense-int8", "engine-dense-torch-ops")
+README_PEERS = ("hf", "engine", "engine-int8", "engine-onednn",  # torch on the ReadME model
+                "engine-torch-ops")
+DENSE_PEERS = ("hf-dense", "engine-dense", "engine-dense-int8", "engine-dense-onednn",
+               "engine-dense-torch-ops")
 PEERS = (*README_PEERS, *DENSE_PEERS, "llama.cpp-f32", "llama.cpp-quantized")
 QUALITY_TOKENS = 1024  # held-out tokens per domain for the served-weights perplexity
 FLOOR_REPEATS = 15  # best of: one step of products is ~30-300 ms and this machine is shared
@@ -326,6 +332,21 @@ def row(peer: str, threads: int, batch: int, precision: str, weight_bytes: float
             "fraction_of_roofline": rate / roof, "command": command}
 
 
+@contextlib.contextmanager
+def panels_off(off: bool) -> Iterator[None]:
+    """Runners built inside pack oneDNN's copies instead of the panels (if ``off``)."""
+    before = os.environ.get(cpu_ops.PANELS)
+    if off:
+        os.environ[cpu_ops.PANELS] = "0"
+    try:
+        yield
+    finally:
+        if off and before is None:
+            del os.environ[cpu_ops.PANELS]
+        elif off:
+            os.environ[cpu_ops.PANELS] = before
+
+
 def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
                pool: list[list[int]], gbs: float, threads: list[int],
                args: argparse.Namespace) -> list[dict]:
@@ -353,13 +374,18 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
                                 f"{args.new_tokens}, min_new_tokens={args.new_tokens}, "
                                 "do_sample=False)", gbs, args))
             variants = ((engine_name, "none", True), (f"{engine_name}-int8", "int8", True),
+                        (f"{engine_name}-onednn", "none", True),
                         (f"{engine_name}-torch-ops", "none", False))
             for name, quantize, fused in variants:
                 if name not in args.peers or (name != engine_name
                                               and engine_model.device.type != "cpu"):
                     continue  # int8 and the fused ops are CPU kernels (serve/quantized.py, csrc)
-                engine = warm if name == engine_name else warm_engine(
-                    engine_model, tokenizer, batch, args.new_tokens, quantize, fused)
+                onednn = name.endswith("-onednn")
+                if onednn and not cpu_ops.panels_apply(cpu_ops.load()):
+                    continue  # no panels here: the engine row already multiplies through oneDNN
+                with panels_off(onednn):
+                    engine = warm if name == engine_name else warm_engine(
+                        engine_model, tokenizer, batch, args.new_tokens, quantize, fused)
                 seconds = decode_seconds(lambda ids, new, e=engine: engine_time(e, ids, new),
                                          batch, args)
                 floor, best_step = matmul_floor(engine, b, distinct, args.repeats,
@@ -423,13 +449,15 @@ def llama_cpp_rows(spec: str, config, pool: list[list[int]], gbs: float, threads
 def markdown(result: dict, described: str, dense: str, placement: Placement) -> str:
     """The results as one table of every peer's rows, then the comparisons the issue asks."""
     rows, args = result["rows"], result
+    products = ("the fused ops' panels (the `-onednn` rows: oneDNN's prepacked copies)"
+                if args.get("panels") else "oneDNN's prepacked copies")
     lines = ["# Decode speed: the engine beside HF generate and llama.cpp, and the machine's "
              "limits", "",
              f"ReadME model: {described}; dense model: {dense}; {placement.describe()}; "
              f"{args['prompt_len']}-token prompts mixed over domains, {args['new_tokens']} new "
              f"tokens, greedy; measured read bandwidth {args['bandwidth_gb_per_s']:.1f} GB/s; "
              f"fused CPU ops {'on' if args.get('fused_cpu_ops') else 'off'} for the engine rows "
-             "(the `-torch-ops` rows keep torch's).",
+             f"(the `-torch-ops` rows keep torch's); products of 2-48 rows through {products}.",
              "", f"Command: `{result['command']}`  ", f"Machine: {result['machine']}", "",
              "| threads | batch | peer | weights | precision | MB read / token | tok/s | "
              "x HF, same weights | roofline tok/s | of roofline | matmul floor tok/s | of floor "
@@ -456,6 +484,9 @@ def markdown(result: dict, described: str, dense: str, placement: Placement) -> 
             ("engine", "engine-torch-ops", "Engine with its fused CPU ops over the same engine "
              "with torch ops (ReadME model)"),
             ("engine-dense", "engine-dense-torch-ops", "The same on the dense model"),
+            ("engine", "engine-onednn", "Engine with the panel products over the same engine "
+             "with oneDNN's prepacked copies (ReadME model)"),
+            ("engine-dense", "engine-dense-onednn", "The same on the dense model"),
             ("engine-dense", "llama.cpp-f32", "Engine on the dense model over llama.cpp F32 on "
              "the same weights (the same work)"),
             ("engine-dense-int8", "llama.cpp-quantized", "Engine int8 on the dense model over "
@@ -534,6 +565,7 @@ def main() -> int:
               **placement.to_dict(), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "threads": threads, "bandwidth_gb_per_s": gbs,
               "fused_cpu_ops": cpu_ops.ops_for(placement.device, placement.dtype) is not None,
+              "panels": cpu_ops.panels_apply(cpu_ops.ops_for(placement.device, placement.dtype)),
               "rows": rows,
               "served_quality": quality, "missing": missing}
     write_results(args.results, "engine_speed", result,
