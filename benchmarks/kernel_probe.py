@@ -22,14 +22,18 @@ adopted on faith; this measures both on the served model's own matrices.
 2. ``torch.compile`` (inductor, dynamic shapes) of one decoder layer's decode step against
    the same code eager, at batch 1 and 8: compile seconds and microseconds per call.
 
-Writes results/kernel_probe.{json,md}.
+Writes results/kernel_probe.{json,md} (``--name``: another name, e.g. for a run with torch's
+kernels limited by ``ONEDNN_MAX_CPU_ISA`` / ``MKL_ENABLE_INSTRUCTIONS``; such settings are
+recorded with the results).
 
     .venv/bin/python benchmarks/kernel_probe.py [--model DIR] [--threads 1] [--no-compile]
+        [--name NAME]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -57,6 +61,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--results", default="results")
+    parser.add_argument("--name", default="kernel_probe", help="results file name")
     return parser.parse_args()
 
 
@@ -120,6 +125,8 @@ def prepare(kind: str, weight: torch.Tensor) -> tuple[Product, int]:
     raise ValueError(kind)
 
 
+# environment settings that change which kernels run, recorded with the results
+LIMITS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "READMOE_PANELS")
 KINDS = ("float32", "float32-onednn", "float32-panels", "float32-served", "bfloat16", "float16",
          "int8-weight-only", "int8-dynamic", "int8-served")
 
@@ -234,13 +241,16 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     started = time.time()
+    limits = {name: os.environ[name] for name in LIMITS if name in os.environ}
     summary = {"command": command_line(),
                "machine": f"{platform.machine()} CPU, {args.threads} threads, torch "
-                          f"{torch.__version__}", "model": args.model,
+                          f"{torch.__version__}"
+                          + "".join(f", {name}={value}" for name, value in limits.items()),
+               "model": args.model,
                "precision": precision_rows(model, args.rows, args.repeats),
                "compile": [] if args.no_compile else compile_rows(model, args.repeats)}
     summary["seconds"] = round(time.time() - started)
-    write_results(Path(args.results), "kernel_probe", summary, render(summary))
+    write_results(Path(args.results), args.name, summary, render(summary))
     return 0
 
 
