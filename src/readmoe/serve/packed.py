@@ -15,8 +15,9 @@ default ReadME model (every layer, one routed expert each, the LM head;
 at one row oneDNN's took 32.3 ms against ``x @ W``'s 23.9, so one row keeps ``x @ W``. vLLM's
 CPU backend multiplies through prepacked oneDNN weights too. On AVX-512 CPUs with the fused
 ops built, that copy is this library's own panels instead (``csrc/gemm.cpp``: oneDNN's kernel
-waits on its streamed weights; the panels prefetch theirs), which multiply 16-48 rows 1.3-1.5x
-faster than oneDNN's and 2-8 rows as fast or faster (1 and 2 threads, weights streamed).
+waits on its streamed weights; the panels prefetch theirs), which multiply 16-48 rows 1.2-1.5x
+faster than oneDNN's and 2-8 rows 0.95-1.2x (1 and 2 threads, weights streamed; one decode
+step's products 0.68x / 0.69x of oneDNN's time at 8 / 32 rows, ``kernel_probe.md``).
 
 Cost: one extra copy of the attention and FFN matrices (and, on CPU, of the LM head), the
 routed experts included when they are resident, and a second one where prepacked; with an
@@ -61,7 +62,7 @@ class PackedMatrix:
         if any(b is not None for b in biases):
             bias = torch.cat([b.detach() for b in biases])
         blocked = None
-        if prepack and panels and prepack_applies(fused.device, fused.dtype):
+        if prepack and panels and fused.device.type == "cpu" and fused.dtype == torch.float32:
             blocked = to_panels(fused.detach())
         elif prepack and prepack_applies(fused.device, fused.dtype):
             blocked = torch.ops.mkldnn._reorder_linear_weight(fused.detach().contiguous(),
