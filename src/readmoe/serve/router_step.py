@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from readmoe.model.pregating import RouterCache, sticky_argmax
 from readmoe.serve import cpu_ops
-from readmoe.serve.packed import to_panels
+from readmoe.serve.packed import PackedMatrix
 
 
 @torch.inference_mode()
@@ -166,8 +166,8 @@ def _fused_block(block: torch.nn.Module, panels: bool) -> tuple:
     panels), (out [dim, dim], its panels), MLP norm, [gate|up [dim, 2 m], its panels, down
     [m, dim], its panels]); the panels None unless ``panels``."""
     def matrix(*weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        fused = torch.cat(weights).detach()  # [out, in]
-        return fused.t().contiguous(), to_panels(fused) if panels else None
+        packed = PackedMatrix.of(*weights, prepack=panels, panels=panels)  # as the runner's
+        return packed.weight, packed.blocked
 
     return (block.attn_norm, matrix(block.qkv.weight), matrix(block.out.weight),
             block.mlp_norm, [*matrix(block.gate.weight, block.up.weight),
