@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from readmoe.model.pregating import sticky_argmax
 from readmoe.serve import cpu_ops
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
@@ -81,6 +82,49 @@ def test_argmax_rows_finds_the_first_maximum(ops, width):
     assert got == x.max(-1).indices.tolist()
 
 
+@pytest.mark.parametrize("margin", [0.0, 0.1, 0.7, 2.5])
+def test_sticky_rows_equals_the_routers_hysteresis(ops, margin):
+    """pregating.sticky_argmax for one token a row, to the bit at its boundary: the held
+    expert's logit exactly at, just above and just below top - margin (float32)."""
+    logits = torch.randn(240, 8, generator=gen(1))
+    logits[:40] = logits[:40].round()  # ties: the first maximum is the best
+    previous = torch.randint(-1, 8, (240,), generator=gen(2))
+    for row in range(40, 220):
+        held = int(previous[row].clamp_min(0))
+        previous[row] = held
+        top = logits[row].max()
+        cut = top - margin  # as sticky_argmax computes it: float32 minus a Python float
+        shift = (row % 3) - 1  # -1, 0, +1: one float32 step below, at, above the cut
+        edge = cut if shift == 0 else torch.nextafter(cut, cut + shift)
+        logits[row, held] = torch.minimum(edge, top)
+    logits[230, 5] = float("nan")
+    logits[231, 0] = float("nan")
+    expected = sticky_argmax(logits[:, None], margin, previous)[:, 0].tolist()
+    assert ops.sticky_rows(logits, margin, previous.tolist()).tolist() == expected
+    kept = sum(e == p for e, p in zip(expected[40:220], previous[40:220].tolist(), strict=True))
+    assert margin == 0 or 0 < kept < 180  # the boundary rows go both ways
+
+
+def test_the_decoder_without_layers_is_embedding_and_final_norm_in_row_order(ops):
+    """Rows sorted by expert on the way in come back in their own order; the embedding is
+    a lookup and the final norm the fused one."""
+    embed, norm = torch.randn(50, 16, generator=gen(3)), torch.rand(16, generator=gen(4))
+    decoder = ops.Decoder(2, 1, 0.5, embed, norm, 1e-5)
+    tokens, experts = [7, 3, 49, 3, 0], [2, 0, 1, 0, 2]
+    contexts = [torch.arange(n + 1) for n in range(5)]
+    cos = sin = torch.ones(6, 8)
+    out = decoder.step(tokens, contexts, cos, sin, [0, 1, 2, 3, 4], experts)
+    assert torch.equal(out, ops.rms_norm(embed[tokens], norm, 1e-5))
+    with pytest.raises(RuntimeError, match="a context holds at least its query's slot"):
+        decoder.step([1], [torch.arange(0)], cos, sin, [0], [])
+    with pytest.raises(RuntimeError, match="1-D int64 CPU tensor"):
+        decoder.step([1], [torch.arange(3.0)], cos, sin, [0], [])
+    with pytest.raises(RuntimeError, match="one routed expert per token"):
+        decoder.step([1, 2], contexts[:2], cos, sin, [0, 1], [0])
+    with pytest.raises(RuntimeError, match="is not an expert"):
+        decoder.step([1], contexts[:1], cos, sin, [0], [-1])
+
+
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"),
                          [(4, 4, 8), (9, 3, 64), (6, 2, 20), (8, 2, 128), (4, 2, 64),
                           (10, 2, 64), (7, 1, 128)])
@@ -133,6 +177,10 @@ def test_bad_input_is_refused_with_the_reason(ops):
                           keys.clone(), torch.tensor([8]), 2, 1)
     with pytest.raises(RuntimeError, match="must not be empty"):
         ops.argmax_rows(torch.ones(2, 0))
+    with pytest.raises(RuntimeError, match="previous expert 8 outside the 8 experts"):
+        ops.sticky_rows(torch.ones(1, 8), 0.5, [8])
+    with pytest.raises(RuntimeError, match="one previous expert per row"):
+        ops.sticky_rows(torch.ones(2, 8), 0.5, [0])
 
 
 def test_the_switch_turns_them_off(monkeypatch):

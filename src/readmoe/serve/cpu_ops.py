@@ -7,10 +7,12 @@ call's fixed cost is its whole cost, and the Python between the calls. ``kernels
 each small op in one call and one pass, as vLLM's CPU backend and llama.cpp do; ``layer.cpp``
 runs a layer's attention block (decode-only steps) and its MoE FFN as one call each;
 ``gemm.cpp`` multiplies 2-48 rows on AVX-512 CPUs faster than oneDNN's prepacked kernel
-(its weights' next panel prefetched while one is multiplied; ``panels_apply``).
+(its weights' next panel prefetched while one is multiplied; ``panels_apply``); ``decoder.cpp``
+and ``router.cpp`` run a decode-only step of the backbone (embedding to final norm) and of the
+pre-gating router as one call each; ``module.cpp`` binds them for Python.
 
 The extension is compiled with torch's ``cpp_extension`` the first time a runner asks for it
-(about 25 s on a 2-core CPU; it needs a C++ compiler, and ``ninja``, a dependency) into
+(about a minute on a 2-core CPU; it needs a C++ compiler, and ``ninja``, a dependency) into
 ``$XDG_CACHE_HOME/readmoe/cpu_ops/<key>`` (key: the sources, flags, torch and Python), and is
 loaded from there afterwards. Where it cannot be built the runner keeps its torch ops (the
 same results; a warning says why), as it does on GPU and for dtypes other than fp32.
@@ -31,7 +33,7 @@ from types import ModuleType
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("kernels.cpp", "layer.cpp", "gemm.cpp")
+SOURCES = ("kernels.cpp", "layer.cpp", "gemm.cpp", "decoder.cpp", "router.cpp", "module.cpp")
 DISABLE = "READMOE_CPU_OPS"
 PANELS = "READMOE_PANELS"
 
@@ -71,7 +73,7 @@ def load() -> ModuleType | None:
     if bin_dir and bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     if not any(directory.glob("*.so")):
-        print(f"readmoe: building the fused CPU ops once into {directory} (under a minute)",
+        print(f"readmoe: building the fused CPU ops once into {directory} (about a minute)",
               file=sys.stderr, flush=True)
     try:
         return cpp_extension.load(name="readmoe_cpu_ops",

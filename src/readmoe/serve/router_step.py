@@ -7,10 +7,13 @@ concatenations (its cache grows by copy) and one attention call: 3.1 ms a batch-
 on the default model in the engine (2 CPU threads), 3-4% of the step. Here the router's keys
 and values live in pools beside the backbone's paged KV cache, at the backbone's own slots (the
 router sees the same tokens at the same positions), so one step writes each new key once and
-attends for every request in one call. Where the fused CPU ops are built, each router block is
-two of the runner's layer calls (``decode_attention_block``, then ``moe_ffn`` with the MLP as
-the shared expert): 1.4 ms at batch 32, 0.55 ms at batch 1 (0.7 with the per-request caches).
-Elsewhere (GPU, other dtypes) the same math runs in torch ops. Equal to
+attends for every request in one call. Where the fused CPU ops are built, the step is one call
+(``Router``, ``csrc/router.cpp``): each router block two of the runner's layer calls
+(``decode_attention_block``, then ``moe_ffn`` with the MLP as the shared expert), the slots,
+embedding, head and hysteresis in C++ around them. In the engine, 2 threads, that took the
+step from 1.2 to 0.55 ms at batch 1 (the same calls from Python take 0.3 ms warm, but in the
+engine they follow a step that streamed every weight through the caches). Elsewhere (GPU,
+other dtypes) the same math runs in torch ops. Equal to
 ``model.route([[token]], cache)`` per request (tested; the fused norms and SiLU to rounding),
 so the engine's outputs still equal HF ``generate``'s.
 """
@@ -71,12 +74,9 @@ class PagedRouter:
         angles = torch.arange(num_slots, device=weight.device).to(torch.float32)[:, None] * freqs
         cos, sin = angles.cos().to(weight.dtype), angles.sin().to(weight.dtype)
         self._cos, self._sin = torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
-        # the fused ops take [in, out] matrices (and their panels for 2-48 rows, where the
-        # runner's have them): two calls a block (attention, then MLP)
-        panels = cpu_ops.panels_apply(ops)
-        self._blocks = ([_fused_block(b, panels) for b in self.router.blocks]
-                        if ops is not None else [])
-        self._head = self.router.head.weight.t().contiguous() if ops is not None else None
+        # the fused ops' Router: [in, out] matrices (and their panels for 2-48 rows, where the
+        # runner's have them), one call a step
+        self._native = self._fused(ops) if ops is not None else None
 
     @torch.inference_mode()
     def route_prompt(self, prompt_ids: Sequence[int], slots: torch.Tensor) -> list[int]:
@@ -102,6 +102,8 @@ class PagedRouter:
         values."""
         if not tokens:
             return []
+        if self._native is not None:
+            return self._native.step(list(tokens), list(context_slots), list(previous))
         device = self.keys[0].device
         lengths = torch.tensor([len(s) for s in context_slots], device=device)  # [S]
         # [S, L] each request's context slots, padded with slot 0 (never read: lengths)
@@ -110,33 +112,35 @@ class PagedRouter:
         write = key_slots.gather(1, (lengths - 1)[:, None])[:, 0]  # [S]
         cos, sin = self._cos.index_select(0, lengths - 1), self._sin.index_select(0, lengths - 1)
         x = self.router.embed(torch.tensor(tokens, device=device))  # [S, dim]
-        if self.ops is not None:
-            logits = self._fused(x, cos, sin, write, key_slots, lengths)
-        else:
-            for layer, block in enumerate(self.router.blocks):
-                qkv = block.qkv(block.attn_norm(x))  # [S, 3 * dim]
-                x = x + block.out(self._attend(layer, qkv, cos, sin, write, key_slots, lengths))
-                h = block.mlp_norm(x)
-                x = x + block.down(F.silu(block.gate(h)) * block.up(h))
-            logits = self.router.head(self.router.norm(x))  # [S, E]
+        for layer, block in enumerate(self.router.blocks):
+            qkv = block.qkv(block.attn_norm(x))  # [S, 3 * dim]
+            x = x + block.out(self._attend(layer, qkv, cos, sin, write, key_slots, lengths))
+            h = block.mlp_norm(x)
+            x = x + block.down(F.silu(block.gate(h)) * block.up(h))
+        logits = self.router.head(self.router.norm(x))  # [S, E]
         known = torch.tensor(list(previous), device=device)
         return sticky_argmax(logits[:, None], self.margin, known)[:, 0].tolist()
 
-    def _fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               write: torch.Tensor, key_slots: torch.Tensor, lengths: torch.Tensor
-               ) -> torch.Tensor:
-        """The blocks and head as the fused ops' layer calls: embedded x [S, dim] -> logits
-        [S, E] (their norms and SiLU equal the router's own to rounding)."""
-        scale = 1.0 / math.sqrt(self.head_dim)
-        for layer, (attn_norm, qkv, out, mlp_norm, mlp) in enumerate(self._blocks):
-            x = self.ops.decode_attention_block(
-                x, attn_norm.weight, attn_norm.eps, *qkv, None, *out, None, cos, sin,
-                self.keys[layer], self.values[layer], write, key_slots, lengths, self.heads,
-                self.heads, scale)
-            x = self.ops.moe_ffn(x, mlp_norm.weight, mlp_norm.eps, mlp, [], [], None, [], [],
-                                 None)
-        norm = self.router.norm
-        return self.ops.rms_norm(x, norm.weight, norm.eps) @ self._head
+    def _fused(self, ops: ModuleType) -> object:
+        """The router as the fused ops' ``Router``: each block two of the runner's layer calls
+        (``decode_attention_block``, then ``moe_ffn``'s shared expert for the MLP), the norms
+        and SiLU equal the router's own to rounding."""
+        router, panels = self.router, cpu_ops.panels_apply(ops)
+
+        def matrix(*weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            packed = PackedMatrix.of(*weights, prepack=panels, panels=panels)  # as the runner's
+            return packed.weight, packed.blocked
+
+        native = ops.Router(router.embed.weight, self.heads, 1.0 / math.sqrt(self.head_dim),
+                            self.margin, self._cos, self._sin, router.norm.weight,
+                            router.norm.eps, router.head.weight.t().contiguous())
+        for block, keys, values in zip(router.blocks, self.keys, self.values, strict=True):
+            native.add_block(block.attn_norm.weight, block.attn_norm.eps,
+                             *matrix(block.qkv.weight), *matrix(block.out.weight),
+                             block.mlp_norm.weight, block.mlp_norm.eps,
+                             [*matrix(block.gate.weight, block.up.weight),
+                              *matrix(block.down.weight)], keys, values)
+        return native
 
     def _attend(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 write: torch.Tensor, key_slots: torch.Tensor, lengths: torch.Tensor
@@ -160,15 +164,3 @@ class PagedRouter:
                                              scale=1.0 / math.sqrt(dim))  # [S, heads, 1, d]
         return out.reshape(count, heads * dim)
 
-
-def _fused_block(block: torch.nn.Module, panels: bool) -> tuple:
-    """A router block as the fused ops take it: (attention norm, (q|k|v [dim, 3 dim], its
-    panels), (out [dim, dim], its panels), MLP norm, [gate|up [dim, 2 m], its panels, down
-    [m, dim], its panels]); the panels None unless ``panels``."""
-    def matrix(*weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        packed = PackedMatrix.of(*weights, prepack=panels, panels=panels)  # as the runner's
-        return packed.weight, packed.blocked
-
-    return (block.attn_norm, matrix(block.qkv.weight), matrix(block.out.weight),
-            block.mlp_norm, [*matrix(block.gate.weight, block.up.weight),
-                             *matrix(block.down.weight)])

@@ -10,13 +10,15 @@ chunks (causal within the chunk) share another, padded to the longest chunk.
 The weights are the ReadME model's own, packed for speed (``packed.py``: q|k|v and each
 expert's gate|up fused, ``[in, out]`` on CPU); RMSNorm is ``torch.rms_norm`` with the norms'
 weights and rotary embeddings come from ``model.model.rotary_emb`` (transformers'
-``rotate_half`` done as a roll, see ``forward``), so the logits equal ``model(...)``'s (tested
-at fp32). A decode-only step (the common one) attends without gathering or scattering rows.
-On CPU at fp32 the small ops between the products (norms, RoPE with the KV write, decode
-attention over the paged pool in place, SiLU times up) are fused C++ ops (``cpu_ops.py``)
-where they can be built, and a layer whose matrices are plain fp32 runs its attention block
-(decode-only steps) and its FFN (resident experts) as one C++ call each, with the products the
-Python path would make; elsewhere they are the torch ops they replace.
+``rotate_half`` done as a roll, looked up per position where the rope type allows:
+``rope.py``), so the logits equal ``model(...)``'s (tested at fp32). A decode-only step (the
+common one) attends without gathering or scattering rows. On CPU at fp32 the small ops between
+the products (norms, RoPE with the KV write, decode attention over the paged pool in place,
+SiLU times up) are fused C++ ops (``cpu_ops.py``) where they can be built, and a layer whose
+matrices are plain fp32 runs its attention block (decode-only steps) and its FFN (resident
+experts) as one C++ call each, with the products the Python path would make; a decode-only
+step with resident experts is one call from embedding to final norm (``Decoder``); elsewhere
+they are the torch ops they replace.
 
 The MoE FFN is the shared expert on all rows plus, per routed expert present in the step, that
 expert on its rows. Routed weights come from an ``ExpertSource``: by default the runner's own
@@ -50,6 +52,7 @@ from readmoe.serve.packed import (
     pack_layer,
 )
 from readmoe.serve.quantized import check_quantization
+from readmoe.serve.rope import RopeFactors
 
 
 class ExpertSource(Protocol):
@@ -176,16 +179,22 @@ class ModelRunner:
         self.head_dim = first.head_dim
         self.scaling = first.scaling
         self._routed = any(layer.mlp.experts is not None for layer in self.layers)
+        self.rope = RopeFactors(model.model.rotary_emb, model.dtype, model.device)
         self.decoder = self._decoder()
 
     def _decoder(self) -> object | None:
         """The fused ops' whole-step decoder over this runner's packed weights and KV pools,
-        where every layer is fusable and its routed experts (if any) are packed; else None."""
+        where every layer is fusable, its routed experts (if any) are packed and the embedding
+        is a plain lookup; else None."""
+        embed = self.model.model.embed_tokens
         if self.ops is None or not all(self.fused) or any(
                 layer.mlp.experts is not None and packed.experts is None
-                for layer, packed in zip(self.layers, self.packed, strict=True)):
+                for layer, packed in zip(self.layers, self.packed, strict=True)) or (
+                type(embed) is not torch.nn.Embedding or embed.max_norm is not None):
             return None
-        decoder = self.ops.Decoder(self.heads, self.kv_heads, self.scaling)
+        final = self.norm
+        decoder = self.ops.Decoder(self.heads, self.kv_heads, self.scaling, embed.weight,
+                                   final.weight, final.eps)
         for index, (layer, packed) in enumerate(zip(self.layers, self.packed, strict=True)):
             norm, post = packed.input_norm, packed.post_attention_norm
             routed = packed.experts if layer.mlp.experts is not None else ()
@@ -216,6 +225,14 @@ class ModelRunner:
         returns the logits of every token of the sampling chunks instead (prompt logprobs:
         what scoring text through the served weights needs)."""
         model = self.model.model
+        if (self.decoder is not None and all(self.fused) and source is None and chunks
+                and all(len(c.tokens) == 1 and c.samples for c in chunks)
+                and (experts is not None or not self._routed)):
+            cos, sin, rope_rows = self.rope.rows([c.start for c in chunks])
+            hidden = self.decoder.step([c.tokens[0] for c in chunks],
+                                       [c.context_slots for c in chunks], cos, sin, rope_rows,
+                                       list(experts) if self._routed else [])  # [B, H] normed
+            return self.lm_head(hidden)  # [B, V]
         offsets, total = [], 0
         for chunk in chunks:
             offsets.append(total)
@@ -241,30 +258,16 @@ class ModelRunner:
                    if experts is not None else None)
 
         hidden = model.embed_tokens(tokens)  # [N, H]
-        cos, sin = model.rotary_emb(hidden, positions[None])  # [1, N, D] each
-        cos, sin = cos[0], sin[0]  # [N, D]
-        half = sin.shape[-1] // 2
-        # rotate_half(x) * sin == roll(x, D/2) * sin with its first half negated, exactly
-        # (a sign moves between factors): one roll a layer instead of slice, slice, neg, cat
-        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-        if (self.decoder is not None and all(self.fused) and groups[0].direct
-                and source is None and (routing is not None or not self._routed)):
-            order, counts, starts = routing or (None, [], [])
-            present = [e for e, count in enumerate(counts) if count]
-            hidden = self.decoder.step(hidden, cos, sin, write_slots, groups[0].key_slots,
-                                       groups[0].lengths, present, order,
-                                       [starts[e] for e in present],
-                                       [counts[e] for e in present])
-        else:
-            # a step with prefill rows multiplies through x @ W only: oneDNN would create and
-            # cache a primitive for every (matrix, row count) its chunks bring, evicting the
-            # decode steps' (ReadME experts differ in width per layer, so there are many)
-            prepacked = not prefill
-            for index, (layer, packed) in enumerate(zip(self.layers, self.packed,
-                                                        strict=True)):
-                hidden = self._attention(index, packed, hidden, cos, sin, write_slots, groups,
-                                         prepacked)
-                hidden = self._ffn(index, layer.mlp, packed, hidden, routing, source, prepacked)
+        cos, sin = self.rope.of(positions)  # [N, D] each
+        # a step with prefill rows multiplies through x @ W only: oneDNN would create and
+        # cache a primitive for every (matrix, row count) its chunks bring, evicting the
+        # decode steps' (ReadME experts differ in width per layer, so there are many)
+        prepacked = not prefill
+        for index, (layer, packed) in enumerate(zip(self.layers, self.packed, strict=True)):
+            hidden = self._attention(index, packed, hidden, cos, sin, write_slots, groups,
+                                     prepacked)
+            hidden = self._ffn(index, layer.mlp, packed, hidden, routing, source, prepacked)
+
         def scored(chunk: RunnerChunk) -> range:  # the chunk's tokens whose logits return
             return range(0 if every_token else len(chunk.tokens) - 1, len(chunk.tokens))
 

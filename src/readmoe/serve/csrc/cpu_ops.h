@@ -5,8 +5,11 @@
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 namespace readmoe {
+
+using MaybeTensor = std::optional<at::Tensor>;
 
 // x [N, H] -> x / sqrt(mean(x^2) + eps) * weight
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
@@ -28,6 +31,11 @@ at::Tensor silu_mul(const at::Tensor& gate_up);
 // x [S, V] -> the index of each row's first maximum [S] (int64)
 at::Tensor argmax_rows(const at::Tensor& x);
 
+// packed.py's BLOCKED_MIN_ROWS and BLOCKED_MAX_ROWS: products of this many rows use the
+// matrix's blocked copy (oneDNN's prepacked weight or the panels)
+constexpr int64_t kBlockedMinRows = 2;
+constexpr int64_t kBlockedMaxRows = 48;
+
 // output columns of one weight panel (gemm.cpp)
 constexpr int64_t kPanelColumns = 48;
 
@@ -40,5 +48,68 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t o
                         const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& add,
                         const std::optional<at::Tensor>& out);
+
+// layer.cpp: the runner's products and a layer's two halves
+
+// x @ weight (+ bias) (+ add), into out if given: the runner's PackedMatrix call on CPU;
+// blocked: the copy for 2-48 rows (oneDNN's prepacked weight or gemm.cpp's panels)
+at::Tensor product(const at::Tensor& x, const at::Tensor& weight, const MaybeTensor& blocked,
+                   const MaybeTensor& bias, const MaybeTensor& add,
+                   const MaybeTensor& out = std::nullopt);
+
+// down(silu(gate) * up) of rows x (+ add), into out if given
+at::Tensor swiglu(const at::Tensor& x, const at::Tensor& gate_up,
+                  const MaybeTensor& gate_up_blocked, const at::Tensor& down,
+                  const MaybeTensor& down_blocked, const MaybeTensor& add,
+                  const MaybeTensor& out);
+
+// hidden [B, H] -> hidden + o(attention(RoPE(qkv(norm(hidden))))), one query per request;
+// writes the step's keys and values to the pools first
+at::Tensor decode_attention_block(const at::Tensor& hidden, const at::Tensor& norm, double eps,
+                                  const at::Tensor& qkv, const MaybeTensor& qkv_blocked,
+                                  const MaybeTensor& qkv_bias, const at::Tensor& o,
+                                  const MaybeTensor& o_blocked, const MaybeTensor& o_bias,
+                                  const at::Tensor& cos, const at::Tensor& sin,
+                                  at::Tensor key_pool, at::Tensor value_pool,
+                                  const at::Tensor& write_slots, const at::Tensor& key_slots,
+                                  const at::Tensor& lengths, int64_t heads, int64_t kv_heads,
+                                  double scale);
+
+// An expert is its four matrices {gate_up, gate_up's blocked copy or none, down, down's
+// blocked copy or none}
+using Expert = std::vector<MaybeTensor>;
+
+void check_expert(const Expert& e);
+
+// hidden [N, H], rows sorted by expert -> hidden + shared(x) + each row's routed expert(x)
+// (+ compensation bias), x = norm(hidden); see layer.cpp
+at::Tensor sorted_moe_ffn(const at::Tensor& hidden, const at::Tensor& norm, double eps,
+                          const std::optional<Expert>& shared, const std::vector<Expert>& routed,
+                          const std::vector<int64_t>& experts, const std::vector<int64_t>& starts,
+                          const std::vector<int64_t>& counts, const MaybeTensor& bias);
+
+// sorted_moe_ffn for rows in any order (order [N] sorts them by expert)
+at::Tensor moe_ffn(const at::Tensor& hidden, const at::Tensor& norm, double eps,
+                   const std::optional<Expert>& shared, const std::vector<Expert>& routed,
+                   const std::vector<int64_t>& experts, const MaybeTensor& order,
+                   const std::vector<int64_t>& starts, const std::vector<int64_t>& counts,
+                   const MaybeTensor& bias);
+
+// decoder.cpp: what a decode step's attention reads of each request's context
+
+// One decode query per request: its context's slots padded with slot 0 [B, L] (never read:
+// lengths), the lengths [B] and the slot its new key and value go to (the last) [B]
+struct DecodeSlots {
+  at::Tensor key_slots, lengths, write;
+};
+
+// contexts: each request's slots of positions 0 .. p (int64 [p + 1]), its query at p
+DecodeSlots decode_slots(const std::vector<at::Tensor>& contexts);
+
+// router.cpp: experts from router logits [S, E] with hysteresis (pregating.sticky_argmax for
+// one token a row): row i keeps previous[i] (-1: none) unless its best logit beats that
+// expert's by more than margin -> [S] int64
+at::Tensor sticky_rows(const at::Tensor& logits, double margin,
+                       const std::vector<int64_t>& previous);
 
 }  // namespace readmoe
