@@ -12,7 +12,10 @@ rows are missing and why, and measures the rest. ``engine-torch-ops`` and
 ``engine-dense-torch-ops`` are the engine with its fused CPU ops off (``serve/cpu_ops.py``),
 what they buy side by side; ``engine-onednn`` and ``engine-dense-onednn`` (AVX-512 CPUs, where
 the engine multiplies 2-48 rows through the fused ops' panels, ``serve/csrc/gemm.cpp``) the
-engine with oneDNN's prepacked copies instead (``READMOE_PANELS=0``), what the panels buy.
+engine with oneDNN's prepacked copies instead (``READMOE_PANELS=0``), what the panels buy;
+``engine-kvf16`` and ``engine-dense-kvf16`` the engine with its KV cache in float16
+(``--kv-dtype float16``, llama.cpp's default cache type), what halving the attention's bytes
+buys (its perplexity beside the others').
 Every peer runs at the same thread counts (llama.cpp's ``n_threads`` = torch's).
 
 ReadME model: ``--model`` (a ReadME folder); by default the last round of runs/bench/train-readme
@@ -93,9 +96,9 @@ CORPUS = Path("runs/bench/corpus")
 DENSE_EXPERTS = Path("runs/bench/dense-experts")
 GGUF_DIR = Path("runs/bench/gguf")
 README_PEERS = ("hf", "engine", "engine-int8", "engine-onednn",  # torch on the ReadME model
-                "engine-torch-ops")
+                "engine-torch-ops", "engine-kvf16")
 DENSE_PEERS = ("hf-dense", "engine-dense", "engine-dense-int8", "engine-dense-onednn",
-               "engine-dense-torch-ops")
+               "engine-dense-torch-ops", "engine-dense-kvf16")
 PEERS = (*README_PEERS, *DENSE_PEERS, "llama.cpp-f32", "llama.cpp-quantized")
 QUALITY_TOKENS = 1024  # held-out tokens per domain for the served-weights perplexity
 FLOOR_REPEATS = 15  # best of: one step of products is ~30-300 ms and this machine is shared
@@ -211,13 +214,14 @@ def hf_time(model, batch: list[list[int]], new: int) -> float:
 
 
 def warm_engine(model, tokenizer, batch: list[list[int]], new: int, quantize: str = "none",
-                fused: bool = True) -> Engine:
+                fused: bool = True, kv_dtype: str = "auto") -> Engine:
     """The engine every timing of ``batch`` runs on: built once and run once untimed on the
     same batch, as a server's engine is warm (HF's model and llama.cpp's context are reused
     warm too), so no timing pays for building, packing or first-call set-up."""
     blocks = len(batch) * -(-(len(batch[0]) + new) // 16)
     engine = Engine(model, tokenizer, "fcfs", Budget(max_tokens=4096, max_seqs=len(batch)),
-                    kv_blocks=blocks, block_size=16, quantize=quantize, fused_ops=fused)
+                    kv_blocks=blocks, block_size=16, quantize=quantize, fused_ops=fused,
+                    kv_dtype=kv_dtype)
     engine_time(engine, batch, new)
     return engine
 
@@ -288,15 +292,20 @@ def packed_step_bytes(engine: Engine, distinct: float) -> float:
 
 
 def served_quality(model, tokenizer, corpus, weights: str, quantize: str,
-                   precision: str) -> dict:
+                   precision: str, kv_dtype: str = "auto") -> dict:
     """Held-out perplexity of the weights as the engine serves them (``serve.scoring``)."""
     ppl = {}
     for domain in corpus.domains:
         blocks = heldout_blocks(corpus, tokenizer, domain, 256, QUALITY_TOKENS)
-        ppl[domain] = served_nll(model, blocks, quantize).ppl
-    return {"weights": weights, "precision": precision if quantize == "none" else quantize,
+        ppl[domain] = served_nll(model, blocks, quantize, kv_dtype=kv_dtype).ppl
+    precision = precision if quantize == "none" else quantize
+    return {"weights": weights, "precision": kv_label(precision, kv_dtype),
             "ppl": ppl, "mean_ppl": sum(ppl.values()) / len(ppl),
             "tokens_per_domain": QUALITY_TOKENS}
+
+
+def kv_label(precision: str, kv_dtype: str) -> str:
+    return precision if kv_dtype == "auto" else f"{precision}, KV {kv_dtype}"
 
 
 def weight_step_bytes(model, distinct: float) -> float:
@@ -373,10 +382,12 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
                                 kv, hf, f"{type(hf_model).__name__}.generate(ids, max_new_tokens="
                                 f"{args.new_tokens}, min_new_tokens={args.new_tokens}, "
                                 "do_sample=False)", gbs, args))
-            variants = ((engine_name, "none", True), (f"{engine_name}-int8", "int8", True),
-                        (f"{engine_name}-onednn", "none", True),
-                        (f"{engine_name}-torch-ops", "none", False))
-            for name, quantize, fused in variants:
+            variants = ((engine_name, "none", True, "auto"),
+                        (f"{engine_name}-int8", "int8", True, "auto"),
+                        (f"{engine_name}-onednn", "none", True, "auto"),
+                        (f"{engine_name}-torch-ops", "none", False, "auto"),
+                        (f"{engine_name}-kvf16", "none", True, "float16"))
+            for name, quantize, fused, kv_dtype in variants:
                 if name not in args.peers or (name != engine_name
                                               and engine_model.device.type != "cpu"):
                     continue  # int8 and the fused ops are CPU kernels (serve/quantized.py, csrc)
@@ -385,18 +396,21 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
                     continue  # no panels here: the engine row already multiplies through oneDNN
                 with panels_off(onednn):
                     engine = warm if name == engine_name else warm_engine(
-                        engine_model, tokenizer, batch, args.new_tokens, quantize, fused)
+                        engine_model, tokenizer, batch, args.new_tokens, quantize, fused,
+                        kv_dtype)
                 seconds = decode_seconds(lambda ids, new, e=engine: engine_time(e, ids, new),
                                          batch, args)
                 floor, best_step = matmul_floor(engine, b, distinct, args.repeats,
                                                 args.new_tokens - 1)
                 weights = (weight_step_bytes(engine_model, distinct) if quantize == "none"
                            else packed_step_bytes(engine, distinct))
-                rows.append(row(name, count, b, precision if quantize == "none" else quantize,
-                                weights, kv, seconds,
+                label = kv_label(precision if quantize == "none" else quantize, kv_dtype)
+                kv_read = kv if kv_dtype == "auto" else kv_step_bytes(
+                    engine_model.config, b, context, engine.kv.keys[0].element_size())
+                rows.append(row(name, count, b, label, weights, kv_read, seconds,
                                 f"Engine(model, 'fcfs', Budget(max_seqs={b}), quantize="
-                                f"{quantize!r}, fused_ops={fused}).generate(prompts, "
-                                f"SamplingParams(max_tokens="
+                                f"{quantize!r}, fused_ops={fused}, kv_dtype={kv_dtype!r})"
+                                f".generate(prompts, SamplingParams(max_tokens="
                                 f"{args.new_tokens}, ignore_eos=True)), warm", gbs, args))
                 del engine
                 bound = None if hf is None else hf / (args.new_tokens - 1) / floor
@@ -487,6 +501,9 @@ def markdown(result: dict, described: str, dense: str, placement: Placement) -> 
             ("engine", "engine-onednn", "Engine with the panel products over the same engine "
              "with oneDNN's prepacked copies (ReadME model)"),
             ("engine-dense", "engine-dense-onednn", "The same on the dense model"),
+            ("engine-kvf16", "engine", "Engine with a float16 KV cache over the same engine "
+             "with a float32 one (ReadME model)"),
+            ("engine-dense-kvf16", "engine-dense", "The same on the dense model"),
             ("engine-dense", "llama.cpp-f32", "Engine on the dense model over llama.cpp F32 on "
              "the same weights (the same work)"),
             ("engine-dense-int8", "llama.cpp-quantized", "Engine int8 on the dense model over "
@@ -535,11 +552,12 @@ def main() -> int:
     corpus = load_corpus(args.corpus)
 
     def score(served, weights: str, peer: str) -> None:
-        for name, quantize in ((peer, "none"), (f"{peer}-int8", "int8")):
-            int8_here = name in args.peers and placement.device.type == "cpu"
-            if quantize == "none" or int8_here:
+        for name, quantize, kv_dtype in ((peer, "none", "auto"), (f"{peer}-int8", "int8", "auto"),
+                                         (f"{peer}-kvf16", "none", "float16")):
+            cpu_only = name.endswith("-int8") and placement.device.type != "cpu"
+            if name == peer or (name in args.peers and not cpu_only):
                 quality.append(served_quality(served, tokenizer, corpus, weights,
-                                              quantize, precision))
+                                              quantize, precision, kv_dtype))
                 print(quality[-1], flush=True)
 
     if set(README_PEERS) & set(args.peers):

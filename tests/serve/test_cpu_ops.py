@@ -143,6 +143,44 @@ def test_decode_attention_reads_the_pool_in_place(ops, heads, kv_heads, dim):
                                                              dim ** -0.5), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (6, 2, 20), (7, 1, 128)])
+def test_float16_pools_are_read_as_their_exact_float32_values(ops, heads, kv_heads, dim):
+    """A float16 KV pool widens exactly: attention over it is, to the bit, attention over a
+    float32 pool holding the same values (the register kernels and the generic loops)."""
+    pool, batch, width = 60, 4, 13
+    keys = (torch.randn(pool, kv_heads, dim, generator=gen(0)) * 3).half()
+    values = torch.randn(pool, kv_heads, dim, generator=gen(1)).half()
+    q = torch.randn(batch, heads, dim, generator=gen(2))
+    lengths = torch.tensor([1, 13, 5, 9])
+    slots = torch.stack([torch.randperm(pool, generator=gen(3 + b))[:width]
+                         for b in range(batch)])
+    half = ops.decode_attention(q, keys, values, slots, lengths, dim ** -0.5)
+    wide = ops.decode_attention(q, keys.float(), values.float(), slots, lengths, dim ** -0.5)
+    assert torch.equal(half, wide)
+    torch.testing.assert_close(half.double(), naive_attention(
+        q, keys.float(), values.float(), slots, lengths, dim ** -0.5), rtol=1e-5, atol=1e-6)
+
+
+def test_rope_write_kv_rounds_into_float16_pools_as_to_does(ops):
+    rows, heads, kv_heads, dim, pool = 5, 4, 2, 64, 30
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, generator=gen(0)) * 100
+    cos, sin = torch.randn(rows, dim, generator=gen(1)), torch.randn(rows, dim, generator=gen(2))
+    slots = torch.tensor([3, 17, 0, 29, 8])
+    wide = [torch.zeros(pool, kv_heads, dim) for _ in range(2)]
+    narrow = [torch.zeros(pool, kv_heads, dim, dtype=torch.float16) for _ in range(2)]
+    q_wide = ops.rope_write_kv(qkv, cos, sin, *wide, slots, heads, kv_heads)
+    q_narrow = ops.rope_write_kv(qkv, cos, sin, *narrow, slots, heads, kv_heads)
+    assert torch.equal(q_wide, q_narrow)
+    for full, rounded in zip(wide, narrow, strict=True):
+        assert torch.equal(full.half(), rounded)
+    assert not torch.equal(narrow[0].float(), wide[0])  # rounded for real
+    with pytest.raises(RuntimeError, match="must have one dtype"):
+        ops.rope_write_kv(qkv, cos, sin, wide[0], narrow[1], slots, heads, kv_heads)
+    with pytest.raises(RuntimeError, match="float32 or float16"):
+        ops.decode_attention(torch.ones(1, 4, dim), *(t.double() for t in wide),
+                             torch.tensor([[0]]), torch.tensor([1]), 0.1)
+
+
 def test_rope_write_kv_equals_the_torch_ops_bit_for_bit(ops):
     rows, heads, kv_heads, dim, pool = 6, 9, 3, 64, 40
     qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, generator=gen(0))

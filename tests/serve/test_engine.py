@@ -83,6 +83,40 @@ def test_runner_logits_equal_the_model_for_mixed_batches(model, prompts, fused, 
             torch.testing.assert_close(logits[row], refs[rid][end - 1], atol=1e-4, rtol=0)
 
 
+@torch.no_grad()
+def test_a_float16_kv_cache_is_attention_over_the_rounded_keys_and_values(model, prompts):
+    """The fused ops (decoder, rope_write_kv, decode attention over the pool) against the torch
+    path (keys and values rounded by ``.to`` when written, widened when gathered), on the same
+    mixed steps; against the float32 cache: close, not equal."""
+    config = model.config
+    seqs = [torch.tensor(p) for p in prompts[1:4]]
+    experts = [model.route(s[None])[0][0] for s in seqs]
+    plan = [[(0, 0, 6), (1, 0, 3), (2, 0, 29)], [(0, 6, 16), (1, 3, 8), (2, 29, 30)],
+            [(0, 16, 17), (1, 8, 9)]]
+    runs = {}
+    for name, fused, dtype in (("fused", True, torch.float16), ("torch", False, torch.float16),
+                               ("float32", True, torch.float32)):
+        kv = PagedKVCache(config.num_hidden_layers, 30, 4, config.num_key_value_heads,
+                          config.hidden_size // config.num_attention_heads, dtype)
+        runner = ModelRunner(model, kv, fused=fused)
+        for rid, s in enumerate(seqs):
+            kv.admit(str(rid), len(s))
+        steps = []
+        for step in plan:
+            chunks, ids = [], []
+            for rid, start, end in step:
+                kv.grow(str(rid), end)
+                chunks.append(RunnerChunk(seqs[rid][start:end].tolist(), start,
+                                          kv.slots(str(rid), 0, end), True))
+                ids += experts[rid][start:end].tolist()
+            steps.append(runner.forward(chunks, ids))
+        runs[name] = torch.cat(steps)
+        assert kv.keys[0].dtype == dtype
+    torch.testing.assert_close(runs["fused"], runs["torch"], atol=2e-5, rtol=0)
+    torch.testing.assert_close(runs["fused"], runs["float32"], atol=5e-3, rtol=0)
+    assert not torch.equal(runs["fused"], runs["float32"])
+
+
 @pytest.mark.parametrize("compensation", [False, True])
 @torch.no_grad()
 def test_the_whole_step_decoder_equals_the_layer_loop(prompts, compensation):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from readmoe.errors import ReadmoeError
-from readmoe.serve.kv_cache import PagedKVCache
+from readmoe.serve.kv_cache import PagedKVCache, kv_dtype_of
 
 
 def cache(blocks: int = 6, size: int = 4) -> PagedKVCache:
@@ -91,3 +91,14 @@ def test_free_restores_every_block():
         assert not kv.holds(f"r{i}")
     kv.free("never-admitted")
     assert kv.num_free == kv.num_available == kv.num_blocks
+
+
+def test_a_float16_cache_rounds_what_it_stores_and_names_its_choices():
+    kv = PagedKVCache(num_layers=1, num_blocks=2, block_size=4, kv_heads=1, head_dim=3,
+                      dtype=kv_dtype_of("float16", torch.float32))
+    keys = torch.tensor([[[1 / 3, 1e-5, 70000.0]]])
+    kv.write(0, torch.tensor([5]), keys, -keys)
+    assert torch.equal(kv.keys[0][5], keys[0].half()) and kv.values[0].dtype == torch.float16
+    assert kv_dtype_of("auto", torch.bfloat16) == torch.bfloat16
+    with pytest.raises(ReadmoeError, match="--kv-dtype 'fp8': choose one of auto, float16"):
+        kv_dtype_of("fp8", torch.float32)

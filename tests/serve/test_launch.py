@@ -4,9 +4,12 @@ combinations are refused with the fix."""
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
+from readmoe.cli.engine_args import add_engine_args, engine_options
 from readmoe.errors import ReadmoeError
 from readmoe.models.device import resolve_placement
 from readmoe.serve.launch import EngineOptions, dense_as_readme, open_engine
@@ -74,6 +77,20 @@ def test_int8_serving_opens_on_cpu_float32_only(readme_dir):
     with (pytest.raises(ReadmoeError, match="load it with --dtype float32"),
           open_engine(str(readme_dir), EngineOptions(quantize="int8"),
                       resolve_placement("cpu", "bfloat16"))):
+        pass
+
+
+def test_kv_dtype_option_reaches_the_cache_and_the_cli(readme_dir):
+    args = argparse.ArgumentParser()
+    add_engine_args(args)
+    options = engine_options(args.parse_args(["--kv-dtype", "float16"]))
+    with open_engine(str(readme_dir), options, CPU) as served:
+        assert served.engine.kv.keys[0].dtype == torch.float16
+        assert all(o.finished for o in served.engine.generate(PROMPTS, SamplingParams(3)))
+    with pytest.raises(SystemExit):
+        args.parse_args(["--kv-dtype", "fp8"])
+    with (pytest.raises(ReadmoeError, match="--kv-dtype 'int4'"),
+          open_engine(str(readme_dir), EngineOptions(kv_dtype="int4"), CPU)):
         pass
 
 

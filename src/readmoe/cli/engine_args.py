@@ -7,6 +7,7 @@ import argparse
 
 from readmoe.serve.experts import POLICIES
 from readmoe.serve.experts.store import TIERS
+from readmoe.serve.kv_cache import KV_DTYPES
 from readmoe.serve.launch import EngineOptions
 from readmoe.serve.quantized import QUANTIZATIONS
 from readmoe.serve.schedulers import SCHEDULERS
@@ -37,6 +38,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="int8: serve with int8 weights (fbgemm, CPU only; faster decode, "
                         "see results/kernel_probe.md and engine_speed.md for speed and "
                         "perplexity); none: the model's dtype")
+    parser.add_argument("--kv-dtype", default=d.kv_dtype, choices=sorted(KV_DTYPES),
+                        help="float16: keep the KV cache in float16 (half its memory and of the "
+                        "bytes decode attention reads, as llama.cpp's default cache; keys and "
+                        "values rounded when written); auto: the model's dtype")
     parser.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=d.prepack,
                         help="CPU fp32: also keep oneDNN's prepacked copy of each matrix for "
                         "products of 2+ rows (default; faster batched decode, one more copy "
@@ -79,5 +84,6 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         max_seqs=args.max_seqs, kv_blocks=args.kv_blocks, block_size=args.block_size,
         capacity=args.capacity, cache_policy=args.cache_policy, prefetch=args.prefetch,
         tier=args.tier, bandwidth=args.bandwidth, predictor=args.predictor,
-        prefetch_rate=args.prefetch_rate, quantize=args.quantize, prepack=args.prepack,
+        prefetch_rate=args.prefetch_rate, quantize=args.quantize, kv_dtype=args.kv_dtype,
+        prepack=args.prepack,
         router_hysteresis=args.router_hysteresis)

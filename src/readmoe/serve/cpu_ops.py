@@ -41,13 +41,13 @@ PANELS = "READMOE_PANELS"
 def compile_flags() -> list[str]:
     """-O3, no contraction of a*b + c into FMA (so results round as separate ATen ops do),
     OpenMP (``at::parallel_for`` splits work only in code built with it; the library is the
-    libgomp torch already loaded, same soname), AVX2/FMA code where torch itself runs AVX2 or
-    better kernels, never -march=native (this project's reference machine advertises AVX-512
-    it cannot execute)."""
+    libgomp torch already loaded, same soname), AVX2/FMA/F16C code where torch itself runs AVX2
+    or better kernels (every AVX2 CPU has F16C: float16 KV pools), never -march=native (this
+    project's reference machine advertises AVX-512 it cannot execute)."""
     flags = ["-O3", "-ffp-contract=off", "-fopenmp"]
     x86 = platform.machine().lower() in {"x86_64", "amd64"}
     if x86 and torch.backends.cpu.get_cpu_capability() in {"AVX2", "AVX512"}:
-        flags += ["-mavx2", "-mfma"]
+        flags += ["-mavx2", "-mfma", "-mf16c"]
     return flags
 
 

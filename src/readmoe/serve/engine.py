@@ -47,7 +47,7 @@ from readmoe.errors import ReadmoeError
 from readmoe.serve.experts import CoDesign, StepPlan
 from readmoe.serve.experts.store import ExpertStore, StepAccess
 from readmoe.serve.experts.stream import DenseStream
-from readmoe.serve.kv_cache import PagedKVCache
+from readmoe.serve.kv_cache import PagedKVCache, kv_dtype_of
 from readmoe.serve.metrics import aggregate
 from readmoe.serve.placement import experts_offloaded
 from readmoe.serve.queue import RequestQueue
@@ -105,14 +105,16 @@ class _Sequence:
 
 class Engine:
     """Continuous batching over a ReadME model with a paged KV cache, optionally with routed
-    experts offloaded to an ``ExpertStore`` (the caller owns it and closes it) and with the
-    runner's matrices in int8 (``quantize``, CPU: see ``serve/quantized.py``)."""
+    experts offloaded to an ``ExpertStore`` (the caller owns it and closes it), with the
+    runner's matrices in int8 (``quantize``, CPU: see ``serve/quantized.py``) and the KV cache
+    in float16 (``kv_dtype``, see ``serve/kv_cache.py``)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, scheduler: str | Scheduler = "fcfs",
                  budget: Budget = DEFAULT_BUDGET, kv_blocks: int = 512, block_size: int = 16,
                  expert_store: ExpertStore | DenseStream | None = None, prefetch: bool = True,
                  codesign: CoDesign | None = None, step_history: int | None = None,
-                 quantize: str = "none", fused_ops: bool = True, prepack: bool = True) -> None:
+                 quantize: str = "none", fused_ops: bool = True, prepack: bool = True,
+                 kv_dtype: str = "auto") -> None:
         config = model.config
         codesign = codesign or CoDesign()
         self.model = model.eval()
@@ -135,8 +137,8 @@ class Engine:
         attn = model.model.layers[0].self_attn
         weight = model.model.embed_tokens.weight
         self.kv = PagedKVCache(config.num_hidden_layers, kv_blocks, block_size,
-                               config.num_key_value_heads, attn.head_dim, weight.dtype,
-                               weight.device)
+                               config.num_key_value_heads, attn.head_dim,
+                               kv_dtype_of(kv_dtype, weight.dtype), weight.device)
         self.runner = ModelRunner(model, self.kv, pack_experts=expert_store is None,
                                   quantize=quantize, fused=fused_ops, prepack=prepack)
         self.router = (PagedRouter(model, kv_blocks * block_size, self.runner.ops)

@@ -5,6 +5,12 @@ per layer), so serving never reallocates or concatenates tensors; a request owns
 block numbers (its block table) and its token at position p lives in slot
 ``table[p // block_size] * block_size + p % block_size`` of the flattened pool.
 
+The pools may hold a narrower dtype than the model computes in (``KV_DTYPES``: float16 on a
+float32 model, as llama.cpp's default cache): half the bytes a decode step's attention reads
+and half the memory per token. Keys and values are rounded to it when written (to nearest
+even) and widened exactly when read, so attention computes in the model's dtype over the
+rounded values.
+
 The accounting (admission reserves, allocation grows, no preemption) is ``BlockAllocator``'s
 (kv_blocks.py); the simulator uses the same allocator, so it admits as the engine does.
 """
@@ -13,7 +19,19 @@ from __future__ import annotations
 
 import torch
 
+from readmoe.errors import ReadmoeError
 from readmoe.serve.kv_blocks import BlockAllocator
+
+# the engine's kv_dtype choices: "auto" keeps the model's dtype
+KV_DTYPES = {"auto": None, "float16": torch.float16}
+
+
+def kv_dtype_of(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The pools' dtype for the ``kv_dtype`` option ``name`` on a model computing in
+    ``model_dtype``."""
+    if name not in KV_DTYPES:
+        raise ReadmoeError(f"--kv-dtype {name!r}: choose one of {', '.join(KV_DTYPES)}")
+    return KV_DTYPES[name] or model_dtype
 
 
 class PagedKVCache(BlockAllocator):
@@ -51,6 +69,8 @@ class PagedKVCache(BlockAllocator):
 
     def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor,
               values: torch.Tensor) -> None:
-        """Store keys/values [N, kv_heads, head_dim] of N tokens at their ``slots`` [N]."""
-        self.keys[layer].index_copy_(0, slots, keys)
-        self.values[layer].index_copy_(0, slots, values)
+        """Store keys/values [N, kv_heads, head_dim] of N tokens at their ``slots`` [N] (rounded
+        to the pools' dtype)."""
+        pool = self.keys[layer]
+        pool.index_copy_(0, slots, keys.to(pool.dtype))
+        self.values[layer].index_copy_(0, slots, values.to(pool.dtype))

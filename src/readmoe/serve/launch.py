@@ -26,6 +26,7 @@ import torch
 
 from readmoe.errors import ReadmoeError
 from readmoe.models.device import Placement
+from readmoe.serve.kv_cache import kv_dtype_of
 from readmoe.serve.quantized import QUANTIZATIONS, check_quantization
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ class EngineOptions:
     prefetch_rate: float = 0.0
     step_history: int | None = None  # step reports kept (None: all; a server keeps the last)
     quantize: str = "none"  # "int8": the runner's matrices in int8 (CPU; serve/quantized.py)
+    kv_dtype: str = "auto"  # "float16": the KV cache in float16 (serve/kv_cache.py)
     prepack: bool = True  # CPU fp32: oneDNN's prepacked copies for multi-row products
     router_hysteresis: float | None = None  # None: the folder's config.json value
 
@@ -69,6 +71,7 @@ class EngineOptions:
         if self.quantize not in QUANTIZATIONS:
             raise ReadmoeError(f"--quantize {self.quantize!r}: choose one of "
                                f"{', '.join(QUANTIZATIONS)}")
+        kv_dtype_of(self.kv_dtype, torch.float32)  # a known name, or the error naming them
         if self.capacity is not None and self.capacity < 1:
             raise ReadmoeError(f"--capacity must be at least 1, got {self.capacity}")
         if self.max_seqs < 1 or self.max_batch_tokens < 1:
@@ -195,5 +198,5 @@ def open_engine(spec: str, options: EngineOptions, placement: Placement
                         prefetch=options.prefetch and offloaded,
                         codesign=options.codesign() if offloaded else None,
                         step_history=options.step_history, quantize=options.quantize,
-                        prepack=options.prepack)
+                        prepack=options.prepack, kv_dtype=options.kv_dtype)
         yield ServedEngine(engine, tokenizer, spec, placement, experts)

@@ -314,9 +314,9 @@ class ModelRunner:
                        .view(batch, width, kvh, -1, dim).permute(0, 2, 3, 1, 4)
                        .reshape(batch, kvh, -1, dim))  # [B, kvh, g*Tq, D]
             slots = group.key_slots.reshape(-1)
-            keys = key_pool.index_select(0, slots).view(batch, length, kvh, dim)
-            values = value_pool.index_select(0, slots).view(batch, length, kvh, dim)
-            keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, kvh, L, D]
+            keys, values = (pool.index_select(0, slots).view(batch, length, kvh, dim)
+                            .transpose(1, 2).to(x.dtype)
+                            for pool in (key_pool, value_pool))  # [B, kvh, L, D] each
             result = _sdpa(queries, keys, values, group.bias, self.scaling)  # [B, kvh, g*Tq, D]
             flat = (result.view(batch, kvh, -1, width, dim).permute(0, 3, 1, 2, 4)
                     .reshape(batch * width, -1))  # [B*Tq, h*D]
@@ -335,8 +335,9 @@ class ModelRunner:
         kvh, dim = self.kv_heads, self.head_dim
         queries = q.view(batch, kvh, -1, dim)  # [B, kvh, g, D]: head i reads kv head i // g
         slots = group.key_slots.reshape(-1)
-        keys = key_pool.index_select(0, slots).view(batch, length, kvh, dim).transpose(1, 2)
-        values = value_pool.index_select(0, slots).view(batch, length, kvh, dim).transpose(1, 2)
+        keys, values = (pool.index_select(0, slots).view(batch, length, kvh, dim)
+                        .transpose(1, 2).to(q.dtype)
+                        for pool in (key_pool, value_pool))  # [B, kvh, L, D] each
         result = _sdpa(queries, keys, values, group.bias, self.scaling)  # [B, kvh, g, D]
         return result.view(batch, -1)  # [B, kvh * g * D]
 

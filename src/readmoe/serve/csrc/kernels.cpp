@@ -2,7 +2,8 @@
 //
 // Why: at decode sizes each of these is a handful of ATen calls whose fixed cost (dispatch,
 // allocation, a pass over memory each) outweighs their arithmetic; here each is one call and
-// one pass. fp32, contiguous inputs (checked); rows are split over torch's intra-op threads.
+// one pass. fp32, contiguous inputs (checked; the KV pools fp32 or fp16, read as floats);
+// rows are split over torch's intra-op threads.
 // Built with -ffp-contract=off so a*b + c*d rounds as the separate ATen ops do (RoPE is
 // bit-exact against the runner's torch path); exp is a vectorizable polynomial (Cephes expf,
 // about 1 ulp), used by SiLU and the attention's softmax.
@@ -34,13 +35,29 @@ void check_f32(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-// the paged KV pools of one layer: fp32 [slots, kv_heads, head_dim] each, the same shape
+// the paged KV pools of one layer: [slots, kv_heads, head_dim] each, the same shape, both
+// float32 or both float16 (the engine's kv_dtype)
 void check_pools(const at::Tensor& key_pool, const at::Tensor& value_pool, int64_t dim) {
-  check_f32(key_pool, "key_pool", 3);
-  check_f32(value_pool, "value_pool", 3);
+  for (const at::Tensor* pool : {&key_pool, &value_pool}) {
+    TORCH_CHECK(pool->device().is_cpu() && pool->dim() == 3 && pool->is_contiguous(),
+                "KV pools must be contiguous 3-D CPU tensors");
+    TORCH_CHECK(pool->scalar_type() == at::kFloat || pool->scalar_type() == at::kHalf,
+                "KV pools must be float32 or float16, got ", pool->scalar_type());
+  }
+  TORCH_CHECK(key_pool.scalar_type() == value_pool.scalar_type(),
+              "key and value pools must have one dtype");
   TORCH_CHECK(key_pool.sizes() == value_pool.sizes() && key_pool.size(2) == dim,
               "key and value pools must both be [slots, kv_heads, head_dim ", dim, "]");
 }
+
+// a pool element as a float, and a float rounded into one (to nearest even, as .to() does)
+inline float widen(float x) { return x; }
+inline float widen(at::Half x) { return static_cast<float>(x); }
+inline void narrow(float x, float* out) { *out = x; }
+inline void narrow(float x, at::Half* out) { *out = at::Half(x); }
+// where a pool row's floats are computed: in place in a float pool, else in a buffer
+inline float* float_target(float* row, float*) { return row; }
+inline float* float_target(at::Half*, float* buffer) { return buffer; }
 
 void check_index(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == dim &&
@@ -99,8 +116,10 @@ inline float sum8(__m256 v) {
 // asks for a pool row ahead of its use; at most this many bytes of keys and values a request
 // (a share of L2: longer contexts stream the rest)
 constexpr int64_t kPrefetchBytes = 256 * 1024;
-inline void prefetch_row(const float* row, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(row + i);
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  constexpr int64_t line = 64 / sizeof(T);
+  for (int64_t i = 0; i < n; i += line) __builtin_prefetch(row + i);
 }
 // past the rows fetched up front, the attention loops ask for the row this many keys ahead
 // (pool rows jump between blocks, where the hardware prefetcher loses the stream)
@@ -109,21 +128,35 @@ constexpr int64_t kAheadKeys = 32;
 // sixteen AVX2 registers
 constexpr int64_t kGroupHeads = 3;
 
+#if defined(__AVX2__) && defined(__FMA__)
+// eight pool elements as floats (float16 widens exactly)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) {
+#if defined(__F16C__)
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  float wide[8];
+  for (int i = 0; i < 8; ++i) wide[i] = static_cast<float>(p[i]);
+  return _mm256_loadu_ps(wide);
+#endif
+}
+#endif
+
 // sum of a[i] * b[i]
-inline float dot(const float* a, const float* b, int64_t n) {
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
   int64_t i = 0;
   float total = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
   for (; i + 16 <= n; i += 16) {
-    even = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), even);
-    odd = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), odd);
+    even = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), even);
+    odd = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), odd);
   }
-  for (; i + 8 <= n; i += 8)
-    even = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), even);
+  for (; i + 8 <= n; i += 8) even = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), even);
   total = sum8(_mm256_add_ps(even, odd));
 #endif
-  for (; i < n; ++i) total += a[i] * b[i];
+  for (; i < n; ++i) total += a[i] * widen(b[i]);
   return total;
 }
 
@@ -176,25 +209,25 @@ inline __m128 sum4x8(__m256 a, __m256 b, __m256 c, __m256 d) {
 // keys a pass, each head's four dot products reduced together; every head's sums run in the
 // order a single head's would (4 x N accumulators, query chunks read from L1), so the
 // grouping changes no bit of the result.
-template <int Chunks, int N>
-void group_scores(const float* q, const float* base, const int64_t* used, int64_t len,
+template <int Chunks, int N, typename T>
+void group_scores(const float* q, const T* base, const int64_t* used, int64_t len,
                   int64_t stride, float scale, float* scores) {
   constexpr int64_t dim = 8 * Chunks;
   int64_t l = 0;
   const __m128 by = _mm_set1_ps(scale);
   for (; l + 4 <= len; l += 4) {
-    const float* k[4] = {base + used[l] * stride, base + used[l + 1] * stride,
-                         base + used[l + 2] * stride, base + used[l + 3] * stride};
+    const T* k[4] = {base + used[l] * stride, base + used[l + 1] * stride,
+                     base + used[l + 2] * stride, base + used[l + 3] * stride};
     for (int64_t j = l + kAheadKeys; j < std::min(l + kAheadKeys + 4, len); ++j)
       prefetch_row(base + used[j] * stride, 8 * Chunks);
     __m256 acc[N][4];
     for (int h = 0; h < N; ++h) {
       const __m256 q0 = _mm256_loadu_ps(q + h * dim);
-      for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_mul_ps(q0, _mm256_loadu_ps(k[j]));
+      for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_mul_ps(q0, load8(k[j]));
     }
     for (int c = 1; c < Chunks; ++c) {
       __m256 key[4];
-      for (int j = 0; j < 4; ++j) key[j] = _mm256_loadu_ps(k[j] + 8 * c);
+      for (int j = 0; j < 4; ++j) key[j] = load8(k[j] + 8 * c);
       for (int h = 0; h < N; ++h) {
         const __m256 qc = _mm256_loadu_ps(q + h * dim + 8 * c);
         for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_fmadd_ps(qc, key[j], acc[h][j]);
@@ -205,12 +238,12 @@ void group_scores(const float* q, const float* base, const int64_t* used, int64_
                     _mm_mul_ps(sum4x8(acc[h][0], acc[h][1], acc[h][2], acc[h][3]), by));
   }
   for (; l < len; ++l) {
-    const float* k = base + used[l] * stride;
+    const T* k = base + used[l] * stride;
     for (int h = 0; h < N; ++h) {
       const float* qh = q + h * dim;
-      __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(k));
+      __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qh), load8(k));
       for (int c = 1; c < Chunks; ++c)
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c), _mm256_loadu_ps(k + 8 * c), acc);
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c), load8(k + 8 * c), acc);
       scores[h * len + l] = sum8(acc) * scale;
     }
   }
@@ -220,8 +253,8 @@ void group_scores(const float* q, const float* base, const int64_t* used, int64_
 // applied once at the end), each value row read once for all of them, four chunks of it at
 // a time (4 x N accumulators); each (head, chunk) sums in a single head's order. The heads'
 // outputs go to out one after another.
-template <int Chunks, int N>
-void group_values(const float* p, const float* base, const int64_t* used, int64_t len,
+template <int Chunks, int N, typename T>
+void group_values(const float* p, const T* base, const int64_t* used, int64_t len,
                   int64_t stride, const float* weight, float* out) {
   constexpr int64_t dim = 8 * Chunks;
   for (int c0 = 0; c0 < Chunks; c0 += 4) {
@@ -231,9 +264,9 @@ void group_values(const float* p, const float* base, const int64_t* used, int64_
     for (int64_t l = 0; l < len; ++l) {
       if (c0 == 0 && l + kAheadKeys < len) prefetch_row(base + used[l + kAheadKeys] * stride,
                                                          8 * Chunks);
-      const float* v = base + used[l] * stride + 8 * c0;
+      const T* v = base + used[l] * stride + 8 * c0;
       __m256 row[4];
-      for (int c = 0; c < 4; ++c) row[c] = _mm256_loadu_ps(v + 8 * c);
+      for (int c = 0; c < 4; ++c) row[c] = load8(v + 8 * c);
       for (int h = 0; h < N; ++h) {
         const __m256 w = _mm256_set1_ps(p[h * len + l]);
         for (int c = 0; c < 4; ++c) acc[h][c] = _mm256_fmadd_ps(w, row[c], acc[h][c]);
@@ -269,21 +302,21 @@ inline float max_of(const float* x, int64_t n) {
 // scores (scaled dots with the keys), softmax, then the p-weighted sum of the values; the
 // register kernels where the head dim has one (64, 128), else the generic loops head by
 // head. q and out: the N heads' rows of dim floats, one after another; scores: N * len.
-template <int N>
-void attend_group(const float* q, const float* keys, const float* values, const int64_t* used,
+template <int N, typename T>
+void attend_group(const float* q, const T* keys, const T* values, const int64_t* used,
                   int64_t len, int64_t stride, int64_t dim, float scale, float* scores,
                   float* out) {
 #if defined(__AVX2__) && defined(__FMA__)
   if (dim == 64 || dim == 128) {
-    (dim == 64 ? group_scores<8, N> : group_scores<16, N>)(q, keys, used, len, stride, scale,
-                                                           scores);
+    (dim == 64 ? group_scores<8, N, T> : group_scores<16, N, T>)(q, keys, used, len, stride,
+                                                                 scale, scores);
     float inv[N];
     for (int h = 0; h < N; ++h) {
       float* row = scores + h * len;
       inv[h] = 1.0f / exp_shifted(row, len, max_of(row, len));
     }
-    (dim == 64 ? group_values<8, N> : group_values<16, N>)(scores, values, used, len, stride,
-                                                           inv, out);
+    (dim == 64 ? group_values<8, N, T> : group_values<16, N, T>)(scores, values, used, len,
+                                                                 stride, inv, out);
     return;
   }
 #endif
@@ -294,8 +327,8 @@ void attend_group(const float* q, const float* keys, const float* values, const 
     const float inv = 1.0f / exp_shifted(scores, len, max_of(scores, len));
     std::fill(oh, oh + dim, 0.0f);
     for (int64_t l = 0; l < len; ++l) {
-      const float* v = values + used[l] * stride;
-      for (int64_t d = 0; d < dim; ++d) oh[d] += scores[l] * v[d];
+      const T* v = values + used[l] * stride;
+      for (int64_t d = 0; d < dim; ++d) oh[d] += scores[l] * widen(v[d]);
     }
     for (int64_t d = 0; d < dim; ++d) oh[d] *= inv;
   }
@@ -348,6 +381,76 @@ inline int64_t first_max(const float* x, int64_t n) {
 inline int64_t grain(int64_t row_width) {
   constexpr int64_t kFloatsPerTask = 32768;
   return std::max<int64_t>(1, kFloatsPerTask / std::max<int64_t>(1, row_width));
+}
+
+// rope_write_kv's work on pools of T: queries into q, keys and values into the pools (a
+// float16 pool takes each rotated key and each value rounded to nearest even, as .to() does)
+template <typename T>
+void rope_rows(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, T* keys,
+               T* values, const int64_t* slot, int64_t heads, int64_t kv_heads, at::Tensor& q) {
+  const int64_t rows = qkv.size(0), width = qkv.size(1), dim = cos.size(1), half = dim / 2;
+  const float* src = qkv.data_ptr<float>();
+  const float* c = cos.data_ptr<float>();
+  const float* s = sin.data_ptr<float>();
+  float* q_out = q.data_ptr<float>();
+  at::parallel_for(0, rows, grain(width), [&](int64_t begin, int64_t end) {
+    std::vector<float> rotated(dim);
+    for (int64_t n = begin; n < end; ++n) {
+      const float* row = src + n * width;
+      const float* cn = c + n * dim;
+      const float* sn = s + n * dim;
+      for (int64_t head = 0; head < heads + kv_heads; ++head) {
+        const float* x = row + head * dim;
+        T* key = head < heads ? nullptr : keys + (slot[n] * kv_heads + head - heads) * dim;
+        float* out = key == nullptr ? q_out + (n * heads + head) * dim
+                                    : float_target(key, rotated.data());
+        for (int64_t d = 0; d < half; ++d) out[d] = x[d] * cn[d] + x[d + half] * sn[d];
+        for (int64_t d = half; d < dim; ++d) out[d] = x[d] * cn[d] + x[d - half] * sn[d];
+        if (key != nullptr && out == rotated.data())
+          for (int64_t d = 0; d < dim; ++d) narrow(out[d], key + d);
+      }
+      const float* value = row + (heads + kv_heads) * dim;
+      T* stored = values + slot[n] * kv_heads * dim;
+      for (int64_t d = 0; d < kv_heads * dim; ++d) narrow(value[d], stored + d);
+    }
+  });
+}
+
+// decode_attention's work on pools of T: one task per request; its context's pool rows are
+// fetched ahead (they jump between blocks and pages, where the hardware prefetcher stops),
+// then each kv head's query heads run over them together, kGroupHeads at a time
+template <typename T>
+void attend_requests(const at::Tensor& q, const T* keys, const T* values, int64_t kv_heads,
+                     const int64_t* slot, int64_t width, const int64_t* length, float scale,
+                     at::Tensor& out) {
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t group = heads / kv_heads, row = kv_heads * dim;
+  const float* queries = q.data_ptr<float>();
+  float* result = out.data_ptr<float>();
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t len = length[b];
+      const int64_t* used = slot + b * width;
+      scores.resize(kGroupHeads * len);
+      const int64_t ahead =
+          std::min<int64_t>(len, kPrefetchBytes / (2 * row * static_cast<int64_t>(sizeof(T))));
+      for (int64_t l = 0; l < ahead; ++l) {
+        prefetch_row(keys + used[l] * row, row);
+        prefetch_row(values + used[l] * row, row);
+      }
+      for (int64_t h = 0; h < heads;) {
+        const int64_t offset = (h / group) * dim;
+        const int64_t n = std::min<int64_t>(kGroupHeads, group - h % group);
+        const float* qh = queries + (b * heads + h) * dim;
+        float* oh = result + (b * heads + h) * dim;
+        static_assert(kGroupHeads == 3, "attend_group is instantiated for 1 to 3 heads");
+        (n == 3 ? attend_group<3, T> : n == 2 ? attend_group<2, T> : attend_group<1, T>)(
+            qh, keys + offset, values + offset, used, len, row, dim, scale, scores.data(), oh);
+        h += n;
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -413,28 +516,13 @@ at::Tensor rope_write_kv(const at::Tensor& qkv, const at::Tensor& cos, const at:
     TORCH_CHECK(slot[n] >= 0 && slot[n] < pool, "slot ", slot[n], " outside the pool of ",
                 pool);
   auto q = at::empty({rows, heads, dim}, qkv.options());
-  const float* src = qkv.data_ptr<float>();
-  const float* c = cos.data_ptr<float>();
-  const float* s = sin.data_ptr<float>();
-  float* q_out = q.data_ptr<float>();
-  float* keys = key_pool.data_ptr<float>();
-  float* values = value_pool.data_ptr<float>();
-  at::parallel_for(0, rows, grain(qkv.size(1)), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const float* row = src + n * qkv.size(1);
-      const float* cn = c + n * dim;
-      const float* sn = s + n * dim;
-      for (int64_t head = 0; head < heads + kv_heads; ++head) {
-        const float* x = row + head * dim;
-        float* out = head < heads ? q_out + (n * heads + head) * dim
-                                  : keys + (slot[n] * kv_heads + head - heads) * dim;
-        for (int64_t d = 0; d < half; ++d) out[d] = x[d] * cn[d] + x[d + half] * sn[d];
-        for (int64_t d = half; d < dim; ++d) out[d] = x[d] * cn[d] + x[d - half] * sn[d];
-      }
-      std::memcpy(values + slot[n] * kv_heads * dim, row + (heads + kv_heads) * dim,
-                  sizeof(float) * kv_heads * dim);
-    }
-  });
+  if (key_pool.scalar_type() == at::kHalf) {
+    rope_rows(qkv, cos, sin, key_pool.data_ptr<at::Half>(), value_pool.data_ptr<at::Half>(),
+              slot, heads, kv_heads, q);
+  } else {
+    rope_rows(qkv, cos, sin, key_pool.data_ptr<float>(), value_pool.data_ptr<float>(), slot,
+              heads, kv_heads, q);
+  }
   return q;
 }
 
@@ -464,40 +552,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& key_pool,
       TORCH_CHECK(slot[b * width + l] >= 0 && slot[b * width + l] < pool, "slot ",
                   slot[b * width + l], " outside the pool of ", pool);
   }
-  const int64_t group = heads / kv_heads;
   auto out = at::empty({batch, heads * dim}, q.options());
-  const float* queries = q.data_ptr<float>();
-  const float* keys = key_pool.data_ptr<float>();
-  const float* values = value_pool.data_ptr<float>();
-  float* result = out.data_ptr<float>();
-  const float scaling = static_cast<float>(scale);
-  // one task per request; its context's pool rows are fetched ahead (they jump between
-  // blocks and pages, where the hardware prefetcher stops), then each head runs over them
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t len = length[b];
-      const int64_t* used = slot + b * width;
-      scores.resize(kGroupHeads * len);
-      const int64_t ahead = std::min<int64_t>(len, kPrefetchBytes / (8 * kv_heads * dim));
-      for (int64_t l = 0; l < ahead; ++l) {
-        prefetch_row(keys + used[l] * kv_heads * dim, kv_heads * dim);
-        prefetch_row(values + used[l] * kv_heads * dim, kv_heads * dim);
-      }
-      // each kv head's query heads together, kGroupHeads at a time
-      for (int64_t h = 0; h < heads;) {
-        const int64_t offset = (h / group) * dim;
-        const int64_t n = std::min<int64_t>(kGroupHeads, group - h % group);
-        const float* qh = queries + (b * heads + h) * dim;
-        float* oh = result + (b * heads + h) * dim;
-        static_assert(kGroupHeads == 3, "attend_group is instantiated for 1 to 3 heads");
-        (n == 3 ? attend_group<3> : n == 2 ? attend_group<2> : attend_group<1>)(
-            qh, keys + offset, values + offset, used, len, kv_heads * dim, dim, scaling,
-            scores.data(), oh);
-        h += n;
-      }
-    }
-  });
+  if (key_pool.scalar_type() == at::kHalf) {
+    attend_requests(q, key_pool.data_ptr<at::Half>(), value_pool.data_ptr<at::Half>(),
+                    kv_heads, slot, width, length, static_cast<float>(scale), out);
+  } else {
+    attend_requests(q, key_pool.data_ptr<float>(), value_pool.data_ptr<float>(), kv_heads,
+                    slot, width, length, static_cast<float>(scale), out);
+  }
   return out;
 }
 
