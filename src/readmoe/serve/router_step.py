@@ -59,7 +59,6 @@ class PagedRouter:
         if self.router is None:
             raise ValueError("PagedRouter needs a pre-gating model (model.model.router)")
         self.margin = float(model.config.router_hysteresis)
-        self.ops = ops
         block = self.router.blocks[0]
         self.heads, self.head_dim = block.heads, block.head_dim
         weight = self.router.embed.weight
