@@ -67,20 +67,29 @@ def test_runner_logits_equal_the_model_for_mixed_batches(model, prompts, fused, 
     experts = [model.route(s[None])[0][0] for s in seqs]
     refs = [model(s[None], expert_ids=e[None]).logits[0]
             for s, e in zip(seqs, experts, strict=True)]
-    for rid, s in enumerate(seqs):
-        kv.admit(str(rid), len(s))
     # (request, start, end) per step: chunked prefill, then prefill mixed with decode tokens
     plan = [[(0, 0, 6), (1, 0, 3)], [(0, 6, 16), (1, 3, 8)], [(0, 16, 17), (1, 8, 9)]]
+    for step, logits in zip(plan, run_plan(runner, seqs, experts, plan), strict=True):
+        for row, (rid, _, end) in enumerate(step):
+            torch.testing.assert_close(logits[row], refs[rid][end - 1], atol=1e-4, rtol=0)
+
+
+def run_plan(runner: ModelRunner, seqs: list[torch.Tensor], experts: list[torch.Tensor],
+             plan: list[list[tuple[int, int, int]]]) -> list[torch.Tensor]:
+    """Each step's logits: the step's (request, start, end) chunks through ``runner``, the
+    requests admitted to its KV cache first."""
+    for rid, s in enumerate(seqs):
+        runner.kv.admit(str(rid), len(s))
+    steps = []
     for step in plan:
         chunks, ids = [], []
         for rid, start, end in step:
-            kv.grow(str(rid), end)
+            runner.kv.grow(str(rid), end)
             chunks.append(RunnerChunk(seqs[rid][start:end].tolist(), start,
-                                      kv.slots(str(rid), 0, end), True))
+                                      runner.kv.slots(str(rid), 0, end), True))
             ids += experts[rid][start:end].tolist()
-        logits = runner.forward(chunks, ids)
-        for row, (rid, _, end) in enumerate(step):
-            torch.testing.assert_close(logits[row], refs[rid][end - 1], atol=1e-4, rtol=0)
+        steps.append(runner.forward(chunks, ids))
+    return steps
 
 
 @torch.no_grad()
@@ -98,19 +107,8 @@ def test_a_float16_kv_cache_is_attention_over_the_rounded_keys_and_values(model,
                                ("float32", True, torch.float32)):
         kv = PagedKVCache(config.num_hidden_layers, 30, 4, config.num_key_value_heads,
                           config.hidden_size // config.num_attention_heads, dtype)
-        runner = ModelRunner(model, kv, fused=fused)
-        for rid, s in enumerate(seqs):
-            kv.admit(str(rid), len(s))
-        steps = []
-        for step in plan:
-            chunks, ids = [], []
-            for rid, start, end in step:
-                kv.grow(str(rid), end)
-                chunks.append(RunnerChunk(seqs[rid][start:end].tolist(), start,
-                                          kv.slots(str(rid), 0, end), True))
-                ids += experts[rid][start:end].tolist()
-            steps.append(runner.forward(chunks, ids))
-        runs[name] = torch.cat(steps)
+        runs[name] = torch.cat(run_plan(ModelRunner(model, kv, fused=fused), seqs, experts,
+                                        plan))
         assert kv.keys[0].dtype == dtype
     torch.testing.assert_close(runs["fused"], runs["torch"], atol=2e-5, rtol=0)
     torch.testing.assert_close(runs["fused"], runs["float32"], atol=5e-3, rtol=0)
