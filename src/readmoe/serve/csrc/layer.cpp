@@ -11,6 +11,8 @@
 
 #include "cpu_ops.h"
 
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <optional>
@@ -118,10 +120,23 @@ at::Tensor sorted_moe_ffn(const at::Tensor& hidden, const at::Tensor& norm, doub
   at::Tensor out = shared ? expert_on(*shared, x, hidden, std::nullopt) : hidden;
   if (present == 0) return bias ? out + (*bias)[0] : out;
   if (!shared) out = hidden.clone();  // the experts add in place: leave the caller's hidden
-  for (size_t i = 0; i < present; ++i) {
+  auto expert = [&](int64_t i) {
     at::Tensor rows = out.narrow(0, starts[i], counts[i]);
     expert_on(routed[i], x.narrow(0, starts[i], counts[i]), rows, rows);
     if (bias) rows.add_((*bias)[experts[i]]);
+  };
+  // two or more experts: one task each (their rows are disjoint), their products run inside
+  // it on one thread; a step's few-row products then cost one parallel region a layer, not
+  // one each (about 4 us of fork and join apiece on two threads). One expert keeps the
+  // threads for its own products (a parallel_for of one task would run them on one).
+  if (present >= 2 && at::get_num_threads() > 1) {
+    const at::ThreadLocalState caller;  // inference mode and grad mode reach the workers
+    at::parallel_for(0, static_cast<int64_t>(present), 1, [&](int64_t begin, int64_t end) {
+      const at::ThreadLocalStateGuard guard(caller);
+      for (int64_t i = begin; i < end; ++i) expert(i);
+    });
+  } else {
+    for (size_t i = 0; i < present; ++i) expert(static_cast<int64_t>(i));
   }
   return out;
 }
