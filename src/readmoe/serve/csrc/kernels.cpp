@@ -55,9 +55,6 @@ inline float widen(float x) { return x; }
 inline float widen(at::Half x) { return static_cast<float>(x); }
 inline void narrow(float x, float* out) { *out = x; }
 inline void narrow(float x, at::Half* out) { *out = at::Half(x); }
-// where a pool row's floats are computed: in place in a float pool, else in a buffer
-inline float* float_target(float* row, float*) { return row; }
-inline float* float_target(at::Half*, float* buffer) { return buffer; }
 
 void check_index(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == dim &&
@@ -401,13 +398,13 @@ void rope_rows(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& s
       const float* sn = s + n * dim;
       for (int64_t head = 0; head < heads + kv_heads; ++head) {
         const float* x = row + head * dim;
-        T* key = head < heads ? nullptr : keys + (slot[n] * kv_heads + head - heads) * dim;
-        float* out = key == nullptr ? q_out + (n * heads + head) * dim
-                                    : float_target(key, rotated.data());
+        const bool query = head < heads;
+        float* out = query ? q_out + (n * heads + head) * dim : rotated.data();
         for (int64_t d = 0; d < half; ++d) out[d] = x[d] * cn[d] + x[d + half] * sn[d];
         for (int64_t d = half; d < dim; ++d) out[d] = x[d] * cn[d] + x[d - half] * sn[d];
-        if (key != nullptr && out == rotated.data())
-          for (int64_t d = 0; d < dim; ++d) narrow(out[d], key + d);
+        if (query) continue;
+        T* key = keys + (slot[n] * kv_heads + head - heads) * dim;
+        for (int64_t d = 0; d < dim; ++d) narrow(out[d], key + d);
       }
       const float* value = row + (heads + kv_heads) * dim;
       T* stored = values + slot[n] * kv_heads * dim;
