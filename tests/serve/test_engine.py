@@ -152,6 +152,53 @@ def test_the_whole_step_decoder_equals_the_layer_loop(prompts, compensation):
     torch.testing.assert_close(runner.forward(step, routed), whole, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+@torch.no_grad()
+def test_the_one_region_step_equals_the_per_layer_calls(kv_dtype, threads):
+    """A decode step of 2-48 rows runs its layers as phases of one parallel region (team.cpp):
+    bit for bit the per-layer calls' result (layer.cpp) when every expert holds two rows or
+    more; an expert's single row goes through its panels there, where the per-layer calls use
+    at::mm: equal to float rounding. Shared, routed and dense layers, compensation biases."""
+    ops = cpu_ops.load()
+    if ops is None or not ops.panels_supported():
+        pytest.skip("the one-region step needs the fused ops' panels (AVX-512)")
+    model = readme(compensation=True)
+    for layer in model.model.layers:
+        if layer.mlp.compensation is not None:
+            layer.mlp.compensation.normal_()
+    config = model.config
+    gen = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (12, 5, 30, 7, 9, 21)]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for routed in ([0, 1, 0, 1, 2, 2], [0, 1, 1, 0, 0, 2]):  # the second: expert 2 alone
+            kv = PagedKVCache(config.num_hidden_layers, 60, 4, config.num_key_value_heads,
+                              config.hidden_size // config.num_attention_heads, kv_dtype)
+            runner = ModelRunner(model, kv)
+            for rid, s in enumerate(seqs):
+                kv.admit(str(rid), len(s))
+                kv.grow(str(rid), len(s) - 1)
+            runner.forward([RunnerChunk(s[:-1], 0, kv.slots(str(rid), 0, len(s) - 1), False)
+                            for rid, s in enumerate(seqs)],
+                           [r for s, r in zip(seqs, routed, strict=True) for _ in s[1:]])
+            for rid, s in enumerate(seqs):
+                kv.grow(str(rid), len(s))
+            step = [RunnerChunk(s[-1:], len(s) - 1, kv.slots(str(rid), 0, len(s)), True)
+                    for rid, s in enumerate(seqs)]
+            runner.decoder.team = True
+            team = runner.forward(step, routed)
+            runner.decoder.team = False
+            layers = runner.forward(step, routed)
+            if routed.count(2) > 1:
+                assert torch.equal(team, layers)
+            else:
+                torch.testing.assert_close(team, layers, rtol=0, atol=1e-5)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @torch.no_grad()
 def test_only_decode_steps_multiply_through_the_prepacked_copies(model, prompts):
     """A step with prefill rows brings row counts of its own to every matrix: through oneDNN

@@ -33,7 +33,8 @@ from types import ModuleType
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("kernels.cpp", "layer.cpp", "gemm.cpp", "decoder.cpp", "router.cpp", "module.cpp")
+SOURCES = ("kernels.cpp", "layer.cpp", "gemm.cpp", "decoder.cpp", "team.cpp", "router.cpp",
+           "module.cpp")
 DISABLE = "READMOE_CPU_OPS"
 PANELS = "READMOE_PANELS"
 

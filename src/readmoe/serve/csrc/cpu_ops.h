@@ -49,6 +49,43 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t o
                         const std::optional<at::Tensor>& add,
                         const std::optional<at::Tensor>& out);
 
+// The same work on raw rows, for a caller that splits it over threads itself (team.cpp):
+// each does rows (or requests, or panels) [begin, end) of the op above it names.
+
+// rms_norm's rows of x [., width] into y
+void rms_norm_rows(const float* x, const float* weight, double eps, int64_t width,
+                   int64_t begin, int64_t end, float* y);
+
+// rope_write_kv's rows of qkv [., width] (cos, sin [., dim]) into q [., heads, dim] and the
+// pools at slots; rotated: dim floats of scratch
+void rope_kv_rows(const float* qkv, int64_t width, const float* cos, const float* sin,
+                  int64_t dim, float* keys, float* values, const int64_t* slots, int64_t heads,
+                  int64_t kv_heads, float* q, int64_t begin, int64_t end, float* rotated);
+void rope_kv_rows(const float* qkv, int64_t width, const float* cos, const float* sin,
+                  int64_t dim, at::Half* keys, at::Half* values, const int64_t* slots,
+                  int64_t heads, int64_t kv_heads, float* q, int64_t begin, int64_t end,
+                  float* rotated);
+
+// decode_attention's requests: q [B, heads, dim], slots [B, width], lengths [B] -> out
+// [B, heads * dim]; scores: scratch
+void attend_rows(const float* q, const float* keys, const float* values, int64_t heads,
+                 int64_t kv_heads, int64_t dim, const int64_t* slots, int64_t width,
+                 const int64_t* lengths, float scale, float* out, int64_t begin, int64_t end,
+                 std::vector<float>& scores);
+void attend_rows(const float* q, const at::Half* keys, const at::Half* values, int64_t heads,
+                 int64_t kv_heads, int64_t dim, const int64_t* slots, int64_t width,
+                 const int64_t* lengths, float scale, float* out, int64_t begin, int64_t end,
+                 std::vector<float>& scores);
+
+// silu_mul's rows of gate_up [., 2 width] into out [., width]
+void silu_mul_rows(const float* gate_up, int64_t width, float* out, int64_t begin,
+                   int64_t end);
+
+// panel_linear's panels [begin, end) (output columns 48 begin .. 48 end) of x [M, K] into y
+// [M, N] (bias [N], add [M, N] or none; add may be y)
+void panel_columns(const float* x, int64_t M, int64_t K, const float* panels, int64_t begin,
+                   int64_t end, int64_t N, const float* bias, const float* add, float* y);
+
 // layer.cpp: the runner's products and a layer's two halves
 
 // x @ weight (+ bias) (+ add), into out if given: the runner's PackedMatrix call on CPU;

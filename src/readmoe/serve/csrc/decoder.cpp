@@ -58,6 +58,34 @@ void Decoder::add_layer(const at::Tensor& attn_norm, double attn_eps, const at::
   if (shared) check_expert(*shared);
   layers_.push_back({attn_norm, attn_eps, qkv, qkv_blocked, qkv_bias, o, o_blocked, o_bias,
                      key_pool, value_pool, ffn_norm, ffn_eps, shared, routed, bias});
+  team_fits_ = team_fits_ && team_fits(layers_.back());
+}
+
+// the layers one call each (layer.cpp): one row, more than 48, or oneDNN's products
+void Decoder::layers(at::Tensor& hidden, const DecodeSlots& slots, const at::Tensor& cos,
+                     const at::Tensor& sin, bool unrouted, const std::vector<int64_t>& present,
+                     const std::vector<int64_t>& starts,
+                     const std::vector<int64_t>& counts) const {
+  const std::vector<int64_t> none;
+  for (const DecodeLayer& l : layers_) {
+    const bool dense = l.routed.empty();  // its FFN is the shared expert alone
+    std::vector<Expert> routed;
+    if (!dense) {
+      TORCH_CHECK(!unrouted, "a layer with routed experts needs the step's routing");
+      for (const int64_t e : present) {
+        TORCH_CHECK(e < static_cast<int64_t>(l.routed.size()), "expert ", e,
+                    " outside the layer's ", l.routed.size());
+        routed.push_back(l.routed[e]);
+      }
+    }
+    hidden = decode_attention_block(hidden, l.attn_norm, l.attn_eps, l.qkv, l.qkv_blocked,
+                                    l.qkv_bias, l.o, l.o_blocked, l.o_bias, cos, sin,
+                                    l.key_pool, l.value_pool, slots.write, slots.key_slots,
+                                    slots.lengths, heads_, kv_heads_, scale_);
+    hidden = sorted_moe_ffn(hidden, l.ffn_norm, l.ffn_eps, l.shared, routed,
+                            dense ? none : present, dense ? none : starts,
+                            dense ? none : counts, l.bias);
+  }
 }
 
 // The routing is the same in every layer (a pre-gating router fixes it for the step), so the
@@ -104,25 +132,11 @@ at::Tensor Decoder::step(const std::vector<int64_t>& tokens,
   const at::Tensor rope = at::tensor(sorted_rope, index);
   const at::Tensor row_cos = cos.index_select(0, rope), row_sin = sin.index_select(0, rope);
   at::Tensor hidden = embed_.index_select(0, at::tensor(sorted_tokens, index));  // [B, H]
-  const std::vector<int64_t> none;
-  for (const DecodeLayer& l : layers_) {
-    const bool dense = l.routed.empty();  // its FFN is the shared expert alone
-    std::vector<Expert> routed;
-    if (!dense) {
-      TORCH_CHECK(!experts.empty(), "a layer with routed experts needs the step's routing");
-      for (const int64_t e : present) {
-        TORCH_CHECK(e < static_cast<int64_t>(l.routed.size()), "expert ", e,
-                    " outside the layer's ", l.routed.size());
-        routed.push_back(l.routed[e]);
-      }
-    }
-    hidden = decode_attention_block(hidden, l.attn_norm, l.attn_eps, l.qkv, l.qkv_blocked,
-                                    l.qkv_bias, l.o, l.o_blocked, l.o_bias, row_cos, row_sin,
-                                    l.key_pool, l.value_pool, slots.write, slots.key_slots,
-                                    slots.lengths, heads_, kv_heads_, scale_);
-    hidden = sorted_moe_ffn(hidden, l.ffn_norm, l.ffn_eps, l.shared, routed,
-                            dense ? none : present, dense ? none : starts,
-                            dense ? none : counts, l.bias);
+  if (team && team_fits_ && panels_supported() && rows >= kBlockedMinRows && rows <= kBlockedMaxRows) {
+    team_layers(layers_, heads_, kv_heads_, scale_, hidden, slots, row_cos, row_sin, present,
+                starts, counts);
+  } else {
+    layers(hidden, slots, row_cos, row_sin, experts.empty(), present, starts, counts);
   }
   hidden = rms_norm(hidden, norm_, eps_);
   if (sorted) return hidden;

@@ -86,24 +86,31 @@ constexpr PanelRows kPanelRows[kRowBlock + 1] = {
     nullptr,         panel_rows<1>, panel_rows<2>, panel_rows<3>, panel_rows<4>,
     panel_rows<5>,   panel_rows<6>, panel_rows<7>, panel_rows<8>};
 
-void panel_product(const float* x, int64_t M, int64_t K, const float* panels, int64_t count,
-                   int64_t N, const float* bias, const float* add, float* y) {
+// panels [begin, end) of the product (their columns of y), each one's successor in the range
+// prefetched while it is multiplied
+void panel_range(const float* x, int64_t M, int64_t K, const float* panels, int64_t begin,
+                 int64_t end, int64_t N, const float* bias, const float* add, float* y) {
   const int64_t panel_floats = K * kPanel, panel_lines = panel_floats / 16;
   const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
   // the next panel's lines spread evenly over this panel's k steps, every row block's
   const int64_t per_step = (panel_lines + blocks * K - 1) / (blocks * K);
-  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const float* panel = panels + p * panel_floats;
-      const float* next = p + 1 < end ? panel + panel_floats : nullptr;
-      const int64_t col = p * kPanel, cols = std::min<int64_t>(kPanel, N - col);
-      for (int64_t block = 0; block < blocks; ++block) {
-        const int64_t row = block * kRowBlock, rows = std::min<int64_t>(kRowBlock, M - row);
-        kPanelRows[rows](x + row * K, K, panel, next, block * K * per_step, per_step,
-                         panel_lines, bias ? bias + col : nullptr,
-                         add ? add + row * N + col : nullptr, y + row * N + col, N, cols);
-      }
+  for (int64_t p = begin; p < end; ++p) {
+    const float* panel = panels + p * panel_floats;
+    const float* next = p + 1 < end ? panel + panel_floats : nullptr;
+    const int64_t col = p * kPanel, cols = std::min<int64_t>(kPanel, N - col);
+    for (int64_t block = 0; block < blocks; ++block) {
+      const int64_t row = block * kRowBlock, rows = std::min<int64_t>(kRowBlock, M - row);
+      kPanelRows[rows](x + row * K, K, panel, next, block * K * per_step, per_step,
+                       panel_lines, bias ? bias + col : nullptr,
+                       add ? add + row * N + col : nullptr, y + row * N + col, N, cols);
     }
+  }
+}
+
+void panel_product(const float* x, int64_t M, int64_t K, const float* panels, int64_t count,
+                   int64_t N, const float* bias, const float* add, float* y) {
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    panel_range(x, M, K, panels, begin, end, N, bias, add, y);
   });
 }
 #endif
@@ -117,6 +124,15 @@ void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t col
 }  // namespace
 
 namespace readmoe {
+
+void panel_columns(const float* x, int64_t M, int64_t K, const float* panels, int64_t begin,
+                   int64_t end, int64_t N, const float* bias, const float* add, float* y) {
+#ifdef READMOE_PANELS
+  panel_range(x, M, K, panels, begin, end, N, bias, add, y);
+#else
+  TORCH_CHECK(false, "the panel products need an AVX-512 CPU");
+#endif
+}
 
 bool panels_supported() {
 #ifdef READMOE_PANELS

@@ -380,79 +380,152 @@ inline int64_t grain(int64_t row_width) {
   return std::max<int64_t>(1, kFloatsPerTask / std::max<int64_t>(1, row_width));
 }
 
-// rope_write_kv's work on pools of T: queries into q, keys and values into the pools (a
-// float16 pool takes each rotated key and each value rounded to nearest even, as .to() does)
+// rope_write_kv's work on rows [begin, end) of qkv [N, width] over pools of T: queries into
+// q [N, heads, dim], keys and values into the pools (a float16 pool takes each rotated key and
+// each value rounded to nearest even, as .to() does); rotated: dim floats of scratch
+template <typename T>
+void rope_range(const float* src, int64_t width, const float* c, const float* s, int64_t dim,
+                T* keys, T* values, const int64_t* slot, int64_t heads, int64_t kv_heads,
+                float* q_out, int64_t begin, int64_t end, float* rotated) {
+  const int64_t half = dim / 2;
+  for (int64_t n = begin; n < end; ++n) {
+    const float* row = src + n * width;
+    const float* cn = c + n * dim;
+    const float* sn = s + n * dim;
+    for (int64_t head = 0; head < heads + kv_heads; ++head) {
+      const float* x = row + head * dim;
+      const bool query = head < heads;
+      float* out = query ? q_out + (n * heads + head) * dim : rotated;
+      for (int64_t d = 0; d < half; ++d) out[d] = x[d] * cn[d] + x[d + half] * sn[d];
+      for (int64_t d = half; d < dim; ++d) out[d] = x[d] * cn[d] + x[d - half] * sn[d];
+      if (query) continue;
+      T* key = keys + (slot[n] * kv_heads + head - heads) * dim;
+      for (int64_t d = 0; d < dim; ++d) narrow(out[d], key + d);
+    }
+    const float* value = row + (heads + kv_heads) * dim;
+    T* stored = values + slot[n] * kv_heads * dim;
+    for (int64_t d = 0; d < kv_heads * dim; ++d) narrow(value[d], stored + d);
+  }
+}
+
 template <typename T>
 void rope_rows(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, T* keys,
                T* values, const int64_t* slot, int64_t heads, int64_t kv_heads, at::Tensor& q) {
-  const int64_t rows = qkv.size(0), width = qkv.size(1), dim = cos.size(1), half = dim / 2;
-  const float* src = qkv.data_ptr<float>();
-  const float* c = cos.data_ptr<float>();
-  const float* s = sin.data_ptr<float>();
-  float* q_out = q.data_ptr<float>();
+  const int64_t rows = qkv.size(0), width = qkv.size(1), dim = cos.size(1);
   at::parallel_for(0, rows, grain(width), [&](int64_t begin, int64_t end) {
     std::vector<float> rotated(dim);
-    for (int64_t n = begin; n < end; ++n) {
-      const float* row = src + n * width;
-      const float* cn = c + n * dim;
-      const float* sn = s + n * dim;
-      for (int64_t head = 0; head < heads + kv_heads; ++head) {
-        const float* x = row + head * dim;
-        const bool query = head < heads;
-        float* out = query ? q_out + (n * heads + head) * dim : rotated.data();
-        for (int64_t d = 0; d < half; ++d) out[d] = x[d] * cn[d] + x[d + half] * sn[d];
-        for (int64_t d = half; d < dim; ++d) out[d] = x[d] * cn[d] + x[d - half] * sn[d];
-        if (query) continue;
-        T* key = keys + (slot[n] * kv_heads + head - heads) * dim;
-        for (int64_t d = 0; d < dim; ++d) narrow(out[d], key + d);
-      }
-      const float* value = row + (heads + kv_heads) * dim;
-      T* stored = values + slot[n] * kv_heads * dim;
-      for (int64_t d = 0; d < kv_heads * dim; ++d) narrow(value[d], stored + d);
-    }
+    rope_range(qkv.data_ptr<float>(), width, cos.data_ptr<float>(), sin.data_ptr<float>(), dim,
+               keys, values, slot, heads, kv_heads, q.data_ptr<float>(), begin, end,
+               rotated.data());
   });
 }
 
-// decode_attention's work on pools of T: one task per request; its context's pool rows are
-// fetched ahead (they jump between blocks and pages, where the hardware prefetcher stops),
-// then each kv head's query heads run over them together, kGroupHeads at a time
+// decode_attention's work on requests [begin, end) over pools of T: each request's context's
+// pool rows are fetched ahead (they jump between blocks and pages, where the hardware
+// prefetcher stops), then each kv head's query heads run over them together, kGroupHeads at a
+// time; scores: scratch, grown as needed
+template <typename T>
+void attend_range(const float* queries, const T* keys, const T* values, int64_t heads,
+                  int64_t kv_heads, int64_t dim, const int64_t* slot, int64_t width,
+                  const int64_t* length, float scale, float* result, int64_t begin,
+                  int64_t end, std::vector<float>& scores) {
+  const int64_t group = heads / kv_heads, row = kv_heads * dim;
+  for (int64_t b = begin; b < end; ++b) {
+    const int64_t len = length[b];
+    const int64_t* used = slot + b * width;
+    scores.resize(kGroupHeads * len);
+    const int64_t ahead =
+        std::min<int64_t>(len, kPrefetchBytes / (2 * row * static_cast<int64_t>(sizeof(T))));
+    for (int64_t l = 0; l < ahead; ++l) {
+      prefetch_row(keys + used[l] * row, row);
+      prefetch_row(values + used[l] * row, row);
+    }
+    for (int64_t h = 0; h < heads;) {
+      const int64_t offset = (h / group) * dim;
+      const int64_t n = std::min<int64_t>(kGroupHeads, group - h % group);
+      const float* qh = queries + (b * heads + h) * dim;
+      float* oh = result + (b * heads + h) * dim;
+      static_assert(kGroupHeads == 3, "attend_group is instantiated for 1 to 3 heads");
+      (n == 3 ? attend_group<3, T> : n == 2 ? attend_group<2, T> : attend_group<1, T>)(
+          qh, keys + offset, values + offset, used, len, row, dim, scale, scores.data(), oh);
+      h += n;
+    }
+  }
+}
+
+// one task per request
 template <typename T>
 void attend_requests(const at::Tensor& q, const T* keys, const T* values, int64_t kv_heads,
                      const int64_t* slot, int64_t width, const int64_t* length, float scale,
                      at::Tensor& out) {
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
-  const int64_t group = heads / kv_heads, row = kv_heads * dim;
-  const float* queries = q.data_ptr<float>();
-  float* result = out.data_ptr<float>();
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t len = length[b];
-      const int64_t* used = slot + b * width;
-      scores.resize(kGroupHeads * len);
-      const int64_t ahead =
-          std::min<int64_t>(len, kPrefetchBytes / (2 * row * static_cast<int64_t>(sizeof(T))));
-      for (int64_t l = 0; l < ahead; ++l) {
-        prefetch_row(keys + used[l] * row, row);
-        prefetch_row(values + used[l] * row, row);
-      }
-      for (int64_t h = 0; h < heads;) {
-        const int64_t offset = (h / group) * dim;
-        const int64_t n = std::min<int64_t>(kGroupHeads, group - h % group);
-        const float* qh = queries + (b * heads + h) * dim;
-        float* oh = result + (b * heads + h) * dim;
-        static_assert(kGroupHeads == 3, "attend_group is instantiated for 1 to 3 heads");
-        (n == 3 ? attend_group<3, T> : n == 2 ? attend_group<2, T> : attend_group<1, T>)(
-            qh, keys + offset, values + offset, used, len, row, dim, scale, scores.data(), oh);
-        h += n;
-      }
-    }
+    attend_range(q.data_ptr<float>(), keys, values, heads, kv_heads, dim, slot, width, length,
+                 scale, out.data_ptr<float>(), begin, end, scores);
   });
 }
 
 }  // namespace
 
 namespace readmoe {
+
+void rms_norm_rows(const float* x, const float* weight, double eps, int64_t width,
+                   int64_t begin, int64_t end, float* y) {
+  for (int64_t n = begin; n < end; ++n) {
+    const float* in = x + n * width;
+    float* out = y + n * width;
+    float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= width; i += 8)
+      for (int j = 0; j < 8; ++j) lanes[j] += in[i + j] * in[i + j];
+    float sum = 0;
+    for (int j = 0; j < 8; ++j) sum += lanes[j];
+    for (; i < width; ++i) sum += in[i] * in[i];
+    const float inv = 1.0f / std::sqrt(sum / static_cast<float>(width) +
+                                       static_cast<float>(eps));
+    for (i = 0; i < width; ++i) out[i] = in[i] * inv * weight[i];
+  }
+}
+
+void rope_kv_rows(const float* qkv, int64_t width, const float* cos, const float* sin,
+                  int64_t dim, float* keys, float* values, const int64_t* slots, int64_t heads,
+                  int64_t kv_heads, float* q, int64_t begin, int64_t end, float* rotated) {
+  rope_range(qkv, width, cos, sin, dim, keys, values, slots, heads, kv_heads, q, begin, end,
+             rotated);
+}
+
+void rope_kv_rows(const float* qkv, int64_t width, const float* cos, const float* sin,
+                  int64_t dim, at::Half* keys, at::Half* values, const int64_t* slots,
+                  int64_t heads, int64_t kv_heads, float* q, int64_t begin, int64_t end,
+                  float* rotated) {
+  rope_range(qkv, width, cos, sin, dim, keys, values, slots, heads, kv_heads, q, begin, end,
+             rotated);
+}
+
+void attend_rows(const float* q, const float* keys, const float* values, int64_t heads,
+                 int64_t kv_heads, int64_t dim, const int64_t* slots, int64_t width,
+                 const int64_t* lengths, float scale, float* out, int64_t begin, int64_t end,
+                 std::vector<float>& scores) {
+  attend_range(q, keys, values, heads, kv_heads, dim, slots, width, lengths, scale, out, begin,
+               end, scores);
+}
+
+void attend_rows(const float* q, const at::Half* keys, const at::Half* values, int64_t heads,
+                 int64_t kv_heads, int64_t dim, const int64_t* slots, int64_t width,
+                 const int64_t* lengths, float scale, float* out, int64_t begin, int64_t end,
+                 std::vector<float>& scores) {
+  attend_range(q, keys, values, heads, kv_heads, dim, slots, width, lengths, scale, out, begin,
+               end, scores);
+}
+
+void silu_mul_rows(const float* gate_up, int64_t width, float* out, int64_t begin,
+                   int64_t end) {
+  for (int64_t n = begin; n < end; ++n) {
+    const float* gate = gate_up + n * 2 * width;
+    silu_mul_row(gate, gate + width, out + n * width, width);
+  }
+}
 
 // x [N, H] -> x / sqrt(mean(x^2) + eps) * weight
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -467,20 +540,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const float* w = weight.data_ptr<float>();
   float* dst = y.data_ptr<float>();
   at::parallel_for(0, rows, grain(width), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const float* in = src + n * width;
-      float* out = dst + n * width;
-      float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int64_t i = 0;
-      for (; i + 8 <= width; i += 8)
-        for (int j = 0; j < 8; ++j) lanes[j] += in[i + j] * in[i + j];
-      float sum = 0;
-      for (int j = 0; j < 8; ++j) sum += lanes[j];
-      for (; i < width; ++i) sum += in[i] * in[i];
-      const float inv = 1.0f / std::sqrt(sum / static_cast<float>(width) +
-                                         static_cast<float>(eps));
-      for (i = 0; i < width; ++i) out[i] = in[i] * inv * w[i];
-    }
+    rms_norm_rows(src, w, eps, width, begin, end, dst);
   });
   return y;
 }
@@ -570,12 +630,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   const float* src = gate_up.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, rows, grain(2 * width), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const float* gate = src + n * 2 * width;
-      const float* up = gate + width;
-      float* o = dst + n * width;
-      silu_mul_row(gate, up, o, width);
-    }
+    silu_mul_rows(src, width, dst, begin, end);
   });
   return out;
 }

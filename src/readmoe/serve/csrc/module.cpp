@@ -31,7 +31,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<int64_t, int64_t, double, at::Tensor, at::Tensor, double>())
       .def("add_layer", &readmoe::Decoder::add_layer)
       .def("step", &readmoe::Decoder::step, kFree)
-      .def_property_readonly("num_layers", &readmoe::Decoder::num_layers);
+      .def_property_readonly("num_layers", &readmoe::Decoder::num_layers)
+      .def_readwrite("team", &readmoe::Decoder::team);
   pybind11::class_<readmoe::Router>(m, "Router")
       .def(pybind11::init<at::Tensor, int64_t, double, double, at::Tensor, at::Tensor,
                           at::Tensor, double, at::Tensor>())

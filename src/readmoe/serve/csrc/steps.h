@@ -26,6 +26,19 @@ struct DecodeLayer {
   MaybeTensor bias;            // compensation [E, H] (dense: [1, H]) or none
 };
 
+// team.cpp: whether a layer's products all have panels (and its pools and biases are plain
+// float32/float16 tensors), so team_layers can run it
+bool team_fits(const DecodeLayer& l);
+
+// the layers of a decode step of 2-48 rows as one parallel region, hidden [B, H] updated in
+// place: rows sorted by expert (present[i] holds starts[i] .. + counts[i]), cos and sin
+// [B, D] the rows' RoPE factors
+void team_layers(const std::vector<DecodeLayer>& layers, int64_t heads, int64_t kv_heads,
+                 double scale, at::Tensor& hidden, const DecodeSlots& slots,
+                 const at::Tensor& cos, const at::Tensor& sin,
+                 const std::vector<int64_t>& present, const std::vector<int64_t>& starts,
+                 const std::vector<int64_t>& counts);
+
 // A decode-only step of the backbone, embedding to final norm, in one call. Holds references
 // to the runner's packed weights and KV pools, made once; each step passes what changes.
 class Decoder {
@@ -52,12 +65,21 @@ class Decoder {
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
+  // whether steps of 2-48 rows run their layers as one parallel region (team.cpp) where every
+  // layer fits; off: one call a layer half (layer.cpp), the same bits
+  bool team = true;
+
  private:
+  void layers(at::Tensor& hidden, const DecodeSlots& slots, const at::Tensor& cos,
+              const at::Tensor& sin, bool unrouted, const std::vector<int64_t>& present,
+              const std::vector<int64_t>& starts, const std::vector<int64_t>& counts) const;
+
   int64_t heads_, kv_heads_;
   double scale_;
   at::Tensor embed_, norm_;
   double eps_;
   std::vector<DecodeLayer> layers_;
+  bool team_fits_ = true;  // every layer so far fits team_layers
 };
 
 // The pre-gating router's decode step: each request's newly sampled token -> its expert,

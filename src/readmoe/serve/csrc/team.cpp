@@ -1,0 +1,260 @@
+// A decode step's layers as the phases of one parallel region (phases.h): Decoder::step's path
+// for 2-48 rows when every product of every layer has panels (gemm.cpp).
+//
+// Why: at batch 32 on two threads (the dense SmolLM2 served as one expert) a step spent about
+// 9 of its 54 ms outside its products. Every small op was a parallel region of its own (about
+// 4 us of fork and join), and every op and product a few ATen calls (allocation, views,
+// checks) that run cold after the products have streamed megabytes of weights through the
+// caches (torch.empty: 0.9 us hot, 12-27 us after 64 MB). Here a step allocates its buffers
+// once, checks its inputs once, and each layer's ops are phases calling the fused ops' row
+// kernels on raw pointers. A chunk runs the code the per-op calls run on the same rows, in
+// the same order per output, so the results are the same bits.
+
+#include "phases.h"
+#include "steps.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <utility>
+
+namespace readmoe {
+namespace {
+
+constexpr int64_t kPhasesPerLayer = 10;
+
+// [begin, end) of part c of n items cut in `parts` contiguous runs, as at::parallel_for cuts
+std::pair<int64_t, int64_t> part(int64_t n, int64_t parts, int64_t c) {
+  const int64_t size = (n + parts - 1) / parts;
+  return {std::min(n, c * size), std::min(n, (c + 1) * size)};
+}
+
+int64_t panel_count(int64_t columns) {
+  return (columns + kPanelColumns - 1) / kPanelColumns;
+}
+
+const float* data(const MaybeTensor& t) { return t ? t->data_ptr<float>() : nullptr; }
+
+// weight [K, N] with its panels [ceil(N / 48), K, 48] (a float32 CPU copy, not oneDNN's)
+bool on_panels(const at::Tensor& weight, const MaybeTensor& blocked, const MaybeTensor& bias) {
+  const auto fp32 = [](const at::Tensor& t) {
+    return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous();
+  };
+  return weight.dim() == 2 && blocked && !blocked->is_mkldnn() && fp32(*blocked) &&
+         blocked->dim() == 3 && blocked->size(0) == panel_count(weight.size(1)) &&
+         blocked->size(1) == weight.size(0) && blocked->size(2) == kPanelColumns &&
+         (!bias || (fp32(*bias) && bias->dim() == 1 && bias->size(0) == weight.size(1)));
+}
+
+bool expert_on_panels(const Expert& e) {
+  return e.size() == 4 && e[0] && e[2] && on_panels(*e[0], e[1], std::nullopt) &&
+         on_panels(*e[2], e[3], std::nullopt);
+}
+
+// x [M, K] @ W (its panels) (+ bias) (+ add) -> y [M, N]; then `after` [N] added to each row
+// (an expert's compensation bias, added after the residual as sorted_moe_ffn adds it)
+struct Product {
+  const float* x;
+  int64_t M, K;
+  const float* panels;
+  int64_t N;
+  const float* bias;
+  const float* add;
+  float* y;
+  const float* after;
+};
+
+Product product_of(const at::Tensor& weight, const MaybeTensor& blocked, const float* x,
+                   int64_t M, const float* bias, float* y, bool residual,
+                   const float* after = nullptr) {
+  return {x, M, weight.size(0), blocked->data_ptr<float>(), weight.size(1), bias,
+          residual ? y : nullptr, y, after};
+}
+
+// silu(gate) * up of gate_up [M, 2R] -> out [M, R]
+struct Gating {
+  const float* gate_up;
+  int64_t M, R;
+  float* out;
+};
+
+// what one layer's phases read and write
+struct LayerPlan {
+  const float *attn_norm, *ffn_norm;
+  double attn_eps, ffn_eps;
+  std::vector<Product> qkv, o, gate_up, down_shared, down_routed;
+  std::vector<Gating> gating;
+  void *keys, *values;
+  bool half;  // float16 pools
+};
+
+// every product of the list, each cut in `parts` runs of its panels
+void run_products(Phases& phases, Phases::Cursor& cursor, const std::vector<Product>& list,
+                  int64_t parts) {
+  phases.run(cursor, static_cast<int64_t>(list.size()) * parts, [&](int64_t c) {
+    const Product& p = list[static_cast<size_t>(c / parts)];
+    const auto [begin, end] = part(panel_count(p.N), parts, c % parts);
+    if (begin >= end) return;
+    panel_columns(p.x, p.M, p.K, p.panels, begin, end, p.N, p.bias, p.add, p.y);
+    if (!p.after) return;
+    const int64_t first = begin * kPanelColumns, last = std::min(p.N, end * kPanelColumns);
+    for (int64_t r = 0; r < p.M; ++r)
+      for (int64_t col = first; col < last; ++col) p.y[r * p.N + col] += p.after[col];
+  });
+}
+
+}  // namespace
+
+bool team_fits(const DecodeLayer& l) {
+  const auto pools = [&](const at::Tensor& pool) {
+    return pool.device().is_cpu() && pool.dim() == 3 && pool.is_contiguous() &&
+           (pool.scalar_type() == at::kFloat || pool.scalar_type() == at::kHalf);
+  };
+  bool fits = on_panels(l.qkv, l.qkv_blocked, l.qkv_bias) &&
+              on_panels(l.o, l.o_blocked, l.o_bias) && pools(l.key_pool) &&
+              pools(l.value_pool) && l.key_pool.sizes() == l.value_pool.sizes() &&
+              l.key_pool.scalar_type() == l.value_pool.scalar_type() &&
+              (l.shared || !l.routed.empty()) && (!l.shared || expert_on_panels(*l.shared));
+  for (const Expert& e : l.routed) fits = fits && expert_on_panels(e);
+  return fits && (!l.bias || (l.bias->scalar_type() == at::kFloat && l.bias->is_contiguous() &&
+                              l.bias->dim() == 2));
+}
+
+void team_layers(const std::vector<DecodeLayer>& layers, int64_t heads, int64_t kv_heads,
+                 double scale, at::Tensor& hidden, const DecodeSlots& slots,
+                 const at::Tensor& cos, const at::Tensor& sin,
+                 const std::vector<int64_t>& present, const std::vector<int64_t>& starts,
+                 const std::vector<int64_t>& counts) {
+  const int64_t rows = hidden.size(0), H = hidden.size(1), dim = cos.size(1);
+  const int64_t width = slots.key_slots.size(1), A = heads * dim;
+  TORCH_CHECK(hidden.is_contiguous() && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.size(0) == rows && sin.size(0) == rows,
+              "hidden, cos and sin must be contiguous, one row per token");
+  const int64_t* key_slots = slots.key_slots.data_ptr<int64_t>();
+  const int64_t last_slot = *std::max_element(key_slots, key_slots + rows * width);
+  TORCH_CHECK(*std::min_element(key_slots, key_slots + rows * width) >= 0,
+              "a context holds a negative slot");
+  // the buffers' widths: the widest qkv, shared and routed expert of any layer
+  int64_t Q = 0, shared_R = 0, routed_R = 0;
+  for (const DecodeLayer& l : layers) {
+    TORCH_CHECK(l.qkv.size(0) == H && l.qkv.size(1) == (heads + 2 * kv_heads) * dim &&
+                    l.o.size(0) == A && l.o.size(1) == H,
+                "a layer's qkv or o does not fit ", heads, " + 2 x ", kv_heads,
+                " heads of ", dim, " over a hidden size of ", H);
+    TORCH_CHECK(l.key_pool.size(1) == kv_heads && l.key_pool.size(2) == dim &&
+                    last_slot < l.key_pool.size(0),
+                "a layer's KV pools [", l.key_pool.sizes(), "] do not hold slot ", last_slot,
+                " of ", kv_heads, " heads of ", dim);
+    Q = std::max(Q, l.qkv.size(1));
+    if (l.shared) shared_R = std::max(shared_R, (*l.shared)[2]->size(0));
+    for (const int64_t e : present) {
+      if (l.routed.empty()) continue;
+      TORCH_CHECK(e < static_cast<int64_t>(l.routed.size()), "expert ", e,
+                  " outside the layer's ", l.routed.size());
+      routed_R = std::max(routed_R, (*l.routed[e][2]).size(0));
+    }
+    TORCH_CHECK(l.routed.empty() || !present.empty(),
+                "a layer with routed experts needs the step's routing");
+  }
+  at::Tensor arena = at::empty({rows * (H + Q + 2 * A + 3 * shared_R + 3 * routed_R)},
+                               hidden.options());
+  float* h = hidden.data_ptr<float>();
+  float* x = arena.data_ptr<float>();
+  float* qkv = x + rows * H;
+  float* q = qkv + rows * Q;
+  float* attn = q + rows * A;
+  float* shared_gu = attn + rows * A;
+  float* shared_act = shared_gu + rows * 2 * shared_R;
+  float* routed_gu = shared_act + rows * shared_R;
+  float* routed_act = routed_gu + rows * 2 * routed_R;
+  std::vector<LayerPlan> plans;
+  plans.reserve(layers.size());
+  for (const DecodeLayer& l : layers) {
+    LayerPlan p{l.attn_norm.data_ptr<float>(), l.ffn_norm.data_ptr<float>(), l.attn_eps,
+                l.ffn_eps, {}, {}, {}, {}, {}, {}, l.key_pool.data_ptr(),
+                l.value_pool.data_ptr(), l.key_pool.scalar_type() == at::kHalf};
+    p.qkv.push_back(product_of(l.qkv, l.qkv_blocked, x, rows, data(l.qkv_bias), qkv, false));
+    p.o.push_back(product_of(l.o, l.o_blocked, attn, rows, data(l.o_bias), h, true));
+    const float* bias = data(l.bias);
+    if (l.shared) {
+      const Expert& e = *l.shared;
+      const int64_t R = e[2]->size(0);
+      p.gate_up.push_back(product_of(*e[0], e[1], x, rows, nullptr, shared_gu, false));
+      p.gating.push_back({shared_gu, rows, R, shared_act});
+      // a dense layer's compensation (row 0) follows its residual
+      p.down_shared.push_back(product_of(*e[2], e[3], shared_act, rows, nullptr, h, true,
+                                         l.routed.empty() ? bias : nullptr));
+    }
+    for (size_t i = 0; i < present.size() && !l.routed.empty(); ++i) {
+      const Expert& e = l.routed[present[i]];
+      const int64_t R = e[2]->size(0), first = starts[i], M = counts[i];
+      float* gu = routed_gu + first * 2 * routed_R;
+      float* act = routed_act + first * routed_R;
+      p.gate_up.push_back(product_of(*e[0], e[1], x + first * H, M, nullptr, gu, false));
+      p.gating.push_back({gu, M, R, act});
+      p.down_routed.push_back(product_of(*e[2], e[3], act, M, nullptr, h + first * H, true,
+                                         bias ? bias + present[i] * H : nullptr));
+    }
+    plans.push_back(std::move(p));
+  }
+  const int64_t* write = slots.write.data_ptr<int64_t>();
+  const int64_t* lengths = slots.lengths.data_ptr<int64_t>();
+  const float* row_cos = cos.data_ptr<float>();
+  const float* row_sin = sin.data_ptr<float>();
+  const auto S = static_cast<float>(scale);
+  const int64_t parts = std::max<int64_t>(1, at::get_num_threads());
+  Phases phases(static_cast<int64_t>(plans.size()) * kPhasesPerLayer);
+  const auto walk = [&] {
+    Phases::Cursor at;
+    std::vector<float> rotated(dim), scores;
+    const auto norm = [&](const float* weight, double eps) {
+      phases.run(at, parts, [&](int64_t c) {
+        const auto [begin, end] = part(rows, parts, c);
+        rms_norm_rows(h, weight, eps, H, begin, end, x);
+      });
+    };
+    for (const LayerPlan& p : plans) {
+      norm(p.attn_norm, p.attn_eps);
+      run_products(phases, at, p.qkv, parts);
+      phases.run(at, parts, [&](int64_t c) {
+        const auto [begin, end] = part(rows, parts, c);
+        if (p.half) {
+          rope_kv_rows(qkv, Q, row_cos, row_sin, dim, static_cast<at::Half*>(p.keys),
+                       static_cast<at::Half*>(p.values), write, heads, kv_heads, q, begin, end,
+                       rotated.data());
+        } else {
+          rope_kv_rows(qkv, Q, row_cos, row_sin, dim, static_cast<float*>(p.keys),
+                       static_cast<float*>(p.values), write, heads, kv_heads, q, begin, end,
+                       rotated.data());
+        }
+      });
+      phases.run(at, rows, [&](int64_t b) {  // a request a chunk: contexts differ in length
+        if (p.half) {
+          attend_rows(q, static_cast<const at::Half*>(p.keys),
+                      static_cast<const at::Half*>(p.values), heads, kv_heads, dim, key_slots,
+                      width, lengths, S, attn, b, b + 1, scores);
+        } else {
+          attend_rows(q, static_cast<const float*>(p.keys), static_cast<const float*>(p.values),
+                      heads, kv_heads, dim, key_slots, width, lengths, S, attn, b, b + 1,
+                      scores);
+        }
+      });
+      run_products(phases, at, p.o, parts);
+      norm(p.ffn_norm, p.ffn_eps);
+      run_products(phases, at, p.gate_up, parts);
+      phases.run(at, static_cast<int64_t>(p.gating.size()) * parts, [&](int64_t c) {
+        const Gating& g = p.gating[static_cast<size_t>(c / parts)];
+        const auto [begin, end] = part(g.M, parts, c % parts);
+        silu_mul_rows(g.gate_up, g.R, g.out, begin, end);
+      });
+      run_products(phases, at, p.down_shared, parts);
+      run_products(phases, at, p.down_routed, parts);
+    }
+  };
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) walk();  // a thread given two walks: the 2nd finds all done
+  });
+  phases.rethrow();
+}
+
+}  // namespace readmoe
