@@ -38,8 +38,11 @@ touched) over the batch. Roofline tokens/s = batch * bandwidth / (those weights 
 cache at the mean context; llama.cpp keeps its cache in F16); bandwidth is a timed sum over a
 512 MiB tensor. Matmul floor (engine rows): the seconds the engine's packed matrix products alone
 take for one decode step of the batch (every layer, the shared expert on all rows, the rows
-split evenly over the step's measured distinct experts, the LM head), timed as the engine's
-decode is: the best of ``--repeats`` runs of ``new - 1`` such steps in a row, per step. (The
+split evenly over the step's measured distinct experts, the LM head), run as the engine runs
+them (where its decode step is one parallel region, ``serve/csrc/team.cpp``: 2-48 rows, every
+product on panels, that region with every op but the products skipped; elsewhere one call a
+product) and timed as the engine's decode is: the best of ``--repeats`` runs of ``new - 1``
+such steps in a row, per step. (The
 best single step of 15, kept in the JSON as ``matmul_floor_best_step_tokens_per_s``, is lower
 on a shared machine by the noise between steps, which the engine's whole runs average over.)
 HF's step time over it bounds what any engine using these kernels can gain here.
@@ -64,7 +67,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -267,6 +270,9 @@ def matmul_floor(engine: Engine, batch: int, distinct: float, repeats: int, step
                 expert(packed.experts[e % len(packed.experts)], x[:count])
         runner.lm_head(x)
 
+    decoder = runner.decoder
+    if decoder is not None and decoder.team_runs(batch):
+        step = one_region_products(runner, rows, x)
     def run() -> None:
         for _ in range(steps):
             step()
@@ -274,6 +280,31 @@ def matmul_floor(engine: Engine, batch: int, distinct: float, repeats: int, step
     step()
     per_run = min(_timed(run) for _ in range(repeats)) / steps
     return per_run, min(_timed(step) for _ in range(max(FLOOR_REPEATS, repeats)))
+
+
+def one_region_products(runner, rows: list[int], x: torch.Tensor) -> Callable[[], None]:
+    """A step of the products alone as the engine's one-region step runs them (its decoder's
+    ``products_only``: the same phases, chunks and buffers, every other op skipped), rows
+    split over ``len(rows)`` experts as given, then the LM head."""
+    decoder = runner.decoder
+    batch = sum(rows)
+    routed = any(packed.experts is not None for packed in runner.packed)
+    experts = [e for e, count in enumerate(rows) for _ in range(count)] if routed else []
+    if routed:
+        experts = [e % min(len(p.experts) for p in runner.packed if p.experts is not None)
+                   for e in experts]
+    contexts = [torch.zeros(1, dtype=torch.long)] * batch
+    rope = torch.zeros(1, runner.head_dim, dtype=x.dtype)
+
+    def step() -> None:
+        decoder.products_only = True
+        try:
+            decoder.step([0] * batch, contexts, rope, rope, [0] * batch, experts)
+        finally:
+            decoder.products_only = False
+        runner.lm_head(x)
+
+    return step
 
 
 def packed_step_bytes(engine: Engine, distinct: float) -> float:

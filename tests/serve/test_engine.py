@@ -200,6 +200,35 @@ def test_the_one_region_step_equals_the_per_layer_calls(kv_dtype, threads):
 
 
 @torch.no_grad()
+def test_products_only_runs_the_products_and_leaves_the_kv_cache(model):
+    """engine_speed's matmul floor: the one-region step with every op but its products
+    skipped writes no key or value; a step that would not run as one region is refused."""
+    ops = cpu_ops.load()
+    if ops is None or not ops.panels_supported():
+        pytest.skip("the one-region step needs the fused ops' panels (AVX-512)")
+    config = model.config
+    kv = PagedKVCache(config.num_hidden_layers, 20, 4, config.num_key_value_heads,
+                      config.hidden_size // config.num_attention_heads)
+    decoder = ModelRunner(model, kv).decoder
+    assert decoder.team_runs(2) and decoder.team_runs(48)
+    assert not decoder.team_runs(1) and not decoder.team_runs(49)
+    rope = torch.randn(1, config.hidden_size // config.num_attention_heads)
+    contexts = [torch.tensor([0, 5]), torch.tensor([7, 1, 2])]
+    before = [t.clone() for t in kv.keys + kv.values]
+    decoder.products_only = True
+    try:
+        hidden = decoder.step([3, 4], contexts, rope, rope, [0, 0], [1, 0])
+        with pytest.raises(RuntimeError, match="products_only times the one-region step"):
+            decoder.step([3], contexts[:1], rope, rope, [0], [1])
+    finally:
+        decoder.products_only = False
+    assert hidden.shape == (2, config.hidden_size) and torch.isfinite(hidden).all()
+    assert all(torch.equal(a, b) for a, b in zip(before, kv.keys + kv.values, strict=True))
+    decoder.step([3, 4], contexts, rope, rope, [0, 0], [1, 0])
+    assert not all(torch.equal(a, b) for a, b in zip(before, kv.keys + kv.values, strict=True))
+
+
+@torch.no_grad()
 def test_only_decode_steps_multiply_through_the_prepacked_copies(model, prompts):
     """A step with prefill rows brings row counts of its own to every matrix: through oneDNN
     each would be a cached primitive, evicting the decode steps' (``runner.forward``); the

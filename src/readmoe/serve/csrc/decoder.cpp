@@ -88,6 +88,11 @@ void Decoder::layers(at::Tensor& hidden, const DecodeSlots& slots, const at::Ten
   }
 }
 
+bool Decoder::team_runs(int64_t rows) const {
+  return team && team_fits_ && panels_supported() && rows >= kBlockedMinRows &&
+         rows <= kBlockedMaxRows;
+}
+
 // The routing is the same in every layer (a pre-gating router fixes it for the step), so the
 // rows are put in expert order once, as they are gathered (tokens, slots, RoPE factors), and
 // back once at the end, not gathered and scattered per layer.
@@ -132,9 +137,11 @@ at::Tensor Decoder::step(const std::vector<int64_t>& tokens,
   const at::Tensor rope = at::tensor(sorted_rope, index);
   const at::Tensor row_cos = cos.index_select(0, rope), row_sin = sin.index_select(0, rope);
   at::Tensor hidden = embed_.index_select(0, at::tensor(sorted_tokens, index));  // [B, H]
-  if (team && team_fits_ && panels_supported() && rows >= kBlockedMinRows && rows <= kBlockedMaxRows) {
+  TORCH_CHECK(!products_only || team_runs(rows), "products_only times the one-region step: ",
+              rows, " rows do not run as one (2-48 rows, every layer on panels, team on)");
+  if (team_runs(rows)) {
     team_layers(layers_, heads_, kv_heads_, scale_, hidden, slots, row_cos, row_sin, present,
-                starts, counts);
+                starts, counts, products_only);
   } else {
     layers(hidden, slots, row_cos, row_sin, experts.empty(), present, starts, counts);
   }

@@ -32,7 +32,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_layer", &readmoe::Decoder::add_layer)
       .def("step", &readmoe::Decoder::step, kFree)
       .def_property_readonly("num_layers", &readmoe::Decoder::num_layers)
-      .def_readwrite("team", &readmoe::Decoder::team);
+      .def_readwrite("team", &readmoe::Decoder::team)
+      .def("team_runs", &readmoe::Decoder::team_runs)
+      .def_readwrite("products_only", &readmoe::Decoder::products_only);
   pybind11::class_<readmoe::Router>(m, "Router")
       .def(pybind11::init<at::Tensor, int64_t, double, double, at::Tensor, at::Tensor,
                           at::Tensor, double, at::Tensor>())

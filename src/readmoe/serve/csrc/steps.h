@@ -32,12 +32,12 @@ bool team_fits(const DecodeLayer& l);
 
 // the layers of a decode step of 2-48 rows as one parallel region, hidden [B, H] updated in
 // place: rows sorted by expert (present[i] holds starts[i] .. + counts[i]), cos and sin
-// [B, D] the rows' RoPE factors
+// [B, D] the rows' RoPE factors; products_only: Decoder::products_only
 void team_layers(const std::vector<DecodeLayer>& layers, int64_t heads, int64_t kv_heads,
                  double scale, at::Tensor& hidden, const DecodeSlots& slots,
                  const at::Tensor& cos, const at::Tensor& sin,
                  const std::vector<int64_t>& present, const std::vector<int64_t>& starts,
-                 const std::vector<int64_t>& counts);
+                 const std::vector<int64_t>& counts, bool products_only);
 
 // A decode-only step of the backbone, embedding to final norm, in one call. Holds references
 // to the runner's packed weights and KV pools, made once; each step passes what changes.
@@ -68,6 +68,13 @@ class Decoder {
   // whether steps of 2-48 rows run their layers as one parallel region (team.cpp) where every
   // layer fits; off: one call a layer half (layer.cpp), the same bits
   bool team = true;
+
+  // whether a step of `rows` rows runs as one parallel region (team on, every layer fits)
+  bool team_runs(int64_t rows) const;
+
+  // benchmarks' matmul floor: a step then runs only its products (zeroed buffers, no KV
+  // written, hidden not the model's), as the one-region step runs them; needs team_runs
+  bool products_only = false;
 
  private:
   void layers(at::Tensor& hidden, const DecodeSlots& slots, const at::Tensor& cos,

@@ -124,7 +124,7 @@ void team_layers(const std::vector<DecodeLayer>& layers, int64_t heads, int64_t 
                  double scale, at::Tensor& hidden, const DecodeSlots& slots,
                  const at::Tensor& cos, const at::Tensor& sin,
                  const std::vector<int64_t>& present, const std::vector<int64_t>& starts,
-                 const std::vector<int64_t>& counts) {
+                 const std::vector<int64_t>& counts, bool products_only) {
   const int64_t rows = hidden.size(0), H = hidden.size(1), dim = cos.size(1);
   const int64_t width = slots.key_slots.size(1), A = heads * dim;
   TORCH_CHECK(hidden.is_contiguous() && cos.is_contiguous() && sin.is_contiguous() &&
@@ -156,8 +156,11 @@ void team_layers(const std::vector<DecodeLayer>& layers, int64_t heads, int64_t 
     TORCH_CHECK(l.routed.empty() || !present.empty(),
                 "a layer with routed experts needs the step's routing");
   }
-  at::Tensor arena = at::empty({rows * (H + Q + 2 * A + 3 * shared_R + 3 * routed_R)},
-                               hidden.options());
+  const int64_t floats = rows * (H + Q + 2 * A + 3 * shared_R + 3 * routed_R);
+  // products alone read buffers no op filled: zeros, not garbage (denormals slow FMA down)
+  at::Tensor arena = products_only ? at::zeros({floats}, hidden.options())
+                                   : at::empty({floats}, hidden.options());
+  if (products_only) hidden.zero_();
   float* h = hidden.data_ptr<float>();
   float* x = arena.data_ptr<float>();
   float* qkv = x + rows * H;
@@ -203,12 +206,13 @@ void team_layers(const std::vector<DecodeLayer>& layers, int64_t heads, int64_t 
   const float* row_sin = sin.data_ptr<float>();
   const auto S = static_cast<float>(scale);
   const int64_t parts = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t ops = products_only ? 0 : parts;  // chunks of each phase that is not a product
   Phases phases(static_cast<int64_t>(plans.size()) * kPhasesPerLayer);
   const auto walk = [&] {
     Phases::Cursor at;
     std::vector<float> rotated(dim), scores;
     const auto norm = [&](const float* weight, double eps) {
-      phases.run(at, parts, [&](int64_t c) {
+      phases.run(at, ops, [&](int64_t c) {
         const auto [begin, end] = part(rows, parts, c);
         rms_norm_rows(h, weight, eps, H, begin, end, x);
       });
@@ -216,7 +220,7 @@ void team_layers(const std::vector<DecodeLayer>& layers, int64_t heads, int64_t 
     for (const LayerPlan& p : plans) {
       norm(p.attn_norm, p.attn_eps);
       run_products(phases, at, p.qkv, parts);
-      phases.run(at, parts, [&](int64_t c) {
+      phases.run(at, ops, [&](int64_t c) {
         const auto [begin, end] = part(rows, parts, c);
         if (p.half) {
           rope_kv_rows(qkv, Q, row_cos, row_sin, dim, static_cast<at::Half*>(p.keys),
@@ -228,7 +232,7 @@ void team_layers(const std::vector<DecodeLayer>& layers, int64_t heads, int64_t 
                        rotated.data());
         }
       });
-      phases.run(at, rows, [&](int64_t b) {  // a request a chunk: contexts differ in length
+      phases.run(at, products_only ? 0 : rows, [&](int64_t b) {  // a request a chunk: contexts differ in length
         if (p.half) {
           attend_rows(q, static_cast<const at::Half*>(p.keys),
                       static_cast<const at::Half*>(p.values), heads, kv_heads, dim, key_slots,
@@ -242,7 +246,7 @@ void team_layers(const std::vector<DecodeLayer>& layers, int64_t heads, int64_t 
       run_products(phases, at, p.o, parts);
       norm(p.ffn_norm, p.ffn_eps);
       run_products(phases, at, p.gate_up, parts);
-      phases.run(at, static_cast<int64_t>(p.gating.size()) * parts, [&](int64_t c) {
+      phases.run(at, static_cast<int64_t>(p.gating.size()) * ops, [&](int64_t c) {
         const Gating& g = p.gating[static_cast<size_t>(c / parts)];
         const auto [begin, end] = part(g.M, parts, c % parts);
         silu_mul_rows(g.gate_up, g.R, g.out, begin, end);
