@@ -37,14 +37,16 @@ when it is tied to the embedding, only the routed experts the engine's decode st
 touched) over the batch. Roofline tokens/s = batch * bandwidth / (those weights + the batch's KV
 cache at the mean context; llama.cpp keeps its cache in F16); bandwidth is a timed sum over a
 512 MiB tensor. Matmul floor (engine rows): the seconds the engine's packed matrix products alone
-take for one decode step of the batch (every layer, the shared expert on all rows, the rows
-split evenly over the step's measured distinct experts, the LM head), run as the engine runs
-them (where its decode step is one parallel region, ``serve/csrc/team.cpp``: 2-48 rows, every
-product on panels, that region with every op but the products skipped; elsewhere one call a
-product) and timed as the engine's decode is: the best of ``--repeats`` runs of ``new - 1``
-such steps in a row, per step. (The
-best single step of 15, kept in the JSON as ``matmul_floor_best_step_tokens_per_s``, is lower
-on a shared machine by the noise between steps, which the engine's whole runs average over.)
+take for one decode step of the batch (every layer, the shared expert on all rows, each routed
+expert on the rows the engine's own decode steps gave it, those steps replayed in turn, the LM
+head), run as the engine runs them (where its decode step is one parallel region,
+``serve/csrc/team.cpp``: 2-48 rows, every product on panels, that region with every op but the
+products skipped; elsewhere one call a product) and timed as the engine's decode is: the best
+of ``--repeats`` runs of ``new - 1`` such steps in a row, per step. (The best single step of
+15, kept in the JSON as ``matmul_floor_best_step_tokens_per_s``, is lower on a shared machine
+by the noise between steps, which the engine's whole runs average over.) Outside the floor: the
+attention (it reads the KV cache), the norms and activations, the pre-gating router's step and
+sampling.
 HF's step time over it bounds what any engine using these kernels can gain here.
 
 ``--device`` / ``--dtype`` as every command (default: CUDA bf16 with a GPU, else CPU fp32);
@@ -61,12 +63,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import os
 import platform
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -241,65 +245,65 @@ def decode_seconds(run, batch: list[list[int]], args: argparse.Namespace) -> flo
 
 
 @torch.inference_mode()
-def matmul_floor(engine: Engine, batch: int, distinct: float, repeats: int, steps: int
-                 ) -> tuple[float, float]:
+def matmul_floor(engine: Engine, batch: int, routings: list[tuple[int, ...]], repeats: int,
+                 steps: int) -> tuple[float, float]:
     """Seconds of one decode step's packed matrix products alone (module docstring), timed as
     the engine's decode is: the best of ``repeats`` runs of ``steps`` steps in a row, per step;
     and the best single step of as many (a lower estimate on a noisy machine: the engine's
-    time is a whole run's, never its luckiest step)."""
+    time is a whole run's, never its luckiest step). Step i routes its rows as ``routings[i]``
+    (each row's expert; the engine's own decode steps, replayed in turn)."""
     runner = engine.runner
     config = engine.model.config
-    hidden = config.hidden_size
-    experts = max(1, min(batch, round(distinct)))
-    rows = [len(part) for part in torch.arange(batch).tensor_split(experts)]
     where = {"dtype": engine.model.dtype, "device": engine.model.device}
-    x = torch.randn(batch, hidden, **where)
+    x = torch.randn(batch, config.hidden_size, **where)
     attn = torch.randn(batch, runner.heads * runner.head_dim, **where)
+    routings = [r for r in routings if len(r) == batch] or [(0,) * batch]
 
     def expert(weights: PackedExpert, inputs: torch.Tensor) -> None:
         gate_up = weights.gate_up(inputs)
         weights.down(gate_up[:, :gate_up.shape[1] // 2])
 
-    def step() -> None:
+    def per_call(routing: tuple[int, ...]) -> None:
+        counts = Counter(routing)
         for packed in runner.packed:
             packed.qkv(x)
             packed.o(attn)
             if packed.shared is not None:
                 expert(packed.shared, x)
-            for e, count in enumerate(rows if packed.experts is not None else []):
-                expert(packed.experts[e % len(packed.experts)], x[:count])
+            for e, count in sorted(counts.items()) if packed.experts is not None else ():
+                expert(packed.experts[e], x[:count])
         runner.lm_head(x)
 
     decoder = runner.decoder
-    if decoder is not None and decoder.team_runs(batch):
-        step = one_region_products(runner, rows, x)
+    one_step = (one_region_products(runner, x) if decoder is not None
+                and decoder.team_runs(batch) else per_call)
+    each = [functools.partial(one_step, routing) for routing in routings]
+
     def run() -> None:
-        for _ in range(steps):
-            step()
+        for i in range(steps):
+            each[i % len(each)]()
 
-    step()
+    each[0]()
     per_run = min(_timed(run) for _ in range(repeats)) / steps
-    return per_run, min(_timed(step) for _ in range(max(FLOOR_REPEATS, repeats)))
+    return per_run, min(_timed(each[i % len(each)])
+                        for i in range(max(FLOOR_REPEATS, repeats)))
 
 
-def one_region_products(runner, rows: list[int], x: torch.Tensor) -> Callable[[], None]:
+def one_region_products(runner, x: torch.Tensor) -> Callable[[tuple[int, ...]], None]:
     """A step of the products alone as the engine's one-region step runs them (its decoder's
-    ``products_only``: the same phases, chunks and buffers, every other op skipped), rows
-    split over ``len(rows)`` experts as given, then the LM head."""
+    ``products_only``: the same phases, chunks and buffers, every other op skipped), the rows
+    routed as given, then the LM head."""
     decoder = runner.decoder
-    batch = sum(rows)
+    batch = x.shape[0]
     routed = any(packed.experts is not None for packed in runner.packed)
-    experts = [e for e, count in enumerate(rows) for _ in range(count)] if routed else []
-    if routed:
-        experts = [e % min(len(p.experts) for p in runner.packed if p.experts is not None)
-                   for e in experts]
     contexts = [torch.zeros(1, dtype=torch.long)] * batch
     rope = torch.zeros(1, runner.head_dim, dtype=x.dtype)
 
-    def step() -> None:
+    def step(routing: tuple[int, ...]) -> None:
         decoder.products_only = True
         try:
-            decoder.step([0] * batch, contexts, rope, rope, [0] * batch, experts)
+            decoder.step([0] * batch, contexts, rope, rope, [0] * batch,
+                         list(routing) if routed else [])
         finally:
             decoder.products_only = False
         runner.lm_head(x)
@@ -405,6 +409,7 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
             warm = warm_engine(engine_model, tokenizer, batch, args.new_tokens)
             decode_steps = [s for s in warm.steps if s.num_tokens == b]
             distinct = sum(s.distinct_experts for s in decode_steps) / max(1, len(decode_steps))
+            routings = [s.token_experts for s in decode_steps]
             kv = kv_step_bytes(engine_model.config, b, context, kv_size)
             hf = None
             if hf_name in args.peers:
@@ -431,7 +436,7 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
                         kv_dtype)
                 seconds = decode_seconds(lambda ids, new, e=engine: engine_time(e, ids, new),
                                          batch, args)
-                floor, best_step = matmul_floor(engine, b, distinct, args.repeats,
+                floor, best_step = matmul_floor(engine, b, routings, args.repeats,
                                                 args.new_tokens - 1)
                 weights = (weight_step_bytes(engine_model, distinct) if quantize == "none"
                            else packed_step_bytes(engine, distinct))

@@ -14,6 +14,7 @@
 #include "steps.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <utility>
@@ -208,55 +209,72 @@ void team_layers(const std::vector<DecodeLayer>& layers, int64_t heads, int64_t 
   const int64_t parts = std::max<int64_t>(1, at::get_num_threads());
   const int64_t ops = products_only ? 0 : parts;  // chunks of each phase that is not a product
   Phases phases(static_cast<int64_t>(plans.size()) * kPhasesPerLayer);
+  // each phase a profiler scope (the calling thread's, whose phases span the whole step)
+  const auto scoped = [](const char* name, const auto& body) {
+    RECORD_FUNCTION(name, c10::ArrayRef<const c10::IValue>{});
+    body();
+  };
   const auto walk = [&] {
     Phases::Cursor at;
     std::vector<float> rotated(dim), scores;
+    const auto products = [&](const std::vector<Product>& list) {
+      scoped("readmoe::panel_linear", [&] { run_products(phases, at, list, parts); });
+    };
     const auto norm = [&](const float* weight, double eps) {
-      phases.run(at, ops, [&](int64_t c) {
-        const auto [begin, end] = part(rows, parts, c);
-        rms_norm_rows(h, weight, eps, H, begin, end, x);
+      scoped("readmoe::rms_norm", [&] {
+        phases.run(at, ops, [&](int64_t c) {
+          const auto [begin, end] = part(rows, parts, c);
+          rms_norm_rows(h, weight, eps, H, begin, end, x);
+        });
       });
     };
     for (const LayerPlan& p : plans) {
       norm(p.attn_norm, p.attn_eps);
-      run_products(phases, at, p.qkv, parts);
-      phases.run(at, ops, [&](int64_t c) {
-        const auto [begin, end] = part(rows, parts, c);
-        if (p.half) {
-          rope_kv_rows(qkv, Q, row_cos, row_sin, dim, static_cast<at::Half*>(p.keys),
-                       static_cast<at::Half*>(p.values), write, heads, kv_heads, q, begin, end,
-                       rotated.data());
-        } else {
-          rope_kv_rows(qkv, Q, row_cos, row_sin, dim, static_cast<float*>(p.keys),
-                       static_cast<float*>(p.values), write, heads, kv_heads, q, begin, end,
-                       rotated.data());
-        }
+      products(p.qkv);
+      scoped("readmoe::rope_write_kv", [&] {
+        phases.run(at, ops, [&](int64_t c) {
+          const auto [begin, end] = part(rows, parts, c);
+          if (p.half) {
+            rope_kv_rows(qkv, Q, row_cos, row_sin, dim, static_cast<at::Half*>(p.keys),
+                         static_cast<at::Half*>(p.values), write, heads, kv_heads, q, begin,
+                         end, rotated.data());
+          } else {
+            rope_kv_rows(qkv, Q, row_cos, row_sin, dim, static_cast<float*>(p.keys),
+                         static_cast<float*>(p.values), write, heads, kv_heads, q, begin, end,
+                         rotated.data());
+          }
+        });
       });
-      phases.run(at, products_only ? 0 : rows, [&](int64_t b) {  // a request a chunk: contexts differ in length
-        if (p.half) {
-          attend_rows(q, static_cast<const at::Half*>(p.keys),
-                      static_cast<const at::Half*>(p.values), heads, kv_heads, dim, key_slots,
-                      width, lengths, S, attn, b, b + 1, scores);
-        } else {
-          attend_rows(q, static_cast<const float*>(p.keys), static_cast<const float*>(p.values),
-                      heads, kv_heads, dim, key_slots, width, lengths, S, attn, b, b + 1,
-                      scores);
-        }
+      scoped("readmoe::decode_attention", [&] {
+        // a request a chunk: contexts differ in length
+        phases.run(at, products_only ? 0 : rows, [&](int64_t b) {
+          if (p.half) {
+            attend_rows(q, static_cast<const at::Half*>(p.keys),
+                        static_cast<const at::Half*>(p.values), heads, kv_heads, dim,
+                        key_slots, width, lengths, S, attn, b, b + 1, scores);
+          } else {
+            attend_rows(q, static_cast<const float*>(p.keys),
+                        static_cast<const float*>(p.values), heads, kv_heads, dim, key_slots,
+                        width, lengths, S, attn, b, b + 1, scores);
+          }
+        });
       });
-      run_products(phases, at, p.o, parts);
+      products(p.o);
       norm(p.ffn_norm, p.ffn_eps);
-      run_products(phases, at, p.gate_up, parts);
-      phases.run(at, static_cast<int64_t>(p.gating.size()) * ops, [&](int64_t c) {
-        const Gating& g = p.gating[static_cast<size_t>(c / parts)];
-        const auto [begin, end] = part(g.M, parts, c % parts);
-        silu_mul_rows(g.gate_up, g.R, g.out, begin, end);
+      products(p.gate_up);
+      scoped("readmoe::silu_mul", [&] {
+        phases.run(at, static_cast<int64_t>(p.gating.size()) * ops, [&](int64_t c) {
+          const Gating& g = p.gating[static_cast<size_t>(c / parts)];
+          const auto [begin, end] = part(g.M, parts, c % parts);
+          silu_mul_rows(g.gate_up, g.R, g.out, begin, end);
+        });
       });
-      run_products(phases, at, p.down_shared, parts);
-      run_products(phases, at, p.down_routed, parts);
+      products(p.down_shared);
+      products(p.down_routed);
     }
   };
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) walk();  // a thread given two walks: the 2nd finds all done
+    for (int64_t i = begin; i < end; ++i) walk();  // a thread given two: the 2nd finds all done
   });
   phases.rethrow();
 }
