@@ -542,6 +542,8 @@ def markdown(result: dict, described: str, dense: str, placement: Placement) -> 
             ("engine-dense-kvf16", "engine-dense", "The same on the dense model"),
             ("engine-dense", "llama.cpp-f32", "Engine on the dense model over llama.cpp F32 on "
              "the same weights (the same work)"),
+            ("engine-dense-kvf16", "llama.cpp-f32", "The same with the engine's KV cache in "
+             "float16, as llama.cpp's"),
             ("engine-dense-int8", "llama.cpp-quantized", "Engine int8 on the dense model over "
              "llama.cpp's quantized GGUF")):
         pairs = [(t, b, rate[(peer, t, b)] / rate[(versus, t, b)])
@@ -562,12 +564,15 @@ def markdown(result: dict, described: str, dense: str, placement: Placement) -> 
     for line in result["missing"]:
         lines += ["", f"**Missing rows `{line['peer']}`**: {line['reason']}."]
     lines += ["", "MB read / token: weight bytes one decode step reads, over the batch. Matmul "
-              "floor: the engine's packed matrix products alone, timed here as the engine is (best "
+              "floor: the engine's packed matrix products alone, on the rows its own decode "
+              "steps routed to each expert, run as the engine runs them (at 2-48 rows its "
+              "one-region step with every other op skipped) and timed as the engine is (best "
               "of the repeats of a whole run of decode steps, per step; 'of best-step floor' "
               "divides by the best single step instead); no engine built on "
               "these kernels beats it on this machine (at batch 1 they stream the weights from "
-              "memory, at batch 32 they are compute-bound). Each row's `command` in the JSON "
-              "says how it was produced."]
+              "memory, at batch 32 they are compute-bound). Outside it: attention (the KV "
+              "cache's bytes), norms, activations, the router's step, sampling. Each row's "
+              "`command` in the JSON says how it was produced."]
     return "\n".join(lines)
 
 
