@@ -115,6 +115,22 @@ def test_a_float16_kv_cache_is_attention_over_the_rounded_keys_and_values(model,
     assert not torch.equal(runs["fused"], runs["float32"])
 
 
+def prefilled_step(runner: ModelRunner, seqs: list[list[int]],
+                   experts: list[list[int]]) -> list[RunnerChunk]:
+    """Each sequence but its last token prefilled through ``runner`` (``experts[i]``: sequence
+    i's expert per token), then the decode step of the last tokens, each request's chunk."""
+    kv = runner.kv
+    for rid, s in enumerate(seqs):
+        kv.admit(str(rid), len(s))
+        kv.grow(str(rid), len(s) - 1)
+    runner.forward([RunnerChunk(s[:-1], 0, kv.slots(str(rid), 0, len(s) - 1), False)
+                    for rid, s in enumerate(seqs)], [e for ids in experts for e in ids[:-1]])
+    for rid, s in enumerate(seqs):
+        kv.grow(str(rid), len(s))
+    return [RunnerChunk(s[-1:], len(s) - 1, kv.slots(str(rid), 0, len(s)), True)
+            for rid, s in enumerate(seqs)]
+
+
 @pytest.mark.parametrize("compensation", [False, True])
 @torch.no_grad()
 def test_the_whole_step_decoder_equals_the_layer_loop(prompts, compensation):
@@ -135,16 +151,7 @@ def test_the_whole_step_decoder_equals_the_layer_loop(prompts, compensation):
     assert decoder is not None and decoder.num_layers == config.num_hidden_layers
     seqs = [prompts[1][:12], prompts[2], prompts[3][:7]]
     experts = [model.route(torch.tensor([s]))[0][0].tolist() for s in seqs]
-    for rid, s in enumerate(seqs):
-        kv.admit(str(rid), len(s))
-        kv.grow(str(rid), len(s) - 1)
-    prefill = [RunnerChunk(s[:-1], 0, kv.slots(str(rid), 0, len(s) - 1), False)
-               for rid, s in enumerate(seqs)]
-    runner.forward(prefill, [e for ids in experts for e in ids[:-1]])
-    for rid, s in enumerate(seqs):
-        kv.grow(str(rid), len(s))
-    step = [RunnerChunk(s[-1:], len(s) - 1, kv.slots(str(rid), 0, len(s)), True)
-            for rid, s in enumerate(seqs)]
+    step = prefilled_step(runner, seqs, experts)
     routed = [ids[-1] for ids in experts]
     whole = runner.forward(step, routed)
     runner.decoder = None
@@ -177,16 +184,8 @@ def test_the_one_region_step_equals_the_per_layer_calls(kv_dtype, threads):
             kv = PagedKVCache(config.num_hidden_layers, 60, 4, config.num_key_value_heads,
                               config.hidden_size // config.num_attention_heads, kv_dtype)
             runner = ModelRunner(model, kv)
-            for rid, s in enumerate(seqs):
-                kv.admit(str(rid), len(s))
-                kv.grow(str(rid), len(s) - 1)
-            runner.forward([RunnerChunk(s[:-1], 0, kv.slots(str(rid), 0, len(s) - 1), False)
-                            for rid, s in enumerate(seqs)],
-                           [r for s, r in zip(seqs, routed, strict=True) for _ in s[1:]])
-            for rid, s in enumerate(seqs):
-                kv.grow(str(rid), len(s))
-            step = [RunnerChunk(s[-1:], len(s) - 1, kv.slots(str(rid), 0, len(s)), True)
-                    for rid, s in enumerate(seqs)]
+            step = prefilled_step(runner, seqs, [[r] * len(s) for s, r in zip(seqs, routed,
+                                                                             strict=True)])
             runner.decoder.team = True
             team = runner.forward(step, routed)
             runner.decoder.team = False

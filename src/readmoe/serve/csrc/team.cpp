@@ -8,7 +8,8 @@
 // caches (torch.empty: 0.9 us hot, 12-27 us after 64 MB). Here a step allocates its buffers
 // once, checks its inputs once, and each layer's ops are phases calling the fused ops' row
 // kernels on raw pointers. A chunk runs the code the per-op calls run on the same rows, in
-// the same order per output, so the results are the same bits.
+// the same order per output, so the results are the same bits, but for an expert's single
+// row: through its panels here, through at::mm there (equal to float rounding).
 
 #include "phases.h"
 #include "steps.h"
@@ -146,6 +147,13 @@ void team_layers(const std::vector<DecodeLayer>& layers, int64_t heads, int64_t 
                     last_slot < l.key_pool.size(0),
                 "a layer's KV pools [", l.key_pool.sizes(), "] do not hold slot ", last_slot,
                 " of ", kv_heads, " heads of ", dim);
+    for (const at::Tensor* norm : {&l.attn_norm, &l.ffn_norm})
+      TORCH_CHECK(norm->scalar_type() == at::kFloat && norm->is_contiguous() &&
+                      norm->numel() == H,
+                  "a layer's norm weight must be a contiguous float32 vector of ", H);
+    TORCH_CHECK(!l.bias || (l.bias->size(1) == H &&
+                            l.bias->size(0) >= std::max<int64_t>(1, l.routed.size())),
+                "a layer's compensation must be [experts, ", H, "], got ", l.bias->sizes());
     Q = std::max(Q, l.qkv.size(1));
     if (l.shared) shared_R = std::max(shared_R, (*l.shared)[2]->size(0));
     for (const int64_t e : present) {
