@@ -115,6 +115,16 @@ def test_a_float16_kv_cache_is_attention_over_the_rounded_keys_and_values(model,
     assert not torch.equal(runs["fused"], runs["float32"])
 
 
+@torch.no_grad()
+def compensated(compensation: bool):
+    """A tiny ReadME model with compensation biases (if asked for) drawn at random, not zero."""
+    model = readme(compensation=compensation)
+    for layer in model.model.layers:
+        if layer.mlp.compensation is not None:
+            layer.mlp.compensation.normal_()
+    return model
+
+
 def prefilled_step(runner: ModelRunner, seqs: list[list[int]],
                    experts: list[list[int]]) -> list[RunnerChunk]:
     """Each sequence but its last token prefilled through ``runner`` (``experts[i]``: sequence
@@ -139,10 +149,7 @@ def test_the_whole_step_decoder_equals_the_layer_loop(prompts, compensation):
     in place) equals the per-layer loop (gather, compute, scatter-add) to float rounding."""
     if cpu_ops.load() is None:
         pytest.skip("no fused CPU ops here")
-    model = readme(compensation=compensation)
-    for layer in model.model.layers:
-        if layer.mlp.compensation is not None:
-            layer.mlp.compensation.normal_()
+    model = compensated(compensation)
     config = model.config
     kv = PagedKVCache(config.num_hidden_layers, 20, 4, config.num_key_value_heads,
                       config.hidden_size // config.num_attention_heads)
@@ -170,10 +177,7 @@ def test_the_one_region_step_equals_the_per_layer_calls(kv_dtype, threads):
     ops = cpu_ops.load()
     if ops is None or not ops.panels_supported():
         pytest.skip("the one-region step needs the fused ops' panels (AVX-512)")
-    model = readme(compensation=True)
-    for layer in model.model.layers:
-        if layer.mlp.compensation is not None:
-            layer.mlp.compensation.normal_()
+    model = compensated(True)
     config = model.config
     gen = torch.Generator().manual_seed(1)
     seqs = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (12, 5, 30, 7, 9, 21)]
