@@ -3,13 +3,15 @@
 Why: on CPU a decode step's matrix products run near their floor, and what the engine loses
 beside them is the small ops around them (norms, RoPE and the KV write, the paged-attention
 gathers and the attention itself, SiLU times up), each several ATen calls at sizes where a
-call's fixed cost is its whole cost, and the Python between the calls. ``kernels.cpp`` does
-each small op in one call and one pass, as vLLM's CPU backend and llama.cpp do; ``layer.cpp``
-runs a layer's attention block (decode-only steps) and its MoE FFN as one call each;
-``gemm.cpp`` multiplies 2-48 rows on AVX-512 CPUs faster than oneDNN's prepacked kernel
-(its weights' next panel prefetched while one is multiplied; ``panels_apply``); ``decoder.cpp``
-and ``router.cpp`` run a decode-only step of the backbone (embedding to final norm) and of the
-pre-gating router as one call each; ``module.cpp`` binds them for Python.
+call's fixed cost is its whole cost, and the Python between the calls. ``kernels.cpp`` and
+``attention.cpp`` (the decode attention over the paged pools) do each small op in one call
+and one pass, as vLLM's CPU backend and llama.cpp do; ``layer.cpp`` runs a layer's attention
+block (decode-only steps) and its MoE FFN as one call each; ``gemm.cpp`` multiplies 2-48 rows
+on AVX-512 CPUs faster than oneDNN's prepacked kernel (its weights' next panel prefetched
+while one is multiplied; ``panels_apply``); ``decoder.cpp`` and ``router.cpp`` run a
+decode-only step of the backbone (embedding to final norm) and of the pre-gating router as one
+call each, ``team.cpp`` the backbone's layers of a 2-48-row step as one parallel region;
+``module.cpp`` binds them for Python.
 
 The extension is compiled with torch's ``cpp_extension`` the first time a runner asks for it
 (about a minute on a 2-core CPU; it needs a C++ compiler, and ``ninja``, a dependency) into
@@ -33,8 +35,8 @@ from types import ModuleType
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("kernels.cpp", "layer.cpp", "gemm.cpp", "decoder.cpp", "team.cpp", "router.cpp",
-           "module.cpp")
+SOURCES = ("kernels.cpp", "attention.cpp", "layer.cpp", "gemm.cpp", "decoder.cpp", "team.cpp",
+           "router.cpp", "module.cpp")
 DISABLE = "READMOE_CPU_OPS"
 PANELS = "READMOE_PANELS"
 
