@@ -231,6 +231,28 @@ def test_products_only_runs_the_products_and_leaves_the_kv_cache(model):
     assert not all(torch.equal(a, b) for a, b in zip(before, kv.keys + kv.values, strict=True))
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+@torch.no_grad()
+def test_the_decoder_refuses_a_routing_its_layers_cannot_serve(model, rows):
+    """One row (one call a layer half) or two (one region where the panels run): an expert
+    past the layers' or no routing at all is refused before any layer runs, KV untouched."""
+    if cpu_ops.load() is None:
+        pytest.skip("no fused CPU ops here")
+    config = model.config
+    kv = PagedKVCache(config.num_hidden_layers, 20, 4, config.num_key_value_heads,
+                      config.hidden_size // config.num_attention_heads)
+    decoder = ModelRunner(model, kv).decoder
+    rope = torch.randn(1, config.hidden_size // config.num_attention_heads)
+    contexts = [torch.tensor([0, 5]), torch.tensor([7, 1, 2])][:rows]
+    before = [t.clone() for t in kv.keys + kv.values]
+    with pytest.raises(RuntimeError, match=f"expert {config.num_experts} outside the layer's"):
+        decoder.step([3] * rows, contexts, rope, rope, [0] * rows,
+                     [config.num_experts] + [0] * (rows - 1))
+    with pytest.raises(RuntimeError, match="needs the step's routing"):
+        decoder.step([3] * rows, contexts, rope, rope, [0] * rows, [])
+    assert all(torch.equal(a, b) for a, b in zip(before, kv.keys + kv.values, strict=True))
+
+
 @torch.no_grad()
 def test_only_decode_steps_multiply_through_the_prepacked_copies(model, prompts):
     """A step with prefill rows brings row counts of its own to every matrix: through oneDNN

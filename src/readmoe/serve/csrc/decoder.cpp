@@ -63,21 +63,14 @@ void Decoder::add_layer(const at::Tensor& attn_norm, double attn_eps, const at::
 
 // the layers one call each (layer.cpp): one row, more than 48, or oneDNN's products
 void Decoder::layers(at::Tensor& hidden, const DecodeSlots& slots, const at::Tensor& cos,
-                     const at::Tensor& sin, bool unrouted, const std::vector<int64_t>& present,
+                     const at::Tensor& sin, const std::vector<int64_t>& present,
                      const std::vector<int64_t>& starts,
                      const std::vector<int64_t>& counts) const {
   const std::vector<int64_t> none;
   for (const DecodeLayer& l : layers_) {
     const bool dense = l.routed.empty();  // its FFN is the shared expert alone
     std::vector<Expert> routed;
-    if (!dense) {
-      TORCH_CHECK(!unrouted, "a layer with routed experts needs the step's routing");
-      for (const int64_t e : present) {
-        TORCH_CHECK(e < static_cast<int64_t>(l.routed.size()), "expert ", e,
-                    " outside the layer's ", l.routed.size());
-        routed.push_back(l.routed[e]);
-      }
-    }
+    for (const int64_t e : dense ? none : present) routed.push_back(l.routed[e]);
     hidden = decode_attention_block(hidden, l.attn_norm, l.attn_eps, l.qkv, l.qkv_blocked,
                                     l.qkv_bias, l.o, l.o_blocked, l.o_bias, cos, sin,
                                     l.key_pool, l.value_pool, slots.write, slots.key_slots,
@@ -137,13 +130,20 @@ at::Tensor Decoder::step(const std::vector<int64_t>& tokens,
   const at::Tensor rope = at::tensor(sorted_rope, index);
   const at::Tensor row_cos = cos.index_select(0, rope), row_sin = sin.index_select(0, rope);
   at::Tensor hidden = embed_.index_select(0, at::tensor(sorted_tokens, index));  // [B, H]
+  // every layer's routed experts of the step exist (present is in ascending order)
+  for (const DecodeLayer& l : layers_) {
+    if (l.routed.empty()) continue;
+    TORCH_CHECK(!present.empty(), "a layer with routed experts needs the step's routing");
+    TORCH_CHECK(present.back() < static_cast<int64_t>(l.routed.size()), "expert ",
+                present.back(), " outside the layer's ", l.routed.size());
+  }
   TORCH_CHECK(!products_only || team_runs(rows), "products_only times the one-region step: ",
               rows, " rows do not run as one (2-48 rows, every layer on panels, team on)");
   if (team_runs(rows)) {
     team_layers(layers_, heads_, kv_heads_, scale_, hidden, slots, row_cos, row_sin, present,
                 starts, counts, products_only);
   } else {
-    layers(hidden, slots, row_cos, row_sin, experts.empty(), present, starts, counts);
+    layers(hidden, slots, row_cos, row_sin, present, starts, counts);
   }
   hidden = rms_norm(hidden, norm_, eps_);
   if (sorted) return hidden;

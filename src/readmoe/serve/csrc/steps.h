@@ -31,7 +31,8 @@ struct DecodeLayer {
 bool team_fits(const DecodeLayer& l);
 
 // the layers of a decode step of 2-48 rows as one parallel region, hidden [B, H] updated in
-// place: rows sorted by expert (present[i] holds starts[i] .. + counts[i]), cos and sin
+// place: rows sorted by expert (present[i] holds starts[i] .. + counts[i]; the caller checked
+// they exist in every layer with routed experts), cos and sin
 // [B, D] the rows' RoPE factors; products_only: Decoder::products_only
 void team_layers(const std::vector<DecodeLayer>& layers, int64_t heads, int64_t kv_heads,
                  double scale, at::Tensor& hidden, const DecodeSlots& slots,
@@ -78,7 +79,7 @@ class Decoder {
 
  private:
   void layers(at::Tensor& hidden, const DecodeSlots& slots, const at::Tensor& cos,
-              const at::Tensor& sin, bool unrouted, const std::vector<int64_t>& present,
+              const at::Tensor& sin, const std::vector<int64_t>& present,
               const std::vector<int64_t>& starts, const std::vector<int64_t>& counts) const;
 
   int64_t heads_, kv_heads_;
