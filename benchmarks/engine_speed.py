@@ -15,7 +15,9 @@ the engine multiplies 2-48 rows through the fused ops' panels, ``serve/csrc/gemm
 engine with oneDNN's prepacked copies instead (``READMOE_PANELS=0``), what the panels buy;
 ``engine-kvf16`` and ``engine-dense-kvf16`` the engine with its KV cache in float16
 (``--kv-dtype float16``, llama.cpp's default cache type), what halving the attention's bytes
-buys (its perplexity beside the others').
+buys (its perplexity beside the others'). On CUDA, ``engine-eager`` and ``engine-dense-eager``
+are the engine with its decode steps run eagerly instead of replayed from CUDA graphs
+(``--enforce-eager``, ``serve/graphs.py``), what the graphs buy.
 Every peer runs at the same thread counts (llama.cpp's ``n_threads`` = torch's).
 
 ReadME model: ``--model`` (a ReadME folder); by default the last round of runs/bench/train-readme
@@ -103,9 +105,9 @@ CORPUS = Path("runs/bench/corpus")
 DENSE_EXPERTS = Path("runs/bench/dense-experts")
 GGUF_DIR = Path("runs/bench/gguf")
 README_PEERS = ("hf", "engine", "engine-int8", "engine-onednn",  # torch on the ReadME model
-                "engine-torch-ops", "engine-kvf16")
+                "engine-torch-ops", "engine-kvf16", "engine-eager")
 DENSE_PEERS = ("hf-dense", "engine-dense", "engine-dense-int8", "engine-dense-onednn",
-               "engine-dense-torch-ops", "engine-dense-kvf16")
+               "engine-dense-torch-ops", "engine-dense-kvf16", "engine-dense-eager")
 PEERS = (*README_PEERS, *DENSE_PEERS, "llama.cpp-f32", "llama.cpp-quantized")
 QUALITY_TOKENS = 1024  # held-out tokens per domain for the served-weights perplexity
 FLOOR_REPEATS = 15  # best of: one step of products is ~30-300 ms and this machine is shared
@@ -221,14 +223,14 @@ def hf_time(model, batch: list[list[int]], new: int) -> float:
 
 
 def warm_engine(model, tokenizer, batch: list[list[int]], new: int, quantize: str = "none",
-                fused: bool = True, kv_dtype: str = "auto") -> Engine:
+                fused: bool = True, kv_dtype: str = "auto", cuda_graphs: bool = True) -> Engine:
     """The engine every timing of ``batch`` runs on: built once and run once untimed on the
     same batch, as a server's engine is warm (HF's model and llama.cpp's context are reused
     warm too), so no timing pays for building, packing or first-call set-up."""
     blocks = len(batch) * -(-(len(batch[0]) + new) // 16)
     engine = Engine(model, tokenizer, "fcfs", Budget(max_tokens=4096, max_seqs=len(batch)),
                     kv_blocks=blocks, block_size=16, quantize=quantize, fused_ops=fused,
-                    kv_dtype=kv_dtype)
+                    kv_dtype=kv_dtype, cuda_graphs=cuda_graphs)
     engine_time(engine, batch, new)
     return engine
 
@@ -422,18 +424,21 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
                         (f"{engine_name}-int8", "int8", True, "auto"),
                         (f"{engine_name}-onednn", "none", True, "auto"),
                         (f"{engine_name}-torch-ops", "none", False, "auto"),
-                        (f"{engine_name}-kvf16", "none", True, "float16"))
+                        (f"{engine_name}-kvf16", "none", True, "float16"),
+                        (f"{engine_name}-eager", "none", True, "auto"))
+            cuda = engine_model.device.type == "cuda"
             for name, quantize, fused, kv_dtype in variants:
-                if name not in args.peers or (name != engine_name
-                                              and engine_model.device.type != "cpu"):
-                    continue  # int8 and the fused ops are CPU kernels (serve/quantized.py, csrc)
+                eager = name.endswith("-eager")
+                if name not in args.peers or (name != engine_name and cuda != eager):
+                    continue  # int8 and the fused ops are CPU kernels (serve/quantized.py,
+                    # csrc); graphs are CUDA's (serve/graphs.py)
                 onednn = name.endswith("-onednn")
                 if onednn and not cpu_ops.panels_apply(cpu_ops.load()):
                     continue  # no panels here: the engine row already multiplies through oneDNN
                 with panels_off(onednn):
                     engine = warm if name == engine_name else warm_engine(
                         engine_model, tokenizer, batch, args.new_tokens, quantize, fused,
-                        kv_dtype)
+                        kv_dtype, cuda_graphs=not eager)
                 seconds = decode_seconds(lambda ids, new, e=engine: engine_time(e, ids, new),
                                          batch, args)
                 floor, best_step = matmul_floor(engine, b, routings, args.repeats,
@@ -445,7 +450,8 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
                     engine_model.config, b, context, engine.kv.keys[0].element_size())
                 rows.append(row(name, count, b, label, weights, kv_read, seconds,
                                 f"Engine(model, 'fcfs', Budget(max_seqs={b}), quantize="
-                                f"{quantize!r}, fused_ops={fused}, kv_dtype={kv_dtype!r})"
+                                f"{quantize!r}, fused_ops={fused}, kv_dtype={kv_dtype!r}, "
+                                f"cuda_graphs={not eager})"
                                 f".generate(prompts, SamplingParams(max_tokens="
                                 f"{args.new_tokens}, ignore_eos=True)), warm", gbs, args))
                 del engine
@@ -540,6 +546,9 @@ def markdown(result: dict, described: str, dense: str, placement: Placement) -> 
             ("engine-kvf16", "engine", "Engine with a float16 KV cache over the same engine "
              "with a float32 one (ReadME model)"),
             ("engine-dense-kvf16", "engine-dense", "The same on the dense model"),
+            ("engine", "engine-eager", "Engine replaying its decode steps from CUDA graphs over "
+             "the same engine run eagerly (ReadME model)"),
+            ("engine-dense", "engine-dense-eager", "The same on the dense model"),
             ("engine-dense", "llama.cpp-f32", "Engine on the dense model over llama.cpp F32 on "
              "the same weights (the same work)"),
             ("engine-dense-kvf16", "llama.cpp-f32", "The same with the engine's KV cache in "

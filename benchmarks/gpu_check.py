@@ -4,7 +4,8 @@ Checks (each recorded as pass / fail with its numbers; one failing does not stop
 
 1. ``placement``: with a GPU, the default placement is CUDA bf16.
 2. ``engine``: a tiny ReadME model served on CUDA in fp32 gives the CPU's greedy tokens;
-   in bf16 every request finishes.
+   in bf16 every request finishes. ``graphs``: its decode steps replayed from CUDA graphs
+   (``serve/graphs.py``) give the eager steps' tokens (``--enforce-eager``), graphs captured.
 3. ``cuda_store``: the CUDA expert store (``--capacity``): RAM tier in pinned host memory,
    copies on a side stream with prefetch, and the file tier, each giving the resident
    model's greedy tokens; bf16 from the RAM tier finishes; misses and hidden load time.
@@ -56,12 +57,15 @@ def greedy(folder: Path, options: EngineOptions, device: str, dtype: str = "floa
     """Greedy tokens of PROMPTS and what the engine's store says about itself."""
     with open_engine(str(folder), options, resolve_placement(device, dtype)) as served:
         outs = served.engine.generate(PROMPTS, SamplingParams(max_tokens=8))
-        run = {"tokens": [o.token_ids for o in outs], "store": served.experts["store"]}
+        graphs = served.engine.runner.graphs
+        run = {"tokens": [o.token_ids for o in outs], "store": served.experts["store"],
+               "graphs": 0 if graphs is None else graphs.captured}
         store = served.engine.store
         if store is not None:
             run["stats"] = store.stats.to_dict()
             if options.tier == "ram":  # --tier ram on CUDA promises DMA from pinned memory
-                run["pinned"] = next(iter(store._tier._experts.values())).is_pinned()
+                parts = next(iter(store._tier._experts.values()))  # a layer's packed experts
+                run["pinned"] = all(t.is_pinned() for t in parts)
         return run
 
 
@@ -80,6 +84,14 @@ def check_engine(folder: Path, device: str) -> dict:
     same = sum(a == b for x, y in zip(cpu, here, strict=True) for a, b in zip(x, y, strict=False))
     return {"ok": here == cpu and all(len(t) == 8 for t in bf16),
             "tokens_equal": f"{same} of {sum(map(len, cpu))}"}
+
+
+def check_graphs(folder: Path, device: str) -> dict:
+    """Decode steps replayed from CUDA graphs give the eager steps' greedy tokens (fp32)."""
+    graphs = greedy(folder, EngineOptions(), device)
+    eager = greedy(folder, EngineOptions(cuda_graphs=False), device)
+    return {"ok": graphs["tokens"] == eager["tokens"] and eager["graphs"] == 0
+            and (graphs["graphs"] > 0) == (device == "cuda"), "captured": graphs["graphs"]}
 
 
 def check_store(folder: Path, device: str) -> dict:
@@ -209,6 +221,7 @@ def main() -> int:
         folder = save_tiny_model(work / "tiny")
         checks = {"placement": lambda: check_placement(device),
                   "engine": lambda: check_engine(folder, device),
+                  "graphs": lambda: check_graphs(folder, device),
                   "cuda_store": lambda: check_store(folder, device),
                   "server": lambda: check_server(folder, device),
                   "train": lambda: check_train(work / "train-work", device),
@@ -230,11 +243,18 @@ def main() -> int:
               for name, c in results["checks"].items()]
     speed = results["checks"]["engine_speed"]
     for dtype, run in speed.get("runs", {}).items():
-        lines += ["", f"engine_speed.py, {dtype}, model: {speed['model']}", "",
-                  "| batch | HF tok/s | engine tok/s | speedup |", "|---:|---:|---:|---:|"]
-        lines += [f"| {r['batch']} | {r['hf_tokens_per_s']:.1f} | "
-                  f"{r['engine_tokens_per_s']:.1f} | {r['speedup']:.2f}x |"
-                  for r in run.get("rows", [])]
+        rate = {(r["peer"], r["batch"]): r["tokens_per_s"] for r in run.get("rows", [])}
+        peers = [p for p in ("hf", "engine", "engine-eager", "hf-dense", "engine-dense",
+                             "engine-dense-eager") if any(k[0] == p for k in rate)]
+        lines += ["", f"engine_speed.py, {dtype}, model: {speed['model']} (tok/s)", "",
+                  "| batch | " + " | ".join(peers) + " | engine / hf |",
+                  "|---:|" + "---:|" * (len(peers) + 1)]
+        for b in sorted({k[1] for k in rate}):
+            ratio = (f"{rate[('engine', b)] / rate[('hf', b)]:.2f}x"
+                     if ("engine", b) in rate and ("hf", b) in rate else "")
+            lines.append(f"| {b} | " + " | ".join(
+                f"{rate[(p, b)]:.1f}" if (p, b) in rate else "" for p in peers)
+                + f" | {ratio} |")
     write_results(args.results, "gpu_check", results, "\n".join(lines))
     return 0 if all(c["ok"] for c in results["checks"].values()) else 1
 

@@ -126,15 +126,17 @@ def compensated(compensation: bool):
 
 
 def prefilled_step(runner: ModelRunner, seqs: list[list[int]],
-                   experts: list[list[int]]) -> list[RunnerChunk]:
+                   experts: list[list[int]] | None) -> list[RunnerChunk]:
     """Each sequence but its last token prefilled through ``runner`` (``experts[i]``: sequence
-    i's expert per token), then the decode step of the last tokens, each request's chunk."""
+    i's expert per token; None: the layers' gates route), then the decode step of the last
+    tokens, each request's chunk."""
     kv = runner.kv
     for rid, s in enumerate(seqs):
         kv.admit(str(rid), len(s))
         kv.grow(str(rid), len(s) - 1)
     runner.forward([RunnerChunk(s[:-1], 0, kv.slots(str(rid), 0, len(s) - 1), False)
-                    for rid, s in enumerate(seqs)], [e for ids in experts for e in ids[:-1]])
+                    for rid, s in enumerate(seqs)],
+                   None if experts is None else [e for ids in experts for e in ids[:-1]])
     for rid, s in enumerate(seqs):
         kv.grow(str(rid), len(s))
     return [RunnerChunk(s[-1:], len(s) - 1, kv.slots(str(rid), 0, len(s)), True)

@@ -16,7 +16,8 @@ def cache(blocks: int = 6, size: int = 4) -> PagedKVCache:
 def test_pools_are_preallocated_per_layer():
     kv = cache()
     assert len(kv.keys) == len(kv.values) == 2
-    assert tuple(kv.keys[0].shape) == (6 * 4, 2, 3)
+    assert tuple(kv.keys[0].shape) == (6 * 4 + 1, 2, 3)  # and the spare slot
+    assert kv.spare_slot == 6 * 4
 
 
 def test_slots_follow_the_block_table():

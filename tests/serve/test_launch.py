@@ -132,3 +132,10 @@ def test_decodes_first_reaches_the_scheduler_and_the_default_is_the_scheduler_s(
     assert not make_scheduler("expert-aware").decodes_first
     with pytest.raises(ReadmoeError, match="does not take"):
         make_scheduler("fcfs", **EngineOptions(decodes_first=False).scheduler_options())
+
+
+def test_enforce_eager_turns_the_cuda_graphs_off():
+    args = argparse.ArgumentParser()
+    add_engine_args(args)
+    assert engine_options(args.parse_args([])).cuda_graphs
+    assert not engine_options(args.parse_args(["--enforce-eager"])).cuda_graphs

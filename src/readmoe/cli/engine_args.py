@@ -46,6 +46,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="CPU fp32: also keep oneDNN's prepacked copy of each matrix for "
                         "products of 2+ rows (default; faster batched decode, one more copy "
                         "of the runner's matrices in memory: --no-prepack saves it)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="CUDA: run every decode step eagerly instead of replaying it from "
+                        "CUDA graphs captured per batch and context bucket (vLLM's flag)")
     parser.add_argument("--router-hysteresis", type=float, default=None, metavar="MARGIN",
                         help="pre-gating router: keep a request's previous expert unless the "
                         "best router logit beats it by more than MARGIN (default: the folder's "
@@ -85,5 +88,5 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         capacity=args.capacity, cache_policy=args.cache_policy, prefetch=args.prefetch,
         tier=args.tier, bandwidth=args.bandwidth, predictor=args.predictor,
         prefetch_rate=args.prefetch_rate, quantize=args.quantize, kv_dtype=args.kv_dtype,
-        prepack=args.prepack,
+        prepack=args.prepack, cuda_graphs=not args.enforce_eager,
         router_hysteresis=args.router_hysteresis)

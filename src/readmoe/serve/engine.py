@@ -47,6 +47,7 @@ from readmoe.errors import ReadmoeError
 from readmoe.serve.experts import CoDesign, StepPlan
 from readmoe.serve.experts.store import ExpertStore, StepAccess
 from readmoe.serve.experts.stream import DenseStream
+from readmoe.serve.graphs import GraphedDecode, graphs_apply
 from readmoe.serve.kv_cache import PagedKVCache, kv_dtype_of
 from readmoe.serve.metrics import aggregate
 from readmoe.serve.placement import experts_offloaded
@@ -106,15 +107,16 @@ class _Sequence:
 class Engine:
     """Continuous batching over a ReadME model with a paged KV cache, optionally with routed
     experts offloaded to an ``ExpertStore`` (the caller owns it and closes it), with the
-    runner's matrices in int8 (``quantize``, CPU: see ``serve/quantized.py``) and the KV cache
-    in float16 (``kv_dtype``, see ``serve/kv_cache.py``)."""
+    runner's matrices in int8 (``quantize``, CPU: see ``serve/quantized.py``), the KV cache
+    in float16 (``kv_dtype``, see ``serve/kv_cache.py``); on CUDA its decode steps replay
+    CUDA graphs unless ``cuda_graphs`` is False (``serve/graphs.py``)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, scheduler: str | Scheduler = "fcfs",
                  budget: Budget = DEFAULT_BUDGET, kv_blocks: int = 512, block_size: int = 16,
                  expert_store: ExpertStore | DenseStream | None = None, prefetch: bool = True,
                  codesign: CoDesign | None = None, step_history: int | None = None,
                  quantize: str = "none", fused_ops: bool = True, prepack: bool = True,
-                 kv_dtype: str = "auto") -> None:
+                 kv_dtype: str = "auto", cuda_graphs: bool = True) -> None:
         config = model.config
         codesign = codesign or CoDesign()
         self.model = model.eval()
@@ -141,6 +143,10 @@ class Engine:
                                kv_dtype_of(kv_dtype, weight.dtype), weight.device)
         self.runner = ModelRunner(model, self.kv, pack_experts=expert_store is None,
                                   quantize=quantize, fused=fused_ops, prepack=prepack)
+        if cuda_graphs and graphs_apply(self.runner):
+            positions = getattr(config, "max_position_embeddings", None) or kv_blocks * block_size
+            self.runner.graphs = GraphedDecode(self.runner, budget.max_seqs,
+                                               min(kv_blocks * block_size, positions))
         self.router = (PagedRouter(model, kv_blocks * block_size, self.runner.ops)
                        if self.pregating else None)
         eos = model.generation_config.eos_token_id

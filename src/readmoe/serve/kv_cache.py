@@ -1,9 +1,10 @@
 """A paged KV cache: one preallocated pool per layer, handed out in fixed-size blocks.
 
-Pools are allocated once (``[num_blocks, block_size, kv_heads, head_dim]`` for K and for V,
-per layer), so serving never reallocates or concatenates tensors; a request owns a list of
-block numbers (its block table) and its token at position p lives in slot
-``table[p // block_size] * block_size + p % block_size`` of the flattened pool.
+Pools are allocated once (``[num_blocks * block_size + 1, kv_heads, head_dim]`` for K and for
+V, per layer: the last slot is a spare no request owns), so serving never reallocates or
+concatenates tensors; a request owns a list of block numbers (its block table) and its token
+at position p lives in slot ``table[p // block_size] * block_size + p % block_size`` of the
+flattened pool.
 
 The pools may hold a narrower dtype than the model computes in (``KV_DTYPES``: float16 on a
 float32 model, as llama.cpp's default cache): half the bytes a decode step's attention reads
@@ -41,7 +42,10 @@ class PagedKVCache(BlockAllocator):
                  head_dim: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu") -> None:
         super().__init__(num_blocks, block_size)
-        shape = (num_blocks * block_size, kv_heads, head_dim)  # flattened [blocks * size, ...]
+        # flattened [blocks * size, ...], and one spare slot past every block's
+        shape = (num_blocks * block_size + 1, kv_heads, head_dim)
+        # no request's: the padding rows of a captured decode step write and read it (graphs.py)
+        self.spare_slot = num_blocks * block_size
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         # per request: the block table its slots were made from, and those slots (every

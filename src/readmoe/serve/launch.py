@@ -61,6 +61,7 @@ class EngineOptions:
     kv_dtype: str = "auto"  # "float16": the KV cache in float16 (serve/kv_cache.py)
     prepack: bool = True  # CPU fp32: oneDNN's prepacked copies for multi-row products
     router_hysteresis: float | None = None  # None: the folder's config.json value
+    cuda_graphs: bool = True  # CUDA: decode steps replayed from graphs (serve/graphs.py)
 
     def validate(self) -> None:
         if self.capacity is None and (self.bandwidth is not None or self.tier != "file"
@@ -198,5 +199,6 @@ def open_engine(spec: str, options: EngineOptions, placement: Placement
                         prefetch=options.prefetch and offloaded,
                         codesign=options.codesign() if offloaded else None,
                         step_history=options.step_history, quantize=options.quantize,
-                        prepack=options.prepack, kv_dtype=options.kv_dtype)
+                        prepack=options.prepack, kv_dtype=options.kv_dtype,
+                        cuda_graphs=options.cuda_graphs)
         yield ServedEngine(engine, tokenizer, spec, placement, experts)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 
@@ -53,6 +53,9 @@ from readmoe.serve.packed import (
 )
 from readmoe.serve.quantized import check_quantization
 from readmoe.serve.rope import RopeFactors
+
+if TYPE_CHECKING:
+    from readmoe.serve.graphs import GraphedDecode
 
 
 class ExpertSource(Protocol):
@@ -181,6 +184,7 @@ class ModelRunner:
         self._routed = any(layer.mlp.experts is not None for layer in self.layers)
         self.rope = RopeFactors(model.model.rotary_emb, model.dtype, model.device)
         self.decoder = self._decoder()
+        self.graphs: GraphedDecode | None = None  # CUDA graphs of decode steps (the engine's)
 
     def _decoder(self) -> object | None:
         """The fused ops' whole-step decoder over this runner's packed weights and KV pools,
@@ -225,8 +229,11 @@ class ModelRunner:
         returns the logits of every token of the sampling chunks instead (prompt logprobs:
         what scoring text through the served weights needs)."""
         model = self.model.model
-        if (self.decoder is not None and all(self.fused) and source is None and chunks
-                and all(len(c.tokens) == 1 and c.samples for c in chunks)
+        decode_only = bool(chunks) and all(len(c.tokens) == 1 and c.samples for c in chunks)
+        if (self.graphs is not None and decode_only and source is None and not every_token
+                and self.graphs.covers(chunks)):
+            return self.graphs(chunks, experts if self._routed else None)  # [B, V]
+        if (self.decoder is not None and all(self.fused) and source is None and decode_only
                 and (experts is not None or not self._routed)):
             cos, sin, rope_rows = self.rope.rows([c.start for c in chunks])
             hidden = self.decoder.step([c.tokens[0] for c in chunks],

@@ -24,7 +24,8 @@ from readmoe.errors import ReadmoeError
 from readmoe.server.config import API_KEY_ENV, ServerConfig
 
 BACKEND_OPTION = "--backend"
-FORWARDED = ("--host", "--port", "--api-key", "--served-model-name", "--dtype", "--block-size")
+FORWARDED = ("--host", "--port", "--api-key", "--served-model-name", "--dtype", "--block-size",
+             "--enforce-eager")
 
 
 def _names(args: Sequence[str]) -> set[str]:
