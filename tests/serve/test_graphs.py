@@ -96,3 +96,26 @@ def test_an_engine_on_the_static_step_serves_as_hf_generate(prompts, kind):
         ref = model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False)
         assert out.token_ids == ref[0, len(p):].tolist()
     assert eng.runner.graphs.steps > 0
+
+
+@torch.no_grad()
+def test_a_failed_capture_warns_and_leaves_every_step_eager(prompts, monkeypatch):
+    model = compensated(True)
+    runner = runner_of(model, True)
+    seqs = [prompts[1][:12], prompts[2]]
+    experts = [model.route(torch.tensor([s]))[0][0].tolist() for s in seqs]
+    step = prefilled_step(runner, seqs, experts)
+    routed = [ids[-1] for ids in experts]
+    eager = runner.forward(step, routed)
+    runner.graphs = GraphedDecode(runner, max_rows=4, max_len=80)
+
+    def fails(*_):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(runner.graphs, "_captured", fails)
+    with pytest.warns(UserWarning, match="stream is capturing.*run eagerly"):
+        first = runner.forward(step, routed)  # this step: the static one, uncaptured
+    torch.testing.assert_close(first, eager, rtol=1e-5, atol=1e-5)
+    assert runner.graphs.failure and not runner.graphs.covers(step)
+    torch.testing.assert_close(runner.forward(step, routed), eager, rtol=1e-5, atol=1e-5)
+    assert runner.graphs.steps == 1 and runner.graphs.captured == 0

@@ -28,6 +28,7 @@ eagerly. On a CPU (the tests), ``capture`` False runs the same static step direc
 from __future__ import annotations
 
 import bisect
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -154,8 +155,9 @@ class GraphedDecode:
         self._logits = torch.empty(rows, runner.model.lm_head.out_features,
                                    dtype=runner.model.dtype, device=device)
         self._graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
-        self._pool = torch.cuda.graph_pool_handle() if capture else None
+        self._pool = None  # the graphs' memory pool, made at the first capture
         self.steps = 0  # decode steps run through the buckets
+        self.failure: str | None = None  # why capturing failed (then every step runs eagerly)
 
     @property
     def captured(self) -> int:
@@ -164,7 +166,7 @@ class GraphedDecode:
 
     def covers(self, chunks: Sequence[RunnerChunk]) -> bool:
         """Whether a decode-only step of these chunks fits a bucket."""
-        return (len(chunks) <= self.rows[-1]
+        return (self.failure is None and len(chunks) <= self.rows[-1]
                 and max(len(c.context_slots) for c in chunks) <= self.lengths[-1])
 
     def __call__(self, chunks: Sequence[RunnerChunk],
@@ -194,7 +196,14 @@ class GraphedDecode:
             return self._run(rows, length, by_gate)[:n]
         key = (rows, length, by_gate)
         if key not in self._graphs:
-            self._graphs[key] = self._captured(rows, length, by_gate)
+            try:
+                self._graphs[key] = self._captured(rows, length, by_gate)
+            except RuntimeError as error:  # an op this torch cannot capture: eager from now
+                self.failure = f"{type(error).__name__}: {error}"
+                warnings.warn(f"capturing a decode step's CUDA graph failed ({self.failure}); "
+                              "decode steps run eagerly (--enforce-eager says so up front)",
+                              stacklevel=2)
+                return self._run(rows, length, by_gate)[:n]
         self._graphs[key].replay()
         return self._logits[:n]
 
@@ -206,6 +215,8 @@ class GraphedDecode:
     def _captured(self, rows: int, length: int, by_gate: bool) -> torch.cuda.CUDAGraph:
         """The bucket's graph. The warm-up run is a real step on the current inputs: it
         writes the keys and values the replay writes again, the same ones."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
