@@ -13,7 +13,10 @@ rows are missing and why, and measures the rest. ``engine-torch-ops`` and
 what they buy side by side; ``engine-onednn`` and ``engine-dense-onednn`` (AVX-512 CPUs, where
 the engine multiplies 2-48 rows through the fused ops' panels, ``serve/csrc/gemm.cpp``) the
 engine with oneDNN's prepacked copies instead (``READMOE_PANELS=0``), what the panels buy;
-``engine-kvf16`` and ``engine-dense-kvf16`` the engine with its KV cache in float16
+``engine-bf16`` and ``engine-dense-bf16`` (CPUs with AVX512-BF16) the engine with its matrices
+in bf16 panels (``--quantize bf16``, ``serve/csrc/gemm_bf16.cpp``), what halving the weights'
+bytes buys, and at what perplexity; ``engine-kvf16`` and ``engine-dense-kvf16`` the engine with
+its KV cache in float16
 (``--kv-dtype float16``, llama.cpp's default cache type), what halving the attention's bytes
 buys (its perplexity beside the others'). On CUDA, ``engine-eager`` and ``engine-dense-eager``
 are the engine with its decode steps run eagerly instead of replayed from CUDA graphs
@@ -104,10 +107,11 @@ REFACTORED = Path("runs/bench/moe-readme")
 CORPUS = Path("runs/bench/corpus")
 DENSE_EXPERTS = Path("runs/bench/dense-experts")
 GGUF_DIR = Path("runs/bench/gguf")
-README_PEERS = ("hf", "engine", "engine-int8", "engine-onednn",  # torch on the ReadME model
+README_PEERS = ("hf", "engine", "engine-int8", "engine-bf16", "engine-onednn",  # ReadME model
                 "engine-torch-ops", "engine-kvf16", "engine-eager")
-DENSE_PEERS = ("hf-dense", "engine-dense", "engine-dense-int8", "engine-dense-onednn",
-               "engine-dense-torch-ops", "engine-dense-kvf16", "engine-dense-eager")
+DENSE_PEERS = ("hf-dense", "engine-dense", "engine-dense-int8", "engine-dense-bf16",
+               "engine-dense-onednn", "engine-dense-torch-ops", "engine-dense-kvf16",
+               "engine-dense-eager")
 PEERS = (*README_PEERS, *DENSE_PEERS, "llama.cpp-f32", "llama.cpp-quantized")
 QUALITY_TOKENS = 1024  # held-out tokens per domain for the served-weights perplexity
 FLOOR_REPEATS = 15  # best of: one step of products is ~30-300 ms and this machine is shared
@@ -422,6 +426,7 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
                                 "do_sample=False)", gbs, args))
             variants = ((engine_name, "none", True, "auto"),
                         (f"{engine_name}-int8", "int8", True, "auto"),
+                        (f"{engine_name}-bf16", "bf16", True, "auto"),
                         (f"{engine_name}-onednn", "none", True, "auto"),
                         (f"{engine_name}-torch-ops", "none", False, "auto"),
                         (f"{engine_name}-kvf16", "none", True, "float16"),
@@ -435,6 +440,8 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
                 onednn = name.endswith("-onednn")
                 if onednn and not cpu_ops.panels_apply(cpu_ops.load()):
                     continue  # no panels here: the engine row already multiplies through oneDNN
+                if quantize == "bf16" and not cpu_ops.bf16_applies(cpu_ops.load()):
+                    continue  # no AVX512-BF16 here (the run says so below)
                 with panels_off(onednn):
                     engine = warm if name == engine_name else warm_engine(
                         engine_model, tokenizer, batch, args.new_tokens, quantize, fused,
@@ -554,7 +561,10 @@ def markdown(result: dict, described: str, dense: str, placement: Placement) -> 
             ("engine-dense-kvf16", "llama.cpp-f32", "The same with the engine's KV cache in "
              "float16, as llama.cpp's"),
             ("engine-dense-int8", "llama.cpp-quantized", "Engine int8 on the dense model over "
-             "llama.cpp's quantized GGUF")):
+             "llama.cpp's quantized GGUF"),
+            ("engine-bf16", "engine", "Engine with bf16 weights (--quantize bf16) over the same "
+             "engine in float32 (ReadME model)"),
+            ("engine-dense-bf16", "engine-dense", "The same on the dense model")):
         pairs = [(t, b, rate[(peer, t, b)] / rate[(versus, t, b)])
                  for (name, t, b) in rate if name == peer and (versus, t, b) in rate]
         if pairs:
@@ -603,8 +613,11 @@ def main() -> int:
 
     def score(served, weights: str, peer: str) -> None:
         for name, quantize, kv_dtype in ((peer, "none", "auto"), (f"{peer}-int8", "int8", "auto"),
+                                         (f"{peer}-bf16", "bf16", "auto"),
                                          (f"{peer}-kvf16", "none", "float16")):
-            cpu_only = name.endswith("-int8") and placement.device.type != "cpu"
+            cpu_only = quantize != "none" and placement.device.type != "cpu"
+            if quantize == "bf16" and not cpu_ops.bf16_applies(cpu_ops.load()):
+                continue
             if name == peer or (name in args.peers and not cpu_only):
                 quality.append(served_quality(served, tokenizer, corpus, weights,
                                               quantize, precision, kv_dtype))
@@ -624,6 +637,10 @@ def main() -> int:
         del served, hf_model
         gc.collect()
     rows += llama_cpp_rows(dense, load_config(dense), pool, gbs, threads, args, missing)
+    if placement.device.type == "cpu" and not cpu_ops.bf16_applies(cpu_ops.load()):
+        missing += [{"peer": peer, "reason": "no bf16 panels here (the fused ops and an "
+                     "AVX512-BF16 CPU)"} for peer in ("engine-bf16", "engine-dense-bf16")
+                    if peer in args.peers]
     result = {"command": command_line(), "model": described,
               "dense_model": dense,
               "machine": {"platform": platform.platform(), "processor": platform.processor(),

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from readmoe.errors import ReadmoeError
+from readmoe.serve import cpu_ops
 from readmoe.serve.engine import Engine
 from readmoe.serve.kv_cache import PagedKVCache
 from readmoe.serve.launch import EngineOptions
@@ -120,3 +121,11 @@ def test_int8_engine_serves_and_bad_settings_are_refused():
         check_quantization("int8", torch.device("cuda"))
     with pytest.raises(ReadmoeError, match="--quantize 'fp8'"):
         EngineOptions(quantize="fp8").validate()
+
+
+def test_bf16_without_its_kernels_is_refused_with_the_fix(monkeypatch):
+    monkeypatch.setattr(cpu_ops, "bf16_applies", lambda ops: False)
+    with pytest.raises(ReadmoeError, match="AVX512-BF16.*--quantize none, or int8"):
+        check_quantization("bf16", torch.device("cpu"))
+    with pytest.raises(ReadmoeError, match="on a GPU, serve with --dtype bfloat16"):
+        check_quantization("bf16", torch.device("cuda"))

@@ -35,8 +35,8 @@ from types import ModuleType
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("kernels.cpp", "attention.cpp", "layer.cpp", "gemm.cpp", "decoder.cpp", "team.cpp",
-           "router.cpp", "module.cpp")
+SOURCES = ("kernels.cpp", "attention.cpp", "layer.cpp", "gemm.cpp", "gemm_bf16.cpp",
+           "decoder.cpp", "team.cpp", "router.cpp", "module.cpp")
 DISABLE = "READMOE_CPU_OPS"
 PANELS = "READMOE_PANELS"
 
@@ -106,6 +106,12 @@ def panels_apply(ops: ModuleType | None) -> bool:
     return (ops is not None and os.environ.get(PANELS, "1") != "0"
             and torch.backends.cpu.get_cpu_capability() == "AVX512"
             and ops.panels_supported())
+
+
+def bf16_applies(ops: ModuleType | None) -> bool:
+    """Whether products can multiply through bf16 panels here (``gemm_bf16.cpp``): ops built
+    and a CPU with AVX512-BF16."""
+    return ops is not None and ops.bf16_panels_supported()
 
 
 def _ninja_bin_dir() -> str | None:

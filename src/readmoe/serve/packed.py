@@ -51,10 +51,13 @@ class PackedMatrix:
 
     @classmethod
     def of(cls, *weights: torch.Tensor, biases: tuple[torch.Tensor | None, ...] = (),
-           prepack: bool = False, panels: bool = False) -> PackedMatrix:
+           prepack: bool = False, panels: bool = False, bf16: bool = False) -> PackedMatrix:
         """Fuse ``weights`` ([out_i, in] each, one input) along their outputs; ``biases``
         are theirs (all or none). ``prepack``: add the copy for 2-48 rows where it applies,
-        the panels if ``panels`` (fp32 CPU only: ``cpu_ops.panels_apply``), else oneDNN's."""
+        the panels if ``panels`` (fp32 CPU only: ``cpu_ops.panels_apply``), else oneDNN's.
+        ``bf16``: the copy is bf16 panels instead, which every product then multiplies
+        through, whatever its rows (``cpu_ops.bf16_applies``; prefill in the same precision
+        as decode, so a served perplexity is the decode's)."""
         fused = weights[0] if len(weights) == 1 else torch.cat(weights)  # [sum out_i, in]
         transposed = fused.device.type == "cpu"
         weight = fused.detach().t().contiguous() if transposed else fused.detach().contiguous()
@@ -62,12 +65,22 @@ class PackedMatrix:
         if any(b is not None for b in biases):
             bias = torch.cat([b.detach() for b in biases])
         blocked = None
-        if prepack and panels and fused.device.type == "cpu" and fused.dtype == torch.float32:
+        if bf16:
+            blocked = to_bf16_panels(fused.detach())
+        elif prepack and panels and fused.device.type == "cpu" and fused.dtype == torch.float32:
             blocked = to_panels(fused.detach())
         elif prepack and prepack_applies(fused.device, fused.dtype):
             blocked = torch.ops.mkldnn._reorder_linear_weight(fused.detach().contiguous(),
                                                               PREPACK_ROWS)
         return cls(weight, bias, transposed, blocked)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a decode product reads: the bf16 panels where they are the copy (they serve
+        every product), else the matrix (+ bias)."""
+        bias = 0 if self.bias is None else self.bias.nbytes
+        half = self.blocked is not None and self.blocked.dtype == torch.bfloat16
+        return (self.blocked.nbytes if half else self.weight.nbytes) + bias
 
     def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None,
                  out: torch.Tensor | None = None, prepacked: bool = True) -> torch.Tensor:
@@ -75,8 +88,9 @@ class PackedMatrix:
         CPU the BLAS adds it as it writes, one op and one pass fewer), into ``out`` if given
         (a contiguous [n, out] view, so a caller's slice is filled without a copy).
         ``prepacked`` False leaves oneDNN's copy unused (a prefill step's products)."""
-        if (prepacked and self.blocked is not None
-                and BLOCKED_MIN_ROWS <= x.shape[0] <= BLOCKED_MAX_ROWS):
+        half = self.blocked is not None and self.blocked.dtype == torch.bfloat16
+        if half or (prepacked and self.blocked is not None
+                    and BLOCKED_MIN_ROWS <= x.shape[0] <= BLOCKED_MAX_ROWS):
             if not self.blocked.is_mkldnn:
                 return cpu_ops.load().panel_linear(x, self.blocked, self.weight.shape[1],
                                                    self.bias, add, out)
@@ -123,6 +137,18 @@ def to_panels(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(count, PANEL_COLUMNS, width).transpose(1, 2).contiguous()
 
 
+def to_bf16_panels(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` [out, in] as bf16 panels [ceil(out / 48), ceil(in / 2), 48, 2] (rounded to
+    nearest even): panel p, k pair j holds columns 48p .. 48p + 47 of inputs 2j and 2j + 1,
+    the pair innermost (what one VDPBF16PS lane multiplies); zero past ``out`` and ``in``."""
+    out, width = weight.shape
+    count, pairs = -(-out // PANEL_COLUMNS), -(-width // 2)
+    padded = weight.new_zeros(count * PANEL_COLUMNS, 2 * pairs)
+    padded[:out, :width] = weight
+    return (padded.view(count, PANEL_COLUMNS, pairs, 2).transpose(1, 2).contiguous()
+            .to(torch.bfloat16))
+
+
 def prepack_applies(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether oneDNN can prepack here: CPU fp32 with torch's oneDNN ops."""
     return (device.type == "cpu" and dtype == torch.float32
@@ -133,7 +159,9 @@ def prepack_applies(device: torch.device, dtype: torch.dtype) -> bool:
 @dataclass(frozen=True)
 class Packing:
     """How the runner packs its matrices: ``quantize`` "int8" or the model's dtype, whether
-    fp32 matrices get a copy for 2-48 rows too, and whether that copy is the panels."""
+    fp32 matrices get a copy for 2-48 rows too, and whether that copy is the panels;
+    ``quantize`` "bf16": every fp32 matrix gets bf16 panels, used for every product
+    (whatever ``prepack`` says)."""
 
     quantize: str = "none"
     prepack: bool = False
@@ -144,7 +172,7 @@ class Packing:
         if self.quantize == "int8":
             return Int8Matrix.of(*weights, biases=biases)
         return PackedMatrix.of(*weights, biases=biases, prepack=self.prepack,
-                               panels=self.panels)
+                               panels=self.panels, bf16=self.quantize == "bf16")
 
     def of_linears(self, *linears: torch.nn.Linear) -> Matrix:
         return self.of(*(m.weight for m in linears), biases=tuple(m.bias for m in linears))

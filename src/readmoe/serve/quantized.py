@@ -5,7 +5,9 @@ machine (2-core AVX2 EPYC, 1 thread). bf16 and fp16 run slower than fp32 here an
 int8 weight-only matmul far slower, while fbgemm's dynamic int8 linear (activations quantized
 per call, int8 x int8 -> int32 on AVX2) was several times faster than fp32 at batch 1 and
 still ahead at 32; its weights take a quarter of the bytes, which also shrinks what an expert
-cache would move. It is a CPU kernel: serving on a GPU keeps fp32/bf16.
+cache would move. It is a CPU kernel: serving on a GPU keeps fp32/bf16. (On CPUs with
+AVX512-BF16, ``--quantize bf16`` is the other choice: bf16 panels, ``csrc/gemm_bf16.cpp``,
+checked here too.)
 
 Quantization (``quantize_weight``): symmetric per output channel, scale = max |w| / 127, so
 each row's largest weight is exact. Activations are quantized per call to 7 bits
@@ -27,7 +29,7 @@ import torch
 
 from readmoe.errors import ReadmoeError
 
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "bf16")
 REDUCE_RANGE = True
 ACTIVATION_LEVELS = 127 if REDUCE_RANGE else 255  # activation steps (7 or 8 bits)
 
@@ -48,6 +50,17 @@ def check_quantization(name: str, device: torch.device,
         if "fbgemm" not in torch.backends.quantized.supported_engines:
             raise ReadmoeError(f"this torch build ({torch.__version__}) has no fbgemm kernels: "
                                "serve with --quantize none")
+    if name == "bf16":
+        from readmoe.serve import cpu_ops
+
+        if device.type != "cpu" or dtype != torch.float32:
+            raise ReadmoeError("--quantize bf16 is the CPU's bf16 panels for a float32 model: "
+                               "load it on the CPU with --dtype float32 (on a GPU, serve with "
+                               "--dtype bfloat16 instead)")
+        if not cpu_ops.bf16_applies(cpu_ops.load()):
+            raise ReadmoeError("--quantize bf16 needs the fused CPU ops built and a CPU with "
+                               "AVX512-BF16 (this one has not, or the ops did not build): serve "
+                               "with --quantize none, or int8")
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,8 +42,12 @@ constexpr int64_t kPanelColumns = 48;
 // whether this CPU runs panel_linear (AVX-512F, checked at run time)
 bool panels_supported();
 
+// whether it runs panel_linear on bf16 panels (AVX512-BF16, gemm_bf16.cpp)
+bool bf16_panels_supported();
+
 // x [M, K] @ W.T (+ bias [N]) (+ add [M, N]) into out [M, N] if given, W [N, K] stored as
-// panels [ceil(N / 48), K, 48] (panel p holds columns 48p .. 48p + 47, zero padded)
+// panels [ceil(N / 48), K, 48] (panel p holds columns 48p .. 48p + 47, zero padded), or as
+// bf16 panels [ceil(N / 48), ceil(K / 2), 48, 2] (k pairs innermost; x rounded to bf16)
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t out_features,
                         const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& add,
@@ -85,11 +89,15 @@ void silu_mul_rows(const float* gate_up, int64_t width, float* out, int64_t begi
 // [M, N] (bias [N], add [M, N] or none; add may be y)
 void panel_columns(const float* x, int64_t M, int64_t K, const float* panels, int64_t begin,
                    int64_t end, int64_t N, const float* bias, const float* add, float* y);
+void bf16_panel_columns(const float* x, int64_t M, int64_t K, const at::BFloat16* panels,
+                        int64_t begin, int64_t end, int64_t N, const float* bias,
+                        const float* add, float* y);
 
 // layer.cpp: the runner's products and a layer's two halves
 
 // x @ weight (+ bias) (+ add), into out if given: the runner's PackedMatrix call on CPU;
-// blocked: the copy for 2-48 rows (oneDNN's prepacked weight or gemm.cpp's panels)
+// blocked: the copy for 2-48 rows (oneDNN's prepacked weight or gemm.cpp's panels), for every
+// row count where it is bf16 panels (gemm_bf16.cpp)
 at::Tensor product(const at::Tensor& x, const at::Tensor& weight, const MaybeTensor& blocked,
                    const MaybeTensor& bias, const MaybeTensor& add,
                    const MaybeTensor& out = std::nullopt);

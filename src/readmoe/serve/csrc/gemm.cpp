@@ -148,18 +148,29 @@ at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& panels, int64_
                         const std::optional<at::Tensor>& add_in,
                         const std::optional<at::Tensor>& out) {
   RECORD_FUNCTION("readmoe::panel_linear", c10::ArrayRef<const c10::IValue>{});
-  TORCH_CHECK(panels_supported(), "the panel products need an AVX-512 CPU");
+  const bool half = panels.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(half ? bf16_panels_supported() : panels_supported(),
+              half ? "the bf16 panel products need an AVX512-BF16 CPU"
+                   : "the panel products need an AVX-512 CPU");
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 2,
               "x must be a float32 CPU matrix");
   const at::Tensor x = x_in.contiguous();
   const std::optional<at::Tensor> add =
       add_in ? std::optional<at::Tensor>(add_in->contiguous()) : std::nullopt;
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
-  TORCH_CHECK(panels.device().is_cpu() && panels.scalar_type() == at::kFloat &&
-                  panels.dim() == 3 && panels.is_contiguous() && panels.size(1) == K &&
-                  panels.size(2) == kPanelColumns,
-              "panels must be contiguous float32 [P, ", K, ", ", kPanelColumns, "], got ",
-              panels.sizes());
+  if (half) {
+    TORCH_CHECK(panels.device().is_cpu() && panels.dim() == 4 && panels.is_contiguous() &&
+                    panels.size(1) == (K + 1) / 2 && panels.size(2) == kPanelColumns &&
+                    panels.size(3) == 2,
+                "bf16 panels must be contiguous [P, ", (K + 1) / 2, ", ", kPanelColumns,
+                ", 2], got ", panels.sizes());
+  } else {
+    TORCH_CHECK(panels.device().is_cpu() && panels.scalar_type() == at::kFloat &&
+                    panels.dim() == 3 && panels.is_contiguous() && panels.size(1) == K &&
+                    panels.size(2) == kPanelColumns,
+                "panels must be contiguous float32 [P, ", K, ", ", kPanelColumns, "], got ",
+                panels.sizes());
+  }
   TORCH_CHECK(N > (panels.size(0) - 1) * kPanelColumns && N <= panels.size(0) * kPanelColumns,
               panels.size(0), " panels do not hold ", N, " output columns");
   if (bias) {
@@ -175,11 +186,18 @@ at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& panels, int64_
   }
   const bool direct = out && out->is_contiguous();
   at::Tensor y = direct ? *out : at::empty({M, N}, x.options());
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  const float* a = add ? add->data_ptr<float>() : nullptr;
+  if (M > 0 && half) {
+    at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
+      bf16_panel_columns(x.data_ptr<float>(), M, K, panels.data_ptr<at::BFloat16>(), begin, end,
+                         N, b, a, y.data_ptr<float>());
+    });
+  }
 #ifdef READMOE_PANELS
-  if (M > 0)
-    panel_product(x.data_ptr<float>(), M, K, panels.data_ptr<float>(), panels.size(0), N,
-                  bias ? bias->data_ptr<float>() : nullptr,
-                  add ? add->data_ptr<float>() : nullptr, y.data_ptr<float>());
+  if (M > 0 && !half)
+    panel_product(x.data_ptr<float>(), M, K, panels.data_ptr<float>(), panels.size(0), N, b, a,
+                  y.data_ptr<float>());
 #endif
   if (out && !direct) {
     at::Tensor target = *out;  // a handle on the caller's storage

@@ -17,6 +17,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &readmoe::silu_mul, "silu(gate) * up of a fused gate|up product", kFree);
   m.def("panels_supported", &readmoe::panels_supported,
         "whether this CPU runs panel_linear (AVX-512F)");
+  m.def("bf16_panels_supported", &readmoe::bf16_panels_supported,
+        "whether this CPU runs panel_linear on bf16 panels (AVX512-BF16)");
   m.def("panel_linear", &readmoe::panel_linear,
         "x @ W.T (+ bias) (+ add) through W's panels, into out if given", kFree);
   m.def("argmax_rows", &readmoe::argmax_rows, "each row's first maximum, as torch.max", kFree);

@@ -37,15 +37,26 @@ int64_t panel_count(int64_t columns) {
 
 const float* data(const MaybeTensor& t) { return t ? t->data_ptr<float>() : nullptr; }
 
-// weight [K, N] with its panels [ceil(N / 48), K, 48] (a float32 CPU copy, not oneDNN's)
+bool is_half(const MaybeTensor& blocked) {
+  return blocked && blocked->scalar_type() == at::kBFloat16;
+}
+
+// weight [K, N] with its panels [ceil(N / 48), K, 48] (a float32 CPU copy, not oneDNN's) or
+// bf16 panels [ceil(N / 48), ceil(K / 2), 48, 2]
 bool on_panels(const at::Tensor& weight, const MaybeTensor& blocked, const MaybeTensor& bias) {
   const auto fp32 = [](const at::Tensor& t) {
     return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous();
   };
-  return weight.dim() == 2 && blocked && !blocked->is_mkldnn() && fp32(*blocked) &&
-         blocked->dim() == 3 && blocked->size(0) == panel_count(weight.size(1)) &&
-         blocked->size(1) == weight.size(0) && blocked->size(2) == kPanelColumns &&
-         (!bias || (fp32(*bias) && bias->dim() == 1 && bias->size(0) == weight.size(1)));
+  if (weight.dim() != 2 || !blocked || blocked->is_mkldnn() || !blocked->device().is_cpu() ||
+      !blocked->is_contiguous() || blocked->size(0) != panel_count(weight.size(1)) ||
+      (bias && !(fp32(*bias) && bias->dim() == 1 && bias->size(0) == weight.size(1))))
+    return false;
+  if (is_half(blocked))
+    return bf16_panels_supported() && blocked->dim() == 4 &&
+           blocked->size(1) == (weight.size(0) + 1) / 2 && blocked->size(2) == kPanelColumns &&
+           blocked->size(3) == 2;
+  return fp32(*blocked) && blocked->dim() == 3 && blocked->size(1) == weight.size(0) &&
+         blocked->size(2) == kPanelColumns;
 }
 
 bool expert_on_panels(const Expert& e) {
@@ -53,12 +64,14 @@ bool expert_on_panels(const Expert& e) {
          on_panels(*e[2], e[3], std::nullopt);
 }
 
-// x [M, K] @ W (its panels) (+ bias) (+ add) -> y [M, N]; then `after` [N] added to each row
-// (an expert's compensation bias, added after the residual as sorted_moe_ffn adds it)
+// x [M, K] @ W (its panels, float32 or bf16) (+ bias) (+ add) -> y [M, N]; then `after` [N]
+// added to each row (an expert's compensation bias, added after the residual as
+// sorted_moe_ffn adds it)
 struct Product {
   const float* x;
   int64_t M, K;
-  const float* panels;
+  const void* panels;
+  bool half;
   int64_t N;
   const float* bias;
   const float* add;
@@ -69,7 +82,7 @@ struct Product {
 Product product_of(const at::Tensor& weight, const MaybeTensor& blocked, const float* x,
                    int64_t M, const float* bias, float* y, bool residual,
                    const float* after = nullptr) {
-  return {x, M, weight.size(0), blocked->data_ptr<float>(), weight.size(1), bias,
+  return {x, M, weight.size(0), blocked->data_ptr(), is_half(blocked), weight.size(1), bias,
           residual ? y : nullptr, y, after};
 }
 
@@ -97,7 +110,13 @@ void run_products(Phases& phases, Phases::Cursor& cursor, const std::vector<Prod
     const Product& p = list[static_cast<size_t>(c / parts)];
     const auto [begin, end] = part(panel_count(p.N), parts, c % parts);
     if (begin >= end) return;
-    panel_columns(p.x, p.M, p.K, p.panels, begin, end, p.N, p.bias, p.add, p.y);
+    if (p.half) {
+      bf16_panel_columns(p.x, p.M, p.K, static_cast<const at::BFloat16*>(p.panels), begin, end,
+                         p.N, p.bias, p.add, p.y);
+    } else {
+      panel_columns(p.x, p.M, p.K, static_cast<const float*>(p.panels), begin, end, p.N,
+                    p.bias, p.add, p.y);
+    }
     if (!p.after) return;
     const int64_t first = begin * kPanelColumns, last = std::min(p.N, end * kPanelColumns);
     for (int64_t r = 0; r < p.M; ++r)

@@ -1,0 +1,137 @@
+"""The bf16 panel products (csrc/gemm_bf16.cpp, ``--quantize bf16``): the layout, x @ W.T
+(+ bias) (+ add) equal to a float64 reference of the bf16-rounded operands for every row,
+column and K remainder (odd K too), a row's result the same bits alone, in any batch and on
+any thread count, and packed matrices using them for 1-48 rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from readmoe.errors import ReadmoeError
+from readmoe.serve import cpu_ops
+from readmoe.serve.kv_cache import PagedKVCache
+from readmoe.serve.packed import BLOCKED_MAX_ROWS, PANEL_COLUMNS, PackedMatrix, to_bf16_panels
+from readmoe.serve.quantized import check_quantization
+from readmoe.serve.runner import ModelRunner
+from tests.serve.test_engine import compensated, prefilled_step
+
+OPS = cpu_ops.load()
+pytestmark = pytest.mark.skipif(not cpu_ops.bf16_applies(OPS),
+                                reason="the bf16 panel products need the fused ops and "
+                                "AVX512-BF16")
+
+
+def reference(x, weight, bias=None, add=None):
+    """float64 products of the operands as the kernel sees them: rounded to bf16."""
+    want = x.bfloat16().double() @ weight.bfloat16().double().t()
+    if bias is not None:
+        want = want + bias.double()
+    return want if add is None else want + add.double()
+
+
+CLOSE = {"rtol": 1e-5, "atol": 1e-4}  # float32 sums of bf16 products
+
+
+def test_bf16_panels_hold_column_pairs_in_order_zero_padded():
+    weight = torch.randn(50, 7)
+    panels = to_bf16_panels(weight)
+    assert panels.shape == (2, 4, PANEL_COLUMNS, 2) and panels.dtype == torch.bfloat16
+    rounded = weight.bfloat16()
+    assert torch.equal(panels[0, 1, :, 0], rounded[:48, 2])
+    assert torch.equal(panels[0, 1, :, 1], rounded[:48, 3])
+    assert torch.equal(panels[1, 3, :2, 0], rounded[48:, 6])
+    assert panels[1, 3, :, 1].abs().sum() == 0 and panels[1, :, 2:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 16, 33, 48])
+@pytest.mark.parametrize(("columns", "width"), [(1, 5), (47, 64), (48, 1), (49, 33),
+                                                (130, 64)])
+def test_bf16_panel_products_equal_the_reference(rows, columns, width):
+    gen = torch.Generator().manual_seed(rows * 1000 + columns)
+    weight = torch.randn(columns, width, generator=gen)
+    bias = torch.randn(columns, generator=gen)
+    x = torch.randn(rows, width, generator=gen)
+    add = torch.randn(rows, columns, generator=gen)
+    panels = to_bf16_panels(weight)
+    torch.testing.assert_close(OPS.panel_linear(x, panels, columns, None, None, None).double(),
+                               reference(x, weight), **CLOSE)
+    torch.testing.assert_close(OPS.panel_linear(x, panels, columns, bias, add, None).double(),
+                               reference(x, weight, bias, add), **CLOSE)
+    target = torch.randn(rows + 2, columns, generator=gen)  # the residual added in place
+    before = target.clone()
+    rows_view = target[1:rows + 1]
+    OPS.panel_linear(x, panels, columns, None, rows_view, rows_view)
+    torch.testing.assert_close(target[1:rows + 1].double(),
+                               reference(x, weight, add=before[1:rows + 1]), **CLOSE)
+    assert torch.equal(target[0], before[0]) and torch.equal(target[-1], before[-1])
+
+
+def test_a_rows_bf16_result_is_the_same_bits_alone_in_any_batch_and_thread_count():
+    gen = torch.Generator().manual_seed(4)
+    weight, x = torch.randn(200, 96, generator=gen), torch.randn(37, 96, generator=gen)
+    panels = to_bf16_panels(weight)
+    batch = OPS.panel_linear(x, panels, 200, None, None, None)
+    for row in (0, 8, 31, 36):
+        assert torch.equal(OPS.panel_linear(x[row:row + 1], panels, 200, None, None, None)[0],
+                           batch[row])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = OPS.panel_linear(x, panels, 200, None, None, None)
+        torch.set_num_threads(1)
+        one = OPS.panel_linear(x, panels, 200, None, None, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, batch) and torch.equal(two, batch)
+
+
+def test_bf16_panels_of_the_wrong_shape_are_refused():
+    with pytest.raises(RuntimeError, match=r"bf16 panels must be contiguous \[P, 5, 48, 2\]"):
+        OPS.panel_linear(torch.randn(2, 9), to_bf16_panels(torch.randn(50, 8)), 50, None, None,
+                         None)
+
+
+def test_packed_bf16_matrices_multiply_every_row_count_through_the_panels():
+    weights = [torch.randn(40, 24), torch.randn(16, 24)]
+    bias = (torch.randn(40), torch.randn(16))
+    matrix = PackedMatrix.of(*weights, biases=bias, prepack=True, panels=True, bf16=True)
+    assert matrix.blocked.dtype == torch.bfloat16 and matrix.weight.dtype == torch.float32
+    assert matrix.nbytes == matrix.blocked.nbytes + 56 * 4
+    fused, joined = torch.cat(weights), torch.cat(bias)
+    for rows in (1, 2, BLOCKED_MAX_ROWS, 100):
+        for prepacked in (True, False):  # a prefill step's products too: one precision
+            x = torch.randn(rows, 24)
+            torch.testing.assert_close(matrix(x, prepacked=prepacked).double(),
+                                       reference(x, fused, joined), **CLOSE)
+
+
+@torch.no_grad()
+def test_a_bf16_runner_is_the_float32_one_to_bf16_rounding_alone_or_in_one_region():
+    model = compensated(True)
+    config = model.config
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (12, 17, 9)]
+    experts = [model.route(torch.tensor([s]))[0][0].tolist() for s in seqs]
+    routed = [ids[-1] for ids in experts]
+    logits = {}
+    for quantize in ("none", "bf16"):
+        kv = PagedKVCache(config.num_hidden_layers, 20, 4, config.num_key_value_heads,
+                          config.hidden_size // config.num_attention_heads)
+        runner = ModelRunner(model, kv, quantize=quantize)
+        step = prefilled_step(runner, seqs, experts)
+        logits[quantize] = runner.forward(step, routed)
+        if quantize == "bf16":
+            assert runner.packed[0].qkv.blocked.dtype == torch.bfloat16
+            assert runner.decoder.team_runs(len(step))  # the one-region step takes bf16 too
+            runner.decoder.team = False  # the per-layer calls: the same kernels, the same bits
+            assert torch.equal(runner.forward(step, routed), logits["bf16"])
+            assert torch.equal(runner.forward(step[:1], routed[:1]), logits["bf16"][:1])
+    gap = (logits["bf16"] - logits["none"]).abs().max()
+    assert 0 < gap < 0.02 * logits["none"].abs().max()
+
+
+def test_bf16_is_refused_off_the_cpu_path_with_the_fix():
+    with pytest.raises(ReadmoeError, match="load it on the CPU with --dtype float32"):
+        check_quantization("bf16", torch.device("cpu"), torch.bfloat16)
+    check_quantization("bf16", torch.device("cpu"), torch.float32)
