@@ -1,9 +1,14 @@
 """The bf16 panel products (csrc/gemm_bf16.cpp, ``--quantize bf16``): the layout, x @ W.T
 (+ bias) (+ add) equal to a float64 reference of the bf16-rounded operands for every row,
-column and K remainder (odd K too), a row's result the same bits alone, in any batch and on
-any thread count, and packed matrices using them for 1-48 rows."""
+column and K remainder (odd K too), through AMX and through VDPBF16PS, a row's result the
+same bits in any batch and on any thread count, packed matrices using them for every row
+count, and a bf16 runner against the float32 one."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -36,12 +41,13 @@ CLOSE = {"rtol": 1e-5, "atol": 1e-4}  # float32 sums of bf16 products
 def test_bf16_panels_hold_column_pairs_in_order_zero_padded():
     weight = torch.randn(50, 7)
     panels = to_bf16_panels(weight)
-    assert panels.shape == (2, 4, PANEL_COLUMNS, 2) and panels.dtype == torch.bfloat16
+    assert panels.shape == (2, 16, PANEL_COLUMNS, 2) and panels.dtype == torch.bfloat16
     rounded = weight.bfloat16()
     assert torch.equal(panels[0, 1, :, 0], rounded[:48, 2])
     assert torch.equal(panels[0, 1, :, 1], rounded[:48, 3])
     assert torch.equal(panels[1, 3, :2, 0], rounded[48:, 6])
     assert panels[1, 3, :, 1].abs().sum() == 0 and panels[1, :, 2:].abs().sum() == 0
+    assert panels[:, 4:].abs().sum() == 0  # k pairs padded to a tile's 16
 
 
 @pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 16, 33, 48])
@@ -67,14 +73,18 @@ def test_bf16_panel_products_equal_the_reference(rows, columns, width):
     assert torch.equal(target[0], before[0]) and torch.equal(target[-1], before[-1])
 
 
-def test_a_rows_bf16_result_is_the_same_bits_alone_in_any_batch_and_thread_count():
+def test_a_rows_bf16_result_is_the_same_bits_in_any_batch_and_thread_count():
+    """Two rows or more: the same bits in any batch (AMX where it runs, else VDPBF16PS); one
+    row (VDPBF16PS) equal to rounding."""
     gen = torch.Generator().manual_seed(4)
     weight, x = torch.randn(200, 96, generator=gen), torch.randn(37, 96, generator=gen)
     panels = to_bf16_panels(weight)
     batch = OPS.panel_linear(x, panels, 200, None, None, None)
+    for rows in (slice(5, 13), slice(30, 32), slice(0, 17)):
+        assert torch.equal(OPS.panel_linear(x[rows], panels, 200, None, None, None), batch[rows])
     for row in (0, 8, 31, 36):
-        assert torch.equal(OPS.panel_linear(x[row:row + 1], panels, 200, None, None, None)[0],
-                           batch[row])
+        torch.testing.assert_close(OPS.panel_linear(x[row:row + 1], panels, 200, None, None,
+                                                    None)[0], batch[row], rtol=1e-5, atol=1e-5)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -86,10 +96,30 @@ def test_a_rows_bf16_result_is_the_same_bits_alone_in_any_batch_and_thread_count
     assert torch.equal(one, batch) and torch.equal(two, batch)
 
 
+def test_without_amx_many_rows_go_through_vdpbf16ps_alike():
+    """READMOE_AMX=0 (read once a process): the other kernel, the same reference, each row the
+    same bits alone or in a batch."""
+    script = (
+        "import torch\n"
+        "from readmoe.serve import cpu_ops\n"
+        "from readmoe.serve.packed import to_bf16_panels\n"
+        "ops = cpu_ops.load()\n"
+        "gen = torch.Generator().manual_seed(5)\n"
+        "w, x, b = (torch.randn(*s, generator=gen) for s in ((130, 33), (40, 33), (130,)))\n"
+        "y = ops.panel_linear(x, to_bf16_panels(w), 130, b, None, None).double()\n"
+        "want = x.bfloat16().double() @ w.bfloat16().double().t() + b.double()\n"
+        "assert (y - want).abs().max() < 1e-4, (y - want).abs().max()\n"
+        "alone = ops.panel_linear(x[7:8], to_bf16_panels(w), 130, b, None, None).double()\n"
+        "assert torch.equal(alone[0], y[7])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "READMOE_AMX": "0"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_bf16_panels_of_the_wrong_shape_are_refused():
-    with pytest.raises(RuntimeError, match=r"bf16 panels must be contiguous \[P, 5, 48, 2\]"):
-        OPS.panel_linear(torch.randn(2, 9), to_bf16_panels(torch.randn(50, 8)), 50, None, None,
-                         None)
+    with pytest.raises(RuntimeError, match=r"bf16 panels must be contiguous \[P, 32, 48, 2\]"):
+        OPS.panel_linear(torch.randn(2, 40), to_bf16_panels(torch.randn(50, 8)), 50, None,
+                         None, None)
 
 
 def test_packed_bf16_matrices_multiply_every_row_count_through_the_panels():
@@ -126,7 +156,8 @@ def test_a_bf16_runner_is_the_float32_one_to_bf16_rounding_alone_or_in_one_regio
             assert runner.decoder.team_runs(len(step))  # the one-region step takes bf16 too
             runner.decoder.team = False  # the per-layer calls: the same kernels, the same bits
             assert torch.equal(runner.forward(step, routed), logits["bf16"])
-            assert torch.equal(runner.forward(step[:1], routed[:1]), logits["bf16"][:1])
+            torch.testing.assert_close(runner.forward(step[:1], routed[:1]),  # one row
+                                       logits["bf16"][:1], rtol=1e-5, atol=1e-5)
     gap = (logits["bf16"] - logits["none"]).abs().max()
     assert 0 < gap < 0.02 * logits["none"].abs().max()
 

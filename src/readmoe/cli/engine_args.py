@@ -38,8 +38,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="int8: serve with int8 weights (fbgemm, CPU only; faster decode, "
                         "see results/kernel_probe.md and engine_speed.md for speed and "
                         "perplexity); bf16: every product through bf16 weights (CPUs with "
-                        "AVX512-BF16, a float32 model; half the weight bytes); none: the "
-                        "model's dtype")
+                        "AVX512-BF16, AMX where present, a float32 model; half the weight "
+                        "bytes, about 1.8-1.9x decode here); none: the model's dtype")
     parser.add_argument("--kv-dtype", default=d.kv_dtype, choices=sorted(KV_DTYPES),
                         help="float16: keep the KV cache in float16 (half its memory and of the "
                         "bytes decode attention reads, as llama.cpp's default cache; keys and "

@@ -45,9 +45,13 @@ bool panels_supported();
 // whether it runs panel_linear on bf16 panels (AVX512-BF16, gemm_bf16.cpp)
 bool bf16_panels_supported();
 
+// k pairs a bf16 panel holds for K inputs: ceil(K / 2) padded to a multiple of 16 (AMX's
+// tile depth), zero past K
+int64_t bf16_pairs(int64_t K);
+
 // x [M, K] @ W.T (+ bias [N]) (+ add [M, N]) into out [M, N] if given, W [N, K] stored as
 // panels [ceil(N / 48), K, 48] (panel p holds columns 48p .. 48p + 47, zero padded), or as
-// bf16 panels [ceil(N / 48), ceil(K / 2), 48, 2] (k pairs innermost; x rounded to bf16)
+// bf16 panels [ceil(N / 48), bf16_pairs(K), 48, 2] (k pairs innermost; x rounded to bf16)
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t out_features,
                         const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& add,

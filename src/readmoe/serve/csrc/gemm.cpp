@@ -160,9 +160,9 @@ at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& panels, int64_
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
   if (half) {
     TORCH_CHECK(panels.device().is_cpu() && panels.dim() == 4 && panels.is_contiguous() &&
-                    panels.size(1) == (K + 1) / 2 && panels.size(2) == kPanelColumns &&
+                    panels.size(1) == bf16_pairs(K) && panels.size(2) == kPanelColumns &&
                     panels.size(3) == 2,
-                "bf16 panels must be contiguous [P, ", (K + 1) / 2, ", ", kPanelColumns,
+                "bf16 panels must be contiguous [P, ", bf16_pairs(K), ", ", kPanelColumns,
                 ", 2], got ", panels.sizes());
   } else {
     TORCH_CHECK(panels.device().is_cpu() && panels.scalar_type() == at::kFloat &&

@@ -10,10 +10,19 @@
 // panels at 1 row, 1.4-1.5x at 8; at 32 rows compute bounds both (one VDPBF16PS does the
 // multiply-adds of two FMAs, on one port) and it ran at 0.93x.
 //
-// The activations are rounded to bf16 (nearest even) once per call. Each output sums its k
-// pairs in order in one chain, whatever the rows or threads: a row's result is the same bits
-// alone or in any batch. Compiled for AVX512-BF16 in this file only; callers ask
-// bf16_panels_supported() first.
+// Two or more rows go through AMX where the CPU has it and Linux lets this process use it
+// (the arch_prctl permission oneDNN asks for too; READMOE_AMX=0 turns it off): a tile
+// multiply-add does a 16-row block times 16 columns over 16 k pairs in one instruction, so at
+// 32 rows, where VDPBF16PS is compute-bound, the same step's products took 0.50-0.52x its
+// time (1.1-1.2x at 8 rows; 1, 2 threads). One row stays on VDPBF16PS (AMX padded it to 16
+// rows and ran at 0.88-0.96x). The panels hold their k pairs padded to a multiple of 16 (a
+// tile's depth), zero, and so does the rounded activation buffer.
+//
+// The activations are rounded to bf16 (nearest even) once per call. Each kernel sums an
+// output's k pairs in a fixed order, whatever the other rows or the threads: a row's result
+// is the same bits in any batch of two or more rows (AMX) and alone (VDPBF16PS: equal to
+// rounding, as the float32 products' one row through at::mm). Compiled for AVX512-BF16 and
+// AMX in this file only; callers ask bf16_panels_supported() first.
 
 #include "cpu_ops.h"
 
@@ -21,14 +30,19 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define READMOE_BF16 1
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace {
@@ -86,8 +100,10 @@ constexpr PairRows kPairRows[kRowBlock + 1] = {
     nullptr,       pair_rows<1>, pair_rows<2>, pair_rows<3>, pair_rows<4>,
     pair_rows<5>,  pair_rows<6>, pair_rows<7>, pair_rows<8>};
 
-// x [M, K] -> bf16 [M, 2 * K2], rounded to nearest even, an odd K's last pair zero-padded
-void round_rows(const float* x, int64_t M, int64_t K, int64_t K2, uint16_t* out) {
+// x [M, K] -> bf16 [rows, 2 * K2], rounded to nearest even; zero past K and past M
+void round_rows(const float* x, int64_t M, int64_t K, int64_t K2, int64_t rows,
+                uint16_t* out) {
+  std::memset(out, 0, sizeof(uint16_t) * static_cast<size_t>(rows * 2 * K2));
   for (int64_t r = 0; r < M; ++r) {
     const float* row = x + r * K;
     uint16_t* dst = out + r * 2 * K2;
@@ -97,14 +113,136 @@ void round_rows(const float* x, int64_t M, int64_t K, int64_t K2, uint16_t* out)
       const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, row + k));
       _mm256_mask_storeu_epi16(dst + k, m, (__m256i)h);
     }
-    if (K % 2) dst[K] = 0;
   }
 }
+
+// AMX: the CPU has AMX-BF16 (CPUID 7.0 EDX bits 22 and 24) and Linux grants this process the
+// tile data state (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); READMOE_AMX=0 says no
+bool amx_usable() {
+  static const bool usable = [] {
+    const char* env = std::getenv("READMOE_AMX");
+    if (env != nullptr && std::string(env) == "0") return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24)))
+      return false;
+    constexpr long kRequestPermission = 0x1023, kTileData = 18;
+    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return usable;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tiles 0-5: sums (2 row blocks x 3 column blocks), 6: activations, 7: weights; each 16 rows
+// of 64 bytes (16 floats, or 16 bf16 pairs). Loaded every call: other code (oneDNN) may have
+// configured the tiles its own way in between.
+void configure_tiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = 16;
+    config.bytes_per_row[t] = 64;
+  }
+  asm volatile("" : : "r"(&config) : "memory");  // GCC does not see ldtilecfg read them
+  _tile_loadconfig(&config);
+}
+
+// a sum tile's rows [rows] of 16 columns (`cols` real) into y (stride ldy), + bias + add
+void store_tile(const float* sums, int64_t rows, int64_t cols, const float* bias,
+                const float* add, float* y, int64_t ldy) {
+  const __mmask16 m = cols >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                 : static_cast<__mmask16>((1u << cols) - 1);
+  const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias) : _mm512_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r) {
+    __m512 v = _mm512_add_ps(_mm512_loadu_ps(sums + 16 * r), b);
+    if (add) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, add + r * ldy));
+    _mm512_mask_storeu_ps(y + r * ldy, m, v);
+  }
+}
+
+#define READMOE_TILE_STORE(t)                        \
+  case t:                                            \
+    _tile_stored(t, sums, 64);                       \
+    break;
+
+// panels [begin, end) by AMX: x rounded [16 * blocks rows, 2 * K2] (K2 a multiple of 16)
+void amx_range(const uint16_t* x, int64_t M, int64_t K2, const uint16_t* all, int64_t begin,
+               int64_t end, int64_t N, const float* bias, const float* add, float* y) {
+  configure_tiles();
+  alignas(64) float sums[16 * 16];
+  const int64_t panel_halves = K2 * kPanel * 2, panel_lines = panel_halves / 32;
+  const int64_t blocks = (M + 15) / 16, row_bytes = 2 * K2 * 2;
+  const int64_t per_step = (panel_lines + (blocks + 1) / 2 * (K2 / 16) - 1) /
+                           std::max<int64_t>(1, (blocks + 1) / 2 * (K2 / 16));
+  for (int64_t p = begin; p < end; ++p) {
+    const uint16_t* panel = all + p * panel_halves;
+    const uint16_t* next = p + 1 < end ? panel + panel_halves : nullptr;
+    const int64_t col = p * kPanel, cols = std::min<int64_t>(kPanel, N - col);
+    int64_t line = 0;
+    for (int64_t block = 0; block < blocks; block += 2) {
+      const bool two = block + 1 < blocks;
+      const uint16_t* a0 = x + block * 16 * 2 * K2;
+      const uint16_t* a1 = a0 + 16 * 2 * K2;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      _tile_zero(4);
+      _tile_zero(5);
+      for (int64_t k = 0; k < K2; k += 16) {
+        const uint16_t* w = panel + k * kPanel * 2;
+        if (next != nullptr)
+          for (int64_t i = 0; i < per_step && line < panel_lines; ++i, ++line)
+            _mm_prefetch(reinterpret_cast<const char*>(next + 32 * line), _MM_HINT_T1);
+        _tile_loadd(6, a0 + 2 * k, row_bytes);
+        _tile_loadd(7, w, 192);
+        _tile_dpbf16ps(0, 6, 7);
+        _tile_loadd(7, w + 32, 192);
+        _tile_dpbf16ps(1, 6, 7);
+        _tile_loadd(7, w + 64, 192);
+        _tile_dpbf16ps(2, 6, 7);
+        if (two) {
+          _tile_loadd(6, a1 + 2 * k, row_bytes);
+          _tile_dpbf16ps(5, 6, 7);
+          _tile_loadd(7, w + 32, 192);
+          _tile_dpbf16ps(4, 6, 7);
+          _tile_loadd(7, w, 192);
+          _tile_dpbf16ps(3, 6, 7);
+        }
+      }
+      for (int half = 0; half < (two ? 2 : 1); ++half) {
+        const int64_t row = (block + half) * 16, rows = std::min<int64_t>(16, M - row);
+        for (int j = 0; j < 3 && cols > 16 * j; ++j) {
+          switch (half * 3 + j) {
+            READMOE_TILE_STORE(0)
+            READMOE_TILE_STORE(1)
+            READMOE_TILE_STORE(2)
+            READMOE_TILE_STORE(3)
+            READMOE_TILE_STORE(4)
+            READMOE_TILE_STORE(5)
+            default:
+              break;
+          }
+          const int64_t at = col + 16 * j;
+          store_tile(sums, rows, std::min<int64_t>(16, cols - 16 * j), bias ? bias + at : nullptr,
+                     add ? add + row * N + at : nullptr, y + row * N + at, N);
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+#undef READMOE_TILE_STORE
 #endif
 
 }  // namespace
 
 namespace readmoe {
+
+int64_t bf16_pairs(int64_t K) { return (K + 31) / 32 * 16; }
 
 bool bf16_panels_supported() {
 #ifdef READMOE_BF16
@@ -119,11 +257,17 @@ void bf16_panel_columns(const float* x, int64_t M, int64_t K, const at::BFloat16
                         int64_t begin, int64_t end, int64_t N, const float* bias,
                         const float* add, float* y) {
 #ifdef READMOE_BF16
-  const int64_t K2 = (K + 1) / 2;
+  const int64_t K2 = bf16_pairs(K);
+  const bool amx = M >= 2 && amx_usable();
+  const int64_t rows = amx ? (M + 15) / 16 * 16 : M;  // AMX reads whole 16-row blocks
   thread_local std::vector<uint16_t> rounded;
-  rounded.resize(static_cast<size_t>(M * 2 * K2));
-  round_rows(x, M, K, K2, rounded.data());
+  rounded.resize(static_cast<size_t>(rows * 2 * K2));
+  round_rows(x, M, K, K2, rows, rounded.data());
   const auto* all = reinterpret_cast<const uint16_t*>(panels);
+  if (amx) {
+    amx_range(rounded.data(), M, K2, all, begin, end, N, bias, add, y);
+    return;
+  }
   const int64_t panel_halves = K2 * kPanel * 2, panel_lines = panel_halves / 32;
   const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
   // the next panel's lines spread evenly over this panel's k pairs, every row block's

@@ -42,7 +42,7 @@ bool is_half(const MaybeTensor& blocked) {
 }
 
 // weight [K, N] with its panels [ceil(N / 48), K, 48] (a float32 CPU copy, not oneDNN's) or
-// bf16 panels [ceil(N / 48), ceil(K / 2), 48, 2]
+// bf16 panels [ceil(N / 48), bf16_pairs(K), 48, 2]
 bool on_panels(const at::Tensor& weight, const MaybeTensor& blocked, const MaybeTensor& bias) {
   const auto fp32 = [](const at::Tensor& t) {
     return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous();
@@ -53,7 +53,7 @@ bool on_panels(const at::Tensor& weight, const MaybeTensor& blocked, const Maybe
     return false;
   if (is_half(blocked))
     return bf16_panels_supported() && blocked->dim() == 4 &&
-           blocked->size(1) == (weight.size(0) + 1) / 2 && blocked->size(2) == kPanelColumns &&
+           blocked->size(1) == bf16_pairs(weight.size(0)) && blocked->size(2) == kPanelColumns &&
            blocked->size(3) == 2;
   return fp32(*blocked) && blocked->dim() == 3 && blocked->size(1) == weight.size(0) &&
          blocked->size(2) == kPanelColumns;
