@@ -259,10 +259,10 @@ void bf16_panel_columns(const float* x, int64_t M, int64_t K, const at::BFloat16
 #ifdef READMOE_BF16
   const int64_t K2 = bf16_pairs(K);
   const bool amx = M >= 2 && amx_usable();
-  const int64_t rows = amx ? (M + 15) / 16 * 16 : M;  // AMX reads whole 16-row blocks
+  const int64_t padded = amx ? (M + 15) / 16 * 16 : M;  // AMX reads whole 16-row blocks
   thread_local std::vector<uint16_t> rounded;
-  rounded.resize(static_cast<size_t>(rows * 2 * K2));
-  round_rows(x, M, K, K2, rows, rounded.data());
+  rounded.resize(static_cast<size_t>(padded * 2 * K2));
+  round_rows(x, M, K, K2, padded, rounded.data());
   const auto* all = reinterpret_cast<const uint16_t*>(panels);
   if (amx) {
     amx_range(rounded.data(), M, K2, all, begin, end, N, bias, add, y);
