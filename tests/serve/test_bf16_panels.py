@@ -20,6 +20,7 @@ from readmoe.serve.packed import BLOCKED_MAX_ROWS, PANEL_COLUMNS, PackedMatrix, 
 from readmoe.serve.quantized import check_quantization
 from readmoe.serve.runner import ModelRunner
 from tests.serve.test_engine import compensated, prefilled_step
+from tests.serve.test_panels import ROWS, SHAPES, check_products, on_threads
 
 OPS = cpu_ops.load()
 pytestmark = pytest.mark.skipif(not cpu_ops.bf16_applies(OPS),
@@ -50,27 +51,10 @@ def test_bf16_panels_hold_column_pairs_in_order_zero_padded():
     assert panels[:, 4:].abs().sum() == 0  # k pairs padded to a tile's 16
 
 
-@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 16, 33, 48])
-@pytest.mark.parametrize(("columns", "width"), [(1, 5), (47, 64), (48, 1), (49, 33),
-                                                (130, 64)])
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize(("columns", "width"), SHAPES)
 def test_bf16_panel_products_equal_the_reference(rows, columns, width):
-    gen = torch.Generator().manual_seed(rows * 1000 + columns)
-    weight = torch.randn(columns, width, generator=gen)
-    bias = torch.randn(columns, generator=gen)
-    x = torch.randn(rows, width, generator=gen)
-    add = torch.randn(rows, columns, generator=gen)
-    panels = to_bf16_panels(weight)
-    torch.testing.assert_close(OPS.panel_linear(x, panels, columns, None, None, None).double(),
-                               reference(x, weight), **CLOSE)
-    torch.testing.assert_close(OPS.panel_linear(x, panels, columns, bias, add, None).double(),
-                               reference(x, weight, bias, add), **CLOSE)
-    target = torch.randn(rows + 2, columns, generator=gen)  # the residual added in place
-    before = target.clone()
-    rows_view = target[1:rows + 1]
-    OPS.panel_linear(x, panels, columns, None, rows_view, rows_view)
-    torch.testing.assert_close(target[1:rows + 1].double(),
-                               reference(x, weight, add=before[1:rows + 1]), **CLOSE)
-    assert torch.equal(target[0], before[0]) and torch.equal(target[-1], before[-1])
+    check_products(to_bf16_panels, reference, CLOSE, rows, columns, width)
 
 
 def test_a_rows_bf16_result_is_the_same_bits_in_any_batch_and_thread_count():
@@ -85,15 +69,8 @@ def test_a_rows_bf16_result_is_the_same_bits_in_any_batch_and_thread_count():
     for row in (0, 8, 31, 36):
         torch.testing.assert_close(OPS.panel_linear(x[row:row + 1], panels, 200, None, None,
                                                     None)[0], batch[row], rtol=1e-5, atol=1e-5)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        two = OPS.panel_linear(x, panels, 200, None, None, None)
-        torch.set_num_threads(1)
-        one = OPS.panel_linear(x, panels, 200, None, None, None)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one, batch) and torch.equal(two, batch)
+    assert all(torch.equal(y, batch) for y in on_threads(
+        lambda: OPS.panel_linear(x, panels, 200, None, None, None)))
 
 
 def test_without_amx_many_rows_go_through_vdpbf16ps_alike():

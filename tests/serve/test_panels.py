@@ -38,29 +38,37 @@ def test_panels_hold_the_columns_in_order_zero_padded():
     assert OPS.PANEL_COLUMNS == PANEL_COLUMNS
 
 
-@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 16, 33, 48])
-@pytest.mark.parametrize(("columns", "width"), [(1, 5), (47, 64), (48, 1), (49, 33),
-                                                (130, 64)])
-def test_panel_products_equal_the_reference(rows, columns, width):
+ROWS = [1, 2, 7, 8, 9, 16, 33, 48]
+SHAPES = [(1, 5), (47, 64), (48, 1), (49, 33), (130, 64)]  # (columns, width)
+
+
+def check_products(pack, want, close: dict, rows: int, columns: int, width: int) -> None:
+    """``OPS.panel_linear`` through ``pack(weight)`` against ``want(x, weight, bias, add)``:
+    plain, with bias and a residual, and into a caller's rows with the residual added in
+    place (the MoE FFN's routed experts), the rows around them untouched."""
     gen = torch.Generator().manual_seed(rows * 1000 + columns)
     weight = torch.randn(columns, width, generator=gen)
     bias = torch.randn(columns, generator=gen)
     x = torch.randn(rows, width, generator=gen)
     add = torch.randn(rows, columns, generator=gen)
-    panels = to_panels(weight)
-    close = {"rtol": 1e-5, "atol": 1e-5}
+    panels = pack(weight)
     torch.testing.assert_close(OPS.panel_linear(x, panels, columns, None, None, None).double(),
-                               reference(x, weight), **close)
+                               want(x, weight), **close)
     torch.testing.assert_close(OPS.panel_linear(x, panels, columns, bias, add, None).double(),
-                               reference(x, weight, bias, add), **close)
-    # into a caller's rows, the residual added in place (the MoE FFN's routed experts)
+                               want(x, weight, bias, add), **close)
     target = torch.randn(rows + 2, columns, generator=gen)
     before = target.clone()
     rows_view = target[1:rows + 1]
     OPS.panel_linear(x, panels, columns, None, rows_view, rows_view)
     torch.testing.assert_close(target[1:rows + 1].double(),
-                               reference(x, weight, add=before[1:rows + 1]), **close)
+                               want(x, weight, add=before[1:rows + 1]), **close)
     assert torch.equal(target[0], before[0]) and torch.equal(target[-1], before[-1])
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize(("columns", "width"), SHAPES)
+def test_panel_products_equal_the_reference(rows, columns, width):
+    check_products(to_panels, reference, {"rtol": 1e-5, "atol": 1e-5}, rows, columns, width)
 
 
 def test_strided_inputs_and_outputs():
@@ -83,15 +91,21 @@ def test_a_rows_result_is_the_same_bits_alone_in_any_batch_and_thread_count():
         alone = OPS.panel_linear(x[row:row + 1], panels, 200, None, None, None)
         assert torch.equal(alone[0], batch[row])
     assert torch.equal(OPS.panel_linear(x[5:13], panels, 200, None, None, None), batch[5:13])
+    assert all(torch.equal(y, batch) for y in on_threads(
+        lambda: OPS.panel_linear(x, panels, 200, None, None, None)))
+
+
+def on_threads(call) -> list[torch.Tensor]:
+    """``call()``'s result on 2 threads and on 1 (torch's thread count restored after)."""
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
-        two = OPS.panel_linear(x, panels, 200, None, None, None)
-        torch.set_num_threads(1)
-        one = OPS.panel_linear(x, panels, 200, None, None, None)
+        results = []
+        for count in (2, 1):
+            torch.set_num_threads(count)
+            results.append(call())
+        return results
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, batch) and torch.equal(two, batch)
 
 
 @pytest.mark.parametrize(("call", "message"), [
