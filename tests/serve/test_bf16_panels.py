@@ -14,13 +14,17 @@ import pytest
 import torch
 
 from readmoe.errors import ReadmoeError
+from readmoe.models.device import resolve_placement
 from readmoe.serve import cpu_ops
 from readmoe.serve.kv_cache import PagedKVCache
+from readmoe.serve.launch import EngineOptions, open_engine
 from readmoe.serve.packed import BLOCKED_MAX_ROWS, PANEL_COLUMNS, PackedMatrix, to_bf16_panels
 from readmoe.serve.quantized import check_quantization
 from readmoe.serve.runner import ModelRunner
+from readmoe.serve.sampling import SamplingParams
 from tests.serve.test_engine import compensated, prefilled_step
 from tests.serve.test_panels import ROWS, SHAPES, check_products, on_threads
+from tests.server.helpers import save_tiny_model
 
 OPS = cpu_ops.load()
 pytestmark = pytest.mark.skipif(not cpu_ops.bf16_applies(OPS),
@@ -143,3 +147,16 @@ def test_bf16_is_refused_off_the_cpu_path_with_the_fix():
     with pytest.raises(ReadmoeError, match="load it on the CPU with --dtype float32"):
         check_quantization("bf16", torch.device("cpu"), torch.bfloat16)
     check_quantization("bf16", torch.device("cpu"), torch.float32)
+
+
+def test_bf16_serves_beside_an_expert_store_and_a_float16_kv_cache(tmp_path):
+    """The runner's own matrices in bf16, the offloaded experts as the store holds them."""
+    folder = save_tiny_model(tmp_path / "tiny")
+    options = EngineOptions(quantize="bf16", capacity=1, tier="ram", kv_dtype="float16")
+    with open_engine(str(folder), options, resolve_placement("cpu", "float32")) as served:
+        runner = served.engine.runner
+        assert runner.packed[0].qkv.blocked.dtype == torch.bfloat16
+        assert runner.packed[0].experts is None and served.engine.store is not None
+        outs = served.engine.generate([[5, 9, 14, 3, 70], list(range(20, 60))],
+                                      SamplingParams(max_tokens=6))
+    assert all(o.finished and len(o.token_ids) == 6 for o in outs)
