@@ -11,6 +11,7 @@ import pytest
 
 from readmoe.cli import main
 from readmoe.models.device import resolve_placement
+from readmoe.serve import launch
 from readmoe.serve.launch import EngineOptions, open_engine
 from readmoe.serve.sampling import SamplingParams
 from readmoe.server.terminal import ChatSession, stream_reply
@@ -37,6 +38,23 @@ def test_generate_prints_the_engines_text(model_dir, served, capsys):
     assert main(["generate", str(model_dir), "hello", "--chat", "--max-tokens", "10",
                  "--temperature", "0"]) == 0
     assert capsys.readouterr().out == chat + "\n"
+
+
+def test_generate_takes_the_precision_flags(model_dir, capsys, monkeypatch):
+    options = EngineOptions(max_seqs=1, kv_dtype="float16", quantize="int8")
+    with open_engine(str(model_dir), options, resolve_placement("cpu")) as served:
+        expected = served.engine.generate(["hello"], GREEDY)[0].text
+    seen = []
+
+    def spy(spec, options, placement):
+        seen.append(options)
+        return open_engine(spec, options, placement)
+
+    monkeypatch.setattr(launch, "open_engine", spy)
+    assert main(["generate", str(model_dir), "hello", "--max-tokens", "10", "--temperature",
+                 "0", "--device", "cpu", "--kv-dtype", "float16", "--quantize", "int8"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    assert (seen[0].quantize, seen[0].kv_dtype) == ("int8", "float16")
 
 
 def test_chat_keeps_history_until_end_of_input(served):

@@ -13,6 +13,21 @@ from readmoe.serve.quantized import QUANTIZATIONS
 from readmoe.serve.schedulers import SCHEDULERS
 
 
+def add_precision_args(parser: argparse.ArgumentParser) -> None:
+    """The runner's precision flags (also `generate` and `chat`'s, which take no others)."""
+    d = EngineOptions()
+    parser.add_argument("--quantize", default=d.quantize, choices=QUANTIZATIONS,
+                        help="int8: serve with int8 weights (fbgemm, CPU only; faster decode, "
+                        "see results/kernel_probe.md and engine_speed.md for speed and "
+                        "perplexity); bf16: every product through bf16 weights (CPUs with "
+                        "AVX512-BF16, AMX where present, a float32 model; half the weight "
+                        "bytes, about 1.8-1.9x decode here); none: the model's dtype")
+    parser.add_argument("--kv-dtype", default=d.kv_dtype, choices=sorted(KV_DTYPES),
+                        help="float16: keep the KV cache in float16 (half its memory and of the "
+                        "bytes decode attention reads, as llama.cpp's default cache; keys and "
+                        "values rounded when written); auto: the model's dtype")
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     d = EngineOptions()
     parser.add_argument("--scheduler", default=d.scheduler, choices=sorted(SCHEDULERS))
@@ -34,16 +49,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="tokens per engine step (prefill chunks and decode tokens)")
     parser.add_argument("--max-seqs", type=int, default=d.max_seqs,
                         help="requests per engine step")
-    parser.add_argument("--quantize", default=d.quantize, choices=QUANTIZATIONS,
-                        help="int8: serve with int8 weights (fbgemm, CPU only; faster decode, "
-                        "see results/kernel_probe.md and engine_speed.md for speed and "
-                        "perplexity); bf16: every product through bf16 weights (CPUs with "
-                        "AVX512-BF16, AMX where present, a float32 model; half the weight "
-                        "bytes, about 1.8-1.9x decode here); none: the model's dtype")
-    parser.add_argument("--kv-dtype", default=d.kv_dtype, choices=sorted(KV_DTYPES),
-                        help="float16: keep the KV cache in float16 (half its memory and of the "
-                        "bytes decode attention reads, as llama.cpp's default cache; keys and "
-                        "values rounded when written); auto: the model's dtype")
+    add_precision_args(parser)
     parser.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=d.prepack,
                         help="CPU fp32: also keep oneDNN's prepacked copy of each matrix for "
                         "products of 2+ rows (default; faster batched decode, one more copy "

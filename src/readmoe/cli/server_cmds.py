@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from readmoe.cli.engine_args import add_engine_args, engine_options
+from readmoe.cli.engine_args import add_engine_args, add_precision_args, engine_options
 from readmoe.cli.model_cmds import MODEL_HELP
 from readmoe.models.device import add_placement_args, placement_from_args
 from readmoe.server.config import API_KEY_ENV, ServerConfig
@@ -55,6 +55,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                           help="send the prompt as a user message through the chat template")
     generate.add_argument("--system", default=None, help="with --chat: a system message")
     _sampling_args(generate)
+    add_precision_args(generate)
     add_placement_args(generate)
     generate.set_defaults(handler=run_generate)
 
@@ -63,6 +64,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     chat.add_argument("model", help=SERVE_MODEL_HELP)
     chat.add_argument("--system", default=None, help="a system message")
     _sampling_args(chat)
+    add_precision_args(chat)
     add_placement_args(chat)
     chat.set_defaults(handler=run_chat)
 
@@ -89,10 +91,11 @@ def _params(args: argparse.Namespace):
                           top_p=args.top_p, seed=args.seed)
 
 
-def _terminal_options():
+def _terminal_options(args: argparse.Namespace):
     from readmoe.serve.launch import EngineOptions
 
-    return EngineOptions(max_seqs=1, kv_blocks=512)
+    return EngineOptions(max_seqs=1, kv_blocks=512, quantize=args.quantize,
+                         kv_dtype=args.kv_dtype)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -121,7 +124,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     params, placement = _params(args), placement_from_args(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    with open_engine(args.model, _terminal_options(), placement) as served:
+    with open_engine(args.model, _terminal_options(args), placement) as served:
         if args.chat:
             system = [{"role": "system", "content": args.system}] if args.system else []
             ids = encode_chat(served, [*system, {"role": "user", "content": prompt}])
@@ -137,7 +140,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from readmoe.server.terminal import ChatSession
 
     params, placement = _params(args), placement_from_args(args)
-    with open_engine(args.model, _terminal_options(), placement) as served:
+    with open_engine(args.model, _terminal_options(args), placement) as served:
         if sys.stdin.isatty():
             print(f"chatting with {args.model} ({placement.describe()}); Ctrl-C ends a reply, "
                   "Ctrl-D quits", flush=True)
