@@ -107,8 +107,8 @@ class _Sequence:
 class Engine:
     """Continuous batching over a ReadME model with a paged KV cache, optionally with routed
     experts offloaded to an ``ExpertStore`` (the caller owns it and closes it), with the
-    runner's matrices in int8 (``quantize``, CPU: see ``serve/quantized.py``), the KV cache
-    in float16 (``kv_dtype``, see ``serve/kv_cache.py``); on CUDA its decode steps replay
+    runner's matrices in int8 or bf16 (``quantize``, CPU: see ``serve/quantized.py``), the KV
+    cache in float16 (``kv_dtype``, see ``serve/kv_cache.py``); on CUDA its decode steps replay
     CUDA graphs unless ``cuda_graphs`` is False (``serve/graphs.py``)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, scheduler: str | Scheduler = "fcfs",

@@ -149,7 +149,9 @@ class ModelRunner:
     ``pack_experts`` False leaves the routed experts unpacked: an engine whose experts live
     in a store passes a ``source`` every step instead. ``quantize`` "int8" packs every matrix
     the runner owns (attention, shared and resident routed experts, LM head) as int8
-    (``quantized.py``; CPU only); the model's own parameters stay as they are. ``fused``
+    (``quantized.py``; CPU only), "bf16" as bf16 panels every product multiplies through
+    (``csrc/gemm_bf16.cpp``; CPUs with AVX512-BF16); the model's own parameters stay as
+    they are. ``fused``
     False keeps the torch ops where the fused CPU ops would apply, ``prepack`` False leaves
     out the fp32 matrices' copies for 2-48 rows (``packed.py``: the fused ops' panels on
     AVX-512 CPUs, else oneDNN's prepacked weights; memory, or to compare them).
