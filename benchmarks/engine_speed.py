@@ -226,6 +226,12 @@ def hf_time(model, batch: list[list[int]], new: int) -> float:
                                              do_sample=False))
 
 
+def bf16_runs(model) -> bool:
+    """Whether ``--quantize bf16`` serves ``model`` here (a float32 CPU model, bf16 panels)."""
+    return (model.device.type == "cpu" and model.dtype == torch.float32
+            and cpu_ops.bf16_applies(cpu_ops.load()))
+
+
 def warm_engine(model, tokenizer, batch: list[list[int]], new: int, quantize: str = "none",
                 fused: bool = True, kv_dtype: str = "auto", cuda_graphs: bool = True) -> Engine:
     """The engine every timing of ``batch`` runs on: built once and run once untimed on the
@@ -440,8 +446,8 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
                 onednn = name.endswith("-onednn")
                 if onednn and not cpu_ops.panels_apply(cpu_ops.load()):
                     continue  # no panels here: the engine row already multiplies through oneDNN
-                if quantize == "bf16" and not cpu_ops.bf16_applies(cpu_ops.load()):
-                    continue  # no AVX512-BF16 here (the run says so below)
+                if quantize == "bf16" and not bf16_runs(engine_model):
+                    continue  # not a float32 model on an AVX512-BF16 CPU (said below)
                 with panels_off(onednn):
                     engine = warm if name == engine_name else warm_engine(
                         engine_model, tokenizer, batch, args.new_tokens, quantize, fused,
@@ -616,7 +622,7 @@ def main() -> int:
                                          (f"{peer}-bf16", "bf16", "auto"),
                                          (f"{peer}-kvf16", "none", "float16")):
             cpu_only = quantize != "none" and placement.device.type != "cpu"
-            if quantize == "bf16" and not cpu_ops.bf16_applies(cpu_ops.load()):
+            if quantize == "bf16" and not bf16_runs(served):
                 continue
             if name == peer or (name in args.peers and not cpu_only):
                 quality.append(served_quality(served, tokenizer, corpus, weights,
@@ -637,10 +643,11 @@ def main() -> int:
         del served, hf_model
         gc.collect()
     rows += llama_cpp_rows(dense, load_config(dense), pool, gbs, threads, args, missing)
-    if placement.device.type == "cpu" and not cpu_ops.bf16_applies(cpu_ops.load()):
-        missing += [{"peer": peer, "reason": "no bf16 panels here (the fused ops and an "
-                     "AVX512-BF16 CPU)"} for peer in ("engine-bf16", "engine-dense-bf16")
-                    if peer in args.peers]
+    if not (placement.device.type == "cpu" and placement.dtype == torch.float32
+            and cpu_ops.bf16_applies(cpu_ops.load())):
+        missing += [{"peer": peer, "reason": "--quantize bf16 is for a float32 model on a CPU "
+                     "with AVX512-BF16 and the fused ops"}
+                    for peer in ("engine-bf16", "engine-dense-bf16") if peer in args.peers]
     result = {"command": command_line(), "model": described,
               "dense_model": dense,
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
