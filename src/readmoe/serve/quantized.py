@@ -1,13 +1,15 @@
 """Int8 matrices for CPU decode: fbgemm's dynamic int8 linear on per-channel int8 weights.
 
-Why this kernel: ``benchmarks/kernel_probe.py`` timed every product a decode step makes on this
-machine (2-core AVX2 EPYC, 1 thread). bf16 and fp16 run slower than fp32 here and torch's
-int8 weight-only matmul far slower, while fbgemm's dynamic int8 linear (activations quantized
-per call, int8 x int8 -> int32 on AVX2) was several times faster than fp32 at batch 1 and
-still ahead at 32; its weights take a quarter of the bytes, which also shrinks what an expert
-cache would move. It is a CPU kernel: serving on a GPU keeps fp32/bf16. (On CPUs with
-AVX512-BF16, ``--quantize bf16`` is the other choice: bf16 panels, ``csrc/gemm_bf16.cpp``,
-checked here too.)
+Why this kernel: ``benchmarks/kernel_probe.py`` timed every product a decode step makes on the
+machine this was first built on (2-core AVX2 EPYC, 1 thread): bf16 and fp16 ran slower than
+fp32 there and torch's int8 weight-only matmul far slower, while fbgemm's dynamic int8 linear
+(activations quantized per call, int8 x int8 -> int32) was several times faster than fp32 at
+batch 1 and still ahead at 32; its weights take a quarter of the bytes, which also shrinks
+what an expert cache would move. It is a CPU kernel: serving on a GPU keeps fp32/bf16. On CPUs
+with AVX512-BF16 (and AMX), ``--quantize bf16`` is the faster and closer choice (bf16 panels,
+``csrc/gemm_bf16.cpp``, checked here too): on the Xeon the project now runs on, 1.7-2.0x the
+float32 engine at the float32 perplexity, where int8 costs 12% of it
+(``results/engine_speed.md``).
 
 Quantization (``quantize_weight``): symmetric per output channel, scale = max |w| / 127, so
 each row's largest weight is exact. Activations are quantized per call to 7 bits
