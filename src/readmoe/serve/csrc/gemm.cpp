@@ -15,6 +15,7 @@
 // AVX-512F in this file only; callers ask panels_supported() first (the CPU at run time).
 
 #include "cpu_ops.h"
+#include "panel_blocks.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
@@ -90,21 +91,14 @@ constexpr PanelRows kPanelRows[kRowBlock + 1] = {
 // prefetched while it is multiplied
 void panel_range(const float* x, int64_t M, int64_t K, const float* panels, int64_t begin,
                  int64_t end, int64_t N, const float* bias, const float* add, float* y) {
-  const int64_t panel_floats = K * kPanel, panel_lines = panel_floats / 16;
-  const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
-  // the next panel's lines spread evenly over this panel's k steps, every row block's
-  const int64_t per_step = (panel_lines + blocks * K - 1) / (blocks * K);
-  for (int64_t p = begin; p < end; ++p) {
-    const float* panel = panels + p * panel_floats;
-    const float* next = p + 1 < end ? panel + panel_floats : nullptr;
-    const int64_t col = p * kPanel, cols = std::min<int64_t>(kPanel, N - col);
-    for (int64_t block = 0; block < blocks; ++block) {
-      const int64_t row = block * kRowBlock, rows = std::min<int64_t>(kRowBlock, M - row);
-      kPanelRows[rows](x + row * K, K, panel, next, block * K * per_step, per_step,
-                       panel_lines, bias ? bias + col : nullptr,
-                       add ? add + row * N + col : nullptr, y + row * N + col, N, cols);
-    }
-  }
+  readmoe::panel_blocks(
+      panels, K * kPanel, K, begin, end, M, N, kRowBlock,
+      [&](const float* panel, const float* next, int64_t first_line, int64_t per_step,
+          int64_t lines, int64_t row, int64_t rows, int64_t col, int64_t cols) {
+        kPanelRows[rows](x + row * K, K, panel, next, first_line, per_step, lines,
+                         bias ? bias + col : nullptr, add ? add + row * N + col : nullptr,
+                         y + row * N + col, N, cols);
+      });
 }
 
 void panel_product(const float* x, int64_t M, int64_t K, const float* panels, int64_t count,

@@ -25,6 +25,7 @@
 // AMX in this file only; callers ask bf16_panels_supported() first.
 
 #include "cpu_ops.h"
+#include "panel_blocks.h"
 
 #include <ATen/Parallel.h>
 
@@ -168,72 +169,62 @@ void store_tile(const float* sums, int64_t rows, int64_t cols, const float* bias
     _tile_stored(t, sums, 64);                       \
     break;
 
-// panels [begin, end) by AMX: x rounded [16 * blocks rows, 2 * K2] (K2 a multiple of 16)
-void amx_range(const uint16_t* x, int64_t M, int64_t K2, const uint16_t* all, int64_t begin,
-               int64_t end, int64_t N, const float* bias, const float* add, float* y) {
-  configure_tiles();
+// one block of up to 32 rows (two 16-row tiles) of x rounded [., 2 * K2] (K2 a multiple of
+// 16, rows past M zero) times one panel, by AMX; asks for per_step lines of the next panel a
+// k step of 16 pairs, from next + first_line
+void amx_block(const uint16_t* x, int64_t rows, int64_t K2, const uint16_t* panel,
+               const uint16_t* next, int64_t first_line, int64_t per_step, int64_t lines,
+               const float* bias, const float* add, float* y, int64_t ldy, int64_t cols) {
   alignas(64) float sums[16 * 16];
-  const int64_t panel_halves = K2 * kPanel * 2, panel_lines = panel_halves / 32;
-  const int64_t blocks = (M + 15) / 16, row_bytes = 2 * K2 * 2;
-  const int64_t per_step = (panel_lines + (blocks + 1) / 2 * (K2 / 16) - 1) /
-                           std::max<int64_t>(1, (blocks + 1) / 2 * (K2 / 16));
-  for (int64_t p = begin; p < end; ++p) {
-    const uint16_t* panel = all + p * panel_halves;
-    const uint16_t* next = p + 1 < end ? panel + panel_halves : nullptr;
-    const int64_t col = p * kPanel, cols = std::min<int64_t>(kPanel, N - col);
-    int64_t line = 0;
-    for (int64_t block = 0; block < blocks; block += 2) {
-      const bool two = block + 1 < blocks;
-      const uint16_t* a0 = x + block * 16 * 2 * K2;
-      const uint16_t* a1 = a0 + 16 * 2 * K2;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      _tile_zero(4);
-      _tile_zero(5);
-      for (int64_t k = 0; k < K2; k += 16) {
-        const uint16_t* w = panel + k * kPanel * 2;
-        if (next != nullptr)
-          for (int64_t i = 0; i < per_step && line < panel_lines; ++i, ++line)
-            _mm_prefetch(reinterpret_cast<const char*>(next + 32 * line), _MM_HINT_T1);
-        _tile_loadd(6, a0 + 2 * k, row_bytes);
-        _tile_loadd(7, w, 192);
-        _tile_dpbf16ps(0, 6, 7);
-        _tile_loadd(7, w + 32, 192);
-        _tile_dpbf16ps(1, 6, 7);
-        _tile_loadd(7, w + 64, 192);
-        _tile_dpbf16ps(2, 6, 7);
-        if (two) {
-          _tile_loadd(6, a1 + 2 * k, row_bytes);
-          _tile_dpbf16ps(5, 6, 7);
-          _tile_loadd(7, w + 32, 192);
-          _tile_dpbf16ps(4, 6, 7);
-          _tile_loadd(7, w, 192);
-          _tile_dpbf16ps(3, 6, 7);
-        }
-      }
-      for (int half = 0; half < (two ? 2 : 1); ++half) {
-        const int64_t row = (block + half) * 16, rows = std::min<int64_t>(16, M - row);
-        for (int j = 0; j < 3 && cols > 16 * j; ++j) {
-          switch (half * 3 + j) {
-            READMOE_TILE_STORE(0)
-            READMOE_TILE_STORE(1)
-            READMOE_TILE_STORE(2)
-            READMOE_TILE_STORE(3)
-            READMOE_TILE_STORE(4)
-            READMOE_TILE_STORE(5)
-            default:
-              break;
-          }
-          const int64_t at = col + 16 * j;
-          store_tile(sums, rows, std::min<int64_t>(16, cols - 16 * j), bias ? bias + at : nullptr,
-                     add ? add + row * N + at : nullptr, y + row * N + at, N);
-        }
-      }
+  const bool two = rows > 16;
+  const uint16_t* a1 = x + 16 * 2 * K2;
+  const int64_t row_bytes = 2 * K2 * 2;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_zero(4);
+  _tile_zero(5);
+  int64_t line = first_line;
+  for (int64_t k = 0; k < K2; k += 16) {
+    const uint16_t* w = panel + k * kPanel * 2;
+    if (next != nullptr)
+      for (int64_t i = 0; i < per_step && line < lines; ++i, ++line)
+        _mm_prefetch(reinterpret_cast<const char*>(next + 32 * line), _MM_HINT_T1);
+    _tile_loadd(6, x + 2 * k, row_bytes);
+    _tile_loadd(7, w, 192);
+    _tile_dpbf16ps(0, 6, 7);
+    _tile_loadd(7, w + 32, 192);
+    _tile_dpbf16ps(1, 6, 7);
+    _tile_loadd(7, w + 64, 192);
+    _tile_dpbf16ps(2, 6, 7);
+    if (two) {
+      _tile_loadd(6, a1 + 2 * k, row_bytes);
+      _tile_dpbf16ps(5, 6, 7);
+      _tile_loadd(7, w + 32, 192);
+      _tile_dpbf16ps(4, 6, 7);
+      _tile_loadd(7, w, 192);
+      _tile_dpbf16ps(3, 6, 7);
     }
   }
-  _tile_release();
+  for (int half = 0; half < (two ? 2 : 1); ++half) {
+    const int64_t first = half * 16, count = std::min<int64_t>(16, rows - first);
+    for (int j = 0; j < 3 && cols > 16 * j; ++j) {
+      switch (half * 3 + j) {
+        READMOE_TILE_STORE(0)
+        READMOE_TILE_STORE(1)
+        READMOE_TILE_STORE(2)
+        READMOE_TILE_STORE(3)
+        READMOE_TILE_STORE(4)
+        READMOE_TILE_STORE(5)
+        default:
+          break;
+      }
+      store_tile(sums, count, std::min<int64_t>(16, cols - 16 * j),
+                 bias ? bias + 16 * j : nullptr, add ? add + first * ldy + 16 * j : nullptr,
+                 y + first * ldy + 16 * j, ldy);
+    }
+  }
 }
 #undef READMOE_TILE_STORE
 #endif
@@ -265,24 +256,27 @@ void bf16_panel_columns(const float* x, int64_t M, int64_t K, const at::BFloat16
   round_rows(x, M, K, K2, padded, rounded.data());
   const auto* all = reinterpret_cast<const uint16_t*>(panels);
   if (amx) {
-    amx_range(rounded.data(), M, K2, all, begin, end, N, bias, add, y);
+    configure_tiles();
+    panel_blocks(all, K2 * kPanel * 2, K2 / 16, begin, end, M, N, 32,
+                 [&](const uint16_t* panel, const uint16_t* next, int64_t first_line,
+                     int64_t per_step, int64_t lines, int64_t row, int64_t rows, int64_t col,
+                     int64_t cols) {
+                   amx_block(rounded.data() + row * 2 * K2, rows, K2, panel, next, first_line,
+                             per_step, lines, bias ? bias + col : nullptr,
+                             add ? add + row * N + col : nullptr, y + row * N + col, N, cols);
+                 });
+    _tile_release();
     return;
   }
-  const int64_t panel_halves = K2 * kPanel * 2, panel_lines = panel_halves / 32;
-  const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
-  // the next panel's lines spread evenly over this panel's k pairs, every row block's
-  const int64_t per_step = (panel_lines + blocks * K2 - 1) / (blocks * K2);
-  for (int64_t p = begin; p < end; ++p) {
-    const uint16_t* panel = all + p * panel_halves;
-    const uint16_t* next = p + 1 < end ? panel + panel_halves : nullptr;
-    const int64_t col = p * kPanel, cols = std::min<int64_t>(kPanel, N - col);
-    for (int64_t block = 0; block < blocks; ++block) {
-      const int64_t row = block * kRowBlock, rows = std::min<int64_t>(kRowBlock, M - row);
-      kPairRows[rows](rounded.data() + row * 2 * K2, K2, panel, next, block * K2 * per_step,
-                      per_step, panel_lines, bias ? bias + col : nullptr,
-                      add ? add + row * N + col : nullptr, y + row * N + col, N, cols);
-    }
-  }
+  panel_blocks(all, K2 * kPanel * 2, K2, begin, end, M, N, kRowBlock,
+               [&](const uint16_t* panel, const uint16_t* next, int64_t first_line,
+                   int64_t per_step, int64_t lines, int64_t row, int64_t rows, int64_t col,
+                   int64_t cols) {
+                 kPairRows[rows](rounded.data() + row * 2 * K2, K2, panel, next, first_line,
+                                 per_step, lines, bias ? bias + col : nullptr,
+                                 add ? add + row * N + col : nullptr, y + row * N + col, N,
+                                 cols);
+               });
 #else
   TORCH_CHECK(false, "the bf16 panel products need an AVX512-BF16 CPU");
 #endif
