@@ -75,12 +75,16 @@ class PackedMatrix:
         return cls(weight, bias, transposed, blocked)
 
     @property
+    def bf16(self) -> bool:
+        """Whether the copy is bf16 panels, which serve every product."""
+        return self.blocked is not None and self.blocked.dtype == torch.bfloat16
+
+    @property
     def nbytes(self) -> int:
-        """Bytes a decode product reads: the bf16 panels where they are the copy (they serve
-        every product), else the matrix (+ bias)."""
+        """Bytes a decode product reads: the bf16 panels where they are the copy, else the
+        matrix (+ bias)."""
         bias = 0 if self.bias is None else self.bias.nbytes
-        half = self.blocked is not None and self.blocked.dtype == torch.bfloat16
-        return (self.blocked.nbytes if half else self.weight.nbytes) + bias
+        return (self.blocked.nbytes if self.bf16 else self.weight.nbytes) + bias
 
     def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None,
                  out: torch.Tensor | None = None, prepacked: bool = True) -> torch.Tensor:
@@ -88,8 +92,7 @@ class PackedMatrix:
         CPU the BLAS adds it as it writes, one op and one pass fewer), into ``out`` if given
         (a contiguous [n, out] view, so a caller's slice is filled without a copy).
         ``prepacked`` False leaves oneDNN's copy unused (a prefill step's products)."""
-        half = self.blocked is not None and self.blocked.dtype == torch.bfloat16
-        if half or (prepacked and self.blocked is not None
+        if self.bf16 or (prepacked and self.blocked is not None
                     and BLOCKED_MIN_ROWS <= x.shape[0] <= BLOCKED_MAX_ROWS):
             if not self.blocked.is_mkldnn:
                 return cpu_ops.load().panel_linear(x, self.blocked, self.weight.shape[1],
