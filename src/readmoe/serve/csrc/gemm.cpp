@@ -142,9 +142,9 @@ at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& panels, int64_
                         const std::optional<at::Tensor>& add_in,
                         const std::optional<at::Tensor>& out) {
   RECORD_FUNCTION("readmoe::panel_linear", c10::ArrayRef<const c10::IValue>{});
-  const bool half = panels.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(half ? bf16_panels_supported() : panels_supported(),
-              half ? "the bf16 panel products need an AVX512-BF16 CPU"
+  const bool bf16 = panels.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 ? bf16_panels_supported() : panels_supported(),
+              bf16 ? "the bf16 panel products need an AVX512-BF16 CPU"
                    : "the panel products need an AVX-512 CPU");
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 2,
               "x must be a float32 CPU matrix");
@@ -152,7 +152,7 @@ at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& panels, int64_
   const std::optional<at::Tensor> add =
       add_in ? std::optional<at::Tensor>(add_in->contiguous()) : std::nullopt;
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
-  if (half) {
+  if (bf16) {
     TORCH_CHECK(panels.device().is_cpu() && panels.dim() == 4 && panels.is_contiguous() &&
                     panels.size(1) == bf16_pairs(K) && panels.size(2) == kPanelColumns &&
                     panels.size(3) == 2,
@@ -182,14 +182,14 @@ at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& panels, int64_
   at::Tensor y = direct ? *out : at::empty({M, N}, x.options());
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   const float* a = add ? add->data_ptr<float>() : nullptr;
-  if (M > 0 && half) {
+  if (M > 0 && bf16) {
     at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
       bf16_panel_columns(x.data_ptr<float>(), M, K, panels.data_ptr<at::BFloat16>(), begin, end,
                          N, b, a, y.data_ptr<float>());
     });
   }
 #ifdef READMOE_PANELS
-  if (M > 0 && !half)
+  if (M > 0 && !bf16)
     panel_product(x.data_ptr<float>(), M, K, panels.data_ptr<float>(), panels.size(0), N, b, a,
                   y.data_ptr<float>());
 #endif

@@ -52,8 +52,8 @@ at::Tensor product(const at::Tensor& x, const at::Tensor& weight, const MaybeTen
                    const MaybeTensor& bias, const MaybeTensor& add, const MaybeTensor& out) {
   at::Tensor target = out ? *out : at::Tensor();  // a handle on the caller's storage
   // bf16 panels take every row count: the weights' one precision, prefill's as decode's
-  const bool half = blocked && blocked->scalar_type() == at::kBFloat16;
-  if (blocked && (half || (x.size(0) >= kBlockedMinRows && x.size(0) <= kBlockedMaxRows))) {
+  const bool bf16 = blocked && blocked->scalar_type() == at::kBFloat16;
+  if (blocked && (bf16 || (x.size(0) >= kBlockedMinRows && x.size(0) <= kBlockedMaxRows))) {
     if (!blocked->is_mkldnn()) return panel_linear(x, *blocked, weight.size(1), bias, add, out);
     const at::Tensor y = onednn_linear(x, *blocked, bias, add);
     return out ? target.copy_(y) : y;

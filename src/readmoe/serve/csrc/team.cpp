@@ -37,7 +37,7 @@ int64_t panel_count(int64_t columns) {
 
 const float* data(const MaybeTensor& t) { return t ? t->data_ptr<float>() : nullptr; }
 
-bool is_half(const MaybeTensor& blocked) {
+bool is_bf16(const MaybeTensor& blocked) {
   return blocked && blocked->scalar_type() == at::kBFloat16;
 }
 
@@ -51,7 +51,7 @@ bool on_panels(const at::Tensor& weight, const MaybeTensor& blocked, const Maybe
       !blocked->is_contiguous() || blocked->size(0) != panel_count(weight.size(1)) ||
       (bias && !(fp32(*bias) && bias->dim() == 1 && bias->size(0) == weight.size(1))))
     return false;
-  if (is_half(blocked))
+  if (is_bf16(blocked))
     return bf16_panels_supported() && blocked->dim() == 4 &&
            blocked->size(1) == bf16_pairs(weight.size(0)) && blocked->size(2) == kPanelColumns &&
            blocked->size(3) == 2;
@@ -71,7 +71,7 @@ struct Product {
   const float* x;
   int64_t M, K;
   const void* panels;
-  bool half;
+  bool bf16;
   int64_t N;
   const float* bias;
   const float* add;
@@ -82,7 +82,7 @@ struct Product {
 Product product_of(const at::Tensor& weight, const MaybeTensor& blocked, const float* x,
                    int64_t M, const float* bias, float* y, bool residual,
                    const float* after = nullptr) {
-  return {x, M, weight.size(0), blocked->data_ptr(), is_half(blocked), weight.size(1), bias,
+  return {x, M, weight.size(0), blocked->data_ptr(), is_bf16(blocked), weight.size(1), bias,
           residual ? y : nullptr, y, after};
 }
 
@@ -110,7 +110,7 @@ void run_products(Phases& phases, Phases::Cursor& cursor, const std::vector<Prod
     const Product& p = list[static_cast<size_t>(c / parts)];
     const auto [begin, end] = part(panel_count(p.N), parts, c % parts);
     if (begin >= end) return;
-    if (p.half) {
+    if (p.bf16) {
       bf16_panel_columns(p.x, p.M, p.K, static_cast<const at::BFloat16*>(p.panels), begin, end,
                          p.N, p.bias, p.add, p.y);
     } else {
