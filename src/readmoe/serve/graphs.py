@@ -146,9 +146,9 @@ class GraphedDecode:
         self.spare = runner.kv.spare_slot
         rows, length = self.rows[-1], self.lengths[-1]
         device = runner.model.device
-        # the inputs every graph reads (slices of these: fixed addresses)
-        self._tokens, self._positions, self._write, self._lengths, self._experts = (
-            torch.zeros(rows, dtype=torch.long, device=device) for _ in range(5))
+        # the inputs every graph reads (slices of these: fixed addresses): tokens, positions,
+        # write slots, lengths and experts, one row each, so a step copies them in at once
+        self._rows = torch.zeros(5, rows, dtype=torch.long, device=device)
         self._context = torch.zeros(rows, length, dtype=torch.long, device=device)
         # every graph's logits: one buffer, not one a graph (at 32 rows of a 128k vocabulary
         # in bf16, 8 MB each)
@@ -186,9 +186,7 @@ class GraphedDecode:
                   [int(context[b, lengths[b] - 1]) for b in range(n)] + [self.spare] * pad,
                   lengths + [1] * pad,
                   (list(experts) if experts is not None else [0] * n) + [0] * pad)
-        for buffer, values in zip((self._tokens, self._positions, self._write, self._lengths,
-                                   self._experts), inputs, strict=True):
-            buffer[:rows].copy_(torch.tensor(values, dtype=torch.long), non_blocking=True)
+        self._rows[:, :rows].copy_(torch.tensor(inputs, dtype=torch.long), non_blocking=True)
         self._context[:rows, :length].copy_(context, non_blocking=True)
         by_gate = experts is None
         self.steps += 1
@@ -208,8 +206,8 @@ class GraphedDecode:
         return self._logits[:n]
 
     def _run(self, rows: int, length: int, by_gate: bool) -> torch.Tensor:
-        return self.static(self._tokens[:rows], self._positions[:rows], self._write[:rows],
-                           self._lengths[:rows], None if by_gate else self._experts[:rows],
+        tokens, positions, write, lengths, experts = self._rows[:, :rows]
+        return self.static(tokens, positions, write, lengths, None if by_gate else experts,
                            self._context[:rows, :length], self._logits[:rows])
 
     def _captured(self, rows: int, length: int, by_gate: bool) -> torch.cuda.CUDAGraph:
