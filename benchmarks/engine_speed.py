@@ -82,6 +82,7 @@ from pathlib import Path
 import torch
 
 from readmoe.data.corpus import load_corpus
+from readmoe.errors import ReadmoeError
 from readmoe.eval.domains import heldout_blocks
 from readmoe.io import command_line, write_results
 from readmoe.models import load_config, load_model, load_tokenizer, resolve_model
@@ -97,6 +98,7 @@ from readmoe.serve import cpu_ops
 from readmoe.serve.engine import Engine
 from readmoe.serve.llama_cpp_peer import LlamaCppPeer, llama_cpp_missing
 from readmoe.serve.packed import PackedExpert
+from readmoe.serve.quantized import check_quantization
 from readmoe.serve.sampling import SamplingParams
 from readmoe.serve.scoring import served_nll
 from readmoe.serve.types import Budget
@@ -226,10 +228,14 @@ def hf_time(model, batch: list[list[int]], new: int) -> float:
                                              do_sample=False))
 
 
-def bf16_runs(model) -> bool:
-    """Whether ``--quantize bf16`` serves ``model`` here (a float32 CPU model, bf16 panels)."""
-    return (model.device.type == "cpu" and model.dtype == torch.float32
-            and cpu_ops.bf16_applies(cpu_ops.load()))
+def bf16_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``--quantize bf16`` serves a model on ``device`` in ``dtype`` here (the engine's
+    own check: a float32 CPU model, bf16 panels built)."""
+    try:
+        check_quantization("bf16", device, dtype)
+    except ReadmoeError:
+        return False
+    return True
 
 
 def warm_engine(model, tokenizer, batch: list[list[int]], new: int, quantize: str = "none",
@@ -446,7 +452,7 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
                 onednn = name.endswith("-onednn")
                 if onednn and not cpu_ops.panels_apply(cpu_ops.load()):
                     continue  # no panels here: the engine row already multiplies through oneDNN
-                if quantize == "bf16" and not bf16_runs(engine_model):
+                if quantize == "bf16" and not bf16_runs(engine_model.device, engine_model.dtype):
                     continue  # not a float32 model on an AVX512-BF16 CPU (said below)
                 with panels_off(onednn):
                     engine = warm if name == engine_name else warm_engine(
@@ -622,7 +628,7 @@ def main() -> int:
                                          (f"{peer}-bf16", "bf16", "auto"),
                                          (f"{peer}-kvf16", "none", "float16")):
             cpu_only = quantize != "none" and placement.device.type != "cpu"
-            if quantize == "bf16" and not bf16_runs(served):
+            if quantize == "bf16" and not bf16_runs(served.device, served.dtype):
                 continue
             if name == peer or (name in args.peers and not cpu_only):
                 quality.append(served_quality(served, tokenizer, corpus, weights,
@@ -643,8 +649,7 @@ def main() -> int:
         del served, hf_model
         gc.collect()
     rows += llama_cpp_rows(dense, load_config(dense), pool, gbs, threads, args, missing)
-    if not (placement.device.type == "cpu" and placement.dtype == torch.float32
-            and cpu_ops.bf16_applies(cpu_ops.load())):
+    if not bf16_runs(placement.device, placement.dtype):
         missing += [{"peer": peer, "reason": "--quantize bf16 is for a float32 model on a CPU "
                      "with AVX512-BF16 and the fused ops"}
                     for peer in ("engine-bf16", "engine-dense-bf16") if peer in args.peers]
