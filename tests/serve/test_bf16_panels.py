@@ -20,7 +20,7 @@ from readmoe.serve.kv_cache import PagedKVCache
 from readmoe.serve.launch import EngineOptions, open_engine
 from readmoe.serve.packed import BLOCKED_MAX_ROWS, PANEL_COLUMNS, PackedMatrix, to_bf16_panels
 from readmoe.serve.quantized import check_quantization
-from readmoe.serve.runner import ModelRunner
+from readmoe.serve.runner import ModelRunner, RunnerChunk
 from readmoe.serve.sampling import SamplingParams
 from tests.serve.test_engine import compensated, prefilled_step
 from tests.serve.test_panels import ROWS, SHAPES, check_products, on_threads
@@ -108,6 +108,7 @@ def test_packed_bf16_matrices_multiply_every_row_count_through_the_panels():
     bias = (torch.randn(40), torch.randn(16))
     matrix = PackedMatrix.of(*weights, biases=bias, prepack=True, panels=True, bf16=True)
     assert matrix.blocked.dtype == torch.bfloat16 and matrix.weight.dtype == torch.float32
+    assert matrix.weight.is_meta and matrix.weight.shape == (24, 56)  # no float32 copy kept
     assert matrix.nbytes == matrix.blocked.nbytes + 56 * 4
     fused, joined = torch.cat(weights), torch.cat(bias)
     for rows in (1, 2, BLOCKED_MAX_ROWS, 100):
@@ -141,6 +142,29 @@ def test_a_bf16_runner_is_the_float32_one_to_bf16_rounding_alone_or_in_one_regio
                                        logits["bf16"][:1], rtol=1e-5, atol=1e-5)
     gap = (logits["bf16"] - logits["none"]).abs().max()
     assert 0 < gap < 0.02 * logits["none"].abs().max()
+
+
+@torch.no_grad()
+def test_a_bf16_runner_prefills_in_bf16_as_it_decodes():
+    """A served perplexity is the decode's: the prefill logits of a sequence's last token
+    equal its decode step's, every matrix (the experts' too) in bf16 panels both times."""
+    model = compensated(True)
+    config = model.config
+    seq = torch.randint(3, 128, (14,), generator=torch.Generator().manual_seed(1)).tolist()
+    experts = model.route(torch.tensor([seq]))[0][0].tolist()
+    logits = {}
+    for quantize in ("none", "bf16"):
+        kv = PagedKVCache(config.num_hidden_layers, 20, 4, config.num_key_value_heads,
+                          config.hidden_size // config.num_attention_heads)
+        runner = ModelRunner(model, kv, quantize=quantize)
+        step = prefilled_step(runner, [seq], [experts])
+        decoded = runner.forward(step, experts[-1:])[0]
+        kv.admit("whole", len(seq))
+        kv.grow("whole", len(seq))
+        chunk = RunnerChunk(seq, 0, kv.slots("whole", 0, len(seq)), True)
+        logits[quantize] = runner.forward([chunk], experts, every_token=True)[-1]
+        torch.testing.assert_close(logits[quantize], decoded, rtol=1e-5, atol=2e-5)
+    assert (logits["bf16"] - logits["none"]).abs().max() > 1e-3  # bf16 it was
 
 
 def test_bf16_is_refused_off_the_cpu_path_with_the_fix():

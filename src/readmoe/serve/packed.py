@@ -20,8 +20,10 @@ faster than oneDNN's and 2-8 rows 0.95-1.2x (1 and 2 threads, weights streamed; 
 step's products 0.68x / 0.69x of oneDNN's time at 8 / 32 rows, ``kernel_probe.md``).
 
 Cost: one extra copy of the attention and FFN matrices (and, on CPU, of the LM head), the
-routed experts included when they are resident, and a second one where prepacked; with an
-expert store they are not packed (the store's fast tier is read as is). The model's own
+routed experts included when they are resident, and a second one where prepacked; with
+``--quantize bf16`` only the bf16 panels (half the float32 bytes: the products need nothing
+else). With an expert store the routed experts are not packed (the store's fast tier is read
+as is). The model's own
 parameters are left untouched, so HF ``generate`` and the router keep working on the same
 object.
 """
@@ -42,7 +44,7 @@ from readmoe.serve.quantized import Int8Matrix
 class PackedMatrix:
     """``x @ W.T + b`` for an ``nn.Linear``'s W and b, in the faster layout of its device."""
 
-    weight: torch.Tensor  # [in, out] when transposed, else [out, in]
+    weight: torch.Tensor  # [in, out] when transposed, else [out, in]; bf16: shape only
     bias: torch.Tensor | None  # [out]
     transposed: bool
     # the copy for 2-48 rows: oneDNN's prepacked [out, in] (an mkldnn tensor), or the fused
@@ -60,7 +62,12 @@ class PackedMatrix:
         as decode, so a served perplexity is the decode's)."""
         fused = weights[0] if len(weights) == 1 else torch.cat(weights)  # [sum out_i, in]
         transposed = fused.device.type == "cpu"
-        weight = fused.detach().t().contiguous() if transposed else fused.detach().contiguous()
+        if bf16:  # the panels serve every product: the [in, out] shape is all that is kept
+            weight = shape_only((fused.shape[1], fused.shape[0]))
+        elif transposed:
+            weight = fused.detach().t().contiguous()
+        else:
+            weight = fused.detach().contiguous()
         bias = None
         if any(b is not None for b in biases):
             bias = torch.cat([b.detach() for b in biases])
@@ -125,6 +132,13 @@ BLOCKED_MIN_ROWS = 2  # one row streams faster through ``x @ W``
 # instead of 143 (streamed weights, 1 thread: x @ W / oneDNN 1.21x at 32 rows, 1.09x at 48,
 # 0.85x at 64, 0.93-1.12x up to 512).
 BLOCKED_MAX_ROWS = 48
+
+
+def shape_only(shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """A float32 tensor of ``shape`` without storage (on the meta device): a bf16-panel
+    matrix's ``weight``, which states the [in, out] shape its products take and holds no
+    second copy of the weights (touching its data fails loudly instead of reading garbage)."""
+    return torch.empty(shape, dtype=torch.float32, device="meta")
 
 
 PANEL_COLUMNS = 48  # output columns of one panel (csrc/cpu_ops.h kPanelColumns)

@@ -441,9 +441,9 @@ def _plain(expert: PackedExpert) -> bool:
 
 def _matrices(expert: PackedExpert, prepacked: bool = True) -> list[torch.Tensor | None]:
     """A plain expert as the fused ops take it: gate|up, its prepacked copy, down, its copy
-    (the copies None where ``prepacked`` is False)."""
-    return [expert.gate_up.weight, expert.gate_up.blocked if prepacked else None,
-            expert.down.weight, expert.down.blocked if prepacked else None]
+    (the copies None where ``prepacked`` is False, except bf16 panels: the only copy)."""
+    return [m for matrix in (expert.gate_up, expert.down)
+            for m in (matrix.weight, matrix.blocked if prepacked or matrix.bf16 else None)]
 
 
 def _fusable(packed: PackedLayer) -> bool:

@@ -58,6 +58,8 @@ at::Tensor product(const at::Tensor& x, const at::Tensor& weight, const MaybeTen
     const at::Tensor y = onednn_linear(x, *blocked, bias, add);
     return out ? target.copy_(y) : y;
   }
+  TORCH_CHECK(weight.device() == x.device(), "a ", weight.device(), " weight without a copy "
+              "for these rows (bf16 panels keep only the float32 matrix's shape)");
   if (!bias && !add) return out ? at::mm_out(target, x, weight) : at::mm(x, weight);
   const at::Tensor base = add ? (bias ? *add + *bias : *add) : *bias;
   return out ? at::addmm_out(target, base, x, weight) : at::addmm(base, x, weight);
