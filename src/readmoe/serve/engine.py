@@ -129,7 +129,7 @@ class Engine:
             raise ReadmoeError(f"the model has {config.num_experts} routed experts and no router "
                                "(router_type 'none'): attach one before serving")
         if expert_store is not None:
-            self._check_store(expert_store, prefetch, codesign)
+            self._check_store(expert_store, prefetch, codesign, quantize)
         elif experts_offloaded(model):
             raise ReadmoeError("the model's routed experts were placed for offload "
                                "(place_for_offload): serve it with an ExpertStore")
@@ -324,8 +324,12 @@ class Engine:
         return seq
 
     def _check_store(self, store: ExpertStore | DenseStream, prefetch: bool,
-                     codesign: CoDesign) -> None:
+                     codesign: CoDesign, quantize: str) -> None:
         config = self.model.config
+        if store.form.bf16 != (quantize == "bf16"):
+            raise ReadmoeError(f"the expert store holds {store.form.name} experts and the "
+                               f"runner packs with --quantize {quantize}: build the store with "
+                               f"quantize={quantize!r} (the CLI does), one precision for both")
         if isinstance(store, DenseStream) and (codesign.predictor or codesign.prefetch_rate):
             raise ReadmoeError("a dense stream has no experts to predict: serve it without "
                                "co-design options")

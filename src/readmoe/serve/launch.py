@@ -184,7 +184,7 @@ def open_engine(spec: str, options: EngineOptions, placement: Placement
             _file_dtype_check(source, placement)
         store = ExpertStore(source, capacity=options.capacity, policy=options.cache_policy,
                             tier=options.tier, bandwidth=options.bandwidth,
-                            device=placement.device)
+                            device=placement.device, quantize=options.quantize)
         released = place_for_offload(model, placement.device)
         experts = {"store": store.describe(), "capacity": options.capacity,
                    "cache_policy": options.cache_policy, "prefetch": options.prefetch,

@@ -154,16 +154,22 @@ def to_panels(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(count, PANEL_COLUMNS, width).transpose(1, 2).contiguous()
 
 
+def bf16_panels_shape(out: int, width: int) -> tuple[int, int, int, int]:
+    """The shape of an [out, in=width] matrix's bf16 panels (``to_bf16_panels``)."""
+    return -(-out // PANEL_COLUMNS), -(-width // 32) * 16, PANEL_COLUMNS, 2
+
+
 def to_bf16_panels(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` [out, in] as bf16 panels [ceil(out / 48), pairs, 48, 2] (rounded to nearest
-    even): panel p, k pair j holds columns 48p .. 48p + 47 of inputs 2j and 2j + 1, the pair
-    innermost (what one VDPBF16PS lane multiplies, and an AMX weight tile's layout); pairs:
-    ceil(in / 2) padded to a multiple of 16 (a tile's depth); zero past ``out`` and ``in``."""
-    out, width = weight.shape
-    count, pairs = -(-out // PANEL_COLUMNS), -(-width // 32) * 16
-    padded = weight.new_zeros(count * PANEL_COLUMNS, 2 * pairs)
-    padded[:out, :width] = weight
-    return (padded.view(count, PANEL_COLUMNS, pairs, 2).transpose(1, 2).contiguous()
+    """``weight`` [..., out, in] as bf16 panels [..., ceil(out / 48), pairs, 48, 2] (rounded to
+    nearest even; leading dimensions, stacked experts, kept): panel p, k pair j holds columns
+    48p .. 48p + 47 of inputs 2j and 2j + 1, the pair innermost (what one VDPBF16PS lane
+    multiplies, and an AMX weight tile's layout); pairs: ceil(in / 2) padded to a multiple of
+    16 (a tile's depth); zero past ``out`` and ``in``."""
+    *lead, out, width = weight.shape
+    count, pairs, _, _ = bf16_panels_shape(out, width)
+    padded = weight.new_zeros(*lead, count * PANEL_COLUMNS, 2 * pairs)
+    padded[..., :out, :width] = weight
+    return (padded.view(*lead, count, PANEL_COLUMNS, pairs, 2).transpose(-3, -2).contiguous()
             .to(torch.bfloat16))
 
 

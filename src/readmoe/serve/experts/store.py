@@ -6,12 +6,14 @@ tier's residency is an ``ExpertCache`` driven by a registered eviction policy, t
 the simulator runs, and its plans come from the same ``ExpertPlanner``, so the store's hit
 counts equal the simulator's on the same accesses. Shared experts and attention stay resident.
 
-Layout: the fast tier holds each expert as the serving runner computes it (``packed.py``):
-gate|up fused, ``[in, out]`` on CPU, so an offloaded expert computes exactly as fast as a
-resident one. The ``ram`` tier keeps every routed expert in that layout too (pinned on CUDA), so
-a load is one contiguous copy per matrix; the ``file`` tier reads one (layer, expert) from the
-model folder's safetensors (``get_slice(name)[e]``, never the whole tensor) and packs it on the
-copy engine. Either can sit behind an emulated link of ``bandwidth`` bytes/s
+Layout (``slots.SlotFormat``): the fast tier holds each expert as the serving runner
+computes it (``packed.py``): gate|up fused, ``[in, out]`` on CPU, or with ``--quantize bf16``
+the bf16 panels the runner's own matrices use (about half the bytes a load moves). A float32
+slot keeps one layout, so 2-48 rows multiply it through ``x @ W`` where a resident expert has
+its panels too. The ``ram`` tier keeps every routed expert in the slots' layout (pinned on
+CUDA), so a load is one contiguous copy per matrix; the ``file`` tier reads one (layer,
+expert) from the model folder's safetensors (``get_slice(name)[e]``, never the whole tensor)
+and packs it on the copy engine. Either can sit behind an emulated link of ``bandwidth`` bytes/s
 (``link.EmulatedLink``), which lets a CPU-only machine model a PCIe-bound accelerator; results
 then say "emulated".
 
@@ -37,7 +39,8 @@ from readmoe.serve.experts.link import EmulatedLink
 from readmoe.serve.experts.loader import CopyEngine, CudaCopyEngine, ThreadCopyEngine
 from readmoe.serve.experts.plan import CoDesign, ExpertPlanner, StepPlan
 from readmoe.serve.experts.policies import EvictionPolicy, make_policy
-from readmoe.serve.packed import PackedExpert, PackedMatrix
+from readmoe.serve.experts.slots import SlotFormat, slot_tensors
+from readmoe.serve.packed import PackedExpert
 
 PARTS = ("gate_proj", "up_proj", "down_proj")
 TIERS = ("file", "ram")
@@ -55,17 +58,6 @@ def _layer_of(name: str) -> int | None:
         return None
     head = name[len(_PREFIX):].split(".", 1)[0]
     return int(head) if head.isdigit() else None
-
-
-def packed_parts(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, transposed: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One expert's (gate|up, down) as the runner computes them, from gate, up [R, H] and
-    down [H, R]: ``[H, 2R]`` and ``[R, H]`` when ``transposed`` (CPU), else ``[2R, H]``,
-    ``[H, R]``. Leading dimensions (stacked experts) are kept."""
-    gate_up = torch.cat([gate, up], dim=-2)  # [..., 2R, H]
-    if transposed:
-        return gate_up.transpose(-1, -2).contiguous(), down.transpose(-1, -2).contiguous()
-    return gate_up.contiguous(), down.contiguous()
 
 
 class _FileTier:
@@ -94,25 +86,26 @@ class _FileTier:
     def tensor(self, name: str) -> torch.Tensor:
         return self._handles[self._file_of[name]].get_tensor(name)
 
-    def read(self, layer: int, expert: int, transposed: bool
+    def read(self, layer: int, expert: int, form: SlotFormat
              ) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up, down = (self._handles[self._file_of[n]].get_slice(n)[expert]
                           for n in (expert_name(layer, part) for part in PARTS))
-        return packed_parts(gate, up, down, transposed)
+        return form.pack(gate, up, down)
 
 
 class _RamTier:
-    """Every routed expert in CPU memory, packed (pinned when CUDA can use it)."""
+    """Every routed expert in CPU memory, packed as the slots hold it (pinned when CUDA can
+    use it)."""
 
     def __init__(self, tensors: Callable[[str], torch.Tensor], layers: Sequence[int],
-                 transposed: bool, pin: bool) -> None:
+                 form: SlotFormat, pin: bool) -> None:
         self._experts = {}
         for layer in layers:
-            parts = packed_parts(*(tensors(expert_name(layer, p)).detach().to("cpu")
-                                   for p in PARTS), transposed)
+            parts = form.pack(*(tensors(expert_name(layer, p)).detach().to("cpu")
+                                for p in PARTS))
             self._experts[layer] = tuple(t.pin_memory() if pin else t for t in parts)
 
-    def read(self, layer: int, expert: int, transposed: bool
+    def read(self, layer: int, expert: int, form: SlotFormat
              ) -> tuple[torch.Tensor, torch.Tensor]:
         gate_up, down = self._experts[layer]
         return gate_up[expert], down[expert]
@@ -157,9 +150,9 @@ class SlotStore:
         async_copy = self.device.type == "cuda"
 
         def copy() -> None:
-            gate_up, down = self._source(load.layer, load.expert)
-            view.gate_up.weight.copy_(gate_up, non_blocking=async_copy)
-            view.down.weight.copy_(down, non_blocking=async_copy)
+            for target, part in zip(slot_tensors(view), self._source(load.layer, load.expert),
+                                    strict=True):
+                target.copy_(part, non_blocking=async_copy)
         ticket = self._copy.submit(copy, self.expert_bytes[load.layer], after, load.speculative,
                                    self._slot_ticket.get((load.layer, load.slot)))
         self._ticket[load.layer, load.expert] = self._slot_ticket[load.layer, load.slot] = ticket
@@ -187,12 +180,15 @@ class ExpertStore(SlotStore):
 
     ``source``: a ReadME model folder, or a state dict (``model.state_dict()``; ram tier only).
     ``policy``: an ``EvictionPolicy`` or a registered name. ``bandwidth`` (bytes/s) adds an
-    emulated link (CPU only). Use as a context manager, or ``close()``, to stop the copy engine.
+    emulated link (CPU only). ``quantize``: the serving runner's (``slots.SlotFormat``; "bf16":
+    the slots, and the ram tier, hold bf16 panels). Use as a context manager, or ``close()``,
+    to stop the copy engine.
     """
 
     def __init__(self, source: str | Path | Mapping[str, torch.Tensor], *, capacity: int,
                  policy: EvictionPolicy | str = "belady", tier: str = "file",
-                 bandwidth: float | None = None, device: str | torch.device = "cpu") -> None:
+                 bandwidth: float | None = None, device: str | torch.device = "cpu",
+                 quantize: str = "none") -> None:
         if tier not in TIERS:
             raise ReadmoeError(f"unknown expert tier {tier!r}; choose one of {TIERS}")
         self.device = torch.device(device)
@@ -200,7 +196,7 @@ class ExpertStore(SlotStore):
             raise ReadmoeError("an emulated link models a slow copy on a CPU-only machine; on "
                                "CUDA the copies are real: drop --bandwidth")
         self.tier = tier
-        self.transposed = self.device.type == "cpu"  # the runner's layout (packed.py)
+        self.form = SlotFormat.of(self.device, quantize)  # the runner's layout (packed.py)
         if isinstance(source, Mapping):
             if tier == "file":
                 raise ReadmoeError("the file tier reads a model folder; pass its path")
@@ -216,7 +212,7 @@ class ExpertStore(SlotStore):
         self.routed_layers = sorted(layer for layer in layers
                                     if expert_name(layer, "gate_proj") in names)
         self._tier = files if tier == "file" else _RamTier(
-            tensor, self.routed_layers, self.transposed, pin=self.device.type == "cuda")
+            tensor, self.routed_layers, self.form, pin=self.device.type == "cuda")
         self.link = EmulatedLink(bandwidth) if bandwidth is not None else None
         views: dict[tuple[int, int], PackedExpert] = {}
         expert_bytes = [0] * self.num_layers
@@ -224,14 +220,13 @@ class ExpertStore(SlotStore):
         for layer in self.routed_layers:
             (experts, size, hidden), dtype = shape_of(expert_name(layer, "gate_proj"))
             self.num_experts = experts
-            gate_up = (hidden, 2 * size) if self.transposed else (2 * size, hidden)
-            down = (size, hidden) if self.transposed else (hidden, size)
-            slots = (torch.empty((capacity, *gate_up), dtype=dtype, device=self.device),
-                     torch.empty((capacity, *down), dtype=dtype, device=self.device))
-            expert_bytes[layer] = 3 * size * hidden * slots[0].element_size()
+            slots = tuple(torch.empty((capacity, *shape), dtype=self.form.slot_dtype(dtype),
+                                      device=self.device)
+                          for shape in self.form.slot_shapes(size, hidden))
+            expert_bytes[layer] = sum(part[0].nbytes for part in slots)
             for slot in range(capacity):
-                views[layer, slot] = PackedExpert(
-                    *(PackedMatrix(part[slot], None, self.transposed) for part in slots))
+                views[layer, slot] = self.form.expert(*(part[slot] for part in slots),
+                                                      size, hidden)
         self.expert_bytes = tuple(expert_bytes)
         policy = make_policy(policy) if isinstance(policy, str) else policy
         self.cache = ExpertCache(capacity, self.expert_bytes, policy)
@@ -249,11 +244,12 @@ class ExpertStore(SlotStore):
     def describe(self) -> str:
         tier = "safetensors file" if self.tier == "file" else "CPU RAM"
         link = f" + {self.link.describe()}" if self.link else ""
-        return f"{tier}{link} -> {self.device.type} (capacity {self.capacity} per layer)"
+        bf16 = ", bf16 panels" if self.form.bf16 else ""
+        return (f"{tier}{link} -> {self.device.type} (capacity {self.capacity} per layer{bf16})")
 
     def read(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One expert's packed (gate|up, down) from the slow tier, as a load copies it."""
-        return self._tier.read(layer, expert, self.transposed)
+        return self._tier.read(layer, expert, self.form)
 
     def planner(self, codesign: CoDesign | None = None) -> ExpertPlanner:
         """The planner whose plans this store executes (over its cache)."""

@@ -31,15 +31,15 @@ from readmoe.serve.experts.cache import CacheStats, LayerPlan, Load
 from readmoe.serve.experts.future import access_time
 from readmoe.serve.experts.link import EmulatedLink
 from readmoe.serve.experts.plan import StepPlan
+from readmoe.serve.experts.slots import SlotFormat
 from readmoe.serve.experts.store import (
     PARTS,
     SlotStore,
     StepAccess,
     _FileTier,
     expert_name,
-    packed_parts,
 )
-from readmoe.serve.packed import PackedExpert, PackedMatrix
+from readmoe.serve.packed import PackedExpert
 from readmoe.serve.types import Batch, CacheView, Request
 
 
@@ -110,12 +110,12 @@ class DenseStream(SlotStore):
     """
 
     def __init__(self, folder: str | Path, budget_bytes: int, *, bandwidth: float | None = None,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", quantize: str = "none") -> None:
         files = _FileTier(Path(folder))
         self.device = torch.device(device)
         if bandwidth is not None and self.device.type == "cuda":
             raise ReadmoeError("an emulated link is for CPU-only machines: drop --bandwidth")
-        transposed = self.device.type == "cpu"
+        self.form = SlotFormat.of(self.device, quantize)
         layers = sorted({int(n.split(".")[2]) for n in files.names
                          if n.startswith("model.layers.") and ".mlp.experts." in n})
         if not layers:
@@ -129,11 +129,11 @@ class DenseStream(SlotStore):
         pin = self.device.type == "cuda"
         self._host = {}
         for layer in layers:
-            parts = packed_parts(*(files.tensor(expert_name(layer, p))[0] for p in PARTS),
-                                 transposed)
+            parts = self.form.pack(*(files.tensor(expert_name(layer, p))[0] for p in PARTS))
             self._host[layer] = tuple(t.pin_memory() if pin else t for t in parts)
+        (_, size, hidden), _ = files.shape(expert_name(layers[0], "gate_proj"))
         gate_up, down = self._host[layers[0]]
-        self.layer_bytes = (gate_up.numel() + down.numel()) * gate_up.element_size()
+        self.layer_bytes = gate_up.nbytes + down.nbytes
         self.expert_bytes = tuple(self.layer_bytes if layer in layers else 0
                                   for layer in range(self.num_layers))
         resident = split_budget(len(layers), self.layer_bytes, budget_bytes)
@@ -141,8 +141,8 @@ class DenseStream(SlotStore):
         self.streamed = self._planner.streamed
 
         def empty() -> PackedExpert:
-            return PackedExpert(*(PackedMatrix(torch.empty_like(t, device=self.device), None,
-                                               transposed) for t in (gate_up, down)))
+            return self.form.expert(*(torch.empty_like(t, device=self.device)
+                                      for t in (gate_up, down)), size, hidden)
         ring = [empty(), empty()] if self.streamed else []
         views = {(layer, 0): empty() for layer in layers if layer not in self.streamed}
         for index, layer in enumerate(self.streamed):
@@ -160,7 +160,7 @@ class DenseStream(SlotStore):
         link = f" + {self.link.describe()}" if self.link else ""
         return (f"dense FFN stream: CPU RAM{link} -> {self.device.type} "
                 f"({len(self.routed_layers) - len(self.streamed)} layers resident, "
-                f"{len(self.streamed)} streamed)")
+                f"{len(self.streamed)} streamed{', bf16 panels' if self.form.bf16 else ''})")
 
     @property
     def _counts(self) -> CacheStats:
