@@ -128,23 +128,25 @@ def make_system(name: str, setting: Setting, predictor: str = "mode-5",
 
 def run_engine(system: System, model: torch.nn.Module, tokenizer, folder: str, *,
                specs: Sequence[RequestSpec], share: float, setting: Setting,
-               routed_bytes: int, budget: Budget, kv_blocks: int, block_size: int = 16) -> dict:
+               routed_bytes: int, budget: Budget, kv_blocks: int, block_size: int = 16,
+               quantize: str = "none") -> dict:
     """Serve ``specs`` on the engine as ``system`` at ``share`` of ``routed_bytes``; ``model``
-    (of ``folder``) must have been placed for offload. Returns the engine's metrics plus what
+    (of ``folder``) must have been placed for offload; ``quantize``: the runner's and the
+    store's (bf16: ``routed_bytes`` in bf16 panels too). Returns the engine's metrics plus what
     produced them, and the realised per-step accesses (``steps``: each step's experts and its
     tokens' experts in batch order)."""
     if system.model == "dense":
         store = DenseStream(folder, math.floor(share * routed_bytes),
-                            bandwidth=setting.bandwidth)
+                            bandwidth=setting.bandwidth, quantize=quantize)
     else:
         store = ExpertStore(folder, capacity=capacity_for(share, model.config.num_experts),
                             policy=system.policy, tier=setting.tier,
-                            bandwidth=setting.bandwidth)
+                            bandwidth=setting.bandwidth, quantize=quantize)
     with store:
         engine = Engine(model, tokenizer, make_scheduler(system.scheduler,
                                                           **system.scheduler_options),
                         budget, kv_blocks, block_size, expert_store=store,
-                        prefetch=system.prefetch, codesign=system.codesign)
+                        prefetch=system.prefetch, codesign=system.codesign, quantize=quantize)
         metrics = engine.run_workload(specs)
         metrics["store"] = store.describe()
         metrics["fast_tier_bytes"] = store.fast_tier_bytes
@@ -168,14 +170,15 @@ def sim_config(system: System, share: float, setting: Setting, cost: CostModel,
 
 
 def calibrate(model: torch.nn.Module, tokenizer, folder: str | Path, specs: Sequence[RequestSpec],
-              budget: Budget, kv_blocks: int = 2048) -> dict:
+              budget: Budget, kv_blocks: int = 2048, quantize: str = "none") -> dict:
     """What the settings derive from, measured: the resident engine's mean step time on
-    ``specs``, one routed expert's bytes, and the seconds to copy it within RAM."""
-    engine = Engine(model, tokenizer, "fcfs", budget, kv_blocks=kv_blocks)
+    ``specs``, one routed expert's bytes, and the seconds to copy it within RAM (the runner's
+    and the store's precision: ``quantize``)."""
+    engine = Engine(model, tokenizer, "fcfs", budget, kv_blocks=kv_blocks, quantize=quantize)
     engine.run_workload(specs)
     step_s = statistics.mean(s.end_time - s.start_time for s in engine.steps)
     layers = model.config.num_hidden_layers
-    with ExpertStore(folder, capacity=1, tier="ram") as store:
+    with ExpertStore(folder, capacity=1, tier="ram", quantize=quantize) as store:
         expert_bytes = max(store.expert_bytes)
         source = store.read(store.routed_layers[0], 0)
     slot = [torch.empty_like(t) for t in source]
@@ -190,16 +193,18 @@ def calibrate(model: torch.nn.Module, tokenizer, folder: str | Path, specs: Sequ
             "link_bandwidth": expert_bytes * layers / step_s, "layers": layers}
 
 
-def make_settings(calibration: dict, names: Sequence[str]) -> dict[str, Setting]:
+def make_settings(calibration: dict, names: Sequence[str],
+                  link_bandwidth: float | None = None) -> dict[str, Setting]:
     """``ram`` (copies within RAM) and ``link`` (the RAM tier behind an emulated link at which
-    one expert of one layer loads in one layer's compute), with their load ratio and prefetch
-    rate from ``calibration``."""
+    one expert of one layer loads in one layer's compute, or of ``link_bandwidth`` bytes/s: one
+    link for runs that differ in what they move), with their load ratio and prefetch rate from
+    ``calibration``."""
     layers, step_s = calibration["layers"], calibration["step_s"]
     result = {}
     for name in names:
         if name not in ("ram", "link"):
             raise ReadmoeError(f"unknown setting {name!r}; choose 'ram' or 'link'")
-        bandwidth = calibration["link_bandwidth"] if name == "link" else None
+        bandwidth = (link_bandwidth or calibration["link_bandwidth"]) if name == "link" else None
         load_s = calibration["ram_copy_s"] + (calibration["expert_bytes"] / bandwidth
                                               if bandwidth else 0.0)
         ratio = layers * load_s / step_s
