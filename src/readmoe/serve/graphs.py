@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from readmoe.serve.runner import _AttentionGroup
+from readmoe.serve.attention_groups import AttentionGroup
 
 if TYPE_CHECKING:
     from readmoe.serve.packed import PackedLayer
@@ -97,7 +97,7 @@ class StaticDecode:
         keys_at = torch.arange(length, device=tokens.device)  # [L]
         bias = hidden.new_zeros(rows, 1, 1, length).masked_fill_(
             (keys_at[None, :] >= lengths[:, None])[:, None, None], float("-inf"))  # [R,1,1,L]
-        group = _AttentionGroup(index[:, None], context.contiguous(), bias, index, index,
+        group = AttentionGroup(index[:, None], context.contiguous(), bias, index, index,
                                 lengths, direct=True)
         for layer, (module, packed) in enumerate(zip(runner.layers, runner.packed,
                                                      strict=True)):

@@ -41,6 +41,7 @@ import torch
 
 from readmoe.errors import ReadmoeError
 from readmoe.serve import cpu_ops
+from readmoe.serve.attention_groups import AttentionGroup, group_chunks
 from readmoe.serve.kv_cache import PagedKVCache
 from readmoe.serve.packed import (
     Norm,
@@ -77,61 +78,6 @@ class RunnerChunk:
     start: int
     context_slots: torch.Tensor  # [start + n] int64
     samples: bool
-
-
-@dataclass(frozen=True)
-class _AttentionGroup:
-    """Chunks attended in one padded call: queries [B, Tq] against keys [B, L].
-
-    ``direct``: every row of the step is one decode query, in row order (a decode-only step),
-    so queries are the rows as they are and the result is the output as it is: no gather or
-    scatter, and the mask broadcasts over heads instead of being repeated.
-    """
-
-    query_rows: torch.Tensor  # [B, Tq] rows of the flat batch (padding: row 0)
-    key_slots: torch.Tensor  # [B, L] pool slots (padding: slot 0)
-    bias: torch.Tensor | None  # [B, 1, groups * Tq, L] (direct: [B, 1, 1, L]) 0 = attend,
-    # -inf not; None where the fused decode attention reads lengths instead
-    valid: torch.Tensor  # [V] positions in the flattened [B * Tq] that are real queries
-    targets: torch.Tensor  # [V] their rows in the flat batch
-    lengths: torch.Tensor  # [B] each chunk's context length (its real keys)
-    direct: bool = False
-
-
-def _group(chunks: Sequence[RunnerChunk], offsets: Sequence[int], groups: int,
-           dtype: torch.dtype, device: torch.device, direct: bool = False,
-           masked: bool = True) -> _AttentionGroup:
-    if direct and not masked:  # what the fused decode attention reads: slots and lengths
-        key_slots = torch.nn.utils.rnn.pad_sequence([c.context_slots for c in chunks],
-                                                    batch_first=True)  # [B, L], padding 0
-        rows = torch.arange(len(chunks))
-        lengths = torch.tensor([len(c.context_slots) for c in chunks])
-        return _AttentionGroup(*(t.to(device) for t in (rows[:, None], key_slots)), None,
-                               *(t.to(device) for t in (rows, rows, lengths)), direct=True)
-    sizes = [len(c.tokens) for c in chunks]
-    ends = [c.start + n for c, n in zip(chunks, sizes, strict=True)]
-    width, length = max(sizes), max(ends)
-    query_rows = torch.zeros(len(chunks), width, dtype=torch.long)
-    key_slots = torch.zeros(len(chunks), length, dtype=torch.long)
-    for b, (chunk, size, offset) in enumerate(zip(chunks, sizes, offsets, strict=True)):
-        query_rows[b, :size] = torch.arange(offset, offset + size)
-        key_slots[b, :ends[b]] = chunk.context_slots
-    valid = (torch.arange(width)[None, :] < torch.tensor(sizes)[:, None]).reshape(-1)
-    targets = query_rows.reshape(-1)[valid]
-    bias = None
-    if masked:
-        starts = torch.tensor([c.start for c in chunks])[:, None, None]  # [B, 1, 1]
-        keys = torch.arange(length)[None, None, :]  # [1, 1, L]
-        queries = torch.arange(width)[None, :, None]  # [1, Tq, 1]
-        # Query i of a chunk sits at position start + i and sees keys up to it; a padding
-        # query (i >= size) sees the request's keys too, so its softmax row is never empty.
-        mask = (keys <= starts + queries) & (keys < torch.tensor(ends)[:, None, None])
-        bias = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
-        # query rows are (GQA group, query) pairs, group-major: the mask repeats per group
-        bias = (bias[:, None] if direct else bias[:, None].repeat(1, 1, groups, 1)).to(device)
-    query_rows, key_slots, valid, targets, lengths = (t.to(device) for t in (
-        query_rows, key_slots, valid.nonzero()[:, 0], targets, torch.tensor(ends)))
-    return _AttentionGroup(query_rows, key_slots, bias, valid, targets, lengths, direct=direct)
 
 
 class _Routing(NamedTuple):
@@ -258,10 +204,10 @@ class ModelRunner:
         else:  # one token a chunk: a few batched ops instead of a few per chunk
             positions = torch.tensor([c.start for c in chunks], device=device)  # [N]
             write_slots = torch.stack([c.context_slots[-1] for c in chunks]).to(device)  # [N]
-        groups = [_group([chunks[i] for i in ids], [offsets[i] for i in ids],
-                         self.heads // self.kv_heads, hidden_dtype, device,
-                         direct=not prefill and ids is decode,
-                         masked=self.ops is None or bool(prefill))
+        groups = [group_chunks([chunks[i] for i in ids], [offsets[i] for i in ids],
+                               self.heads // self.kv_heads, hidden_dtype, device,
+                               direct=not prefill and ids is decode,
+                               masked=self.ops is None or bool(prefill))
                   for ids in (decode, prefill) if ids]
         routing = (self._grouping(torch.tensor(experts, device=device))
                    if experts is not None else None)
@@ -286,7 +232,7 @@ class ModelRunner:
 
     def _attention(self, layer: int, packed: PackedLayer, residual: torch.Tensor,
                    cos: torch.Tensor, sin: torch.Tensor, write_slots: torch.Tensor,
-                   groups: Sequence[_AttentionGroup], prepacked: bool = True) -> torch.Tensor:
+                   groups: Sequence[AttentionGroup], prepacked: bool = True) -> torch.Tensor:
         """residual [N, H] -> residual + attention(norm(residual)) [N, H]; writes the step's
         keys and values first. cos, sin: [N, D]. ``prepacked`` False keeps oneDNN's copies
         unused."""
@@ -333,7 +279,7 @@ class ModelRunner:
         return packed.o(out, add=residual, prepacked=prepacked)
 
     def _decode_attention(self, q: torch.Tensor, key_pool: torch.Tensor,
-                          value_pool: torch.Tensor, group: _AttentionGroup) -> torch.Tensor:
+                          value_pool: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
         """A decode-only step's attention: q [N, h, D] (row b is request b's one query) ->
         [N, h*D]. The general path's padded math with the gathers and scatters left out;
         the fused op reads the pool in place."""
