@@ -178,6 +178,33 @@ def dense_folder(readme: Path) -> Path:
 
 # ---- workloads --------------------------------------------------------------------------------
 
+def add_engine_cell_args(parser: argparse.ArgumentParser, cells: list[str]) -> None:
+    """The options of a benchmark that reruns engine cells on the synthetic workload
+    (``decodes_first.py``, ``offload_precision.py``)."""
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--corpus", default=str(DEMO / "corpus"))
+    parser.add_argument("--cells", nargs="+", default=cells,
+                        help="SETTING:BUDGET pairs (settings: ram, link; budget: share of the "
+                        "routed experts in fast memory)")
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--rate", type=float, default=1.5)
+    parser.add_argument("--max-output", type=int, default=32)
+    parser.add_argument("--out", default="results")
+
+
+def engine_cell_inputs(args: argparse.Namespace) -> tuple:
+    """(folder, tokenizer, resident model, model placed for offload, synthetic specs) for
+    ``add_engine_cell_args``'s options."""
+    readme = readme_folder(args.model)
+    tokenizer = load_tokenizer(str(readme))
+    resident = load_model(str(readme))
+    offloaded = load_model(str(readme))
+    place_for_offload(offloaded)
+    args.workloads = ["synthetic"]
+    return readme, tokenizer, resident, offloaded, workloads(tokenizer, args.corpus, args)[
+        "synthetic"]
+
+
 def workloads(tokenizer, corpus: str, args: argparse.Namespace) -> dict:
     from readmoe.cli.bench_cmds import corpus_prompts
 

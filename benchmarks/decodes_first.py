@@ -22,40 +22,26 @@ import statistics
 from dataclasses import replace
 
 import torch
-from codesign import DEMO, ENGINE_BUDGET, readme_folder, summarize_run, workloads
+from codesign import ENGINE_BUDGET, add_engine_cell_args, engine_cell_inputs, summarize_run
 from tqdm import tqdm
 
 from readmoe.eval.significance import sign_test
 from readmoe.io import command_line, write_results
-from readmoe.models import load_model, load_tokenizer
-from readmoe.serve.placement import place_for_offload, routed_expert_bytes
+from readmoe.serve.placement import routed_expert_bytes
 from readmoe.serve.systems import calibrate, capacity_for, make_settings, make_system, run_engine
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--corpus", default=str(DEMO / "corpus"))
+    add_engine_cell_args(parser, ["link:0.5", "ram:1.0"])
     parser.add_argument("--repeats", type=int, default=6)
-    parser.add_argument("--cells", nargs="+", default=["link:0.5", "ram:1.0"],
-                        help="SETTING:BUDGET pairs (settings: ram, link)")
-    parser.add_argument("--requests", type=int, default=16)
-    parser.add_argument("--rate", type=float, default=1.5)
-    parser.add_argument("--max-output", type=int, default=32)
-    parser.add_argument("--out", default="results")
     return parser.parse_args()
 
 
 def main() -> int:
     args = parse_args()
     torch.set_num_threads(1)
-    readme = readme_folder(args.model)
-    tokenizer = load_tokenizer(str(readme))
-    resident = load_model(str(readme))
-    offloaded = load_model(str(readme))
-    place_for_offload(offloaded)
-    args.workloads = ["synthetic"]
-    specs = workloads(tokenizer, args.corpus, args)["synthetic"]
+    readme, tokenizer, resident, offloaded, specs = engine_cell_inputs(args)
     cal = calibrate(resident, tokenizer, readme, specs, ENGINE_BUDGET)
     settings = make_settings(cal, sorted({c.split(":")[0] for c in args.cells}))
     routed = routed_expert_bytes(resident)

@@ -25,15 +25,14 @@ import platform
 import statistics
 
 import torch
-from codesign import DEMO, ENGINE_BUDGET, readme_folder, summarize_run, workloads
+from codesign import ENGINE_BUDGET, add_engine_cell_args, engine_cell_inputs, summarize_run
 from tqdm import tqdm
 
 from readmoe.errors import ReadmoeError
 from readmoe.io import command_line, write_results
-from readmoe.models import load_model, load_tokenizer
 from readmoe.serve.engine import Engine
 from readmoe.serve.experts.store import ExpertStore
-from readmoe.serve.placement import place_for_offload, routed_expert_bytes
+from readmoe.serve.placement import routed_expert_bytes
 from readmoe.serve.quantized import check_quantization
 from readmoe.serve.systems import calibrate, capacity_for, make_settings, make_system, run_engine
 
@@ -44,16 +43,8 @@ LABEL = {"none": "float32", "bf16": "bf16"}
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--corpus", default=str(DEMO / "corpus"))
+    add_engine_cell_args(parser, ["link:0.33", "link:0.5", "ram:0.5"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cells", nargs="+", default=["link:0.33", "link:0.5", "ram:0.5"],
-                        help="SETTING:BUDGET pairs (settings: ram, link; budget: share of the "
-                        "routed experts in fast memory)")
-    parser.add_argument("--requests", type=int, default=16)
-    parser.add_argument("--rate", type=float, default=1.5)
-    parser.add_argument("--max-output", type=int, default=32)
-    parser.add_argument("--out", default="results")
     return parser.parse_args()
 
 
@@ -61,13 +52,7 @@ def main() -> int:
     args = parse_args()
     check_quantization("bf16", torch.device("cpu"))  # says why where this CPU cannot
     torch.set_num_threads(1)  # the other core is the copy engine's
-    readme = readme_folder(args.model)
-    tokenizer = load_tokenizer(str(readme))
-    resident = load_model(str(readme))
-    offloaded = load_model(str(readme))
-    place_for_offload(offloaded)
-    args.workloads = ["synthetic"]
-    specs = workloads(tokenizer, args.corpus, args)["synthetic"]
+    readme, tokenizer, resident, offloaded, specs = engine_cell_inputs(args)
     cells = [(cell.split(":")[0], float(cell.split(":")[1])) for cell in args.cells]
     if any(name not in ("ram", "link") for name, _ in cells):
         raise ReadmoeError(f"--cells takes ram:SHARE or link:SHARE, got {args.cells}")
