@@ -327,7 +327,7 @@ class Engine:
                      codesign: CoDesign, quantize: str) -> None:
         config = self.model.config
         if store.form.bf16 != (quantize == "bf16"):
-            raise ReadmoeError(f"the expert store holds {store.form.name} experts and the "
+            raise ReadmoeError(f"the expert store's slots hold {store.form.name} and the "
                                f"runner packs with --quantize {quantize}: build the store with "
                                f"quantize={quantize!r} (the CLI does), one precision for both")
         if isinstance(store, DenseStream) and (codesign.predictor or codesign.prefetch_rate):

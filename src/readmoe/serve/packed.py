@@ -23,9 +23,8 @@ Cost: one extra copy of the attention and FFN matrices (and, on CPU, of the LM h
 routed experts included when they are resident, and a second one where prepacked; with
 ``--quantize bf16`` only the bf16 panels (half the float32 bytes: the products need nothing
 else). With an expert store the routed experts are not packed (the store's fast tier is read
-as is). The model's own
-parameters are left untouched, so HF ``generate`` and the router keep working on the same
-object.
+as is). The model's own parameters are left untouched, so HF ``generate`` and the router keep
+working on the same object.
 """
 
 from __future__ import annotations
