@@ -174,13 +174,14 @@ def test_bf16_is_refused_off_the_cpu_path_with_the_fix():
 
 
 def test_bf16_serves_beside_an_expert_store_and_a_float16_kv_cache(tmp_path):
-    """The runner's own matrices in bf16, the offloaded experts as the store holds them."""
+    """The runner's own matrices in bf16, and the offloaded experts too (the store's slots
+    hold bf16 panels: ``tests/serve/test_bf16_slots.py``)."""
     folder = save_tiny_model(tmp_path / "tiny")
     options = EngineOptions(quantize="bf16", capacity=1, tier="ram", kv_dtype="float16")
     with open_engine(str(folder), options, resolve_placement("cpu", "float32")) as served:
         runner = served.engine.runner
         assert runner.packed[0].qkv.blocked.dtype == torch.bfloat16
-        assert runner.packed[0].experts is None and served.engine.store is not None
+        assert runner.packed[0].experts is None and served.engine.store.form.bf16
         outs = served.engine.generate([[5, 9, 14, 3, 70], list(range(20, 60))],
                                       SamplingParams(max_tokens=6))
     assert all(o.finished and len(o.token_ids) == 6 for o in outs)
