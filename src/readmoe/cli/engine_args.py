@@ -21,7 +21,9 @@ def add_precision_args(parser: argparse.ArgumentParser) -> None:
                         "see results/kernel_probe.md and engine_speed.md for speed and "
                         "perplexity); bf16: every product through bf16 weights (CPUs with "
                         "AVX512-BF16, AMX where present, a float32 model; half the weight "
-                        "bytes, about 1.8-1.9x decode here); none: the model's dtype")
+                        "bytes, about 1.7-2.0x decode here; with --capacity the offloaded "
+                        "experts too, half the bytes a load moves); int8 keeps offloaded "
+                        "experts in the model's dtype; none: the model's dtype")
     parser.add_argument("--kv-dtype", default=d.kv_dtype, choices=sorted(KV_DTYPES),
                         help="float16: keep the KV cache in float16 (half its memory and of the "
                         "bytes decode attention reads, as llama.cpp's default cache; keys and "
