@@ -85,6 +85,11 @@ class PackedMatrix:
         """Whether the copy is bf16 panels, which serve every product."""
         return self.blocked is not None and self.blocked.dtype == torch.bfloat16
 
+    def copy(self, prepacked: bool = True) -> torch.Tensor | None:
+        """The blocked copy a product may multiply through: bf16 panels always (they are the
+        only copy), another copy unless ``prepacked`` is False (a prefill step's products)."""
+        return self.blocked if prepacked or self.bf16 else None
+
     @property
     def nbytes(self) -> int:
         """Bytes a decode product reads: the bf16 panels where they are the copy, else the
@@ -98,15 +103,15 @@ class PackedMatrix:
         CPU the BLAS adds it as it writes, one op and one pass fewer), into ``out`` if given
         (a contiguous [n, out] view, so a caller's slice is filled without a copy).
         ``prepacked`` False leaves oneDNN's copy unused (a prefill step's products)."""
-        if self.bf16 or (prepacked and self.blocked is not None
-                    and BLOCKED_MIN_ROWS <= x.shape[0] <= BLOCKED_MAX_ROWS):
-            if not self.blocked.is_mkldnn:
-                return cpu_ops.load().panel_linear(x, self.blocked, self.weight.shape[1],
-                                                   self.bias, add, out)
-            y = (torch.ops.mkldnn._linear_pointwise(x, self.blocked, self.bias, "none", [], "")
+        blocked = self.copy(prepacked)
+        if blocked is not None and (self.bf16
+                                    or BLOCKED_MIN_ROWS <= x.shape[0] <= BLOCKED_MAX_ROWS):
+            if not blocked.is_mkldnn:
+                return cpu_ops.load().panel_linear(x, blocked, self.weight.shape[1], self.bias,
+                                                   add, out)
+            y = (torch.ops.mkldnn._linear_pointwise(x, blocked, self.bias, "none", [], "")
                  if add is None else
-                 torch.ops.mkldnn._linear_pointwise.binary(x, add, self.blocked, self.bias,
-                                                           "add"))
+                 torch.ops.mkldnn._linear_pointwise.binary(x, add, blocked, self.bias, "add"))
             return y if out is None else out.copy_(y)
         if not self.transposed:
             y = torch.nn.functional.linear(x, self.weight, self.bias)

@@ -97,10 +97,10 @@ class ModelRunner:
     the runner owns (attention, shared and resident routed experts, LM head) as int8
     (``quantized.py``; CPU only), "bf16" as bf16 panels every product multiplies through
     (``csrc/gemm_bf16.cpp``; CPUs with AVX512-BF16); the model's own parameters stay as
-    they are. ``fused``
-    False keeps the torch ops where the fused CPU ops would apply, ``prepack`` False leaves
-    out the fp32 matrices' copies for 2-48 rows (``packed.py``: the fused ops' panels on
-    AVX-512 CPUs, else oneDNN's prepacked weights; memory, or to compare them).
+    they are. ``fused`` False keeps the torch ops where the fused CPU ops would apply,
+    ``prepack`` False leaves out the fp32 matrices' copies for 2-48 rows (``packed.py``: the
+    fused ops' panels on AVX-512 CPUs, else oneDNN's prepacked weights; memory, or to
+    compare them).
     """
 
     def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache,
@@ -386,10 +386,10 @@ def _plain(expert: PackedExpert) -> bool:
 
 
 def _matrices(expert: PackedExpert, prepacked: bool = True) -> list[torch.Tensor | None]:
-    """A plain expert as the fused ops take it: gate|up, its prepacked copy, down, its copy
-    (the copies None where ``prepacked`` is False, except bf16 panels: the only copy)."""
+    """A plain expert as the fused ops take it: gate|up, the copy it may use
+    (``PackedMatrix.copy``), down, its copy."""
     return [m for matrix in (expert.gate_up, expert.down)
-            for m in (matrix.weight, matrix.blocked if prepacked or matrix.bf16 else None)]
+            for m in (matrix.weight, matrix.copy(prepacked))]
 
 
 def _fusable(packed: PackedLayer) -> bool:

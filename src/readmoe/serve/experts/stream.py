@@ -121,7 +121,7 @@ class DenseStream(SlotStore):
         if not layers:
             raise ReadmoeError(f"{folder} has no FFN stored as routed experts: write it with "
                                "refactor.pipeline.write_dense_experts")
-        (experts, _, _), _ = files.shape(expert_name(layers[0], "gate_proj"))
+        (experts, size, hidden), _ = files.shape(expert_name(layers[0], "gate_proj"))
         if experts != 1:
             raise ReadmoeError(f"{folder} has {experts} routed experts; streaming the dense "
                                "baseline needs one expert holding the whole FFN")
@@ -131,7 +131,6 @@ class DenseStream(SlotStore):
         for layer in layers:
             parts = self.form.pack(*(files.tensor(expert_name(layer, p))[0] for p in PARTS))
             self._host[layer] = tuple(t.pin_memory() if pin else t for t in parts)
-        (_, size, hidden), _ = files.shape(expert_name(layers[0], "gate_proj"))
         gate_up, down = self._host[layers[0]]
         self.layer_bytes = gate_up.nbytes + down.nbytes
         self.expert_bytes = tuple(self.layer_bytes if layer in layers else 0
