@@ -10,9 +10,10 @@ adopted on faith; this measures both on the served model's own matrices.
    (as in a real step, the weights stream from memory rather than sit in cache), at rows 1, 8
    and 32: fp32 ``x @ W`` (the engine's layout for one row), fp32 through oneDNN's prepacked
    weight at every row count (``float32-onednn``), through the fused ops' panels
-   (``float32-panels``, AVX-512 CPUs, ``serve/csrc/gemm.cpp``) and as the engine multiplies
-   (``float32-served``: ``x @ W`` for one row, the panels or else oneDNN from two,
-   ``serve/packed.py``), bf16
+   (``float32-panels``, AVX2 or AVX-512 CPUs, ``serve/csrc/gemm.cpp``, ``gemm_avx2.cpp``) and
+   as the engine multiplies (``float32-served``: ``x @ W`` for one row, the panels or else
+   oneDNN from two, ``serve/packed.py``), through bf16 panels (``bf16-panels``: what
+   ``--quantize bf16`` runs, ``gemm_bf16.cpp``, ``gemm_bf16_avx2.cpp``), torch's bf16
    and fp16 ``x @ W``, int8 weight-only
    (``torch._weight_int8pack_mm``, per-channel scales) and fbgemm's dynamic int8 linear
    (``torch.ops.quantized.linear_dynamic``: activations quantized per call, per tensor), and
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from readmoe.io import command_line, write_results
 from readmoe.models import load_model
 from readmoe.serve import cpu_ops
-from readmoe.serve.packed import PREPACK_ROWS, PackedMatrix, to_panels
+from readmoe.serve.packed import PREPACK_ROWS, PackedMatrix, to_bf16_panels, to_panels
 from readmoe.serve.quantized import REDUCE_RANGE, Int8Matrix, quantize_weight
 
 Product = Callable[[torch.Tensor], torch.Tensor]
@@ -101,13 +102,22 @@ def prepare(kind: str, weight: torch.Tensor) -> tuple[Product, int]:
         blocked = torch.ops.mkldnn._reorder_linear_weight(weight, PREPACK_ROWS)
         return (lambda x: torch.ops.mkldnn._linear_pointwise(x, blocked, None, "none", [], "")
                 ), weight.numel() * 4
-    if kind == "float32-panels":  # the fused ops' panels (AVX-512 CPUs) at every row count
+    if kind == "float32-panels":  # the fused ops' panels (AVX2 or AVX-512) at every row count
         ops = cpu_ops.load()
         if not cpu_ops.panels_apply(ops):
-            raise RuntimeError("the panel products need the fused ops and an AVX-512 CPU")
+            raise RuntimeError("the panel products need the fused ops and an AVX2 or AVX-512 "
+                               "CPU")
         panels = to_panels(weight)
         return (lambda x: ops.panel_linear(x, panels, weight.shape[0], None, None, None)
                 ), weight.numel() * 4
+    if kind == "bf16-panels":  # what --quantize bf16 runs at every row count
+        ops = cpu_ops.load()
+        if not cpu_ops.bf16_applies(ops):
+            raise RuntimeError("the bf16 panel products need the fused ops and an AVX512-BF16, "
+                               "or AVX2 and FMA, CPU")
+        panels = to_bf16_panels(weight)
+        return (lambda x: ops.panel_linear(x, panels, weight.shape[0], None, None, None)
+                ), panels.numel() * 2
     if kind == "float32-served":  # x @ W for one row, the engine's copy (panels or oneDNN's)
         matrix = PackedMatrix.of(weight, prepack=True,
                                  panels=cpu_ops.panels_apply(cpu_ops.load()))
@@ -127,8 +137,8 @@ def prepare(kind: str, weight: torch.Tensor) -> tuple[Product, int]:
 
 # environment settings that change which kernels run, recorded with the results
 LIMITS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "READMOE_PANELS")
-KINDS = ("float32", "float32-onednn", "float32-panels", "float32-served", "bfloat16", "float16",
-         "int8-weight-only", "int8-dynamic", "int8-served")
+KINDS = ("float32", "float32-onednn", "float32-panels", "float32-served", "bf16-panels",
+         "bfloat16", "float16", "int8-weight-only", "int8-dynamic", "int8-served")
 
 
 def best_seconds(fn: Callable[[], None], repeats: int) -> float:

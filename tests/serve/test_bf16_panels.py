@@ -1,7 +1,7 @@
-"""The bf16 panel products (csrc/gemm_bf16.cpp, ``--quantize bf16``): the layout, x @ W.T
-(+ bias) (+ add) equal to a float64 reference of the bf16-rounded operands for every row,
-column and K remainder (odd K too), through AMX and through VDPBF16PS, a row's result the
-same bits in any batch and on any thread count, packed matrices using them for every row
+"""The bf16 panel products (csrc/gemm_bf16.cpp, gemm_bf16_avx2.cpp, ``--quantize bf16``): the
+layout, x @ W.T (+ bias) (+ add) equal to a float64 reference of the bf16-rounded operands for
+every row, column and K remainder (odd K too), through AMX, VDPBF16PS or AVX2, a row's result
+the same bits in any batch and on any thread count, packed matrices using them for every row
 count, and a bf16 runner against the float32 one."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from tests.server.helpers import save_tiny_model
 OPS = cpu_ops.load()
 pytestmark = pytest.mark.skipif(not cpu_ops.bf16_applies(OPS),
                                 reason="the bf16 panel products need the fused ops and "
-                                "AVX512-BF16")
+                                "AVX512-BF16, or AVX2 and FMA")
 
 
 def reference(x, weight, bias=None, add=None):
@@ -75,6 +75,28 @@ def test_a_rows_bf16_result_is_the_same_bits_in_any_batch_and_thread_count():
                                                     None)[0], batch[row], rtol=1e-5, atol=1e-5)
     assert all(torch.equal(y, batch) for y in on_threads(
         lambda: OPS.panel_linear(x, panels, 200, None, None, None)))
+
+
+def test_on_avx2_a_rows_result_is_the_same_bits_alone_and_in_a_batch():
+    """The AVX2 kernel sums each output in VDPBF16PS's order whatever the rows around it:
+    one row alone (one pass of 48 columns) equals its row of a batch (pairs of rows, two
+    passes of 24), and each equals the reference summed in that order in float32."""
+    if OPS.avx512_bf16_panels():
+        pytest.skip("this CPU multiplies bf16 panels by AVX512-BF16, not AVX2")
+    gen = torch.Generator().manual_seed(6)
+    weight, x = torch.randn(100, 37, generator=gen), torch.randn(5, 37, generator=gen)
+    panels = to_bf16_panels(weight)
+    batch = OPS.panel_linear(x, panels, 100, None, None, None)
+    for row in range(5):
+        assert torch.equal(OPS.panel_linear(x[row:row + 1], panels, 100, None, None, None)[0],
+                           batch[row])
+    w, a = weight.bfloat16().float(), x.bfloat16().float()
+    want = torch.zeros(5, 100)
+    for k in range(0, 38, 2):  # odd k first, then even, each added once (k = 37: zero pad)
+        if k + 1 < 37:
+            want = torch.addcmul(want, a[:, k + 1:k + 2], w[:, k + 1][None])
+        want = torch.addcmul(want, a[:, k:k + 1], w[:, k][None])
+    torch.testing.assert_close(batch, want, rtol=0, atol=0)
 
 
 def test_without_amx_many_rows_go_through_vdpbf16ps_alike():

@@ -23,7 +23,8 @@ from tests.serve.test_store import ROUTED, _run, _steps, saved  # noqa: F401 (a 
 from tests.serve.test_stream import dense_folder  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.skipif(not cpu_ops.bf16_applies(cpu_ops.load()),
-                                reason="bf16 slots need the fused ops and AVX512-BF16")
+                                reason="bf16 slots need the fused ops and AVX512-BF16, or AVX2 "
+                                "and FMA")
 PARAMS = SamplingParams(max_tokens=8, ignore_eos=True)
 
 

@@ -178,7 +178,7 @@ def test_the_one_region_step_equals_the_per_layer_calls(kv_dtype, threads):
     at::mm: equal to float rounding. Shared, routed and dense layers, compensation biases."""
     ops = cpu_ops.load()
     if ops is None or not ops.panels_supported():
-        pytest.skip("the one-region step needs the fused ops' panels (AVX-512)")
+        pytest.skip("the one-region step needs the fused ops' panels (AVX2 or AVX-512)")
     model = compensated(True)
     config = model.config
     gen = torch.Generator().manual_seed(1)
@@ -210,7 +210,7 @@ def test_products_only_runs_the_products_and_leaves_the_kv_cache(model):
     skipped writes no key or value; a step that would not run as one region is refused."""
     ops = cpu_ops.load()
     if ops is None or not ops.panels_supported():
-        pytest.skip("the one-region step needs the fused ops' panels (AVX-512)")
+        pytest.skip("the one-region step needs the fused ops' panels (AVX2 or AVX-512)")
     config = model.config
     kv = PagedKVCache(config.num_hidden_layers, 20, 4, config.num_key_value_heads,
                       config.hidden_size // config.num_attention_heads)
@@ -259,7 +259,7 @@ def test_the_decoder_refuses_a_routing_its_layers_cannot_serve(model, rows):
 def test_only_decode_steps_multiply_through_the_prepacked_copies(model, prompts):
     """A step with prefill rows brings row counts of its own to every matrix: through oneDNN
     each would be a cached primitive, evicting the decode steps' (``runner.forward``); the
-    panels (AVX-512 CPUs, in oneDNN's place) are kept to the same decode steps."""
+    panels (AVX2 and AVX-512 CPUs, in oneDNN's place) are kept to the same decode steps."""
     if not prepack_applies(torch.device("cpu"), torch.float32):
         pytest.skip("torch without oneDNN: nothing is prepacked")
     config = model.config

@@ -1,6 +1,7 @@
-"""The fused ops' panel products (csrc/gemm.cpp): x @ W.T (+ bias) (+ add) equal to a float64
-reference for every row, column and K remainder; a row's result the same bits alone, in any
-batch and on any thread count; and the packed matrices use them for 2-48 rows only."""
+"""The fused ops' panel products (csrc/gemm.cpp, gemm_avx2.cpp): x @ W.T (+ bias) (+ add)
+equal to a float64 reference for every row, column and K remainder; a row's result the same
+bits alone, in any batch and on any thread count; and the packed matrices use them for 2-48
+rows only."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from readmoe.serve.packed import (
 
 OPS = cpu_ops.load()
 pytestmark = pytest.mark.skipif(OPS is None or not OPS.panels_supported(),
-                                reason="the panel products need the fused ops and AVX-512")
+                                reason="the panel products need the fused ops and AVX2 or AVX-512")
 
 
 def reference(x, weight, bias=None, add=None):
@@ -146,7 +147,8 @@ def test_packed_matrices_use_the_panels_for_decode_row_counts_only():
 
 
 def test_the_runner_packs_panels_where_they_apply(monkeypatch):
-    assert cpu_ops.panels_apply(OPS) == (torch.backends.cpu.get_cpu_capability() == "AVX512")
+    assert cpu_ops.panels_apply(OPS) == (torch.backends.cpu.get_cpu_capability()
+                                         in {"AVX2", "AVX512"})
     monkeypatch.setenv(cpu_ops.PANELS, "0")
     assert not cpu_ops.panels_apply(OPS)
     assert not cpu_ops.panels_apply(None)

@@ -125,7 +125,8 @@ def test_int8_engine_serves_and_bad_settings_are_refused():
 
 def test_bf16_without_its_kernels_is_refused_with_the_fix(monkeypatch):
     monkeypatch.setattr(cpu_ops, "bf16_applies", lambda ops: False)
-    with pytest.raises(ReadmoeError, match="AVX512-BF16.*--quantize none, or int8"):
+    with pytest.raises(ReadmoeError,
+                       match="AVX512-BF16, or AVX2 and FMA.*--quantize none, or int8"):
         check_quantization("bf16", torch.device("cpu"))
     with pytest.raises(ReadmoeError, match="on a GPU, serve with --dtype bfloat16"):
         check_quantization("bf16", torch.device("cuda"))

@@ -6,12 +6,13 @@ gathers and the attention itself, SiLU times up), each several ATen calls at siz
 call's fixed cost is its whole cost, and the Python between the calls. ``kernels.cpp`` and
 ``attention.cpp`` (the decode attention over the paged pools) do each small op in one call
 and one pass, as vLLM's CPU backend and llama.cpp do; ``layer.cpp`` runs a layer's attention
-block (decode-only steps) and its MoE FFN as one call each; ``gemm.cpp`` multiplies 2-48 rows
-on AVX-512 CPUs faster than oneDNN's prepacked kernel (its weights' next panel prefetched
-while one is multiplied; ``panels_apply``); ``decoder.cpp`` and ``router.cpp`` run a
-decode-only step of the backbone (embedding to final norm) and of the pre-gating router as one
-call each, ``team.cpp`` the backbone's layers of a 2-48-row step as one parallel region;
-``module.cpp`` binds them for Python.
+block (decode-only steps) and its MoE FFN as one call each; ``gemm.cpp`` (AVX-512) and
+``gemm_avx2.cpp`` multiply 2-48 rows faster than oneDNN's prepacked kernel (its weights' next
+panel prefetched while one is multiplied; ``panels_apply``), ``gemm_bf16.cpp`` (AVX512-BF16,
+AMX) and ``gemm_bf16_avx2.cpp`` every row count on bf16 panels (``--quantize bf16``);
+``decoder.cpp`` and ``router.cpp`` run a decode-only step of the backbone (embedding to final
+norm) and of the pre-gating router as one call each, ``team.cpp`` the backbone's layers of a
+2-48-row step as one parallel region; ``module.cpp`` binds them for Python.
 
 The extension is compiled with torch's ``cpp_extension`` the first time a runner asks for it
 (about a minute on a 2-core CPU; it needs a C++ compiler, and ``ninja``, a dependency) into
@@ -35,8 +36,9 @@ from types import ModuleType
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("kernels.cpp", "attention.cpp", "layer.cpp", "gemm.cpp", "gemm_bf16.cpp",
-           "decoder.cpp", "team.cpp", "router.cpp", "module.cpp")
+SOURCES = ("kernels.cpp", "attention.cpp", "layer.cpp", "gemm.cpp", "gemm_avx2.cpp",
+           "gemm_bf16.cpp", "gemm_bf16_avx2.cpp", "decoder.cpp", "team.cpp", "router.cpp",
+           "module.cpp")
 DISABLE = "READMOE_CPU_OPS"
 PANELS = "READMOE_PANELS"
 
@@ -100,17 +102,18 @@ def ops_for(device: torch.device, dtype: torch.dtype) -> ModuleType | None:
 
 
 def panels_apply(ops: ModuleType | None) -> bool:
-    """Whether fp32 products of 2-48 rows go through the fused ops' panels (``gemm.cpp``)
-    instead of oneDNN's prepacked copy: ops built, an AVX-512 CPU (torch's own kernels use
-    it here, and the CPU says so at run time), ``READMOE_PANELS`` not 0 (to compare)."""
+    """Whether fp32 products of 2-48 rows go through the fused ops' panels (``gemm.cpp``,
+    ``gemm_avx2.cpp``) instead of oneDNN's prepacked copy: ops built, an AVX2 or AVX-512 CPU
+    (torch's own kernels use it here, and the CPU says so at run time), ``READMOE_PANELS``
+    not 0 (to compare)."""
     return (ops is not None and os.environ.get(PANELS, "1") != "0"
-            and torch.backends.cpu.get_cpu_capability() == "AVX512"
+            and torch.backends.cpu.get_cpu_capability() in {"AVX2", "AVX512"}
             and ops.panels_supported())
 
 
 def bf16_applies(ops: ModuleType | None) -> bool:
-    """Whether products can multiply through bf16 panels here (``gemm_bf16.cpp``): ops built
-    and a CPU with AVX512-BF16."""
+    """Whether products can multiply through bf16 panels here: ops built and a CPU with
+    AVX512-BF16 (``gemm_bf16.cpp``) or AVX2 and FMA (``gemm_bf16_avx2.cpp``)."""
     return ops is not None and ops.bf16_panels_supported()
 
 

@@ -61,8 +61,8 @@ def check_quantization(name: str, device: torch.device,
                                "--dtype bfloat16 instead)")
         if not cpu_ops.bf16_applies(cpu_ops.load()):
             raise ReadmoeError("--quantize bf16 needs the fused CPU ops built and a CPU with "
-                               "AVX512-BF16 (this one has not, or the ops did not build): serve "
-                               "with --quantize none, or int8")
+                               "AVX512-BF16, or AVX2 and FMA (this one has neither, or the ops "
+                               "did not build): serve with --quantize none, or int8")
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,11 +39,17 @@ constexpr int64_t kBlockedMaxRows = 48;
 // output columns of one weight panel (gemm.cpp)
 constexpr int64_t kPanelColumns = 48;
 
-// whether this CPU runs panel_linear (AVX-512F, checked at run time)
+// whether this CPU runs panel_linear on float32 panels (AVX-512F, or AVX2 and FMA: gemm.cpp,
+// gemm_avx2.cpp; checked at run time)
 bool panels_supported();
+bool avx512_panels();
+bool avx2_panels_built();
 
-// whether it runs panel_linear on bf16 panels (AVX512-BF16, gemm_bf16.cpp)
+// whether it runs panel_linear on bf16 panels (AVX512-BF16: gemm_bf16.cpp, or AVX2 and FMA:
+// gemm_bf16_avx2.cpp)
 bool bf16_panels_supported();
+bool avx512_bf16_panels();
+bool avx2_bf16_built();
 
 // k pairs a bf16 panel holds for K inputs: ceil(K / 2) padded to a multiple of 16 (AMX's
 // tile depth), zero past K
@@ -93,6 +99,12 @@ void silu_mul_rows(const float* gate_up, int64_t width, float* out, int64_t begi
 // [M, N] (bias [N], add [M, N] or none; add may be y)
 void panel_columns(const float* x, int64_t M, int64_t K, const float* panels, int64_t begin,
                    int64_t end, int64_t N, const float* bias, const float* add, float* y);
+void avx2_panel_columns(const float* x, int64_t M, int64_t K, const float* panels,
+                        int64_t begin, int64_t end, int64_t N, const float* bias,
+                        const float* add, float* y);
+void avx2_bf16_panel_columns(const float* x, int64_t M, int64_t K, const at::BFloat16* panels,
+                             int64_t begin, int64_t end, int64_t N, const float* bias,
+                             const float* add, float* y);
 void bf16_panel_columns(const float* x, int64_t M, int64_t K, const at::BFloat16* panels,
                         int64_t begin, int64_t end, int64_t N, const float* bias,
                         const float* add, float* y);

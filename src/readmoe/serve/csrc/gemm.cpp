@@ -1,5 +1,6 @@
-// The decode step's fp32 products of 2-48 rows on AVX-512 CPUs: x @ W through W stored as
-// column panels, each panel's successor prefetched while it is multiplied.
+// The decode step's fp32 products of 2-48 rows: x @ W through W stored as column panels, each
+// panel's successor prefetched while it is multiplied. AVX-512 CPUs run the kernel here,
+// AVX2 ones gemm_avx2.cpp's (panel_columns picks at run time).
 //
 // Why: at these row counts a product is a stream of its weights past a few rows of
 // activations. oneDNN's prepacked kernel multiplies 32 rows at about 150 GFLOP/s a core when
@@ -29,6 +30,7 @@
 #define READMOE_PANELS 1
 #pragma GCC push_options
 #pragma GCC target("avx512f")
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -101,12 +103,6 @@ void panel_range(const float* x, int64_t M, int64_t K, const float* panels, int6
       });
 }
 
-void panel_product(const float* x, int64_t M, int64_t K, const float* panels, int64_t count,
-                   int64_t N, const float* bias, const float* add, float* y) {
-  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-    panel_range(x, M, K, panels, begin, end, N, bias, add, y);
-  });
-}
 #endif
 
 void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
@@ -122,18 +118,31 @@ namespace readmoe {
 void panel_columns(const float* x, int64_t M, int64_t K, const float* panels, int64_t begin,
                    int64_t end, int64_t N, const float* bias, const float* add, float* y) {
 #ifdef READMOE_PANELS
-  panel_range(x, M, K, panels, begin, end, N, bias, add, y);
+  if (avx512_panels()) return panel_range(x, M, K, panels, begin, end, N, bias, add, y);
+#endif
+  avx2_panel_columns(x, M, K, panels, begin, end, N, bias, add, y);
+}
+
+// AVX-512F that runs: the CPU has it and the OS saves its registers (XCR0's opmask and ZMM
+// state bits), which a CPU's flags alone do not promise under every hypervisor
+bool avx512_panels() {
+#ifdef READMOE_PANELS
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__builtin_cpu_supports("avx512f") || !__get_cpuid(1, &eax, &ebx, &ecx, &edx) ||
+      !(ecx & bit_OSXSAVE))
+    return false;
+  unsigned low = 0, high = 0;
+  __asm__ volatile("xgetbv" : "=a"(low), "=d"(high) : "c"(0));
+  constexpr unsigned kZmmState = 0xE6;  // SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM
+  return (low & kZmmState) == kZmmState;
 #else
-  TORCH_CHECK(false, "the panel products need an AVX-512 CPU");
+  return false;
 #endif
 }
 
 bool panels_supported() {
-#ifdef READMOE_PANELS
-  return __builtin_cpu_supports("avx512f");
-#else
-  return false;
-#endif
+  return avx512_panels() || (avx2_panels_built() && __builtin_cpu_supports("avx2") &&
+                             __builtin_cpu_supports("fma"));
 }
 
 // x and add may be strided views (made contiguous here); out, if not contiguous, gets a copy
@@ -144,8 +153,8 @@ at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& panels, int64_
   RECORD_FUNCTION("readmoe::panel_linear", c10::ArrayRef<const c10::IValue>{});
   const bool bf16 = panels.scalar_type() == at::kBFloat16;
   TORCH_CHECK(bf16 ? bf16_panels_supported() : panels_supported(),
-              bf16 ? "the bf16 panel products need an AVX512-BF16 CPU"
-                   : "the panel products need an AVX-512 CPU");
+              bf16 ? "the bf16 panel products need an AVX512-BF16, or AVX2 and FMA, CPU"
+                   : "the panel products need an AVX-512, or AVX2 and FMA, CPU");
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 2,
               "x must be a float32 CPU matrix");
   const at::Tensor x = x_in.contiguous();
@@ -188,11 +197,12 @@ at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& panels, int64_
                          N, b, a, y.data_ptr<float>());
     });
   }
-#ifdef READMOE_PANELS
-  if (M > 0 && !bf16)
-    panel_product(x.data_ptr<float>(), M, K, panels.data_ptr<float>(), panels.size(0), N, b, a,
-                  y.data_ptr<float>());
-#endif
+  if (M > 0 && !bf16) {
+    at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
+      panel_columns(x.data_ptr<float>(), M, K, panels.data_ptr<float>(), begin, end, N, b, a,
+                    y.data_ptr<float>());
+    });
+  }
   if (out && !direct) {
     at::Tensor target = *out;  // a handle on the caller's storage
     return target.copy_(y);

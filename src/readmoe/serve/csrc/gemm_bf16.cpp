@@ -1,4 +1,5 @@
-// The decode step's products with bfloat16 weights on AVX512-BF16 CPUs (--quantize bf16):
+// The decode step's products with bfloat16 weights on AVX512-BF16 CPUs (--quantize bf16; AVX2
+// CPUs: gemm_bf16_avx2.cpp, chosen at run time):
 // x @ W through W stored as bf16 column panels, each panel's successor prefetched while it
 // is multiplied (gemm.cpp's scheme, half the bytes).
 //
@@ -235,18 +236,25 @@ namespace readmoe {
 
 int64_t bf16_pairs(int64_t K) { return (K + 31) / 32 * 16; }
 
-bool bf16_panels_supported() {
+bool avx512_bf16_panels() {
 #ifdef READMOE_BF16
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  return avx512_panels() && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
 #else
   return false;
 #endif
 }
 
+bool bf16_panels_supported() {
+  return avx512_bf16_panels() || (avx2_bf16_built() && __builtin_cpu_supports("avx2") &&
+                                  __builtin_cpu_supports("fma"));
+}
+
 void bf16_panel_columns(const float* x, int64_t M, int64_t K, const at::BFloat16* panels,
                         int64_t begin, int64_t end, int64_t N, const float* bias,
                         const float* add, float* y) {
+  if (!avx512_bf16_panels())
+    return avx2_bf16_panel_columns(x, M, K, panels, begin, end, N, bias, add, y);
 #ifdef READMOE_BF16
   const int64_t K2 = bf16_pairs(K);
   const bool amx = M >= 2 && amx_usable();
@@ -277,8 +285,6 @@ void bf16_panel_columns(const float* x, int64_t M, int64_t K, const at::BFloat16
                                  add ? add + row * N + col : nullptr, y + row * N + col, N,
                                  cols);
                });
-#else
-  TORCH_CHECK(false, "the bf16 panel products need an AVX512-BF16 CPU");
 #endif
 }
 

@@ -16,9 +16,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "one query per request over its paged KV", kFree);
   m.def("silu_mul", &readmoe::silu_mul, "silu(gate) * up of a fused gate|up product", kFree);
   m.def("panels_supported", &readmoe::panels_supported,
-        "whether this CPU runs panel_linear (AVX-512F)");
+        "whether this CPU runs panel_linear (AVX-512F, or AVX2 and FMA)");
+  m.def("avx512_panels", &readmoe::avx512_panels,
+        "whether float32 panels multiply by the AVX-512 kernel here (else the AVX2 one)");
   m.def("bf16_panels_supported", &readmoe::bf16_panels_supported,
-        "whether this CPU runs panel_linear on bf16 panels (AVX512-BF16)");
+        "whether this CPU runs panel_linear on bf16 panels (AVX512-BF16, or AVX2 and FMA)");
+  m.def("avx512_bf16_panels", &readmoe::avx512_bf16_panels,
+        "whether bf16 panels multiply by AVX512-BF16 (and AMX) here, else by AVX2");
   m.def("panel_linear", &readmoe::panel_linear,
         "x @ W.T (+ bias) (+ add) through W's panels, into out if given", kFree);
   m.def("argmax_rows", &readmoe::argmax_rows, "each row's first maximum, as torch.max", kFree);

@@ -8,6 +8,11 @@
 
 #include "cpu_ops.h"
 
+// before a loop over a kernel's rows or registers: unrolled whole, so its accumulators,
+// indexed by constants, live in registers (GCC otherwise kept the 2-4-row AVX2 kernels' in
+// memory and stored them every k step, at half the speed)
+#define READMOE_UNROLL _Pragma("GCC unroll 16")
+
 namespace readmoe {
 
 // For each panel p of [begin, end) (panel_size elements of T each, output columns 48p ..) and

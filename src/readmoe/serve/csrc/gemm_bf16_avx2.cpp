@@ -1,0 +1,186 @@
+// gemm_bf16.cpp's products (--quantize bf16) on CPUs with AVX2 and FMA but no AVX512-BF16:
+// the same bf16 panels [P, K2, 48, 2] and activations rounded to bf16, each weight widened to
+// float32 in registers (a bf16 is a float32's high half: one shift or one mask).
+//
+// Why: at one row a decode step's products stream their weights from memory, and half the
+// bytes is up to half the time there, whatever the arithmetic costs. At 32 rows the widening
+// is extra work beside the same multiply-adds as float32 panels (gemm_avx2.cpp).
+//
+// The sums follow VDPBF16PS's order: for each k pair, the odd k's product added to the running
+// float32 sum, then the even k's, each rounded once. A product of two bf16 values is exact in
+// float32, so each step is one FMA; the results equal gemm_bf16.cpp's one-row kernel's but
+// where it flushes denormals. One row takes a panel's 48 columns in one pass, two or three rows
+// take it in two of 24 (three rows: 9 accumulators, each k pair's odd weights widened for
+// every row, then its even ones: nine FMAs between a sum's two of a k pair, which depend on
+// each other); a row's result is the same bits alone or in any batch.
+
+#include "cpu_ops.h"
+#include "panel_blocks.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+namespace {
+
+constexpr int64_t kPanel = readmoe::kPanelColumns;
+constexpr int kRowBlock = 3;
+
+inline __m256i lanes(int64_t cols) {
+  const __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(cols, 0, 8))),
+                            index);
+}
+
+// x [M, K] -> float32 [M, 2 * K2] holding x rounded to bf16 (nearest even, NaN kept), zero
+// past K: what VDPBF16PS would multiply
+void round_rows(const float* x, int64_t M, int64_t K, int64_t K2, float* out) {
+  for (int64_t r = 0; r < M; ++r) {
+    float* dst = out + r * 2 * K2;
+    for (int64_t k = 0; k < K; ++k) {
+      uint32_t bits;
+      std::memcpy(&bits, x + r * K + k, sizeof(bits));
+      if ((bits & 0x7FFFFFFFu) > 0x7F800000u) {
+        bits |= 0x00400000u;  // quiet
+      } else {
+        bits += 0x7FFFu + ((bits >> 16) & 1u);
+      }
+      bits &= 0xFFFF0000u;
+      std::memcpy(dst + k, &bits, sizeof(bits));
+    }
+    std::fill(dst + K, dst + 2 * K2, 0.0f);
+  }
+}
+
+// rows [R] of x rounded (row stride 2 * K2) times columns [first, first + 8W) of one panel
+// [K2, 48, 2] -> y rows (stride ldy), `cols` of them real; bias and add (may be y) after the
+// sum. Asks for `per_step` lines of the next panel a k pair, from next + first_line.
+template <int R, int W>
+void pair_rows(const float* x, int64_t K2, const uint16_t* panel, int64_t first,
+               const uint16_t* next, int64_t first_line, int64_t per_step, int64_t next_lines,
+               const float* bias, const float* add, float* y, int64_t ldy, int64_t cols) {
+  static_assert(R * W <= 12, "accumulators beside the widened weights and the broadcasts");
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m256 acc[R][W];
+  READMOE_UNROLL
+  for (int r = 0; r < R; ++r)
+    READMOE_UNROLL
+    for (int j = 0; j < W; ++j) acc[r][j] = _mm256_setzero_ps();
+  int64_t line = first_line;
+  for (int64_t k = 0; k < K2; ++k) {
+    const uint16_t* w = panel + (k * kPanel + first) * 2;
+    if (next != nullptr)
+      for (int64_t i = 0; i < per_step && line < next_lines; ++i, ++line)
+        _mm_prefetch(reinterpret_cast<const char*>(next + 32 * line), _MM_HINT_T1);
+    if constexpr (R == 3) {  // the odd k's 24 weights, every row; then the even k's
+      __m256 widened[W];
+      READMOE_UNROLL
+      for (int j = 0; j < W; ++j)
+        widened[j] = _mm256_castsi256_ps(_mm256_and_si256(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 * j)), high));
+      READMOE_UNROLL
+      for (int r = 0; r < R; ++r) {
+        const __m256 odd = _mm256_broadcast_ss(x + r * 2 * K2 + 2 * k + 1);
+        READMOE_UNROLL
+        for (int j = 0; j < W; ++j) acc[r][j] = _mm256_fmadd_ps(odd, widened[j], acc[r][j]);
+      }
+      READMOE_UNROLL
+      for (int j = 0; j < W; ++j)
+        widened[j] = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 * j)), 16));
+      READMOE_UNROLL
+      for (int r = 0; r < R; ++r) {
+        const __m256 even = _mm256_broadcast_ss(x + r * 2 * K2 + 2 * k);
+        READMOE_UNROLL
+        for (int j = 0; j < W; ++j) acc[r][j] = _mm256_fmadd_ps(even, widened[j], acc[r][j]);
+      }
+    } else {  // R's broadcasts, then 8 columns widened at a time
+      __m256 even[R], odd[R];
+      READMOE_UNROLL
+      for (int r = 0; r < R; ++r) {
+        even[r] = _mm256_broadcast_ss(x + r * 2 * K2 + 2 * k);
+        odd[r] = _mm256_broadcast_ss(x + r * 2 * K2 + 2 * k + 1);
+      }
+      READMOE_UNROLL
+      for (int j = 0; j < W; ++j) {
+        const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 * j));
+        const __m256 low = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+        const __m256 top = _mm256_castsi256_ps(_mm256_and_si256(pairs, high));
+        READMOE_UNROLL
+        for (int r = 0; r < R; ++r) {
+          acc[r][j] = _mm256_fmadd_ps(odd[r], top, acc[r][j]);
+          acc[r][j] = _mm256_fmadd_ps(even[r], low, acc[r][j]);
+        }
+      }
+    }
+  }
+  READMOE_UNROLL
+  for (int j = 0; j < W; ++j) {
+    const int64_t left = cols - 8 * j;
+    if (left <= 0) break;
+    const __m256i m = lanes(left);
+    const __m256 b = bias ? _mm256_maskload_ps(bias + 8 * j, m) : _mm256_setzero_ps();
+    READMOE_UNROLL
+    for (int r = 0; r < R; ++r) {
+      __m256 v = bias ? _mm256_add_ps(acc[r][j], b) : acc[r][j];
+      if (add) v = _mm256_add_ps(v, _mm256_maskload_ps(add + r * ldy + 8 * j, m));
+      _mm256_maskstore_ps(y + r * ldy + 8 * j, m, v);
+    }
+  }
+}
+
+}  // namespace
+
+namespace readmoe {
+
+bool avx2_bf16_built() { return true; }
+
+void avx2_bf16_panel_columns(const float* x, int64_t M, int64_t K, const at::BFloat16* panels,
+                             int64_t begin, int64_t end, int64_t N, const float* bias,
+                             const float* add, float* y) {
+  const int64_t K2 = bf16_pairs(K);
+  thread_local std::vector<float> rounded;
+  rounded.resize(static_cast<size_t>(M * 2 * K2));
+  round_rows(x, M, K, K2, rounded.data());
+  const auto* all = reinterpret_cast<const uint16_t*>(panels);
+  panel_blocks(all, K2 * kPanel * 2, K2, begin, end, M, N, kRowBlock,
+               [&](const uint16_t* panel, const uint16_t* next, int64_t first_line,
+                   int64_t per_step, int64_t lines, int64_t row, int64_t rows, int64_t col,
+                   int64_t cols) {
+                 const float* xs = rounded.data() + row * 2 * K2;
+                 const float* b = bias ? bias + col : nullptr;
+                 const float* a = add ? add + row * N + col : nullptr;
+                 float* out = y + row * N + col;
+                 if (rows == 1) {
+                   pair_rows<1, 6>(xs, K2, panel, 0, next, first_line, per_step, lines, b, a,
+                                   out, N, cols);
+                   return;
+                 }  // two passes of 24 columns; the next panel asked for in the first
+                 const auto pass = rows == 3 ? pair_rows<3, 3> : pair_rows<2, 3>;
+                 pass(xs, K2, panel, 0, next, first_line, per_step, lines, b, a, out, N, cols);
+                 if (cols > 24)
+                   pass(xs, K2, panel, 24, nullptr, 0, 0, 0, b ? b + 24 : nullptr,
+                        a ? a + 24 : nullptr, out + 24, N, cols - 24);
+               });
+}
+
+}  // namespace readmoe
+
+#else
+
+namespace readmoe {
+
+bool avx2_bf16_built() { return false; }
+
+void avx2_bf16_panel_columns(const float*, int64_t, int64_t, const at::BFloat16*, int64_t,
+                             int64_t, int64_t, const float*, const float*, float*) {
+  TORCH_CHECK(false, "the bf16 panel products need an AVX512-BF16, or AVX2 and FMA, CPU");
+}
+
+}  // namespace readmoe
+
+#endif
