@@ -215,8 +215,10 @@ def test_products_only_runs_the_products_and_leaves_the_kv_cache(model):
     kv = PagedKVCache(config.num_hidden_layers, 20, 4, config.num_key_value_heads,
                       config.hidden_size // config.num_attention_heads)
     decoder = ModelRunner(model, kv).decoder
-    assert decoder.team_runs(2) and decoder.team_runs(48)
-    assert not decoder.team_runs(1) and not decoder.team_runs(49)
+    assert decoder.team_runs(2) and decoder.team_runs(48) and not decoder.team_runs(49)
+    assert decoder.team_runs(1) == (ops.panel_min_rows() == 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one row stays off the one region on one thread
     rope = torch.randn(1, config.hidden_size // config.num_attention_heads)
     contexts = [torch.tensor([0, 5]), torch.tensor([7, 1, 2])]
     before = [t.clone() for t in kv.keys + kv.values]
@@ -227,6 +229,7 @@ def test_products_only_runs_the_products_and_leaves_the_kv_cache(model):
             decoder.step([3], contexts[:1], rope, rope, [0], [1])
     finally:
         decoder.products_only = False
+        torch.set_num_threads(threads)
     assert hidden.shape == (2, config.hidden_size) and torch.isfinite(hidden).all()
     assert all(torch.equal(a, b) for a, b in zip(before, kv.keys + kv.values, strict=True))
     decoder.step([3, 4], contexts, rope, rope, [0, 0], [1, 0])

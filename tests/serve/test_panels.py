@@ -1,7 +1,7 @@
 """The fused ops' panel products (csrc/gemm.cpp, gemm_avx2.cpp): x @ W.T (+ bias) (+ add)
 equal to a float64 reference for every row, column and K remainder; a row's result the same
 bits alone, in any batch and on any thread count; and the packed matrices use them for 2-48
-rows only."""
+rows only (one row too where the AVX2 kernel runs on two threads)."""
 
 from __future__ import annotations
 
@@ -140,10 +140,18 @@ def test_packed_matrices_use_the_panels_for_decode_row_counts_only():
                                    rtol=1e-5, atol=1e-5)
         return sum(e.count for e in prof.key_averages() if e.key == "readmoe::panel_linear")
 
-    assert panel_calls(BLOCKED_MIN_ROWS - 1) == 0
-    assert panel_calls(BLOCKED_MIN_ROWS) == 1
-    assert panel_calls(BLOCKED_MAX_ROWS) == 1
-    assert panel_calls(BLOCKED_MAX_ROWS + 1) == 0
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            fewest = OPS.panel_min_rows()
+            assert fewest == (1 if count > 1 and not OPS.avx512_panels() else BLOCKED_MIN_ROWS)
+            assert fewest == 1 or panel_calls(fewest - 1) == 0
+            assert panel_calls(fewest) == 1
+            assert panel_calls(BLOCKED_MAX_ROWS) == 1
+            assert panel_calls(BLOCKED_MAX_ROWS + 1) == 0
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_the_runner_packs_panels_where_they_apply(monkeypatch):

@@ -104,8 +104,8 @@ class PackedMatrix:
         (a contiguous [n, out] view, so a caller's slice is filled without a copy).
         ``prepacked`` False leaves oneDNN's copy unused (a prefill step's products)."""
         blocked = self.copy(prepacked)
-        if blocked is not None and (self.bf16
-                                    or BLOCKED_MIN_ROWS <= x.shape[0] <= BLOCKED_MAX_ROWS):
+        if blocked is not None and (self.bf16 or min_rows(blocked) <= x.shape[0]
+                                    <= BLOCKED_MAX_ROWS):
             if not blocked.is_mkldnn:
                 return cpu_ops.load().panel_linear(x, blocked, self.weight.shape[1], self.bias,
                                                    add, out)
@@ -129,13 +129,21 @@ Matrix = PackedMatrix | Int8Matrix
 """A product the runner calls as ``m(x, add=None, out=None)``: fp32/bf16 or int8 weights."""
 
 PREPACK_ROWS = 32  # the batch oneDNN is told to block for (fastest at 2-32 rows, measured)
-BLOCKED_MIN_ROWS = 2  # one row streams faster through ``x @ W``
+BLOCKED_MIN_ROWS = 2  # one row streams faster through ``x @ W`` (but see ``min_rows``)
 # Above this, ``x @ W`` is as fast (compute-bound), and oneDNN would create and cache one
 # primitive per row count: a prefill's many expert row counts evicted the decode step's from
 # its cache (1024 entries), and the first decode step after a batch-32 prefill took 331 ms
 # instead of 143 (streamed weights, 1 thread: x @ W / oneDNN 1.21x at 32 rows, 1.09x at 48,
 # 0.85x at 64, 0.93-1.12x up to 512).
 BLOCKED_MAX_ROWS = 48
+
+
+def min_rows(blocked: torch.Tensor) -> int:
+    """The fewest rows a product multiplies through ``blocked``: BLOCKED_MIN_ROWS for
+    oneDNN's copy, the fused ops' ``panel_min_rows()`` for float32 panels (1 where their AVX2
+    kernel runs on two threads or more: one row streamed 1.5x faster there than through
+    ``x @ W``, ``csrc/cpu_ops.h``)."""
+    return BLOCKED_MIN_ROWS if blocked.is_mkldnn else cpu_ops.load().panel_min_rows()
 
 
 def shape_only(shape: tuple[int, ...] | torch.Size) -> torch.Tensor:

@@ -82,7 +82,7 @@ void Decoder::layers(at::Tensor& hidden, const DecodeSlots& slots, const at::Ten
 }
 
 bool Decoder::team_runs(int64_t rows) const {
-  return team && team_fits_ && panels_supported() && rows >= kBlockedMinRows &&
+  return team && team_fits_ && panels_supported() && rows >= panel_min_rows() &&
          rows <= kBlockedMaxRows;
 }
 

@@ -46,14 +46,15 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& blocked,
 
 // x @ weight (+ bias) (+ add), into out if given: the runner's PackedMatrix call on CPU.
 // blocked: the copy for 2-48 rows, oneDNN's prepacked weight (an mkldnn tensor) or this
-// library's panels (gemm.cpp, a strided [P, in, 48] tensor); bf16 panels [P, bf16_pairs(in),
+// library's panels (gemm.cpp, a strided [P, in, 48] tensor; from panel_min_rows()); bf16 panels [P, bf16_pairs(in),
 // 48, 2] (gemm_bf16.cpp) for every row count
 at::Tensor product(const at::Tensor& x, const at::Tensor& weight, const MaybeTensor& blocked,
                    const MaybeTensor& bias, const MaybeTensor& add, const MaybeTensor& out) {
   at::Tensor target = out ? *out : at::Tensor();  // a handle on the caller's storage
   // bf16 panels take every row count: the weights' one precision, prefill's as decode's
   const bool bf16 = blocked && blocked->scalar_type() == at::kBFloat16;
-  if (blocked && (bf16 || (x.size(0) >= kBlockedMinRows && x.size(0) <= kBlockedMaxRows))) {
+  const int64_t fewest = blocked && blocked->is_mkldnn() ? kBlockedMinRows : panel_min_rows();
+  if (blocked && (bf16 || (x.size(0) >= fewest && x.size(0) <= kBlockedMaxRows))) {
     if (!blocked->is_mkldnn()) return panel_linear(x, *blocked, weight.size(1), bias, add, out);
     const at::Tensor y = onednn_linear(x, *blocked, bias, add);
     return out ? target.copy_(y) : y;
