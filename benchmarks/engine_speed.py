@@ -10,13 +10,14 @@ folder, ``refactor.pipeline.write_dense_experts``, so engine against engine is t
 llama.cpp is a benchmark-only dependency (``make bench-deps``); without it the run says which
 rows are missing and why, and measures the rest. ``engine-torch-ops`` and
 ``engine-dense-torch-ops`` are the engine with its fused CPU ops off (``serve/cpu_ops.py``),
-what they buy side by side; ``engine-onednn`` and ``engine-dense-onednn`` (AVX-512 CPUs, where
-the engine multiplies 2-48 rows through the fused ops' panels, ``serve/csrc/gemm.cpp``) the
-engine with oneDNN's prepacked copies instead (``READMOE_PANELS=0``), what the panels buy;
-``engine-bf16`` and ``engine-dense-bf16`` (CPUs with AVX512-BF16) the engine with its matrices
-in bf16 panels (``--quantize bf16``, ``serve/csrc/gemm_bf16.cpp``), what halving the weights'
-bytes buys, and at what perplexity; ``engine-kvf16`` and ``engine-dense-kvf16`` the engine with
-its KV cache in float16
+what they buy side by side; ``engine-onednn`` and ``engine-dense-onednn`` (AVX2 and AVX-512 CPUs,
+where the engine multiplies 2-48 rows through the fused ops' panels, ``serve/csrc/gemm.cpp``,
+``gemm_avx2.cpp``, one row too on AVX2 with two threads or more) the engine with oneDNN's
+prepacked copies and ``x @ W`` instead (``READMOE_PANELS=0``), what the panels buy;
+``engine-bf16`` and ``engine-dense-bf16`` (AVX512-BF16 or AVX2 CPUs) the engine with its
+matrices in bf16 panels (``--quantize bf16``, ``serve/csrc/gemm_bf16.cpp``,
+``gemm_bf16_avx2.cpp``), what halving the weights' bytes buys, and at what perplexity;
+``engine-kvf16`` and ``engine-dense-kvf16`` the engine with its KV cache in float16
 (``--kv-dtype float16``, llama.cpp's default cache type), what halving the attention's bytes
 buys (its perplexity beside the others'). On CUDA, ``engine-eager`` and ``engine-dense-eager``
 are the engine with its decode steps run eagerly instead of replayed from CUDA graphs
@@ -45,7 +46,8 @@ cache at the mean context; llama.cpp keeps its cache in F16); bandwidth is a tim
 take for one decode step of the batch (every layer, the shared expert on all rows, each routed
 expert on the rows the engine's own decode steps gave it, those steps replayed in turn, the LM
 head), run as the engine runs them (where its decode step is one parallel region,
-``serve/csrc/team.cpp``: 2-48 rows, every product on panels, that region with every op but the
+``serve/csrc/team.cpp``: 2-48 rows, or 1-48 where one row goes through the panels, every
+product on panels, that region with every op but the
 products skipped; elsewhere one call a product) and timed as the engine's decode is: the best
 of ``--repeats`` runs of ``new - 1`` such steps in a row, per step. (The best single step of
 15, kept in the JSON as ``matmul_floor_best_step_tokens_per_s``, is lower on a shared machine
@@ -532,7 +534,8 @@ def markdown(result: dict, described: str, dense: str, placement: Placement) -> 
              f"{args['prompt_len']}-token prompts mixed over domains, {args['new_tokens']} new "
              f"tokens, greedy; measured read bandwidth {args['bandwidth_gb_per_s']:.1f} GB/s; "
              f"fused CPU ops {'on' if args.get('fused_cpu_ops') else 'off'} for the engine rows "
-             f"(the `-torch-ops` rows keep torch's); products of 2-48 rows through {products}.",
+             f"(the `-torch-ops` rows keep torch's); products of 2-48 rows (1-48 where "
+             f"`panel_min_rows` is 1: AVX2 panels on 2 threads or more) through {products}.",
              "", f"Command: `{result['command']}`  ", f"Machine: {result['machine']}", "",
              "| threads | batch | peer | weights | precision | MB read / token | tok/s | "
              "x HF, same weights | roofline tok/s | of roofline | matmul floor tok/s | of floor "
@@ -596,10 +599,10 @@ def markdown(result: dict, described: str, dense: str, placement: Placement) -> 
         lines += ["", f"**Missing rows `{line['peer']}`**: {line['reason']}."]
     lines += ["", "MB read / token: weight bytes one decode step reads, over the batch. Matmul "
               "floor: the engine's packed matrix products alone, on the rows its own decode "
-              "steps routed to each expert, run as the engine runs them (at 2-48 rows its "
-              "one-region step with every other op skipped) and timed as the engine is (best "
-              "of the repeats of a whole run of decode steps, per step; 'of best-step floor' "
-              "divides by the best single step instead); no engine built on "
+              "steps routed to each expert, run as the engine runs them (where a step is "
+              "one parallel region, that region with every other op skipped) and timed as "
+              "the engine is (best of the repeats of a whole run of decode steps, per step; "
+              "'of best-step floor' divides by the best single step instead); no engine built on "
               "these kernels beats it on this machine (at batch 1 they stream the weights from "
               "memory, at batch 32 they are compute-bound). Outside it: attention (the KV "
               "cache's bytes), norms, activations, the router's step, sampling. Each row's "
