@@ -20,8 +20,8 @@ def add_precision_args(parser: argparse.ArgumentParser) -> None:
                         help="int8: serve with int8 weights (fbgemm, CPU only; faster decode, "
                         "see results/kernel_probe.md and engine_speed.md for speed and "
                         "perplexity); bf16: every product through bf16 weights (CPUs with "
-                        "AVX512-BF16, AMX where present, a float32 model; half the weight "
-                        "bytes, about 1.7-2.0x decode here; with --capacity the offloaded "
+                        "AVX512-BF16 or AVX2, AMX where present, a float32 model; half the "
+                        "weight bytes, 1.2-2.0x decode measured; with --capacity the offloaded "
                         "experts too, half the bytes a load moves); int8 keeps offloaded "
                         "experts in the model's dtype; none: the model's dtype")
     parser.add_argument("--kv-dtype", default=d.kv_dtype, choices=sorted(KV_DTYPES),

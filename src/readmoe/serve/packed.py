@@ -13,11 +13,13 @@ weight (``prepack``, made once when the runner packs). One decode step's product
 default ReadME model (every layer, one routed expert each, the LM head;
 ``benchmarks/kernel_probe.py``, 1 thread): 56.6 -> 40.0 ms at 8 rows, 69.1 -> 64.1 ms at 32;
 at one row oneDNN's took 32.3 ms against ``x @ W``'s 23.9, so one row keeps ``x @ W``. vLLM's
-CPU backend multiplies through prepacked oneDNN weights too. On AVX-512 CPUs with the fused
-ops built, that copy is this library's own panels instead (``csrc/gemm.cpp``: oneDNN's kernel
-waits on its streamed weights; the panels prefetch theirs), which multiply 16-48 rows 1.2-1.5x
-faster than oneDNN's and 2-8 rows 0.95-1.2x (1 and 2 threads, weights streamed; one decode
-step's products 0.68x / 0.69x of oneDNN's time at 8 / 32 rows, ``kernel_probe.md``).
+CPU backend multiplies through prepacked oneDNN weights too. On AVX2 and AVX-512 CPUs with the
+fused ops built, that copy is this library's own panels instead (``csrc/gemm.cpp``,
+``csrc/gemm_avx2.cpp``: oneDNN's kernel waits on its streamed weights; the panels prefetch
+theirs). On the Xeon (AVX-512) one decode step's products took 0.68x / 0.69x of oneDNN's time
+at 8 / 32 rows; on the AMD EPYC (Zen 3, AVX2) 0.77x / 0.83x on 1 thread and 0.72x / 0.76x on
+2, and one row on 2 threads 0.66x of ``x @ W``'s, where MKL's one-row product did not use the
+second thread (so there one row takes the panels too: ``min_rows``; ``kernel_probe.py``).
 
 Cost: one extra copy of the attention and FFN matrices (and, on CPU, of the LM head), the
 routed experts included when they are resident, and a second one where prepacked; with

@@ -6,10 +6,11 @@ fp32 there and torch's int8 weight-only matmul far slower, while fbgemm's dynami
 (activations quantized per call, int8 x int8 -> int32) was several times faster than fp32 at
 batch 1 and still ahead at 32; its weights take a quarter of the bytes, which also shrinks
 what an expert cache would move. It is a CPU kernel: serving on a GPU keeps fp32/bf16. On CPUs
-with AVX512-BF16 (and AMX), ``--quantize bf16`` is the faster and closer choice (bf16 panels,
-``csrc/gemm_bf16.cpp``, checked here too): on the Xeon the project now runs on, 1.7-2.0x the
-float32 engine at the float32 perplexity, where int8 costs 12% of it
-(``results/engine_speed.md``).
+with AVX512-BF16 (and AMX), and on AVX2 CPUs through this library's own kernel,
+``--quantize bf16`` is the closer choice and mostly the faster one (bf16 panels,
+``csrc/gemm_bf16.cpp``, ``gemm_bf16_avx2.cpp``, checked here too): 1.7-2.0x the float32 engine
+on the Xeon, 1.2-2.0x on the AMD EPYC, at the float32 perplexity, where int8 costs 13% of it
+(``results/engine_speed.md``, ``engine_speed_xeon.md``).
 
 Quantization (``quantize_weight``): symmetric per output channel, scale = max |w| / 127, so
 each row's largest weight is exact. Activations are quantized per call to 7 bits

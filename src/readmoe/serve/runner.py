@@ -96,11 +96,11 @@ class ModelRunner:
     in a store passes a ``source`` every step instead. ``quantize`` "int8" packs every matrix
     the runner owns (attention, shared and resident routed experts, LM head) as int8
     (``quantized.py``; CPU only), "bf16" as bf16 panels every product multiplies through
-    (``csrc/gemm_bf16.cpp``; CPUs with AVX512-BF16); the model's own parameters stay as
-    they are. ``fused`` False keeps the torch ops where the fused CPU ops would apply,
-    ``prepack`` False leaves out the fp32 matrices' copies for 2-48 rows (``packed.py``: the
-    fused ops' panels on AVX-512 CPUs, else oneDNN's prepacked weights; memory, or to
-    compare them).
+    (``csrc/gemm_bf16.cpp``, ``gemm_bf16_avx2.cpp``; CPUs with AVX512-BF16 or AVX2); the
+    model's own parameters stay as they are. ``fused`` False keeps the torch ops where the
+    fused CPU ops would apply, ``prepack`` False leaves out the fp32 matrices' copies for 2-48
+    rows (``packed.py``: the fused ops' panels on AVX2 and AVX-512 CPUs, else oneDNN's
+    prepacked weights; memory, or to compare them).
     """
 
     def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache,

@@ -35,7 +35,7 @@ class SlotFormat:
     def of(cls, device: torch.device, quantize: str = "none") -> SlotFormat:
         """The format for a runner on ``device`` packing with ``quantize``: bf16 panels for
         "bf16", the model's own dtype otherwise (an int8 runner computes store slots in it)."""
-        check_quantization(quantize, device)  # bf16: the CPU's panels, AVX512-BF16
+        check_quantization(quantize, device)  # bf16: the CPU's panels (AVX512-BF16 or AVX2)
         return cls(device.type == "cpu", quantize == "bf16")
 
     @property
