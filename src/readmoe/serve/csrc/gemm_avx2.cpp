@@ -20,19 +20,12 @@
 #include <cstdint>
 
 #if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
+#include "avx2_sums.h"
 
 namespace {
 
 constexpr int64_t kPanel = readmoe::kPanelColumns;
 constexpr int kRowBlock = 4;
-
-// the mask of the first `cols` of 8 lanes (maskload / maskstore take the lanes' sign bits)
-inline __m256i lanes(int64_t cols) {
-  const __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(cols, 0, 8))),
-                            index);
-}
 
 // rows [R] of x (row stride K) times columns [first, first + 8W) of one panel [K, 48] -> y
 // rows (stride ldy), `cols` of those columns real; bias and add (may be y) applied after the
@@ -75,19 +68,7 @@ void panel_rows(const float* x, int64_t K, const float* panel, int64_t first, co
       }
     }
   }
-  READMOE_UNROLL
-  for (int j = 0; j < W; ++j) {
-    const int64_t left = cols - 8 * j;
-    if (left <= 0) break;
-    const __m256i m = lanes(left);
-    const __m256 b = bias ? _mm256_maskload_ps(bias + 8 * j, m) : _mm256_setzero_ps();
-    READMOE_UNROLL
-    for (int r = 0; r < R; ++r) {
-      __m256 v = bias ? _mm256_add_ps(acc[r][j], b) : acc[r][j];
-      if (add) v = _mm256_add_ps(v, _mm256_maskload_ps(add + r * ldy + 8 * j, m));
-      _mm256_maskstore_ps(y + r * ldy + 8 * j, m, v);
-    }
-  }
+  readmoe::avx2_store_sums<R, W>(acc, bias, add, y, ldy, cols);
 }
 
 template <int R>
