@@ -19,6 +19,16 @@ inline __m256i avx2_lanes(int64_t cols) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(real), index);
 }
 
+// every sum zero, before a kernel's k loop
+template <int R, int W>
+inline void avx2_zero_sums(__m256 (&acc)[R][W]) {
+  READMOE_UNROLL
+  for (int r = 0; r < R; ++r) {
+    READMOE_UNROLL
+    for (int j = 0; j < W; ++j) acc[r][j] = _mm256_setzero_ps();
+  }
+}
+
 // sums [R][W] of 8 columns each -> y rows (stride ldy), `cols` of the 8W real; + bias [cols],
 // + add (stride ldy, may be y)
 template <int R, int W>

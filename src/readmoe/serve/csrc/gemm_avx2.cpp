@@ -36,10 +36,7 @@ void panel_rows(const float* x, int64_t K, const float* panel, int64_t first, co
                 const float* bias, const float* add, float* y, int64_t ldy, int64_t cols) {
   static_assert(R * W <= 12, "12 accumulators fit beside the loads");
   __m256 acc[R][W];
-  READMOE_UNROLL
-  for (int r = 0; r < R; ++r)
-    READMOE_UNROLL
-    for (int j = 0; j < W; ++j) acc[r][j] = _mm256_setzero_ps();
+  readmoe::avx2_zero_sums(acc);
   int64_t line = first_line;
   for (int64_t k = 0; k < K; ++k) {
     const float* w = panel + k * kPanel + first;

@@ -60,10 +60,7 @@ void pair_rows(const float* x, int64_t K2, const uint16_t* panel, int64_t first,
   static_assert(R * W <= 12, "accumulators beside the widened weights and the broadcasts");
   const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m256 acc[R][W];
-  READMOE_UNROLL
-  for (int r = 0; r < R; ++r)
-    READMOE_UNROLL
-    for (int j = 0; j < W; ++j) acc[r][j] = _mm256_setzero_ps();
+  readmoe::avx2_zero_sums(acc);
   int64_t line = first_line;
   for (int64_t k = 0; k < K2; ++k) {
     const uint16_t* w = panel + (k * kPanel + first) * 2;
