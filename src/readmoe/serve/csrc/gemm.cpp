@@ -124,17 +124,21 @@ void panel_columns(const float* x, int64_t M, int64_t K, const float* panels, in
 }
 
 // AVX-512F that runs: the CPU has it and the OS saves its registers (XCR0's opmask and ZMM
-// state bits), which a CPU's flags alone do not promise under every hypervisor
+// state bits), which a CPU's flags alone do not promise under every hypervisor. Asked once a
+// process: every panel chunk asks, and CPUID exits to the hypervisor in a VM.
 bool avx512_panels() {
 #ifdef READMOE_PANELS
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  if (!__builtin_cpu_supports("avx512f") || !__get_cpuid(1, &eax, &ebx, &ecx, &edx) ||
-      !(ecx & bit_OSXSAVE))
-    return false;
-  unsigned low = 0, high = 0;
-  __asm__ volatile("xgetbv" : "=a"(low), "=d"(high) : "c"(0));
-  constexpr unsigned kZmmState = 0xE6;  // SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM
-  return (low & kZmmState) == kZmmState;
+  static const bool runs = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__builtin_cpu_supports("avx512f") || !__get_cpuid(1, &eax, &ebx, &ecx, &edx) ||
+        !(ecx & bit_OSXSAVE))
+      return false;
+    unsigned low = 0, high = 0;
+    __asm__ volatile("xgetbv" : "=a"(low), "=d"(high) : "c"(0));
+    constexpr unsigned kZmmState = 0xE6;  // SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM
+    return (low & kZmmState) == kZmmState;
+  }();
+  return runs;
 #else
   return false;
 #endif
