@@ -217,13 +217,13 @@ def test_products_only_runs_the_products_and_leaves_the_kv_cache(model):
     decoder = ModelRunner(model, kv).decoder
     assert decoder.team_runs(2) and decoder.team_runs(48) and not decoder.team_runs(49)
     assert decoder.team_runs(1) == (ops.panel_min_rows() == 1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one row stays off the one region on one thread
     rope = torch.randn(1, config.hidden_size // config.num_attention_heads)
     contexts = [torch.tensor([0, 5]), torch.tensor([7, 1, 2])]
     before = [t.clone() for t in kv.keys + kv.values]
+    threads = torch.get_num_threads()
     decoder.products_only = True
     try:
+        torch.set_num_threads(1)  # one row stays off the one region on one thread
         hidden = decoder.step([3, 4], contexts, rope, rope, [0, 0], [1, 0])
         with pytest.raises(RuntimeError, match="products_only times the one-region step"):
             decoder.step([3], contexts[:1], rope, rope, [0], [1])

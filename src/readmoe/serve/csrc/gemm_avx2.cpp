@@ -114,7 +114,7 @@ bool avx2_panels_built() { return false; }
 
 void avx2_panel_columns(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
                         const float*, const float*, float*) {
-  TORCH_CHECK(false, "the panel products need an AVX-512 or AVX2 and FMA CPU");
+  TORCH_CHECK(false, "the panel products need an AVX-512, or AVX2 and FMA, CPU");
 }
 
 }  // namespace readmoe

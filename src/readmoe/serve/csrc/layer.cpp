@@ -46,8 +46,8 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& blocked,
 
 // x @ weight (+ bias) (+ add), into out if given: the runner's PackedMatrix call on CPU.
 // blocked: the copy for 2-48 rows, oneDNN's prepacked weight (an mkldnn tensor) or this
-// library's panels (gemm.cpp, a strided [P, in, 48] tensor; from panel_min_rows()); bf16 panels [P, bf16_pairs(in),
-// 48, 2] (gemm_bf16.cpp) for every row count
+// library's panels (gemm.cpp, a strided [P, in, 48] tensor; from panel_min_rows() rows); bf16
+// panels [P, bf16_pairs(in), 48, 2] (gemm_bf16.cpp) for every row count
 at::Tensor product(const at::Tensor& x, const at::Tensor& weight, const MaybeTensor& blocked,
                    const MaybeTensor& bias, const MaybeTensor& add, const MaybeTensor& out) {
   at::Tensor target = out ? *out : at::Tensor();  // a handle on the caller's storage
