@@ -1,7 +1,8 @@
 """The fused ops' panel products (csrc/gemm.cpp, gemm_avx2.cpp): x @ W.T (+ bias) (+ add)
-equal to a float64 reference for every row, column and K remainder; a row's result the same
-bits alone, in any batch and on any thread count; and the packed matrices use them for 2-48
-rows only (one row too where the AVX2 kernel runs on two threads)."""
+equal to a float64 reference for every row, column and K remainder, and bit for bit to one
+FMA chain in k order; a row's result the same bits alone, in any batch and on any thread
+count; and the packed matrices use them for 2-48 rows only (one row too where the AVX2 kernel
+runs on two threads)."""
 
 from __future__ import annotations
 
@@ -94,6 +95,29 @@ def test_a_rows_result_is_the_same_bits_alone_in_any_batch_and_thread_count():
     assert torch.equal(OPS.panel_linear(x[5:13], panels, 200, None, None, None), batch[5:13])
     assert all(torch.equal(y, batch) for y in on_threads(
         lambda: OPS.panel_linear(x, panels, 200, None, None, None)))
+
+
+def fma_chain(x, weight, bias, add):
+    """Each output as one float32 FMA chain over k = 0, 1, ... from zero, then + bias, + add,
+    each rounded to float32: a product of two float32 values is exact in float64, and the
+    float64 sum rounded to float32 is the FMA's (a double rounding could differ once in about
+    2^29 steps; this seed's do not)."""
+    acc = torch.zeros(x.shape[0], weight.shape[0], dtype=torch.float32)
+    for k in range(x.shape[1]):
+        step = acc.double() + x[:, k:k + 1].double() * weight[:, k].double()
+        acc = step.float()
+    return (acc + bias) + add
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 53])
+def test_each_output_is_one_fma_chain_in_k_order_across_chunks(rows):
+    """K of 150 runs the AVX2 kernel's chunks of 64 k steps twice and a part chunk, the sums
+    parked between them; 53 rows take two groups of rows (48 and 5). Bits, not closeness."""
+    gen = torch.Generator().manual_seed(rows)
+    weight, bias = torch.randn(100, 150, generator=gen), torch.randn(100, generator=gen)
+    x, add = torch.randn(rows, 150, generator=gen), torch.randn(rows, 100, generator=gen)
+    got = OPS.panel_linear(x, to_panels(weight), 100, bias, add, None)
+    assert torch.equal(got, fma_chain(x, weight, bias, add))
 
 
 def on_threads(call) -> list[torch.Tensor]:
