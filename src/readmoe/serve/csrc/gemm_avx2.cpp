@@ -9,8 +9,8 @@
 //
 // 16 ymm registers hold 12 accumulators: one or two rows take a panel's 48 columns in one
 // pass (6 registers a row), three or four take it in two passes of 24 columns (3 a row). A
-// panel's k steps run in chunks of 64 (12 KB of weights): every row block takes a chunk
-// before the next, its partial sums parked in L1 between chunks. Each output still sums its K
+// panel's k steps run in chunks of 64 (avx2_chunks.h): every row block takes a chunk before
+// the next, its partial sums parked in L1 between chunks. Each output still sums its K
 // products in order k = 0, 1, ... in one FMA chain from zero (a parked sum is stored and
 // reloaded exactly), then adds bias and add, as gemm.cpp's AVX-512 kernel does: a row's
 // result is the same bits alone or in any batch, and on either kernel.
@@ -27,49 +27,26 @@
 #include <cstdint>
 
 #if defined(__AVX2__) && defined(__FMA__)
+#include "avx2_chunks.h"
 #include "avx2_sums.h"
 
 namespace {
 
 constexpr int64_t kPanel = readmoe::kPanelColumns;
 constexpr int kRowBlock = 4;
-constexpr int64_t kChunk = 64;      // k steps a chunk: 12 KB of a panel, kept in L1
-constexpr int64_t kGroupRows = 48;  // rows whose partial sums wait between chunks (9 KB)
-
-// Asks for a panel's successor a line at a time, `count` lines spread evenly over `steps`
-// calls of step() (Bresenham's stepping: an add and a compare a k step, no division). A
-// kernel steps a copy held in registers and hands it back after its k loop: stepping the
-// caller's through a reference stored `due` every k step, a store-to-load chain as long as
-// the step's FMAs.
-struct Prefetch {
-  const float* next;
-  int64_t line, count, steps, due = 0;
-  void step() {
-    for (due += count; due >= steps; due -= steps, ++line)
-      _mm_prefetch(reinterpret_cast<const char*>(next + 16 * line), _MM_HINT_T0);
-  }
-};
 
 // rows [R] of x (row stride K) times columns [first, first + 8W) of one panel [K, 48], over
-// k steps [k0, k1): the sums start from zero (k0 == 0) or from `sums` (row stride 48), and go
-// back to `sums`, or, after the last chunk (k1 == K), to y rows (stride ldy) with bias and
-// add (may be y) applied, `cols` of the 8W columns real.
+// k steps [k0, k1): the sums resume from `sums` (zero at k0 == 0) and are parked there again,
+// or, after the last chunk, go to y rows (stride ldy) with bias and add (may be y) applied,
+// `cols` of the 8W columns real.
 template <int R, int W>
 void chunk_rows(const float* x, int64_t K, int64_t k0, int64_t k1, const float* panel,
-                int64_t first, Prefetch& prefetch, float* sums, const float* bias,
+                int64_t first, readmoe::Avx2Prefetch& prefetch, float* sums, const float* bias,
                 const float* add, float* y, int64_t ldy, int64_t cols) {
   static_assert(R * W <= 12, "12 accumulators fit beside the loads");
   __m256 acc[R][W];
-  if (k0 == 0) {
-    readmoe::avx2_zero_sums(acc);
-  } else {
-    READMOE_UNROLL
-    for (int r = 0; r < R; ++r) {
-      READMOE_UNROLL
-      for (int j = 0; j < W; ++j) acc[r][j] = _mm256_loadu_ps(sums + r * kPanel + 8 * j);
-    }
-  }
-  Prefetch ahead = prefetch;
+  readmoe::avx2_resume_sums(acc, k0, sums);
+  readmoe::Avx2Prefetch ahead = prefetch;
   for (int64_t k = k0; k < k1; ++k) {
     const float* w = panel + k * kPanel + first;
     if (ahead.next != nullptr) ahead.step();
@@ -97,11 +74,7 @@ void chunk_rows(const float* x, int64_t K, int64_t k0, int64_t k1, const float* 
   }
   prefetch = ahead;
   if (k1 < K) {
-    READMOE_UNROLL
-    for (int r = 0; r < R; ++r) {
-      READMOE_UNROLL
-      for (int j = 0; j < W; ++j) _mm256_storeu_ps(sums + r * kPanel + 8 * j, acc[r][j]);
-    }
+    readmoe::avx2_park_sums(acc, sums);
   } else {
     readmoe::avx2_store_sums<R, W>(acc, bias, add, y, ldy, cols);
   }
@@ -111,8 +84,8 @@ void chunk_rows(const float* x, int64_t K, int64_t k0, int64_t k1, const float* 
 // one pass, 3 or 4 rows in two of 24
 template <int R>
 void block(const float* x, int64_t K, int64_t k0, int64_t k1, const float* panel,
-           Prefetch& prefetch, float* sums, const float* bias, const float* add, float* y,
-           int64_t ldy, int64_t cols) {
+           readmoe::Avx2Prefetch& prefetch, float* sums, const float* bias, const float* add,
+           float* y, int64_t ldy, int64_t cols) {
   if constexpr (R <= 2) {
     chunk_rows<R, 6>(x, K, k0, k1, panel, 0, prefetch, sums, bias, add, y, ldy, cols);
   } else {
@@ -123,18 +96,10 @@ void block(const float* x, int64_t K, int64_t k0, int64_t k1, const float* panel
   }
 }
 
-using Block = void (*)(const float*, int64_t, int64_t, int64_t, const float*, Prefetch&,
-                       float*, const float*, const float*, float*, int64_t, int64_t);
+using Block = void (*)(const float*, int64_t, int64_t, int64_t, const float*,
+                       readmoe::Avx2Prefetch&, float*, const float*, const float*, float*,
+                       int64_t, int64_t);
 constexpr Block kBlocks[kRowBlock + 1] = {nullptr, block<1>, block<2>, block<3>, block<4>};
-
-// the k steps all passes over a panel take for `rows` rows: what its successor's lines are
-// spread over
-int64_t panel_steps(int64_t rows, int64_t K, int64_t cols) {
-  int64_t passes = 0;
-  for (int64_t r = 0; r < rows; r += kRowBlock)
-    passes += std::min<int64_t>(kRowBlock, rows - r) <= 2 || cols <= 24 ? 1 : 2;
-  return passes * K;
-}
 
 }  // namespace
 
@@ -142,33 +107,18 @@ namespace readmoe {
 
 bool avx2_panels_built() { return true; }
 
-// For each panel, and each group of up to 48 rows: the panel's k steps in chunks of 64, every
-// row block of the group multiplied by one chunk before the next, so a chunk comes from L2
-// once and from L1 for the other blocks. The next panel is asked for a line at a time, spread
-// over all of this panel's passes. (K = 0 still runs one empty chunk: y gets bias and add.)
 void avx2_panel_columns(const float* x, int64_t M, int64_t K, const float* panels,
                         int64_t begin, int64_t end, int64_t N, const float* bias,
                         const float* add, float* y) {
-  alignas(32) float sums[kGroupRows * kPanel];
-  const int64_t lines = K * kPanel * static_cast<int64_t>(sizeof(float)) / 64;
-  for (int64_t p = begin; p < end; ++p) {
-    const float* panel = panels + p * K * kPanel;
-    const int64_t col = p * kPanel, cols = std::min<int64_t>(kPanel, N - col);
-    Prefetch prefetch{p + 1 < end ? panel + K * kPanel : nullptr, 0, lines,
-                      std::max<int64_t>(1, panel_steps(M, K, cols))};
-    for (int64_t group = 0; group < M; group += kGroupRows) {
-      const int64_t group_rows = std::min(kGroupRows, M - group);
-      for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kChunk) {
-        const int64_t k1 = std::min(K, k0 + kChunk);
-        for (int64_t row = group; row < group + group_rows; row += kRowBlock) {
-          const int64_t rows = std::min<int64_t>(kRowBlock, group + group_rows - row);
-          kBlocks[rows](x + row * K, K, k0, k1, panel, prefetch, sums + (row - group) * kPanel,
-                        bias ? bias + col : nullptr, add ? add + row * N + col : nullptr,
-                        y + row * N + col, N, cols);
-        }
-      }
-    }
-  }
+  avx2_chunked_panels(
+      panels, K * kPanel * static_cast<int64_t>(sizeof(float)), K, begin, end, M, N, kRowBlock,
+      2,
+      [&](const char* panel, Avx2Prefetch& prefetch, int64_t row, int64_t rows, int64_t k0,
+          int64_t k1, float* sums, int64_t col, int64_t cols) {
+        kBlocks[rows](x + row * K, K, k0, k1, reinterpret_cast<const float*>(panel), prefetch,
+                      sums, bias ? bias + col : nullptr, add ? add + row * N + col : nullptr,
+                      y + row * N + col, N, cols);
+      });
 }
 
 }  // namespace readmoe

@@ -12,7 +12,9 @@
 // where it flushes denormals. One row takes a panel's 48 columns in one pass, two or three rows
 // take it in two of 24 (three rows: 9 accumulators, each k pair's odd weights widened for
 // every row, then its even ones: nine FMAs between a sum's two of a k pair, which depend on
-// each other); a row's result is the same bits alone or in any batch.
+// each other). A panel's k pairs run in chunks of 64, each row block taking a chunk before the
+// next (avx2_chunks.h), the sums parked exactly between chunks: a row's result is the same bits
+// alone or in any batch.
 
 #include "cpu_ops.h"
 #include "panel_blocks.h"
@@ -23,6 +25,7 @@
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
+#include "avx2_chunks.h"
 #include "avx2_sums.h"
 
 namespace {
@@ -51,22 +54,21 @@ void round_rows(const float* x, int64_t M, int64_t K, int64_t K2, float* out) {
 }
 
 // rows [R] of x rounded (row stride 2 * K2) times columns [first, first + 8W) of one panel
-// [K2, 48, 2] -> y rows (stride ldy), `cols` of them real; bias and add (may be y) after the
-// sum. Asks for `per_step` lines of the next panel a k pair, from next + first_line.
+// [K2, 48, 2], over k pairs [k0, k1): the sums resume from `sums` (zero at k0 == 0) and are
+// parked there again, or, after the last chunk, go to y rows (stride ldy) with bias and add
+// (may be y) applied, `cols` of them real.
 template <int R, int W>
-void pair_rows(const float* x, int64_t K2, const uint16_t* panel, int64_t first,
-               const uint16_t* next, int64_t first_line, int64_t per_step, int64_t next_lines,
-               const float* bias, const float* add, float* y, int64_t ldy, int64_t cols) {
+void pair_rows(const float* x, int64_t K2, int64_t k0, int64_t k1, const uint16_t* panel,
+               int64_t first, readmoe::Avx2Prefetch& prefetch, float* sums, const float* bias,
+               const float* add, float* y, int64_t ldy, int64_t cols) {
   static_assert(R * W <= 12, "accumulators beside the widened weights and the broadcasts");
   const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m256 acc[R][W];
-  readmoe::avx2_zero_sums(acc);
-  int64_t line = first_line;
-  for (int64_t k = 0; k < K2; ++k) {
+  readmoe::avx2_resume_sums(acc, k0, sums);
+  readmoe::Avx2Prefetch ahead = prefetch;
+  for (int64_t k = k0; k < k1; ++k) {
     const uint16_t* w = panel + (k * kPanel + first) * 2;
-    if (next != nullptr)
-      for (int64_t i = 0; i < per_step && line < next_lines; ++i, ++line)
-        _mm_prefetch(reinterpret_cast<const char*>(next + 32 * line), _MM_HINT_T1);
+    if (ahead.next != nullptr) ahead.step();
     if constexpr (R == 3) {  // the odd k's 24 weights, every row; then the even k's
       __m256 widened[W];
       READMOE_UNROLL
@@ -109,7 +111,12 @@ void pair_rows(const float* x, int64_t K2, const uint16_t* panel, int64_t first,
       }
     }
   }
-  readmoe::avx2_store_sums<R, W>(acc, bias, add, y, ldy, cols);
+  prefetch = ahead;
+  if (k1 < K2) {
+    readmoe::avx2_park_sums(acc, sums);
+  } else {
+    readmoe::avx2_store_sums<R, W>(acc, bias, add, y, ldy, cols);
+  }
 }
 
 }  // namespace
@@ -125,26 +132,26 @@ void avx2_bf16_panel_columns(const float* x, int64_t M, int64_t K, const at::BFl
   thread_local std::vector<float> rounded;
   rounded.resize(static_cast<size_t>(M * 2 * K2));
   round_rows(x, M, K, K2, rounded.data());
-  const auto* all = reinterpret_cast<const uint16_t*>(panels);
-  panel_blocks(all, K2 * kPanel * 2, K2, begin, end, M, N, kRowBlock,
-               [&](const uint16_t* panel, const uint16_t* next, int64_t first_line,
-                   int64_t per_step, int64_t lines, int64_t row, int64_t rows, int64_t col,
-                   int64_t cols) {
-                 const float* xs = rounded.data() + row * 2 * K2;
-                 const float* b = bias ? bias + col : nullptr;
-                 const float* a = add ? add + row * N + col : nullptr;
-                 float* out = y + row * N + col;
-                 if (rows == 1) {
-                   pair_rows<1, 6>(xs, K2, panel, 0, next, first_line, per_step, lines, b, a,
-                                   out, N, cols);
-                   return;
-                 }  // two passes of 24 columns; the next panel asked for in the first
-                 const auto pass = rows == 3 ? pair_rows<3, 3> : pair_rows<2, 3>;
-                 pass(xs, K2, panel, 0, next, first_line, per_step, lines, b, a, out, N, cols);
-                 if (cols > 24)
-                   pass(xs, K2, panel, 24, nullptr, 0, 0, 0, b ? b + 24 : nullptr,
-                        a ? a + 24 : nullptr, out + 24, N, cols - 24);
-               });
+  avx2_chunked_panels(
+      panels, K2 * kPanel * 2 * static_cast<int64_t>(sizeof(uint16_t)), K2, begin, end, M, N,
+      kRowBlock, 1,
+      [&](const char* bytes, Avx2Prefetch& prefetch, int64_t row, int64_t rows, int64_t k0,
+          int64_t k1, float* sums, int64_t col, int64_t cols) {
+        const auto* panel = reinterpret_cast<const uint16_t*>(bytes);
+        const float* xs = rounded.data() + row * 2 * K2;
+        const float* b = bias ? bias + col : nullptr;
+        const float* a = add ? add + row * N + col : nullptr;
+        float* out = y + row * N + col;
+        if (rows == 1) {
+          pair_rows<1, 6>(xs, K2, k0, k1, panel, 0, prefetch, sums, b, a, out, N, cols);
+          return;
+        }  // two passes of 24 columns
+        const auto pass = rows == 3 ? pair_rows<3, 3> : pair_rows<2, 3>;
+        pass(xs, K2, k0, k1, panel, 0, prefetch, sums, b, a, out, N, cols);
+        if (cols > 24)
+          pass(xs, K2, k0, k1, panel, 24, prefetch, sums + 24, b ? b + 24 : nullptr,
+               a ? a + 24 : nullptr, out + 24, N, cols - 24);
+      });
 }
 
 }  // namespace readmoe
