@@ -17,8 +17,8 @@ CPU backend multiplies through prepacked oneDNN weights too. On AVX2 and AVX-512
 fused ops built, that copy is this library's own panels instead (``csrc/gemm.cpp``,
 ``csrc/gemm_avx2.cpp``: oneDNN's kernel waits on its streamed weights; the panels prefetch
 theirs). On the Xeon (AVX-512) one decode step's products took 0.68x / 0.69x of oneDNN's time
-at 8 / 32 rows; on the AMD EPYC (Zen 3, AVX2) 0.77x / 0.82x on 1 thread and 0.72x / 0.78x on
-2, and one row on 2 threads 0.64x of ``x @ W``'s, where MKL's one-row product barely used the
+at 8 / 32 rows; on the AMD EPYC (Zen 3, AVX2) 0.57x / 0.79x on 1 thread and 0.54x / 0.71x on
+2, and one row on 2 threads 0.66x of ``x @ W``'s, where MKL's one-row product barely used the
 second thread (so there one row takes the panels too: ``min_rows``;
 ``results/kernel_probe_epyc*.md``).
 

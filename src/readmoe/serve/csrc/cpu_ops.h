@@ -38,8 +38,8 @@ constexpr int64_t kBlockedMaxRows = 48;
 
 // the fewest rows a product multiplies through float32 panels (kBlockedMinRows for oneDNN's
 // copies): 1 where the AVX2 kernel runs on more than one thread, else kBlockedMinRows. On the
-// 2-core AMD EPYC one ReadME step's one-row products through the panels ran at 0.97x at::mm's
-// speed on 1 thread and 1.55x on 2, where MKL's product barely used the second thread
+// 2-core AMD EPYC one ReadME step's one-row products through the panels ran at 0.93x at::mm's
+// speed on 1 thread and 1.52x on 2, where MKL's product barely used the second thread
 // (results/kernel_probe_epyc*.md).
 int64_t panel_min_rows();
 
