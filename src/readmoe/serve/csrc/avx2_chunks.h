@@ -37,32 +37,14 @@ struct Avx2Prefetch {
   }
 };
 
-// sums [R][W] from a chunk's parking place (row stride 48), or zero before the first chunk
-template <int R, int W>
-inline void avx2_resume_sums(__m256 (&acc)[R][W], int64_t k0, const float* sums) {
-  READMOE_UNROLL
-  for (int r = 0; r < R; ++r) {
-    READMOE_UNROLL
-    for (int j = 0; j < W; ++j)
-      acc[r][j] = k0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(sums + r * kPanelColumns + 8 * j);
-  }
-}
-
-template <int R, int W>
-inline void avx2_park_sums(const __m256 (&acc)[R][W], float* sums) {
-  READMOE_UNROLL
-  for (int r = 0; r < R; ++r) {
-    READMOE_UNROLL
-    for (int j = 0; j < W; ++j) _mm256_storeu_ps(sums + r * kPanelColumns + 8 * j, acc[r][j]);
-  }
-}
-
 // For panels [begin, end) of `panel_bytes` each, `steps` steps deep, and M rows in blocks of
-// `block_rows` (a block of up to `one_pass_rows` rows takes a panel's 48 columns in one pass,
-// larger ones in two of 24): kernel(panel, prefetch, row, rows, k0, k1, sums, col, cols) for
-// each chunk [k0, k1) of each panel, each group of up to 48 rows and each of its blocks, sums
-// being the block's parking place. A kernel finishing its chunk at k1 == steps writes y.
-// (steps = 0 still runs one empty chunk: y gets bias and add.)
+// `block_rows`: kernel(panel, prefetch, row, rows, k0, k1, first, sums, col, cols) for each
+// chunk [k0, k1) of each panel, each group of up to 48 rows, each of its blocks and each pass
+// over the block's columns: a block of up to `one_pass_rows` rows (or a panel of 24 columns or
+// fewer) takes the panel's columns in one pass, larger ones in two of 24, the second from
+// first = 24. sums is the pass's parking place, [col, col + cols) the pass's columns of y. A
+// kernel finishing its chunk at k1 == steps writes y. (steps = 0 still runs one empty chunk: y
+// gets bias and add.)
 template <typename Kernel>
 inline void avx2_chunked_panels(const void* panels, int64_t panel_bytes, int64_t steps,
                                 int64_t begin, int64_t end, int64_t M, int64_t N,
@@ -72,18 +54,28 @@ inline void avx2_chunked_panels(const void* panels, int64_t panel_bytes, int64_t
   for (int64_t p = begin; p < end; ++p) {
     const char* panel = all + p * panel_bytes;
     const int64_t col = p * kPanelColumns, cols = std::min<int64_t>(kPanelColumns, N - col);
-    int64_t passes = 0;
+    const auto passes = [&](int64_t rows) -> int64_t {
+      return rows <= one_pass_rows || cols <= 24 ? 1 : 2;
+    };
+    int64_t all_passes = 0;
     for (int64_t row = 0; row < M; row += block_rows)
-      passes += std::min(block_rows, M - row) <= one_pass_rows || cols <= 24 ? 1 : 2;
+      all_passes += passes(std::min(block_rows, M - row));
     Avx2Prefetch prefetch{p + 1 < end ? panel + panel_bytes : nullptr, 0, panel_bytes / 64,
-                          std::max<int64_t>(1, passes * steps)};
+                          std::max<int64_t>(1, all_passes * steps)};
     for (int64_t group = 0; group < M; group += kAvx2GroupRows) {
       const int64_t last = std::min(M, group + kAvx2GroupRows);
       for (int64_t k0 = 0; k0 == 0 || k0 < steps; k0 += kAvx2Chunk) {
         const int64_t k1 = std::min(steps, k0 + kAvx2Chunk);
-        for (int64_t row = group; row < last; row += block_rows)
-          kernel(panel, prefetch, row, std::min(block_rows, last - row), k0, k1,
-                 sums + (row - group) * kPanelColumns, col, cols);
+        for (int64_t row = group; row < last; row += block_rows) {
+          const int64_t rows = std::min(block_rows, last - row);
+          float* parked = sums + (row - group) * kPanelColumns;
+          if (passes(rows) == 1) {
+            kernel(panel, prefetch, row, rows, k0, k1, 0, parked, col, cols);
+          } else {
+            kernel(panel, prefetch, row, rows, k0, k1, 0, parked, col, 24);
+            kernel(panel, prefetch, row, rows, k0, k1, 24, parked + 24, col + 24, cols - 24);
+          }
+        }
       }
     }
   }

@@ -1,6 +1,7 @@
-// What the AVX2 panel kernels (gemm_avx2.cpp, gemm_bf16_avx2.cpp) do with their sums: bias and
-// add applied after the sum, in that order, as the AVX-512 kernels do, and only the real
-// columns of a panel stored. Included where __AVX2__ and __FMA__ are defined.
+// What the AVX2 panel kernels (gemm_avx2.cpp, gemm_bf16_avx2.cpp) do with their sums: parked
+// between a panel's chunks (avx2_chunks.h) and resumed, and at the end bias and add applied
+// after the sum, in that order, as the AVX-512 kernels do, and only the real columns of a
+// panel stored. Included where __AVX2__ and __FMA__ are defined.
 #pragma once
 
 #include <immintrin.h>
@@ -8,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cpu_ops.h"
 #include "panel_blocks.h"
 
 namespace readmoe {
@@ -19,13 +21,25 @@ inline __m256i avx2_lanes(int64_t cols) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(real), index);
 }
 
-// every sum zero, before a kernel's k loop
+// sums [R][W] from a chunk's parking place (row stride 48), or zero before the first chunk
 template <int R, int W>
-inline void avx2_zero_sums(__m256 (&acc)[R][W]) {
+inline void avx2_resume_sums(__m256 (&acc)[R][W], int64_t k0, const float* sums) {
   READMOE_UNROLL
   for (int r = 0; r < R; ++r) {
     READMOE_UNROLL
-    for (int j = 0; j < W; ++j) acc[r][j] = _mm256_setzero_ps();
+    for (int j = 0; j < W; ++j)
+      acc[r][j] = k0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(sums + r * kPanelColumns + 8 * j);
+  }
+}
+
+// sums [R][W] -> their parking place until the next chunk (stored exactly: the FMA chain
+// goes on from the same bits)
+template <int R, int W>
+inline void avx2_park_sums(const __m256 (&acc)[R][W], float* sums) {
+  READMOE_UNROLL
+  for (int r = 0; r < R; ++r) {
+    READMOE_UNROLL
+    for (int j = 0; j < W; ++j) _mm256_storeu_ps(sums + r * kPanelColumns + 8 * j, acc[r][j]);
   }
 }
 

@@ -80,26 +80,13 @@ void chunk_rows(const float* x, int64_t K, int64_t k0, int64_t k1, const float* 
   }
 }
 
-// one row block's passes over chunk [k0, k1) of a panel: rows <= 2 take its 48 columns in
-// one pass, 3 or 4 rows in two of 24
-template <int R>
-void block(const float* x, int64_t K, int64_t k0, int64_t k1, const float* panel,
-           readmoe::Avx2Prefetch& prefetch, float* sums, const float* bias, const float* add,
-           float* y, int64_t ldy, int64_t cols) {
-  if constexpr (R <= 2) {
-    chunk_rows<R, 6>(x, K, k0, k1, panel, 0, prefetch, sums, bias, add, y, ldy, cols);
-  } else {
-    chunk_rows<R, 3>(x, K, k0, k1, panel, 0, prefetch, sums, bias, add, y, ldy, cols);
-    if (cols > 24)
-      chunk_rows<R, 3>(x, K, k0, k1, panel, 24, prefetch, sums + 24, bias ? bias + 24 : nullptr,
-                       add ? add + 24 : nullptr, y + 24, ldy, cols - 24);
-  }
-}
-
-using Block = void (*)(const float*, int64_t, int64_t, int64_t, const float*,
-                       readmoe::Avx2Prefetch&, float*, const float*, const float*, float*,
-                       int64_t, int64_t);
-constexpr Block kBlocks[kRowBlock + 1] = {nullptr, block<1>, block<2>, block<3>, block<4>};
+// the kernel of a block of 1-4 rows: 1-2 rows take a panel's 48 columns in one pass, 3-4 rows
+// 24 at a time
+using Rows = void (*)(const float*, int64_t, int64_t, int64_t, const float*, int64_t,
+                      readmoe::Avx2Prefetch&, float*, const float*, const float*, float*, int64_t,
+                      int64_t);
+constexpr Rows kRows[kRowBlock + 1] = {nullptr, chunk_rows<1, 6>, chunk_rows<2, 6>,
+                                       chunk_rows<3, 3>, chunk_rows<4, 3>};
 
 }  // namespace
 
@@ -114,10 +101,10 @@ void avx2_panel_columns(const float* x, int64_t M, int64_t K, const float* panel
       panels, K * kPanel * static_cast<int64_t>(sizeof(float)), K, begin, end, M, N, kRowBlock,
       2,
       [&](const char* panel, Avx2Prefetch& prefetch, int64_t row, int64_t rows, int64_t k0,
-          int64_t k1, float* sums, int64_t col, int64_t cols) {
-        kBlocks[rows](x + row * K, K, k0, k1, reinterpret_cast<const float*>(panel), prefetch,
-                      sums, bias ? bias + col : nullptr, add ? add + row * N + col : nullptr,
-                      y + row * N + col, N, cols);
+          int64_t k1, int64_t first, float* sums, int64_t col, int64_t cols) {
+        kRows[rows](x + row * K, K, k0, k1, reinterpret_cast<const float*>(panel), first,
+                    prefetch, sums, bias ? bias + col : nullptr,
+                    add ? add + row * N + col : nullptr, y + row * N + col, N, cols);
       });
 }
 

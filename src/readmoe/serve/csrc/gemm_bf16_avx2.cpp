@@ -119,6 +119,14 @@ void pair_rows(const float* x, int64_t K2, int64_t k0, int64_t k1, const uint16_
   }
 }
 
+// the kernel of a block of 1-3 rows: one row takes a panel's 48 columns in one pass, two or
+// three rows 24 at a time
+using Rows = void (*)(const float*, int64_t, int64_t, int64_t, const uint16_t*, int64_t,
+                      readmoe::Avx2Prefetch&, float*, const float*, const float*, float*, int64_t,
+                      int64_t);
+constexpr Rows kRows[kRowBlock + 1] = {nullptr, pair_rows<1, 6>, pair_rows<2, 3>,
+                                       pair_rows<3, 3>};
+
 }  // namespace
 
 namespace readmoe {
@@ -136,21 +144,11 @@ void avx2_bf16_panel_columns(const float* x, int64_t M, int64_t K, const at::BFl
       panels, K2 * kPanel * 2 * static_cast<int64_t>(sizeof(uint16_t)), K2, begin, end, M, N,
       kRowBlock, 1,
       [&](const char* bytes, Avx2Prefetch& prefetch, int64_t row, int64_t rows, int64_t k0,
-          int64_t k1, float* sums, int64_t col, int64_t cols) {
-        const auto* panel = reinterpret_cast<const uint16_t*>(bytes);
-        const float* xs = rounded.data() + row * 2 * K2;
-        const float* b = bias ? bias + col : nullptr;
-        const float* a = add ? add + row * N + col : nullptr;
-        float* out = y + row * N + col;
-        if (rows == 1) {
-          pair_rows<1, 6>(xs, K2, k0, k1, panel, 0, prefetch, sums, b, a, out, N, cols);
-          return;
-        }  // two passes of 24 columns
-        const auto pass = rows == 3 ? pair_rows<3, 3> : pair_rows<2, 3>;
-        pass(xs, K2, k0, k1, panel, 0, prefetch, sums, b, a, out, N, cols);
-        if (cols > 24)
-          pass(xs, K2, k0, k1, panel, 24, prefetch, sums + 24, b ? b + 24 : nullptr,
-               a ? a + 24 : nullptr, out + 24, N, cols - 24);
+          int64_t k1, int64_t first, float* sums, int64_t col, int64_t cols) {
+        kRows[rows](rounded.data() + row * 2 * K2, K2, k0, k1,
+                    reinterpret_cast<const uint16_t*>(bytes), first, prefetch, sums,
+                    bias ? bias + col : nullptr, add ? add + row * N + col : nullptr,
+                    y + row * N + col, N, cols);
       });
 }
 
