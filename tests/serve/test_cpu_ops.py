@@ -143,6 +143,29 @@ def test_decode_attention_reads_the_pool_in_place(ops, heads, kv_heads, dim):
                                                              dim ** -0.5), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"),
+                         [(9, 3, 64), (8, 2, 128), (6, 2, 64), (10, 2, 64), (6, 3, 20)])
+def test_grouped_query_heads_equal_each_head_alone_to_the_bit(ops, heads, kv_heads, dim):
+    """The register kernels run up to three query heads of a GQA group over each key and value
+    row at once; every head's sums keep a single head's order, so each head's output is the
+    bits of that head run alone over its kv head (lengths cross the four-key steps)."""
+    pool, batch, width = 80, 4, 41
+    keys = torch.randn(pool, kv_heads, dim, generator=gen(0)) * 2
+    values = torch.randn(pool, kv_heads, dim, generator=gen(1))
+    q = torch.randn(batch, heads, dim, generator=gen(2))
+    lengths = torch.tensor([41, 1, 7, 30])
+    slots = torch.stack([torch.randperm(pool, generator=gen(3 + b))[:width]
+                         for b in range(batch)])
+    grouped = ops.decode_attention(q, keys, values, slots, lengths, dim ** -0.5)
+    group = heads // kv_heads
+    for h in range(heads):
+        alone = ops.decode_attention(q[:, h:h + 1].contiguous(),
+                                     keys[:, h // group:h // group + 1].contiguous(),
+                                     values[:, h // group:h // group + 1].contiguous(),
+                                     slots, lengths, dim ** -0.5)
+        assert torch.equal(grouped[:, h * dim:(h + 1) * dim], alone), f"head {h}"
+
+
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (6, 2, 20), (7, 1, 128)])
 def test_float16_pools_are_read_as_their_exact_float32_values(ops, heads, kv_heads, dim):
     """A float16 KV pool widens exactly: attention over it is, to the bit, attention over a

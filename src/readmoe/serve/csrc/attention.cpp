@@ -4,7 +4,7 @@
 // Why: a decode step's attention reads every key and value of every request once per layer
 // (2.4 MB a layer at batch 32, 48 keys, fp32): register kernels for head dims 64 and 128 read
 // each key and value row once for up to three query heads of a GQA group, four keys a pass,
-// rows asked for ahead (they jump between blocks and pages, where the hardware prefetcher
+// rows read up front (they jump between blocks and pages, where the hardware prefetcher
 // stops); every head's sums run in a single head's order, so the grouping changes no bit.
 
 #include "cpu_ops.h"
@@ -20,15 +20,31 @@ namespace {
 
 using namespace readmoe::fused;
 
-// asks for a pool row ahead of its use; at most this many bytes of keys and values a request
-// (a share of L2: longer contexts stream the rest)
-constexpr int64_t kPrefetchBytes = 256 * 1024;
+// a request's keys and values are read into the caches before its heads run, at most this many
+// bytes of them (a share of L2: longer contexts stream the rest)
+constexpr int64_t kTouchBytes = 256 * 1024;
+// one word of each cache line of a pool row of n elements, or'd together: a plain load per
+// line. Why loads, not prefetches: asking for a request's rows (73 KB at 48 keys) with
+// prefetch instructions before its heads ran took 7.3-7.6 us a request on cold pools (AMD
+// EPYC, one thread, batch 32), reading them with loads 5.1-5.3, the heads' work included.
+template <typename T>
+inline uint32_t touch_row(const T* row, int64_t n) {
+  constexpr int64_t line = 64 / sizeof(T);
+  uint32_t bits = 0;
+  for (int64_t i = 0; i < n; i += line) {
+    uint32_t word;
+    std::memcpy(&word, row + i, sizeof(word));
+    bits |= word;
+  }
+  return bits;
+}
+// asks for a pool row ahead of its use
 template <typename T>
 inline void prefetch_row(const T* row, int64_t n) {
   constexpr int64_t line = 64 / sizeof(T);
   for (int64_t i = 0; i < n; i += line) __builtin_prefetch(row + i);
 }
-// past the rows fetched up front, the attention loops ask for the row this many keys ahead
+// past the rows read up front, the attention loops ask for the row this many keys ahead
 // (pool rows jump between blocks, where the hardware prefetcher loses the stream)
 constexpr int64_t kAheadKeys = 32;
 // query heads the attention kernels take at once: 4 x 3 accumulators and 4 keys fill the
@@ -112,17 +128,17 @@ void group_scores(const float* q, const T* base, const int64_t* used, int64_t le
                      base + used[l + 2] * stride, base + used[l + 3] * stride};
     for (int64_t j = l + kAheadKeys; j < std::min(l + kAheadKeys + 4, len); ++j)
       prefetch_row(base + used[j] * stride, 8 * Chunks);
+    // a chunk's N query vectors stay while its four keys pass one at a time: 4 x N + N + 1
+    // registers, 16 at N = 3 (holding four keys instead spilled an accumulator to the stack,
+    // a store-to-load chain on every FMA)
     __m256 acc[N][4];
-    for (int h = 0; h < N; ++h) {
-      const __m256 q0 = _mm256_loadu_ps(q + h * dim);
-      for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_mul_ps(q0, load8(k[j]));
-    }
-    for (int c = 1; c < Chunks; ++c) {
-      __m256 key[4];
-      for (int j = 0; j < 4; ++j) key[j] = load8(k[j] + 8 * c);
-      for (int h = 0; h < N; ++h) {
-        const __m256 qc = _mm256_loadu_ps(q + h * dim + 8 * c);
-        for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_fmadd_ps(qc, key[j], acc[h][j]);
+    for (int c = 0; c < Chunks; ++c) {
+      __m256 qc[N];
+      for (int h = 0; h < N; ++h) qc[h] = _mm256_loadu_ps(q + h * dim + 8 * c);
+      for (int j = 0; j < 4; ++j) {
+        const __m256 key = load8(k[j] + 8 * c);
+        for (int h = 0; h < N; ++h)
+          acc[h][j] = c == 0 ? _mm256_mul_ps(qc[h], key) : _mm256_fmadd_ps(qc[h], key, acc[h][j]);
       }
     }
     for (int h = 0; h < N; ++h)
@@ -157,11 +173,13 @@ void group_values(const float* p, const T* base, const int64_t* used, int64_t le
       if (c0 == 0 && l + kAheadKeys < len) prefetch_row(base + used[l + kAheadKeys] * stride,
                                                          8 * Chunks);
       const T* v = base + used[l] * stride + 8 * c0;
-      __m256 row[4];
-      for (int c = 0; c < 4; ++c) row[c] = load8(v + 8 * c);
-      for (int h = 0; h < N; ++h) {
-        const __m256 w = _mm256_set1_ps(p[h * len + l]);
-        for (int c = 0; c < 4; ++c) acc[h][c] = _mm256_fmadd_ps(w, row[c], acc[h][c]);
+      // the N weights stay while the row's four chunks pass one at a time (registers as in
+      // group_scores)
+      __m256 w[N];
+      for (int h = 0; h < N; ++h) w[h] = _mm256_set1_ps(p[h * len + l]);
+      for (int c = 0; c < 4; ++c) {
+        const __m256 chunk = load8(v + 8 * c);
+        for (int h = 0; h < N; ++h) acc[h][c] = _mm256_fmadd_ps(w[h], chunk, acc[h][c]);
       }
     }
     for (int h = 0; h < N; ++h) {
@@ -227,7 +245,7 @@ void attend_group(const float* q, const T* keys, const T* values, const int64_t*
 }
 
 // decode_attention's work on requests [begin, end) over pools of T: each request's context's
-// pool rows are fetched ahead (they jump between blocks and pages, where the hardware
+// pool rows are read up front (they jump between blocks and pages, where the hardware
 // prefetcher stops), then each kv head's query heads run over them together, kGroupHeads at a
 // time; scores: scratch, grown as needed
 template <typename T>
@@ -241,11 +259,11 @@ void attend_range(const float* queries, const T* keys, const T* values, int64_t 
     const int64_t* used = slot + b * width;
     scores.resize(kGroupHeads * len);
     const int64_t ahead =
-        std::min<int64_t>(len, kPrefetchBytes / (2 * row * static_cast<int64_t>(sizeof(T))));
-    for (int64_t l = 0; l < ahead; ++l) {
-      prefetch_row(keys + used[l] * row, row);
-      prefetch_row(values + used[l] * row, row);
-    }
+        std::min<int64_t>(len, kTouchBytes / (2 * row * static_cast<int64_t>(sizeof(T))));
+    uint32_t touched = 0;
+    for (int64_t l = 0; l < ahead; ++l)
+      touched |= touch_row(keys + used[l] * row, row) | touch_row(values + used[l] * row, row);
+    asm volatile("" : : "r"(touched));  // the loads stay: their value is used
     for (int64_t h = 0; h < heads;) {
       const int64_t offset = (h / group) * dim;
       const int64_t n = std::min<int64_t>(kGroupHeads, group - h % group);
