@@ -129,7 +129,7 @@ class Engine:
             raise ReadmoeError(f"the model has {config.num_experts} routed experts and no router "
                                "(router_type 'none'): attach one before serving")
         if expert_store is not None:
-            self._check_store(expert_store, prefetch, codesign, quantize)
+            expert_store.check_serves(model, quantize, prefetch, codesign)
         elif experts_offloaded(model):
             raise ReadmoeError("the model's routed experts were placed for offload "
                                "(place_for_offload): serve it with an ExpertStore")
@@ -322,30 +322,6 @@ class Engine:
             raise ReadmoeError(f"unknown request id {request_id!r}: use the id add_request "
                                "returned")
         return seq
-
-    def _check_store(self, store: ExpertStore | DenseStream, prefetch: bool,
-                     codesign: CoDesign, quantize: str) -> None:
-        config = self.model.config
-        if store.form.bf16 != (quantize == "bf16"):
-            raise ReadmoeError(f"the expert store's slots hold {store.form.name} and the "
-                               f"runner packs with --quantize {quantize}: build the store with "
-                               f"quantize={quantize!r} (the CLI does), one precision for both")
-        if isinstance(store, DenseStream) and (codesign.predictor or codesign.prefetch_rate):
-            raise ReadmoeError("a dense stream has no experts to predict: serve it without "
-                               "co-design options")
-        if self.layerwise and (prefetch or codesign.prefetch_rate or codesign.predictor):
-            raise ReadmoeError("a layer-wise router knows no expert before its layer runs, so "
-                               "its experts cannot be prefetched or predicted ahead: run it "
-                               "with prefetch off (--no-prefetch) and no co-design")
-        if codesign.prefetch_rate and not prefetch:
-            raise ReadmoeError("loading the next step's experts ahead is a prefetch: it needs "
-                               "prefetch on")
-        routed = [i for i, layer in enumerate(self.model.model.layers)
-                  if layer.mlp.experts is not None]
-        if (store.num_layers, store.routed_layers) != (config.num_hidden_layers, routed) or (
-                routed and store.num_experts != config.num_experts):
-            raise ReadmoeError("the expert store holds another model's experts: build it from "
-                               "the served model's folder")
 
     def _step_access(self, batch) -> StepAccess:
         """Plan this step's expert accesses and start executing them on the store."""

@@ -119,6 +119,35 @@ class SlotStore:
 
     device: torch.device
     expert_bytes: tuple[int, ...]
+    form: SlotFormat
+    num_layers: int
+    routed_layers: list[int]
+    num_experts: int
+
+    def check_serves(self, model: torch.nn.Module, quantize: str, prefetch: bool,
+                     codesign: CoDesign) -> None:
+        """Refuse, before the engine builds anything, a store that cannot serve ``model`` as
+        asked: another model's experts, another precision than the runner's, or prefetching
+        and prediction where no expert is known ahead (a layer-wise router)."""
+        config = model.config
+        if self.form.bf16 != (quantize == "bf16"):
+            raise ReadmoeError(f"the expert store's slots hold {self.form.name} and the "
+                               f"runner packs with --quantize {quantize}: build the store with "
+                               f"quantize={quantize!r} (the CLI does), one precision for both")
+        if config.router_type == "layerwise" and (prefetch or codesign.prefetch_rate
+                                                  or codesign.predictor):
+            raise ReadmoeError("a layer-wise router knows no expert before its layer runs, so "
+                               "its experts cannot be prefetched or predicted ahead: run it "
+                               "with prefetch off (--no-prefetch) and no co-design")
+        if codesign.prefetch_rate and not prefetch:
+            raise ReadmoeError("loading the next step's experts ahead is a prefetch: it needs "
+                               "prefetch on")
+        routed = [i for i, layer in enumerate(model.model.layers)
+                  if layer.mlp.experts is not None]
+        if (self.num_layers, self.routed_layers) != (config.num_hidden_layers, routed) or (
+                routed and self.num_experts != config.num_experts):
+            raise ReadmoeError("the expert store holds another model's experts: build it from "
+                               "the served model's folder")
 
     def _start_copies(self, views: dict[tuple[int, int], PackedExpert],
                       link: EmulatedLink | None) -> None:

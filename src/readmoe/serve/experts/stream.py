@@ -30,7 +30,7 @@ from readmoe.errors import ReadmoeError
 from readmoe.serve.experts.cache import CacheStats, LayerPlan, Load
 from readmoe.serve.experts.future import access_time
 from readmoe.serve.experts.link import EmulatedLink
-from readmoe.serve.experts.plan import StepPlan
+from readmoe.serve.experts.plan import CoDesign, StepPlan
 from readmoe.serve.experts.slots import SlotFormat
 from readmoe.serve.experts.store import (
     PARTS,
@@ -148,6 +148,13 @@ class DenseStream(SlotStore):
             views[layer, index % 2] = ring[index % 2]
         self.link = EmulatedLink(bandwidth) if bandwidth is not None else None
         self._start_copies(views, self.link)
+
+    def check_serves(self, model: torch.nn.Module, quantize: str, prefetch: bool,
+                     codesign: CoDesign) -> None:
+        if codesign.predictor or codesign.prefetch_rate:
+            raise ReadmoeError("a dense stream has no experts to predict: serve it without "
+                               "co-design options")
+        super().check_serves(model, quantize, prefetch, codesign)
 
     @property
     def fast_tier_bytes(self) -> int:
