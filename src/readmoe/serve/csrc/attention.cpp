@@ -47,8 +47,8 @@ inline void prefetch_row(const T* row, int64_t n) {
 // past the rows read up front, the attention loops ask for the row this many keys ahead
 // (pool rows jump between blocks, where the hardware prefetcher loses the stream)
 constexpr int64_t kAheadKeys = 32;
-// query heads the attention kernels take at once: 4 x 3 accumulators and 4 keys fill the
-// sixteen AVX2 registers
+// query heads the attention kernels take at once: 4 x 3 accumulators, 3 query chunks (or
+// weights) and one key (or value chunk) fill the sixteen AVX2 registers
 constexpr int64_t kGroupHeads = 3;
 
 #if defined(__AVX2__) && defined(__FMA__)
