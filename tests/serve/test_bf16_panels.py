@@ -77,28 +77,31 @@ def test_a_rows_bf16_result_is_the_same_bits_in_any_batch_and_thread_count():
         lambda: OPS.panel_linear(x, panels, 200, None, None, None)))
 
 
-def test_on_avx2_a_rows_result_is_the_same_bits_alone_and_in_a_batch():
+@pytest.mark.parametrize("columns", [100, 401])
+def test_on_avx2_a_rows_result_is_the_same_bits_alone_and_in_a_batch(columns):
     """The AVX2 kernel sums each output in VDPBF16PS's order whatever the rows around it:
-    one row alone (one pass of 48 columns) equals its row of a batch (pairs of rows, two
-    passes of 24), and each equals the reference summed in that order in float32. K = 301 is
-    151 k pairs: two chunks of 64 and a part one, the sums parked between them."""
+    one row alone (four panels side by side: 3 panels, or 9 as 4, 4 and 1) equals its row of
+    a batch (pairs of rows, two passes of 24), and each equals the reference summed in that
+    order in float32, then + bias, + add. K = 301 is 151 k pairs: two chunks of 64 and a
+    part one, the batch's sums parked between them."""
     if OPS.avx512_bf16_panels():
         pytest.skip("this CPU multiplies bf16 panels by AVX512-BF16, not AVX2")
     gen = torch.Generator().manual_seed(6)
     width = 301
-    weight, x = torch.randn(100, width, generator=gen), torch.randn(5, width, generator=gen)
+    weight, x = torch.randn(columns, width, generator=gen), torch.randn(5, width, generator=gen)
+    bias, add = torch.randn(columns, generator=gen), torch.randn(5, columns, generator=gen)
     panels = to_bf16_panels(weight)
-    batch = OPS.panel_linear(x, panels, 100, None, None, None)
+    batch = OPS.panel_linear(x, panels, columns, bias, add, None)
     for row in range(5):
-        assert torch.equal(OPS.panel_linear(x[row:row + 1], panels, 100, None, None, None)[0],
-                           batch[row])
+        alone = OPS.panel_linear(x[row:row + 1], panels, columns, bias, add[row:row + 1], None)
+        assert torch.equal(alone[0], batch[row])
     w, a = weight.bfloat16().float(), x.bfloat16().float()
-    want = torch.zeros(5, 100)
+    want = torch.zeros(5, columns)
     for k in range(0, width + 1, 2):  # odd k first, then even, each added once (k = 301: pad)
         if k + 1 < width:
             want = torch.addcmul(want, a[:, k + 1:k + 2], w[:, k + 1][None])
         want = torch.addcmul(want, a[:, k:k + 1], w[:, k][None])
-    torch.testing.assert_close(batch, want, rtol=0, atol=0)
+    torch.testing.assert_close(batch, (want + bias) + add, rtol=0, atol=0)
 
 
 def test_without_amx_many_rows_go_through_vdpbf16ps_alike():

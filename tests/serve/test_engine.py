@@ -220,16 +220,15 @@ def test_products_only_runs_the_products_and_leaves_the_kv_cache(model):
     rope = torch.randn(1, config.hidden_size // config.num_attention_heads)
     contexts = [torch.tensor([0, 5]), torch.tensor([7, 1, 2])]
     before = [t.clone() for t in kv.keys + kv.values]
-    threads = torch.get_num_threads()
     decoder.products_only = True
     try:
-        torch.set_num_threads(1)  # one row stays off the one region on one thread
         hidden = decoder.step([3, 4], contexts, rope, rope, [0, 0], [1, 0])
+        decoder.team = False  # the same step off the one region
         with pytest.raises(RuntimeError, match="products_only times the one-region step"):
-            decoder.step([3], contexts[:1], rope, rope, [0], [1])
+            decoder.step([3, 4], contexts, rope, rope, [0, 0], [1, 0])
     finally:
         decoder.products_only = False
-        torch.set_num_threads(threads)
+        decoder.team = True
     assert hidden.shape == (2, config.hidden_size) and torch.isfinite(hidden).all()
     assert all(torch.equal(a, b) for a, b in zip(before, kv.keys + kv.values, strict=True))
     decoder.step([3, 4], contexts, rope, rope, [0, 0], [1, 0])

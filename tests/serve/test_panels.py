@@ -2,7 +2,7 @@
 equal to a float64 reference for every row, column and K remainder, and bit for bit to one
 FMA chain in k order; a row's result the same bits alone, in any batch and on any thread
 count; and the packed matrices use them for 2-48 rows only (one row too where the AVX2 kernel
-runs on two threads)."""
+runs)."""
 
 from __future__ import annotations
 
@@ -120,6 +120,21 @@ def test_each_output_is_one_fma_chain_in_k_order_across_chunks(rows):
     assert torch.equal(got, fma_chain(x, weight, bias, add))
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("columns", [20, 48, 150, 195, 380, 401])
+def test_few_rows_read_panels_side_by_side_as_one_fma_chain_each(rows, columns):
+    """1-3 rows read four panels at once (the AVX2 kernel's stream_rows): 1-9 panels, so
+    groups of four and every remainder, the last panel part-filled or whole. Bits, not
+    closeness, and the same bits as each row inside a batch of 8."""
+    gen = torch.Generator().manual_seed(columns + rows)
+    weight, bias = torch.randn(columns, 70, generator=gen), torch.randn(columns, generator=gen)
+    x, add = torch.randn(8, 70, generator=gen), torch.randn(8, columns, generator=gen)
+    panels = to_panels(weight)
+    got = OPS.panel_linear(x[:rows], panels, columns, bias, add[:rows], None)
+    assert torch.equal(got, fma_chain(x[:rows], weight, bias, add[:rows]))
+    assert torch.equal(got, OPS.panel_linear(x, panels, columns, bias, add, None)[:rows])
+
+
 def on_threads(call) -> list[torch.Tensor]:
     """``call()``'s result on 2 threads and on 1 (torch's thread count restored after)."""
     threads = torch.get_num_threads()
@@ -169,7 +184,7 @@ def test_packed_matrices_use_the_panels_for_decode_row_counts_only():
         for count in (1, 2):
             torch.set_num_threads(count)
             fewest = OPS.panel_min_rows()
-            assert fewest == (1 if count > 1 and not OPS.avx512_panels() else BLOCKED_MIN_ROWS)
+            assert fewest == (BLOCKED_MIN_ROWS if OPS.avx512_panels() else 1)
             assert fewest == 1 or panel_calls(fewest - 1) == 0
             assert panel_calls(fewest) == 1
             assert panel_calls(BLOCKED_MAX_ROWS) == 1

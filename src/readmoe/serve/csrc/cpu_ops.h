@@ -37,10 +37,10 @@ constexpr int64_t kBlockedMinRows = 2;
 constexpr int64_t kBlockedMaxRows = 48;
 
 // the fewest rows a product multiplies through float32 panels (kBlockedMinRows for oneDNN's
-// copies): 1 where the AVX2 kernel runs on more than one thread, else kBlockedMinRows. On the
-// 2-core AMD EPYC one ReadME step's one-row products through the panels ran at 0.93x at::mm's
-// speed on 1 thread and 1.52x on 2, where MKL's product barely used the second thread
-// (results/kernel_probe_epyc*.md).
+// copies): 1 where the AVX2 kernel runs, else kBlockedMinRows. On the 2-core AMD EPYC one
+// dense step's one-row products read 25 GB/s through the AVX2 panels (four side by side) and
+// 18 through at::mm on one thread; on two, MKL's product barely used the second thread
+// (results/kernel_probe_epyc*.md). AVX-512 CPUs keep at::mm for one row (not measured here).
 int64_t panel_min_rows();
 
 // output columns of one weight panel (gemm.cpp)

@@ -149,9 +149,7 @@ bool panels_supported() {
                              __builtin_cpu_supports("fma"));
 }
 
-int64_t panel_min_rows() {
-  return !avx512_panels() && at::get_num_threads() > 1 ? 1 : kBlockedMinRows;
-}
+int64_t panel_min_rows() { return avx512_panels() ? kBlockedMinRows : 1; }
 
 // x and add may be strided views (made contiguous here); out, if not contiguous, gets a copy
 at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& panels, int64_t out_features,
