@@ -12,7 +12,7 @@ rows are missing and why, and measures the rest. ``engine-torch-ops`` and
 ``engine-dense-torch-ops`` are the engine with its fused CPU ops off (``serve/cpu_ops.py``),
 what they buy side by side; ``engine-onednn`` and ``engine-dense-onednn`` (AVX2 and AVX-512 CPUs,
 where the engine multiplies 2-48 rows through the fused ops' panels, ``serve/csrc/gemm.cpp``,
-``gemm_avx2.cpp``, one row too on AVX2 with two threads or more) the engine with oneDNN's
+``gemm_avx2.cpp``, one row too on AVX2) the engine with oneDNN's
 prepacked copies and ``x @ W`` instead (``READMOE_PANELS=0``), what the panels buy;
 ``engine-bf16`` and ``engine-dense-bf16`` (AVX512-BF16 or AVX2 CPUs) the engine with its
 matrices in bf16 panels (``--quantize bf16``, ``serve/csrc/gemm_bf16.cpp``,
@@ -41,13 +41,15 @@ of ``--repeats`` each, so prefill is excluded on every side.
 Limits. Bytes per token: the weights one decode step reads (every matrix once, the LM head too
 when it is tied to the embedding, only the routed experts the engine's decode steps really
 touched) over the batch. Roofline tokens/s = batch * bandwidth / (those weights + the batch's KV
-cache at the mean context; llama.cpp keeps its cache in F16); bandwidth is a timed sum over a
-512 MiB tensor. Matmul floor (engine rows): the seconds the engine's packed matrix products alone
-take for one decode step of the batch (every layer, the shared expert on all rows, each routed
-expert on the rows the engine's own decode steps gave it, those steps replayed in turn, the LM
-head), run as the engine runs them (where its decode step is one parallel region,
-``serve/csrc/team.cpp``: 2-48 rows, or 1-48 where one row goes through the panels, every
-product on panels, that region with every op but the
+cache at the mean context; llama.cpp keeps its cache in F16); bandwidth is the fastest timed
+read of a 512 MiB tensor at the row's thread count: torch's sum (one stream a thread) or the
+fused ops' ``read_streams`` (1-16 neighbouring streams a thread, as the panel products read:
+one core reads several streams faster than one). Matmul floor (engine rows): the seconds the
+engine's packed matrix products alone take for one decode step of the batch (every layer, the
+shared expert on all rows, each routed expert on the rows the engine's own decode steps gave
+it, those steps replayed in turn, the LM head), run as the engine runs them (where its decode
+step is one parallel region, ``serve/csrc/team.cpp``: 2-48 rows, or 1-48 where one row goes
+through the panels, every product on panels, that region with every op but the
 products skipped; elsewhere one call a product) and timed as the engine's decode is: the best
 of ``--repeats`` runs of ``new - 1`` such steps in a row, per step. (The best single step of
 15, kept in the JSON as ``matmul_floor_best_step_tokens_per_s``, is lower on a shared machine
@@ -201,12 +203,31 @@ def prompts(tokenizer, count: int, length: int, corpus_dir: Path) -> list[list[i
     return out[:count]
 
 
-def bandwidth_gbs(device: torch.device) -> float:
-    """Read bandwidth in GB/s: the best of 5 timed sums over a 512 MiB fp32 tensor."""
+READ_STREAMS = (1, 2, 4, 8, 16)
+
+
+def read_bandwidth(device: torch.device, threads: list[int]) -> dict[int, dict]:
+    """GB/s the machine reads a 512 MiB tensor at each thread count, the best of 5 timed
+    reads: by torch's sum (one stream a thread) and, on a CPU with the fused ops, by
+    ``read_streams`` in 1-16 neighbouring streams a thread, as the panel products read
+    (``csrc/read_probe.cpp``). ``best`` is the roofline's bandwidth: one core here reads 3-4
+    streams faster than one, and a roofline below what the engine reaches says nothing."""
     x = torch.ones(128 * 1024 * 1024, device=device)
-    x.sum()
-    best = min(_timed(x.sum) for _ in range(5))
-    return x.numel() * 4 / best / 1e9
+    ops = cpu_ops.load() if device.type == "cpu" else None
+    out = {}
+    for count in threads:
+        if device.type == "cpu":
+            torch.set_num_threads(count)
+        reads = {"sum": x.sum}
+        if ops is not None:
+            reads |= {f"{s} streams": functools.partial(ops.read_streams, x, s)
+                      for s in READ_STREAMS}
+        gbs = {}
+        for name, read in reads.items():
+            read()
+            gbs[name] = x.numel() * 4 / min(_timed(read) for _ in range(5)) / 1e9
+        out[count] = {**gbs, "best": max(gbs.values())}
+    return out
 
 
 def _sync() -> None:
@@ -412,7 +433,7 @@ def panels_off(off: bool) -> Iterator[None]:
 
 
 def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
-               pool: list[list[int]], gbs: float, threads: list[int],
+               pool: list[list[int]], gbs: dict[int, float], threads: list[int],
                args: argparse.Namespace) -> list[dict]:
     """HF ``generate`` on ``hf_model`` and the engine on ``engine_model`` (the same weights)."""
     hf_name, engine_name = names
@@ -437,7 +458,7 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
                 rows.append(row(hf_name, count, b, precision, weight_step_bytes(hf_model, distinct),
                                 kv, hf, f"{type(hf_model).__name__}.generate(ids, max_new_tokens="
                                 f"{args.new_tokens}, min_new_tokens={args.new_tokens}, "
-                                "do_sample=False)", gbs, args))
+                                "do_sample=False)", gbs[count], args))
             variants = ((engine_name, "none", True, "auto"),
                         (f"{engine_name}-int8", "int8", True, "auto"),
                         (f"{engine_name}-bf16", "bf16", True, "auto"),
@@ -474,7 +495,8 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
                                 f"{quantize!r}, fused_ops={fused}, kv_dtype={kv_dtype!r}, "
                                 f"cuda_graphs={not eager})"
                                 f".generate(prompts, SamplingParams(max_tokens="
-                                f"{args.new_tokens}, ignore_eos=True)), warm", gbs, args))
+                                f"{args.new_tokens}, ignore_eos=True)), warm", gbs[count],
+                                args))
                 del engine
                 bound = None if hf is None else hf / (args.new_tokens - 1) / floor
                 rows[-1].update(matmul_floor_tokens_per_s=b / floor,
@@ -487,8 +509,9 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
     return rows
 
 
-def llama_cpp_rows(spec: str, config, pool: list[list[int]], gbs: float, threads: list[int],
-                   args: argparse.Namespace, missing: list[dict]) -> list[dict]:
+def llama_cpp_rows(spec: str, config, pool: list[list[int]], gbs: dict[int, float],
+                   threads: list[int], args: argparse.Namespace,
+                   missing: list[dict]) -> list[dict]:
     """llama.cpp on the dense weights: the F32 GGUF written from them and the GGUF they came
     from; a row that cannot run goes to ``missing`` with the reason."""
     wanted = [p for p in ("llama.cpp-f32", "llama.cpp-quantized") if p in args.peers]
@@ -516,11 +539,21 @@ def llama_cpp_rows(spec: str, config, pool: list[list[int]], gbs: float, threads
                 seconds = decode_seconds(llm.seconds, pool[:b], args)
                 rows.append(row(peer, count, b, precision, weights,
                                 kv_step_bytes(config, b, context, LLAMA_CPP_KV_BYTES), seconds,
-                                llm.command(b), gbs, args))
+                                llm.command(b), gbs[count], args))
                 print(rows[-1], flush=True)
             del llm
             gc.collect()
     return rows
+
+
+def read_bandwidth_text(result: dict) -> str:
+    """'27.1 GB/s on 1 thread (torch's sum 18.2), ...': the roofline's bandwidth per thread
+    count beside one stream a thread's."""
+    parts = []
+    for count, read in result["read_bandwidth"].items():
+        parts.append(f"{read['best']:.1f} GB/s on {count} thread{'s' if int(count) > 1 else ''} "
+                     f"(torch's sum {read['sum']:.1f})")
+    return ", ".join(parts)
 
 
 def markdown(result: dict, described: str, dense: str, placement: Placement) -> str:
@@ -532,10 +565,10 @@ def markdown(result: dict, described: str, dense: str, placement: Placement) -> 
              "limits", "",
              f"ReadME model: {described}; dense model: {dense}; {placement.describe()}; "
              f"{args['prompt_len']}-token prompts mixed over domains, {args['new_tokens']} new "
-             f"tokens, greedy; measured read bandwidth {args['bandwidth_gb_per_s']:.1f} GB/s; "
+             f"tokens, greedy; measured read bandwidth {read_bandwidth_text(args)}; "
              f"fused CPU ops {'on' if args.get('fused_cpu_ops') else 'off'} for the engine rows "
              f"(the `-torch-ops` rows keep torch's); products of 2-48 rows (1-48 where "
-             f"`panel_min_rows` is 1: AVX2 panels on 2 threads or more) through {products}.",
+             f"`panel_min_rows` is 1: the AVX2 panels) through {products}.",
              "", f"Command: `{result['command']}`  ", f"Machine: {result['machine']}", "",
              "| threads | batch | peer | weights | precision | MB read / token | tok/s | "
              "x HF, same weights | roofline tok/s | of roofline | matmul floor tok/s | of floor "
@@ -618,7 +651,8 @@ def main() -> int:
     model, tokenizer, described, folder = load(args.model, placement, args.corpus)
     dense = args.dense or planned_model(folder) or DEFAULT_MODEL
     pool = prompts(tokenizer, max(args.batches), args.prompt_len, args.corpus)
-    gbs = bandwidth_gbs(placement.device)
+    bandwidth = read_bandwidth(placement.device, threads)
+    gbs = {count: read["best"] for count, read in bandwidth.items()}
     where = {"dtype": placement.dtype, "device": placement.device}
     rows: list[dict] = []
     missing: list[dict] = []
@@ -663,7 +697,7 @@ def main() -> int:
                           "gpu": (torch.cuda.get_device_name(placement.device)
                                   if placement.device.type == "cuda" else None)},
               **placement.to_dict(), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-              "threads": threads, "bandwidth_gb_per_s": gbs,
+              "threads": threads, "bandwidth_gb_per_s": gbs, "read_bandwidth": bandwidth,
               "fused_cpu_ops": cpu_ops.ops_for(placement.device, placement.dtype) is not None,
               "panels": cpu_ops.panels_apply(cpu_ops.ops_for(placement.device, placement.dtype)),
               "rows": rows,

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -327,3 +328,29 @@ def test_a_long_call_lets_other_python_threads_run(ops):
     around = [s for s in stamps if begin - 0.01 < s < end + 0.01]
     longest = max(b - a for a, b in zip(around, around[1:], strict=False))
     assert longest < (end - begin) / 2, f"the thread stood still {longest:.3f} s of the call"
+
+
+@pytest.mark.parametrize("streams", [1, 2, 4, 8, 16])
+def test_read_streams_reads_every_word_of_its_whole_blocks_once(ops, streams):
+    """The read-bandwidth probe: its xor equals the xor of each word it is meant to read (the
+    tensor's whole blocks of 16 runs of 256 KB, on 1 and 2 threads), so no read is skipped
+    or doubled; a part block at the end is left out."""
+    words = torch.randint(-2**31, 2**31 - 1, (4 * 16 * 65536 + 123,), dtype=torch.int64,
+                          generator=gen(streams)).to(torch.int32)
+    block = streams * 65536  # 32-bit words in a block: `streams` runs of 4096 lines
+    read = words[:words.numel() // block * block].numpy().view("uint32")
+    want = int(np.bitwise_xor.reduce(read))
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            assert ops.read_streams(words, streams) == want
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_read_streams_refuses_what_it_cannot_read(ops):
+    with pytest.raises(RuntimeError, match="streams must be"):
+        ops.read_streams(torch.zeros(1024), 3)
+    with pytest.raises(RuntimeError, match="contiguous CPU tensor"):
+        ops.read_streams(torch.zeros(64, 64).t(), 1)

@@ -8,11 +8,13 @@ call's fixed cost is its whole cost, and the Python between the calls. ``kernels
 and one pass, as vLLM's CPU backend and llama.cpp do; ``layer.cpp`` runs a layer's attention
 block (decode-only steps) and its MoE FFN as one call each; ``gemm.cpp`` (AVX-512) and
 ``gemm_avx2.cpp`` multiply 2-48 rows faster than oneDNN's prepacked kernel (its weights' next
-panel prefetched while one is multiplied; ``panels_apply``), ``gemm_bf16.cpp`` (AVX512-BF16,
+panel prefetched while one is multiplied; ``panels_apply``; on AVX2 one row too, four panels
+read side by side), ``gemm_bf16.cpp`` (AVX512-BF16,
 AMX) and ``gemm_bf16_avx2.cpp`` every row count on bf16 panels (``--quantize bf16``);
 ``decoder.cpp`` and ``router.cpp`` run a decode-only step of the backbone (embedding to final
 norm) and of the pre-gating router as one call each, ``team.cpp`` the backbone's layers of a
-2-48-row step as one parallel region; ``module.cpp`` binds them for Python.
+2-48-row step as one parallel region; ``read_probe.cpp`` measures the read bandwidth that
+benchmarks divide by; ``module.cpp`` binds them for Python.
 
 The extension is compiled with torch's ``cpp_extension`` the first time a runner asks for it
 (about a minute on a 2-core CPU; it needs a C++ compiler, and ``ninja``, a dependency) into
@@ -38,7 +40,7 @@ import torch
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("kernels.cpp", "attention.cpp", "layer.cpp", "gemm.cpp", "gemm_avx2.cpp",
            "gemm_bf16.cpp", "gemm_bf16_avx2.cpp", "decoder.cpp", "team.cpp", "router.cpp",
-           "module.cpp")
+           "read_probe.cpp", "module.cpp")
 DISABLE = "READMOE_CPU_OPS"
 PANELS = "READMOE_PANELS"
 

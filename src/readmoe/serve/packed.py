@@ -18,9 +18,9 @@ fused ops built, that copy is this library's own panels instead (``csrc/gemm.cpp
 ``csrc/gemm_avx2.cpp``: oneDNN's kernel waits on its streamed weights; the panels prefetch
 theirs). On the Xeon (AVX-512) one decode step's products took 0.68x / 0.69x of oneDNN's time
 at 8 / 32 rows; on the AMD EPYC (Zen 3, AVX2) 0.57x / 0.79x on 1 thread and 0.54x / 0.71x on
-2, and one row on 2 threads 0.66x of ``x @ W``'s, where MKL's one-row product barely used the
-second thread (so there one row takes the panels too: ``min_rows``;
-``results/kernel_probe_epyc*.md``).
+2 (``results/kernel_probe_epyc*.md``). There one row takes the panels too (``min_rows``): the
+AVX2 kernel reads four panels side by side, and a dense step's one-row products took 21-22 ms
+against ``x @ W``'s 29-30 on one thread (a core reads 3-4 streams faster than one).
 
 Cost: one extra copy of the attention and FFN matrices (and, on CPU, of the LM head), the
 routed experts included when they are resident, and a second one where prepacked; with

@@ -43,6 +43,10 @@ constexpr int64_t kBlockedMaxRows = 48;
 // (results/kernel_probe_epyc*.md). AVX-512 CPUs keep at::mm for one row (not measured here).
 int64_t panel_min_rows();
 
+// x's bytes read once, each thread's part in `streams` (1, 2, 4, 8 or 16) places side by
+// side, as the one-row panel products read (read_probe.cpp); the xor of its 32-bit words
+int64_t read_streams(const at::Tensor& x, int64_t streams);
+
 // output columns of one weight panel (gemm.cpp)
 constexpr int64_t kPanelColumns = 48;
 

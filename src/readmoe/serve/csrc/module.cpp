@@ -25,6 +25,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether bf16 panels multiply by AVX512-BF16 (and AMX) here, else by AVX2");
   m.def("panel_linear", &readmoe::panel_linear,
         "x @ W.T (+ bias) (+ add) through W's panels, into out if given", kFree);
+  m.def("read_streams", &readmoe::read_streams,
+        "a tensor's bytes read once in 1-16 streams a thread (a read-bandwidth probe)", kFree);
   m.def("argmax_rows", &readmoe::argmax_rows, "each row's first maximum, as torch.max", kFree);
   m.def("sticky_rows", &readmoe::sticky_rows,
         "experts from router logits with hysteresis, as pregating.sticky_argmax", kFree);
