@@ -1,6 +1,7 @@
-// The loop the AVX2 panel kernels share (gemm_avx2.cpp's float32, gemm_bf16_avx2.cpp's bf16):
+// The loops the AVX2 panel kernels share (gemm_avx2.cpp's float32, gemm_bf16_avx2.cpp's bf16):
 // each panel's k steps in chunks, every row block of up to 48 rows taking a chunk before the
-// next, and the panel's successor asked for a line at a time over all of its passes.
+// next, and the panel's successor asked for a line at a time over all of its passes; and, for
+// products of a few rows, the panels in groups read side by side (avx2_panel_groups).
 //
 // Why: a row block's pass over a whole panel (110-295 KB) reads it from L2, and with 3-4 rows a
 // block the weight loads alone asked L2 for half its bandwidth; by chunks, one block reads a
@@ -22,6 +23,20 @@ namespace readmoe {
 
 constexpr int64_t kAvx2Chunk = 64;      // steps a chunk: 12 KB of a panel, kept in L1
 constexpr int64_t kAvx2GroupRows = 48;  // rows whose partial sums wait between chunks
+constexpr int kAvx2Streams = 4;  // panels a product of a few rows reads side by side
+
+// For panels [begin, end) of a product of N columns, in groups of up to kAvx2Streams read
+// side by side: kernel(p, count, col, cols) for each group, its first panel p, its `count`
+// panels, their first column col = 48p, and the real columns of its last panel (48, or the
+// product's last few).
+template <typename Kernel>
+inline void avx2_panel_groups(int64_t begin, int64_t end, int64_t N, Kernel&& kernel) {
+  for (int64_t p = begin; p < end; p += kAvx2Streams) {
+    const int64_t count = std::min<int64_t>(kAvx2Streams, end - p);
+    kernel(p, count, p * kPanelColumns,
+           std::min<int64_t>(kPanelColumns, N - (p + count - 1) * kPanelColumns));
+  }
+}
 
 // Asks for a panel's successor a line at a time, `count` lines spread evenly over `steps`
 // calls of step() (Bresenham's stepping: an add and a compare a step, no division). A kernel

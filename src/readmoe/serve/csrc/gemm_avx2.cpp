@@ -129,10 +129,9 @@ void stream_rows(const float* x, int64_t K, const float* panel, int64_t panel_fl
 }
 
 constexpr int kStreamRows = 3;  // products of up to this many rows read panels side by side
-constexpr int kStreams = 4;     // the panels they read at once
 using StreamRows = void (*)(const float*, int64_t, const float*, int64_t, const float*,
                             const float*, float*, int64_t, int64_t);
-constexpr StreamRows kStreamKernels[kStreamRows + 1][kStreams + 1] = {
+constexpr StreamRows kStreamKernels[kStreamRows + 1][readmoe::kAvx2Streams + 1] = {
     {},
     {nullptr, stream_rows<1, 1>, stream_rows<1, 2>, stream_rows<1, 3>, stream_rows<1, 4>},
     {nullptr, stream_rows<2, 1>, stream_rows<2, 2>, stream_rows<2, 3>, stream_rows<2, 4>},
@@ -156,12 +155,11 @@ void avx2_panel_columns(const float* x, int64_t M, int64_t K, const float* panel
                         int64_t begin, int64_t end, int64_t N, const float* bias,
                         const float* add, float* y) {
   if (M >= 1 && M <= kStreamRows) {
-    for (int64_t p = begin; p < end; p += kStreams) {
-      const int64_t count = std::min<int64_t>(kStreams, end - p), col = p * kPanel;
+    avx2_panel_groups(begin, end, N, [&](int64_t p, int64_t count, int64_t col, int64_t cols) {
       kStreamKernels[M][count](x, K, panels + p * K * kPanel, K * kPanel,
                                bias ? bias + col : nullptr, add ? add + col : nullptr, y + col,
-                               N, std::min<int64_t>(kPanel, N - (p + count - 1) * kPanel));
-    }
+                               N, cols);
+    });
     return;
   }
   avx2_chunked_panels(

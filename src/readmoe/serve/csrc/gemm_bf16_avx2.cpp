@@ -158,11 +158,10 @@ void stream_pair_row(const float* x, int64_t K2, const uint16_t* panel, int64_t 
                                    g + 1 < G ? kPanel : cols);
 }
 
-constexpr int kStreams = 4;  // the panels one row reads at once
 using StreamRow = void (*)(const float*, int64_t, const uint16_t*, int64_t, const float*,
                            const float*, float*, int64_t);
-constexpr StreamRow kStreamRow[kStreams + 1] = {nullptr, stream_pair_row<1>, stream_pair_row<2>,
-                                                stream_pair_row<3>, stream_pair_row<4>};
+constexpr StreamRow kStreamRow[readmoe::kAvx2Streams + 1] = {
+    nullptr, stream_pair_row<1>, stream_pair_row<2>, stream_pair_row<3>, stream_pair_row<4>};
 
 // the kernel of a block of 1-3 rows: one row takes a panel's 48 columns in one pass, two or
 // three rows 24 at a time
@@ -187,12 +186,10 @@ void avx2_bf16_panel_columns(const float* x, int64_t M, int64_t K, const at::BFl
   round_rows(x, M, K, K2, rounded.data());
   if (M == 1) {
     const auto* all = reinterpret_cast<const uint16_t*>(panels);
-    for (int64_t p = begin; p < end; p += kStreams) {
-      const int64_t count = std::min<int64_t>(kStreams, end - p), col = p * kPanel;
+    avx2_panel_groups(begin, end, N, [&](int64_t p, int64_t count, int64_t col, int64_t cols) {
       kStreamRow[count](rounded.data(), K2, all + p * K2 * kPanel * 2, K2,
-                        bias ? bias + col : nullptr, add ? add + col : nullptr, y + col,
-                        std::min<int64_t>(kPanel, N - (p + count - 1) * kPanel));
-    }
+                        bias ? bias + col : nullptr, add ? add + col : nullptr, y + col, cols);
+    });
     return;
   }
   avx2_chunked_panels(

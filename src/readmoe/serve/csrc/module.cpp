@@ -50,7 +50,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("step", &readmoe::Router::step, kFree);
   m.attr("BLOCKED_MIN_ROWS") = readmoe::kBlockedMinRows;
   m.def("panel_min_rows", &readmoe::panel_min_rows,
-        "the fewest rows a product multiplies through float32 panels at this thread count");
+        "the fewest rows a product multiplies through float32 panels on this CPU");
   m.attr("BLOCKED_MAX_ROWS") = readmoe::kBlockedMaxRows;
   m.attr("PANEL_COLUMNS") = readmoe::kPanelColumns;
 }
