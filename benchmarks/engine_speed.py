@@ -36,7 +36,10 @@ batch mixes domains and experts), greedily for exactly ``--new-tokens`` tokens (
 after a warm-up: the engine is built once per batch size and variant and run once untimed
 on the same batch (as a server's engine is warm; HF's model and llama.cpp's context are
 reused warm the same way). Decode tokens/s = batch * (new - 1) / (time(new) - time(1)), best
-of ``--repeats`` each, so prefill is excluded on every side.
+of ``--repeats`` each, so prefill is excluded on every side. Contention: a 64 MiB read is timed
+before each timed run (``contention.py``); a row whose slowest read falls below 85% of the best
+seen at its thread count (a neighbour taking the machine's memory bandwidth) is timed again, up
+to ``--quiet-retries`` times, the quietest try kept; the table says how quiet each row was.
 
 Limits. Bytes per token: the weights one decode step reads (every matrix once, the LM head too
 when it is tied to the embedding, only the routed experts the engine's decode steps really
@@ -78,7 +81,6 @@ import json
 import os
 import platform
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -107,6 +109,9 @@ from readmoe.serve.sampling import SamplingParams
 from readmoe.serve.scoring import served_nll
 from readmoe.serve.types import Budget
 from readmoe.train.rounds import final_model_dir
+
+sys.path.insert(0, str(Path(__file__).parent))
+from contention import PROBE_STREAMS, QUIET, ReadProbe, quietest, timed  # noqa: E402
 
 TRAINED_RUN = Path("runs/bench/train-readme")
 REFACTORED = Path("runs/bench/moe-readme")
@@ -138,6 +143,10 @@ def parse_args() -> argparse.Namespace:
                         help="thread counts to measure, the same for every peer (default: "
                         "torch's own choice); on a shared machine 1 avoids OpenMP stalls")
     parser.add_argument("--repeats", type=int, default=2, help="best of this many timings")
+    parser.add_argument("--quiet-retries", type=int, default=2,
+                        help="times a row is timed again while a neighbour slows the machine's "
+                        "memory reads below 85%% of the best seen (contention.py); the "
+                        "quietest try is kept")
     parser.add_argument("--results", default="results")
     parser.add_argument("--corpus", type=Path, default=CORPUS,
                         help=f"where the prompts come from (default {CORPUS})")
@@ -225,28 +234,15 @@ def read_bandwidth(device: torch.device, threads: list[int]) -> dict[int, dict]:
         gbs = {}
         for name, read in reads.items():
             read()
-            gbs[name] = x.numel() * 4 / min(_timed(read) for _ in range(5)) / 1e9
+            gbs[name] = x.numel() * 4 / min(timed(read) for _ in range(5)) / 1e9
         out[count] = {**gbs, "best": max(gbs.values())}
     return out
-
-
-def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def _timed(fn) -> float:
-    _sync()
-    start = time.perf_counter()
-    fn()
-    _sync()
-    return time.perf_counter() - start
 
 
 def hf_time(model, batch: list[list[int]], new: int) -> float:
     ids = torch.tensor(batch, device=model.device)
     with torch.inference_mode():
-        return _timed(lambda: model.generate(ids, attention_mask=torch.ones_like(ids),
+        return timed(lambda: model.generate(ids, attention_mask=torch.ones_like(ids),
                                              max_new_tokens=new, min_new_tokens=new,
                                              do_sample=False))
 
@@ -276,7 +272,7 @@ def warm_engine(model, tokenizer, batch: list[list[int]], new: int, quantize: st
 
 def engine_time(engine: Engine, batch: list[list[int]], new: int) -> float:
     params = SamplingParams(max_tokens=new, ignore_eos=True)
-    return _timed(lambda: engine.generate(batch, params))
+    return timed(lambda: engine.generate(batch, params))
 
 
 def decode_seconds(run, batch: list[list[int]], args: argparse.Namespace) -> float:
@@ -285,9 +281,16 @@ def decode_seconds(run, batch: list[list[int]], args: argparse.Namespace) -> flo
             - min(run(batch, 1) for _ in range(args.repeats)))
 
 
+def engine_timings(engine: Engine, batch: list[list[int]], routings: list[tuple[int, ...]],
+                   args: argparse.Namespace, probe: ReadProbe) -> tuple[float, tuple[float, float]]:
+    """(decode seconds, matmul floor) of a warm engine, a read sampled before each timed run."""
+    return (decode_seconds(probe.before(functools.partial(engine_time, engine)), batch, args),
+            matmul_floor(engine, len(batch), routings, args.repeats, args.new_tokens - 1, probe))
+
+
 @torch.inference_mode()
 def matmul_floor(engine: Engine, batch: int, routings: list[tuple[int, ...]], repeats: int,
-                 steps: int) -> tuple[float, float]:
+                 steps: int, probe: ReadProbe | None = None) -> tuple[float, float]:
     """Seconds of one decode step's packed matrix products alone (module docstring), timed as
     the engine's decode is: the best of ``repeats`` runs of ``steps`` steps in a row, per step;
     and the best single step of as many (a lower estimate on a noisy machine: the engine's
@@ -325,8 +328,9 @@ def matmul_floor(engine: Engine, batch: int, routings: list[tuple[int, ...]], re
             each[i % len(each)]()
 
     each[0]()
-    per_run = min(_timed(run) for _ in range(repeats)) / steps
-    return per_run, min(_timed(each[i % len(each)])
+    timed_run = timed if probe is None else probe.before(timed)
+    per_run = min(timed_run(run) for _ in range(repeats)) / steps
+    return per_run, min(timed(each[i % len(each)])
                         for i in range(max(FLOOR_REPEATS, repeats)))
 
 
@@ -434,8 +438,10 @@ def panels_off(off: bool) -> Iterator[None]:
 
 def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
                pool: list[list[int]], gbs: dict[int, float], threads: list[int],
-               args: argparse.Namespace) -> list[dict]:
-    """HF ``generate`` on ``hf_model`` and the engine on ``engine_model`` (the same weights)."""
+               args: argparse.Namespace, probe: ReadProbe,
+               reference: Callable[[int], float]) -> list[dict]:
+    """HF ``generate`` on ``hf_model`` and the engine on ``engine_model`` (the same weights),
+    each row timed as ``contention.quietest`` says (its reads sampled by ``probe``)."""
     hf_name, engine_name = names
     precision = str(engine_model.dtype).removeprefix("torch.")
     context = args.prompt_len + args.new_tokens / 2
@@ -454,11 +460,16 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
             kv = kv_step_bytes(engine_model.config, b, context, kv_size)
             hf = None
             if hf_name in args.peers:
-                hf = decode_seconds(lambda ids, new: hf_time(hf_model, ids, new), batch, args)
+                hf, samples, tries = quietest(
+                    functools.partial(decode_seconds,
+                                      probe.before(functools.partial(hf_time, hf_model)),
+                                      batch, args),
+                    probe, functools.partial(reference, count), args.quiet_retries)
                 rows.append(row(hf_name, count, b, precision, weight_step_bytes(hf_model, distinct),
                                 kv, hf, f"{type(hf_model).__name__}.generate(ids, max_new_tokens="
                                 f"{args.new_tokens}, min_new_tokens={args.new_tokens}, "
                                 "do_sample=False)", gbs[count], args))
+                rows[-1].update(read_gb_per_s=samples, tries=tries)
             variants = ((engine_name, "none", True, "auto"),
                         (f"{engine_name}-int8", "int8", True, "auto"),
                         (f"{engine_name}-bf16", "bf16", True, "auto"),
@@ -481,10 +492,9 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
                     engine = warm if name == engine_name else warm_engine(
                         engine_model, tokenizer, batch, args.new_tokens, quantize, fused,
                         kv_dtype, cuda_graphs=not eager)
-                seconds = decode_seconds(lambda ids, new, e=engine: engine_time(e, ids, new),
-                                         batch, args)
-                floor, best_step = matmul_floor(engine, b, routings, args.repeats,
-                                                args.new_tokens - 1)
+                (seconds, (floor, best_step)), samples, tries = quietest(
+                    functools.partial(engine_timings, engine, batch, routings, args, probe),
+                    probe, functools.partial(reference, count), args.quiet_retries)
                 weights = (weight_step_bytes(engine_model, distinct) if quantize == "none"
                            else packed_step_bytes(engine, distinct))
                 label = kv_label(precision if quantize == "none" else quantize, kv_dtype)
@@ -504,16 +514,18 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
                                 matmul_floor_best_step_tokens_per_s=b / best_step,
                                 fraction_of_best_step_floor=(rows[-1]["tokens_per_s"]
                                                              * best_step / b),
-                                distinct_experts_per_decode_step=distinct, speedup_bound=bound)
+                                distinct_experts_per_decode_step=distinct, speedup_bound=bound,
+                                read_gb_per_s=samples, tries=tries)
             print(*rows[before:], sep="\n", flush=True)
     return rows
 
 
 def llama_cpp_rows(spec: str, config, pool: list[list[int]], gbs: dict[int, float],
-                   threads: list[int], args: argparse.Namespace,
-                   missing: list[dict]) -> list[dict]:
+                   threads: list[int], args: argparse.Namespace, missing: list[dict],
+                   probe: ReadProbe, reference: Callable[[int], float]) -> list[dict]:
     """llama.cpp on the dense weights: the F32 GGUF written from them and the GGUF they came
-    from; a row that cannot run goes to ``missing`` with the reason."""
+    from, each row timed as ``contention.quietest`` says; a row that cannot run goes to
+    ``missing`` with the reason."""
     wanted = [p for p in ("llama.cpp-f32", "llama.cpp-quantized") if p in args.peers]
     reason = llama_cpp_missing()
     source = source_gguf(spec)
@@ -536,10 +548,13 @@ def llama_cpp_rows(spec: str, config, pool: list[list[int]], gbs: dict[int, floa
             llm.seconds(pool[:1], 4)  # warm-up, both paths
             llm.seconds(pool[:2], 4)
             for b in args.batches:
-                seconds = decode_seconds(llm.seconds, pool[:b], args)
+                seconds, samples, tries = quietest(
+                    functools.partial(decode_seconds, probe.before(llm.seconds), pool[:b], args),
+                    probe, functools.partial(reference, count), args.quiet_retries)
                 rows.append(row(peer, count, b, precision, weights,
                                 kv_step_bytes(config, b, context, LLAMA_CPP_KV_BYTES), seconds,
                                 llm.command(b), gbs[count], args))
+                rows[-1].update(read_gb_per_s=samples, tries=tries)
                 print(rows[-1], flush=True)
             del llm
             gc.collect()
@@ -554,6 +569,13 @@ def read_bandwidth_text(result: dict) -> str:
         parts.append(f"{read['best']:.1f} GB/s on {count} thread{'s' if int(count) > 1 else ''} "
                      f"(torch's sum {read['sum']:.1f})")
     return ", ".join(parts)
+
+
+def contention_text(r: dict) -> str:
+    """'97%', or '71% contended' when the row's slowest read fell below the quiet share."""
+    if "read_of_best" not in r:
+        return ""
+    return f"{r['read_of_best']:.0%}" + (" contended" if r["contended"] else "")
 
 
 def markdown(result: dict, described: str, dense: str, placement: Placement) -> str:
@@ -572,7 +594,8 @@ def markdown(result: dict, described: str, dense: str, placement: Placement) -> 
              "", f"Command: `{result['command']}`  ", f"Machine: {result['machine']}", "",
              "| threads | batch | peer | weights | precision | MB read / token | tok/s | "
              "x HF, same weights | roofline tok/s | of roofline | matmul floor tok/s | of floor "
-             "| of best-step floor | experts / step |", "|---:|---:|---|---|---|" + "---:|" * 9]
+             "| of best-step floor | experts / step | slowest read, of best |",
+             "|---:|---:|---|---|---|" + "---:|" * 10]
     hf = {(r["weights"], r["threads"], r["batch"]): r["tokens_per_s"]
           for r in rows if r["peer"] in ("hf", "hf-dense")}
     order = {peer: i for i, peer in enumerate(PEERS)}
@@ -589,8 +612,9 @@ def markdown(result: dict, described: str, dense: str, placement: Placement) -> 
             f"| {r['threads']} | {r['batch']} | {r['peer']} | {r['weights']} | {r['precision']} "
             f"| {r['bytes_per_token'] / 1e6:.1f} | {r['tokens_per_s']:.1f} | {vs_hf} | "
             f"{r['roofline_tokens_per_s']:.1f} | {r['fraction_of_roofline']:.0%} | {floor} | "
-            f"{of_floor} | {of_best} | {experts} |")
+            f"{of_floor} | {of_best} | {experts} | {contention_text(r)} |")
     rate = {(r["peer"], r["threads"], r["batch"]): r["tokens_per_s"] for r in rows}
+    contended = {(r["peer"], r["threads"], r["batch"]) for r in rows if r.get("contended")}
     for peer, versus, label in (
             ("engine", "engine-torch-ops", "Engine with its fused CPU ops over the same engine "
              "with torch ops (ReadME model)"),
@@ -613,11 +637,13 @@ def markdown(result: dict, described: str, dense: str, placement: Placement) -> 
             ("engine-bf16", "engine", "Engine with bf16 weights (--quantize bf16) over the same "
              "engine in float32 (ReadME model)"),
             ("engine-dense-bf16", "engine-dense", "The same on the dense model")):
-        pairs = [(t, b, rate[(peer, t, b)] / rate[(versus, t, b)])
+        pairs = [(t, b, rate[(peer, t, b)] / rate[(versus, t, b)],
+                  {(peer, t, b), (versus, t, b)} & contended)
                  for (name, t, b) in rate if name == peer and (versus, t, b) in rate]
         if pairs:
-            lines += ["", f"{label}: " + ", ".join(f"{t} thread(s) batch {b}: {x:.2f}x"
-                                                   for t, b, x in pairs) + "."]
+            lines += ["", f"{label}: " + ", ".join(
+                f"{t} thread(s) batch {b}: {x:.2f}x" + (" (contended)" if busy else "")
+                for t, b, x, busy in pairs) + "."]
     if result.get("served_quality"):
         tokens = result["served_quality"][0]["tokens_per_domain"]
         lines += ["", f"Held-out perplexity of the weights as the engine serves them (through "
@@ -638,7 +664,13 @@ def markdown(result: dict, described: str, dense: str, placement: Placement) -> 
               "'of best-step floor' divides by the best single step instead); no engine built on "
               "these kernels beats it on this machine (at batch 1 they stream the weights from "
               "memory, at batch 32 they are compute-bound). Outside it: attention (the KV "
-              "cache's bytes), norms, activations, the router's step, sampling. Each row's "
+              "cache's bytes), norms, activations, the router's step, sampling. Slowest read, "
+              "of best: before each timed run of a row a 64 MiB read "
+              "(`benchmarks/contention.py`); the slowest of the row's reads over the best read "
+              f"at its thread count in the whole run; below {result['quiet']:.0%} the row is "
+              "contended (a neighbour took the machine's memory bandwidth; it was timed again "
+              "up to `--quiet-retries` times and the quietest try kept: `tries` in the JSON), "
+              "and a ratio with a contended row says '(contended)'. Each row's "
               "`command` in the JSON says how it was produced."]
     return "\n".join(lines)
 
@@ -653,6 +685,14 @@ def main() -> int:
     pool = prompts(tokenizer, max(args.batches), args.prompt_len, args.corpus)
     bandwidth = read_bandwidth(placement.device, threads)
     gbs = {count: read["best"] for count, read in bandwidth.items()}
+    probe = ReadProbe(placement.device)
+
+    def reference(count: int) -> float:
+        """The best read at ``count`` threads: the probe's own, or the same reads timed at
+        the start (a run contended from its start still measures against them)."""
+        start = bandwidth[count].get(f"{PROBE_STREAMS} streams", bandwidth[count]["sum"])
+        return max(start, probe.best.get(count, 0.0))
+
     where = {"dtype": placement.dtype, "device": placement.device}
     rows: list[dict] = []
     missing: list[dict] = []
@@ -673,7 +713,8 @@ def main() -> int:
                 print(quality[-1], flush=True)
 
     if set(README_PEERS) & set(args.peers):
-        rows += torch_rows(model, model, tokenizer, ("hf", "engine"), pool, gbs, threads, args)
+        rows += torch_rows(model, model, tokenizer, ("hf", "engine"), pool, gbs, threads, args,
+                           probe, reference)
         score(model, "readme", "engine")
     del model
     gc.collect()
@@ -681,11 +722,15 @@ def main() -> int:
         served = load_model(str(dense_experts(dense)), **where)
         hf_model = load_model(dense, **where) if "hf-dense" in args.peers else served
         rows += torch_rows(hf_model, served, tokenizer, ("hf-dense", "engine-dense"), pool, gbs,
-                           threads, args)
+                           threads, args, probe, reference)
         score(served, "dense", "engine-dense")
         del served, hf_model
         gc.collect()
-    rows += llama_cpp_rows(dense, load_config(dense), pool, gbs, threads, args, missing)
+    rows += llama_cpp_rows(dense, load_config(dense), pool, gbs, threads, args, missing, probe,
+                           reference)
+    for r in rows:  # against the best read of the whole run
+        r["read_of_best"] = min(r["read_gb_per_s"]) / reference(r["threads"])
+        r["contended"] = r["read_of_best"] < QUIET
     if not bf16_runs(placement.device, placement.dtype):
         missing += [{"peer": peer, "reason": "--quantize bf16 is for a float32 model on a CPU "
                      "with AVX512-BF16 and the fused ops"}
@@ -698,6 +743,7 @@ def main() -> int:
                                   if placement.device.type == "cuda" else None)},
               **placement.to_dict(), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "threads": threads, "bandwidth_gb_per_s": gbs, "read_bandwidth": bandwidth,
+              "probe_read_gb_per_s": probe.best, "quiet": QUIET,
               "fused_cpu_ops": cpu_ops.ops_for(placement.device, placement.dtype) is not None,
               "panels": cpu_ops.panels_apply(cpu_ops.ops_for(placement.device, placement.dtype)),
               "rows": rows,
