@@ -1,22 +1,27 @@
-"""How much of the machine's memory a timing had: the read rate sampled before each timed run.
+"""How much of the machine a timing had: the CPU time the hypervisor stole during each timed run,
+and the memory read rate sampled just before it.
 
-Why: the machine these benchmarks run on is shared, and what a neighbour takes is its memory
-bandwidth, not its cores. Measured on the 2-core AMD EPYC, 2026-12-06 09:20: an FMA loop at
-full speed (99-101 GFLOP/s, as quiet), a 32-row panel product streaming its weights at 53
-GFLOP/s against 89 quiet; the engine's batch-32 decode at 60% of its quiet rate. A row timed
-then is not comparable with one timed quiet, and a ratio of two peers timed minutes apart is
-only as good as their quietest. So every timed run of a row is preceded by a short read of
-64 MiB (more than the last-level cache), each row keeps those read rates, and a row whose
-slowest read fell below ``QUIET`` of the best read seen at its thread count is marked
-contended; ``quietest`` times such a row again, the same way for every peer, and keeps the
-quietest try (the highest slowest read, never the fastest timing).
+Why: the machine these benchmarks run on is shared, and a neighbour takes both. Measured on
+the 2-core AMD EPYC, 2026-12-06: at 09:20 an FMA loop ran at full speed (99-101 GFLOP/s, as
+quiet) while a 32-row panel product ran at 53 GFLOP/s against 89 quiet, and the engine's
+batch-32 decode at 60% of its quiet rate; over the day about 2.5% of the CPU time was stolen,
+in bursts. A row timed then is not comparable with one timed quiet, and a ratio of two peers
+timed minutes apart is only as good as the quieter of them. So each row keeps the share of
+its timed runs' CPU time stolen (``/proc/stat``: exact, over the whole run) and a 256 MiB read
+timed before each run (a sample: a burst between two samples goes unseen); a row is contended
+when more than ``MAX_STOLEN`` was stolen or its slowest read fell below ``QUIET`` of the best
+seen at its thread count, and ``quietest`` times such a row again, the same way for every
+peer, keeping the quietest try (never the fastest timing).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -24,63 +29,103 @@ import torch
 from readmoe.serve import cpu_ops
 
 QUIET = 0.85  # a row whose slowest read is below this share of the best read is contended
-PROBE_MIB = 64
+MAX_STOLEN = 0.02  # ... or whose timed runs lost more than this share of their CPU time
+PROBE_MIB = 256  # 8x this machine's last-level cache
 PROBE_STREAMS = 4  # neighbouring streams a thread (read_streams), as the panel products read
+PROC_STAT = Path("/proc/stat")
 
 T = TypeVar("T")
 
 
+@dataclass
+class Quietness:
+    """What one row's timed runs had of the machine."""
+
+    reads: list[float] = field(default_factory=list)  # GB/s, one before each timed run
+    stolen: float = 0.0  # CPU seconds stolen from the process's threads during the runs
+    busy: float = 0.0  # CPU seconds the runs' threads had (wall time x threads)
+    tries: int = 1
+
+    @property
+    def stolen_share(self) -> float:
+        return self.stolen / self.busy if self.busy > 0 else 0.0
+
+    def share_of(self, best_read: float) -> float:
+        """The slowest read over ``best_read``, less the share of CPU time stolen."""
+        slowest = min(self.reads) / best_read if self.reads and best_read > 0 else 1.0
+        return slowest * (1.0 - self.stolen_share)
+
+    def contended(self, best_read: float) -> bool:
+        slowest = min(self.reads) / best_read if self.reads and best_read > 0 else 1.0
+        return slowest < QUIET or self.stolen_share > MAX_STOLEN
+
+
+def stolen_seconds() -> float:
+    """CPU seconds the hypervisor has stolen from this machine's CPUs since boot (0 where the
+    kernel does not say)."""
+    try:
+        fields = PROC_STAT.read_text().split("\n", 1)[0].split()
+    except OSError:
+        return 0.0
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+
 class ReadProbe:
-    """Read rates (GB/s) sampled at the process's current thread count."""
+    """Read rates and stolen time of the timed runs it wraps, at the current thread count."""
 
     def __init__(self, device: torch.device) -> None:
         self.x = torch.ones(PROBE_MIB * 1024 * 1024 // 4, device=device)
         ops = cpu_ops.load() if device.type == "cpu" else None
         self.read = (functools.partial(ops.read_streams, self.x, PROBE_STREAMS)
                      if ops is not None else self.x.sum)
-        self.samples: list[float] = []
+        self.now = Quietness()
         self.best: dict[int, float] = {}  # thread count -> best read seen
 
     def sample(self) -> float:
-        """The faster of two reads now, kept as a sample of the current row."""
+        """The faster of two reads now, kept with the current row."""
         seconds = min(timed(self.read) for _ in range(2))
         gbs = self.x.numel() * self.x.element_size() / seconds / 1e9
-        self.samples.append(gbs)
+        self.now.reads.append(gbs)
         threads = torch.get_num_threads()
         self.best[threads] = max(gbs, self.best.get(threads, 0.0))
         return gbs
 
     def before(self, run: Callable[..., T]) -> Callable[..., T]:
-        """``run`` with a sample taken before each call."""
+        """``run`` with a read sampled before each call and the CPU time stolen during it."""
 
         def probed(*args, **kwargs) -> T:
             self.sample()
-            return run(*args, **kwargs)
+            stolen, start = stolen_seconds(), time.perf_counter()
+            try:
+                return run(*args, **kwargs)
+            finally:
+                self.now.busy += (time.perf_counter() - start) * torch.get_num_threads()
+                self.now.stolen += stolen_seconds() - stolen
 
         return probed
 
-    def take(self) -> list[float]:
-        """The samples since the last take."""
-        out, self.samples = self.samples, []
+    def take(self) -> Quietness:
+        """What the runs since the last take had."""
+        out, self.now = self.now, Quietness()
         return out
 
 
-def quietest(measure: Callable[[], T], probe: ReadProbe, reference: Callable[[], float],
-             retries: int) -> tuple[T, list[float], int]:
-    """(result, its read samples, tries) of ``measure`` (whose timed runs sample ``probe``),
-    timed again up to ``retries`` times while its slowest read is below ``QUIET`` of
-    ``reference()`` (the best read known at this thread count); the try kept is the one
-    with the highest slowest read."""
-    tries: list[tuple[T, list[float]]] = []
+def quietest(measure: Callable[[], T], probe: ReadProbe, best_read: Callable[[], float],
+             retries: int) -> tuple[T, Quietness]:
+    """(result, quietness) of ``measure`` (whose timed runs go through ``probe.before``),
+    timed again up to ``retries`` times while contended against ``best_read()`` (the best
+    read known at this thread count); the try kept is the quietest (``Quietness.share_of``)."""
+    tries: list[tuple[T, Quietness]] = []
     for _ in range(retries + 1):
         probe.take()
         result = measure()
-        samples = probe.take() or [probe.sample()]
-        tries.append((result, samples))
-        if min(samples) >= QUIET * reference():
+        quiet = probe.take()
+        tries.append((result, quiet))
+        if not quiet.contended(best_read()):
             break
-    result, samples = max(tries, key=lambda t: min(t[1]))
-    return result, samples, len(tries)
+    result, quiet = max(tries, key=lambda t: t[1].share_of(best_read()))
+    quiet.tries = len(tries)
+    return result, quiet
 
 
 def timed(fn: Callable[[], object]) -> float:

@@ -36,10 +36,11 @@ batch mixes domains and experts), greedily for exactly ``--new-tokens`` tokens (
 after a warm-up: the engine is built once per batch size and variant and run once untimed
 on the same batch (as a server's engine is warm; HF's model and llama.cpp's context are
 reused warm the same way). Decode tokens/s = batch * (new - 1) / (time(new) - time(1)), best
-of ``--repeats`` each, so prefill is excluded on every side. Contention: a 64 MiB read is timed
-before each timed run (``contention.py``); a row whose slowest read falls below 85% of the best
-seen at its thread count (a neighbour taking the machine's memory bandwidth) is timed again, up
-to ``--quiet-retries`` times, the quietest try kept; the table says how quiet each row was.
+of ``--repeats`` each, so prefill is excluded on every side. Contention (``contention.py``): a
+256 MiB read is timed before each timed run and the CPU time stolen during it is counted; a row
+whose slowest read falls below 85% of the best seen at its thread count, or that lost over 2%
+of its CPU time, is timed again up to ``--quiet-retries`` times, the quietest try kept; the
+table says how quiet each row was.
 
 Limits. Bytes per token: the weights one decode step reads (every matrix once, the LM head too
 when it is tied to the embedding, only the routed experts the engine's decode steps really
@@ -111,7 +112,15 @@ from readmoe.serve.types import Budget
 from readmoe.train.rounds import final_model_dir
 
 sys.path.insert(0, str(Path(__file__).parent))
-from contention import PROBE_STREAMS, QUIET, ReadProbe, quietest, timed  # noqa: E402
+from contention import (  # noqa: E402
+    MAX_STOLEN,
+    PROBE_STREAMS,
+    QUIET,
+    Quietness,
+    ReadProbe,
+    quietest,
+    timed,
+)
 
 TRAINED_RUN = Path("runs/bench/train-readme")
 REFACTORED = Path("runs/bench/moe-readme")
@@ -143,10 +152,10 @@ def parse_args() -> argparse.Namespace:
                         help="thread counts to measure, the same for every peer (default: "
                         "torch's own choice); on a shared machine 1 avoids OpenMP stalls")
     parser.add_argument("--repeats", type=int, default=2, help="best of this many timings")
-    parser.add_argument("--quiet-retries", type=int, default=2,
-                        help="times a row is timed again while a neighbour slows the machine's "
-                        "memory reads below 85%% of the best seen (contention.py); the "
-                        "quietest try is kept")
+    parser.add_argument("--quiet-retries", type=int, default=1,
+                        help="times a row is timed again while contended: a neighbour slowed "
+                        "the machine's memory reads below 85%% of the best seen or stole "
+                        "over 2%% of its CPU time (contention.py); the quietest try is kept")
     parser.add_argument("--results", default="results")
     parser.add_argument("--corpus", type=Path, default=CORPUS,
                         help=f"where the prompts come from (default {CORPUS})")
@@ -439,7 +448,7 @@ def panels_off(off: bool) -> Iterator[None]:
 def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
                pool: list[list[int]], gbs: dict[int, float], threads: list[int],
                args: argparse.Namespace, probe: ReadProbe,
-               reference: Callable[[int], float]) -> list[dict]:
+               best_read: Callable[[int], float]) -> list[dict]:
     """HF ``generate`` on ``hf_model`` and the engine on ``engine_model`` (the same weights),
     each row timed as ``contention.quietest`` says (its reads sampled by ``probe``)."""
     hf_name, engine_name = names
@@ -460,16 +469,16 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
             kv = kv_step_bytes(engine_model.config, b, context, kv_size)
             hf = None
             if hf_name in args.peers:
-                hf, samples, tries = quietest(
+                hf, quiet = quietest(
                     functools.partial(decode_seconds,
                                       probe.before(functools.partial(hf_time, hf_model)),
                                       batch, args),
-                    probe, functools.partial(reference, count), args.quiet_retries)
+                    probe, functools.partial(best_read, count), args.quiet_retries)
                 rows.append(row(hf_name, count, b, precision, weight_step_bytes(hf_model, distinct),
                                 kv, hf, f"{type(hf_model).__name__}.generate(ids, max_new_tokens="
                                 f"{args.new_tokens}, min_new_tokens={args.new_tokens}, "
                                 "do_sample=False)", gbs[count], args))
-                rows[-1].update(read_gb_per_s=samples, tries=tries)
+                rows[-1].update(quietness(quiet))
             variants = ((engine_name, "none", True, "auto"),
                         (f"{engine_name}-int8", "int8", True, "auto"),
                         (f"{engine_name}-bf16", "bf16", True, "auto"),
@@ -492,9 +501,9 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
                     engine = warm if name == engine_name else warm_engine(
                         engine_model, tokenizer, batch, args.new_tokens, quantize, fused,
                         kv_dtype, cuda_graphs=not eager)
-                (seconds, (floor, best_step)), samples, tries = quietest(
+                (seconds, (floor, best_step)), quiet = quietest(
                     functools.partial(engine_timings, engine, batch, routings, args, probe),
-                    probe, functools.partial(reference, count), args.quiet_retries)
+                    probe, functools.partial(best_read, count), args.quiet_retries)
                 weights = (weight_step_bytes(engine_model, distinct) if quantize == "none"
                            else packed_step_bytes(engine, distinct))
                 label = kv_label(precision if quantize == "none" else quantize, kv_dtype)
@@ -515,14 +524,14 @@ def torch_rows(hf_model, engine_model, tokenizer, names: tuple[str, str],
                                 fraction_of_best_step_floor=(rows[-1]["tokens_per_s"]
                                                              * best_step / b),
                                 distinct_experts_per_decode_step=distinct, speedup_bound=bound,
-                                read_gb_per_s=samples, tries=tries)
+                                **quietness(quiet))
             print(*rows[before:], sep="\n", flush=True)
     return rows
 
 
 def llama_cpp_rows(spec: str, config, pool: list[list[int]], gbs: dict[int, float],
                    threads: list[int], args: argparse.Namespace, missing: list[dict],
-                   probe: ReadProbe, reference: Callable[[int], float]) -> list[dict]:
+                   probe: ReadProbe, best_read: Callable[[int], float]) -> list[dict]:
     """llama.cpp on the dense weights: the F32 GGUF written from them and the GGUF they came
     from, each row timed as ``contention.quietest`` says; a row that cannot run goes to
     ``missing`` with the reason."""
@@ -548,13 +557,13 @@ def llama_cpp_rows(spec: str, config, pool: list[list[int]], gbs: dict[int, floa
             llm.seconds(pool[:1], 4)  # warm-up, both paths
             llm.seconds(pool[:2], 4)
             for b in args.batches:
-                seconds, samples, tries = quietest(
+                seconds, quiet = quietest(
                     functools.partial(decode_seconds, probe.before(llm.seconds), pool[:b], args),
-                    probe, functools.partial(reference, count), args.quiet_retries)
+                    probe, functools.partial(best_read, count), args.quiet_retries)
                 rows.append(row(peer, count, b, precision, weights,
                                 kv_step_bytes(config, b, context, LLAMA_CPP_KV_BYTES), seconds,
                                 llm.command(b), gbs[count], args))
-                rows[-1].update(read_gb_per_s=samples, tries=tries)
+                rows[-1].update(quietness(quiet))
                 print(rows[-1], flush=True)
             del llm
             gc.collect()
@@ -571,11 +580,19 @@ def read_bandwidth_text(result: dict) -> str:
     return ", ".join(parts)
 
 
+def quietness(quiet: Quietness) -> dict:
+    """A row's fields for what its timed runs had of the machine."""
+    return {"read_gb_per_s": quiet.reads, "stolen_share": quiet.stolen_share,
+            "tries": quiet.tries}
+
+
 def contention_text(r: dict) -> str:
-    """'97%', or '71% contended' when the row's slowest read fell below the quiet share."""
+    """'97%, 0.1%' (slowest read of the best, CPU time stolen), 'contended' added when either
+    is past its limit."""
     if "read_of_best" not in r:
         return ""
-    return f"{r['read_of_best']:.0%}" + (" contended" if r["contended"] else "")
+    return (f"{r['read_of_best']:.0%}, {r['stolen_share']:.1%}"
+            + (" contended" if r["contended"] else ""))
 
 
 def markdown(result: dict, described: str, dense: str, placement: Placement) -> str:
@@ -594,7 +611,7 @@ def markdown(result: dict, described: str, dense: str, placement: Placement) -> 
              "", f"Command: `{result['command']}`  ", f"Machine: {result['machine']}", "",
              "| threads | batch | peer | weights | precision | MB read / token | tok/s | "
              "x HF, same weights | roofline tok/s | of roofline | matmul floor tok/s | of floor "
-             "| of best-step floor | experts / step | slowest read, of best |",
+             "| of best-step floor | experts / step | slowest read of best, CPU stolen |",
              "|---:|---:|---|---|---|" + "---:|" * 10]
     hf = {(r["weights"], r["threads"], r["batch"]): r["tokens_per_s"]
           for r in rows if r["peer"] in ("hf", "hf-dense")}
@@ -664,13 +681,15 @@ def markdown(result: dict, described: str, dense: str, placement: Placement) -> 
               "'of best-step floor' divides by the best single step instead); no engine built on "
               "these kernels beats it on this machine (at batch 1 they stream the weights from "
               "memory, at batch 32 they are compute-bound). Outside it: attention (the KV "
-              "cache's bytes), norms, activations, the router's step, sampling. Slowest read, "
-              "of best: before each timed run of a row a 64 MiB read "
-              "(`benchmarks/contention.py`); the slowest of the row's reads over the best read "
-              f"at its thread count in the whole run; below {result['quiet']:.0%} the row is "
-              "contended (a neighbour took the machine's memory bandwidth; it was timed again "
-              "up to `--quiet-retries` times and the quietest try kept: `tries` in the JSON), "
-              "and a ratio with a contended row says '(contended)'. Each row's "
+              "cache's bytes), norms, activations, the router's step, sampling. Slowest read "
+              "of best, CPU stolen (`benchmarks/contention.py`): a 256 MiB read timed before "
+              "each timed run of a row, the slowest over the best read at its thread count in "
+              "the whole run; and the share of the runs' CPU time the hypervisor stole "
+              f"(`/proc/stat`). A row below {result['quiet']:.0%} or past "
+              f"{result['max_stolen']:.0%} stolen is contended (a neighbour took the machine's "
+              "memory bandwidth or its cores; it was timed again up to `--quiet-retries` times "
+              "and the quietest try kept: `tries` in the JSON), and a ratio with a contended "
+              "row says '(contended)'. A burst between two reads goes unseen. Each row's "
               "`command` in the JSON says how it was produced."]
     return "\n".join(lines)
 
@@ -687,7 +706,7 @@ def main() -> int:
     gbs = {count: read["best"] for count, read in bandwidth.items()}
     probe = ReadProbe(placement.device)
 
-    def reference(count: int) -> float:
+    def best_read(count: int) -> float:
         """The best read at ``count`` threads: the probe's own, or the same reads timed at
         the start (a run contended from its start still measures against them)."""
         start = bandwidth[count].get(f"{PROBE_STREAMS} streams", bandwidth[count]["sum"])
@@ -714,7 +733,7 @@ def main() -> int:
 
     if set(README_PEERS) & set(args.peers):
         rows += torch_rows(model, model, tokenizer, ("hf", "engine"), pool, gbs, threads, args,
-                           probe, reference)
+                           probe, best_read)
         score(model, "readme", "engine")
     del model
     gc.collect()
@@ -722,15 +741,16 @@ def main() -> int:
         served = load_model(str(dense_experts(dense)), **where)
         hf_model = load_model(dense, **where) if "hf-dense" in args.peers else served
         rows += torch_rows(hf_model, served, tokenizer, ("hf-dense", "engine-dense"), pool, gbs,
-                           threads, args, probe, reference)
+                           threads, args, probe, best_read)
         score(served, "dense", "engine-dense")
         del served, hf_model
         gc.collect()
     rows += llama_cpp_rows(dense, load_config(dense), pool, gbs, threads, args, missing, probe,
-                           reference)
+                           best_read)
     for r in rows:  # against the best read of the whole run
-        r["read_of_best"] = min(r["read_gb_per_s"]) / reference(r["threads"])
-        r["contended"] = r["read_of_best"] < QUIET
+        quiet = Quietness(reads=r["read_gb_per_s"], stolen=r["stolen_share"], busy=1.0)
+        r["read_of_best"] = min(r["read_gb_per_s"]) / best_read(r["threads"])
+        r["contended"] = quiet.contended(best_read(r["threads"]))
     if not bf16_runs(placement.device, placement.dtype):
         missing += [{"peer": peer, "reason": "--quantize bf16 is for a float32 model on a CPU "
                      "with AVX512-BF16 and the fused ops"}
@@ -743,7 +763,7 @@ def main() -> int:
                                   if placement.device.type == "cuda" else None)},
               **placement.to_dict(), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "threads": threads, "bandwidth_gb_per_s": gbs, "read_bandwidth": bandwidth,
-              "probe_read_gb_per_s": probe.best, "quiet": QUIET,
+              "probe_read_gb_per_s": probe.best, "quiet": QUIET, "max_stolen": MAX_STOLEN,
               "fused_cpu_ops": cpu_ops.ops_for(placement.device, placement.dtype) is not None,
               "panels": cpu_ops.panels_apply(cpu_ops.ops_for(placement.device, placement.dtype)),
               "rows": rows,
