@@ -2,8 +2,8 @@
 and the memory read rate sampled just before it.
 
 Why: the machine these benchmarks run on is shared, and a neighbour takes both. Measured on
-the 2-core AMD EPYC, 2026-12-06: at 09:20 an FMA loop ran at full speed (99-101 GFLOP/s, as
-quiet) while a 32-row panel product ran at 53 GFLOP/s against 89 quiet, and the engine's
+the 2-core AMD EPYC, 2026-12-06, 09:05-09:40: an FMA loop at full speed (95-101 GFLOP/s, as
+quiet) while a 32-row panel product ran at 47-53 GFLOP/s against 89 quiet, and the engine's
 batch-32 decode at 60% of its quiet rate; over the day about 2.5% of the CPU time was stolen,
 in bursts. A row timed then is not comparable with one timed quiet, and a ratio of two peers
 timed minutes apart is only as good as the quieter of them. So each row keeps the share of
