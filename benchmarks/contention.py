@@ -50,14 +50,22 @@ class Quietness:
     def stolen_share(self) -> float:
         return self.stolen / self.busy if self.busy > 0 else 0.0
 
+    def read_share(self, best_read: float) -> float:
+        """The slowest read over ``best_read`` (1 with no read to go by)."""
+        return min(self.reads) / best_read if self.reads and best_read > 0 else 1.0
+
     def share_of(self, best_read: float) -> float:
         """The slowest read over ``best_read``, less the share of CPU time stolen."""
-        slowest = min(self.reads) / best_read if self.reads and best_read > 0 else 1.0
-        return slowest * (1.0 - self.stolen_share)
+        return self.read_share(best_read) * (1.0 - self.stolen_share)
 
     def contended(self, best_read: float) -> bool:
-        slowest = min(self.reads) / best_read if self.reads and best_read > 0 else 1.0
-        return slowest < QUIET or self.stolen_share > MAX_STOLEN
+        return contended(self.read_share(best_read), self.stolen_share)
+
+
+def contended(read_share: float, stolen_share: float) -> bool:
+    """Whether a row whose slowest read was ``read_share`` of the best, and which lost
+    ``stolen_share`` of its CPU time, was timed on a contended machine."""
+    return read_share < QUIET or stolen_share > MAX_STOLEN
 
 
 def stolen_seconds() -> float:

@@ -118,6 +118,7 @@ from contention import (  # noqa: E402
     QUIET,
     Quietness,
     ReadProbe,
+    contended,
     quietest,
     timed,
 )
@@ -631,9 +632,8 @@ def main() -> int:
     rows += llama_cpp_rows(dense, load_config(dense), pool, gbs, threads, args, missing, probe,
                            best_read)
     for r in rows:  # against the best read of the whole run
-        quiet = Quietness(reads=r["read_gb_per_s"], stolen=r["stolen_share"], busy=1.0)
         r["read_of_best"] = min(r["read_gb_per_s"]) / best_read(r["threads"])
-        r["contended"] = quiet.contended(best_read(r["threads"]))
+        r["contended"] = contended(r["read_of_best"], r["stolen_share"])
     if not bf16_runs(placement.device, placement.dtype):
         missing += [{"peer": peer, "reason": "--quantize bf16 is for a float32 model on a CPU "
                      "with AVX512-BF16 and the fused ops"}
