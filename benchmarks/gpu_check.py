@@ -43,12 +43,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the tiny-model helpers live beside the tests
 
-from readmoe.io import command_line, write_results  # noqa: E402
+from readmoe.io import atomic_write_json, command_line, write_results  # noqa: E402
 from readmoe.models.device import resolve_placement  # noqa: E402
 from readmoe.serve.launch import EngineOptions, open_engine  # noqa: E402
 from readmoe.serve.sampling import SamplingParams  # noqa: E402
 
 PROMPTS = [[5, 9, 14, 3, 70], [40, 41, 42, 43, 44, 45, 46], list(range(20, 60))]
+VERDICT = {True: "pass", False: "FAIL", None: "missing"}  # missing: nothing there to check
 FOUND = [("runs/bench/train-readme", "runs/bench/corpus"),
          ("runs/demo/train-readme", "runs/demo/corpus")]
 
@@ -150,29 +151,42 @@ def check_train(work: Path, device: str) -> dict:
             "losses": losses}
 
 
-def speed_twin(work: Path) -> tuple[Path, Path, str]:
-    """A random-weight ReadME model of the refactored SmolLM2-135M's shape, and a corpus."""
+TWIN_SHAPE = {"vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30,
+              "num_attention_heads": 9, "num_key_value_heads": 3,
+              "tie_word_embeddings": True, "max_position_embeddings": 8192}
+
+
+def speed_twins(work: Path) -> tuple[Path, Path, Path, str]:
+    """Random-weight twins of SmolLM2-135M (dense) and of its refactored ReadME model, and a
+    corpus: what a device machine without the built-in model measures speed on (speed does not
+    depend on the weights' values; the untrained router spreads tokens over more experts than
+    a trained one)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from readmoe.model import ReadMEConfig, ReadMEForCausalLM
     from readmoe.refactor.slicing import save_readme
     from tests.conftest import char_tokenizer, write_alphabet_corpus
 
-    config = ReadMEConfig(vocab_size=49152, hidden_size=576, dense_intermediate_size=1536,
-                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                          num_experts=6, shared_intermediate_sizes=[318] * 30,
-                          expert_intermediate_sizes=[450] * 30, tie_word_embeddings=True,
-                          max_position_embeddings=8192)
     torch.manual_seed(0)
+    dense = work / "dense-twin"
+    LlamaForCausalLM(LlamaConfig(intermediate_size=1536, **TWIN_SHAPE)).eval().save_pretrained(
+        dense)
+    char_tokenizer().save_pretrained(dense)
+    config = ReadMEConfig(dense_intermediate_size=1536, num_experts=6,
+                          shared_intermediate_sizes=[318] * 30,
+                          expert_intermediate_sizes=[450] * 30, **TWIN_SHAPE)
     model = ReadMEForCausalLM(config).eval()
     model.attach_router("pregating", seed=0)
     folder = save_readme(model, work / "twin", tokenizer=char_tokenizer())
     corpus = write_alphabet_corpus(work / "twin-corpus", docs=40, length=4000)
-    return folder, corpus, ("random-weight twin of the refactored SmolLM2-135M shape (mean "
-                            "shared/expert sizes 318/450, untrained router, char tokenizer)")
+    return folder, dense, corpus, ("random-weight twins of SmolLM2-135M and of its refactored "
+                                   "ReadME shape (mean shared/expert sizes 318/450, untrained "
+                                   "router, char tokenizer)")
 
 
 def check_speed(work: Path, args: argparse.Namespace) -> dict:
-    model, corpus = args.model, args.corpus
-    if model is None:
+    model, corpus, dense = args.model, args.corpus, args.dense
+    if model is None and not args.twins:
         from readmoe.train.rounds import final_model_dir
 
         for run, found_corpus in FOUND:
@@ -181,14 +195,20 @@ def check_speed(work: Path, args: argparse.Namespace) -> dict:
                 break
     label = model
     if model is None:
-        model, corpus, label = speed_twin(work)
+        model, dense, corpus, label = speed_twins(work)
     runs = {}
     for dtype in ("bfloat16", "float32"):
         out = Path(args.results) / "gpu" / dtype
         command = [sys.executable, str(ROOT / "benchmarks" / "engine_speed.py"), "--model",
                    str(model), "--corpus", str(corpus), "--device", args.device, "--dtype",
-                   dtype, "--results", str(out), *args.speed_args]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+                   dtype, "--results", str(out), *(["--dense", str(dense)] if dense else []),
+                   *args.speed_args]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True,
+                                  timeout=args.speed_timeout)
+        except subprocess.TimeoutExpired as expired:
+            runs[dtype] = {"exit_status": "timeout", "tail": str(expired.stdout or "")[-1500:]}
+            continue
         runs[dtype] = {"exit_status": done.returncode, "tail": done.stdout[-1500:]
                        + done.stderr[-1500:]}
         if done.returncode == 0:
@@ -197,11 +217,26 @@ def check_speed(work: Path, args: argparse.Namespace) -> dict:
             "runs": runs}
 
 
+def check_vllm() -> dict:
+    """Whether vLLM is there to compare with (benchmarks/vllm_parity.py runs it)."""
+    import importlib.util
+
+    found = importlib.util.find_spec("vllm") is not None
+    return {"ok": True if found else None, "vllm": found, "reason": None if found else (
+        "vllm is not installed on this machine (its wheel, some hundreds of MB, cannot travel "
+        "to a device machine that reaches no package registry)")}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a ReadME folder for engine_speed.py")
     parser.add_argument("--corpus", default=None, help="its corpus (prompts)")
+    parser.add_argument("--dense", default=None, help="the dense model for engine_speed.py")
+    parser.add_argument("--twins", action="store_true",
+                        help="measure speed on random-weight twins even where runs/ has models")
+    parser.add_argument("--speed-timeout", type=float, default=900,
+                        help="seconds each engine_speed.py run may take")
     parser.add_argument("--results", default="results")
     parser.add_argument("--device", default="cuda",
                         help="cuda (the point); cpu runs the same checks as a dry run")
@@ -215,6 +250,7 @@ def main() -> int:
     from tests.server.helpers import save_tiny_model
 
     results = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda,
+               "gpu": torch.cuda.get_device_name(0) if device == "cuda" else "no GPU",
                "checks": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -225,6 +261,7 @@ def main() -> int:
                   "cuda_store": lambda: check_store(folder, device),
                   "server": lambda: check_server(folder, device),
                   "train": lambda: check_train(work / "train-work", device),
+                  "vllm": check_vllm,
                   "engine_speed": lambda: check_speed(work, args)}
         for name, check in checks.items():
             started = time.time()
@@ -234,14 +271,19 @@ def main() -> int:
                 outcome = {"ok": False, "error": traceback.format_exc()[-2000:]}
             outcome["seconds"] = round(time.time() - started, 1)
             results["checks"][name] = outcome
-            print(name, "pass" if outcome["ok"] else "FAIL", flush=True)
-    lines = [f"# GPU check ({device})", "", f"torch {results['torch']}, CUDA {results['cuda']}; "
-             f"command "
-             f"`{command_line()}`", "", "| check | result | seconds |",
-             "|---|---|---:|"]
-    lines += [f"| {name} | {'pass' if c['ok'] else 'FAIL'} | {c['seconds']} |"
-              for name, c in results["checks"].items()]
-    speed = results["checks"]["engine_speed"]
+            print(name, VERDICT[outcome["ok"]], flush=True)
+            atomic_write_json(Path(args.results) / "gpu_check.json", results)  # so far
+    write_results(args.results, "gpu_check", results, report(results))
+    return 0 if all(c["ok"] is not False for c in results["checks"].values()) else 1
+
+
+def report(results: dict) -> str:
+    lines = [f"# GPU check ({results['device']})", "",
+             f"{results['gpu']}; torch {results['torch']}, CUDA {results['cuda']}; command "
+             f"`{command_line()}`", "", "| check | result | seconds | note |", "|---|---|---:|---|"]
+    lines += [f"| {name} | {VERDICT[c['ok']]} | {c['seconds']} | "
+              f"{c.get('reason') or ''} |" for name, c in results["checks"].items()]
+    speed = results["checks"].get("engine_speed", {})
     for dtype, run in speed.get("runs", {}).items():
         rate = {(r["peer"], r["batch"]): r["tokens_per_s"] for r in run.get("rows", [])}
         peers = [p for p in ("hf", "engine", "engine-eager", "hf-dense", "engine-dense",
@@ -255,8 +297,7 @@ def main() -> int:
             lines.append(f"| {b} | " + " | ".join(
                 f"{rate[(p, b)]:.1f}" if (p, b) in rate else "" for p in peers)
                 + f" | {ratio} |")
-    write_results(args.results, "gpu_check", results, "\n".join(lines))
-    return 0 if all(c["ok"] for c in results["checks"].values()) else 1
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
