@@ -290,6 +290,25 @@ def test_only_decode_steps_multiply_through_the_prepacked_copies(model, prompts)
     assert onednn_calls(decode, [ids[-1] for ids in experts]) > 0
 
 
+def test_attention_laid_out_as_cuda_returns_it_serves_the_same_tokens(model, prompts,
+                                                                      hf_outputs, monkeypatch):
+    """CUDA's attention kernels may return [B, H, L, D] stored as [B, L, H, D] (fp32 on an
+    H100 did): the runner flattens it as it is laid out, not by a view that only a
+    contiguous tensor allows."""
+    from readmoe.serve import runner
+
+    plain = runner._sdpa
+
+    def strided(*args, **kwargs):
+        out = plain(*args, **kwargs)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)  # same values, CUDA's layout
+
+    monkeypatch.setattr(runner, "_sdpa", strided)
+    eng = engine(model, fused_ops=False)
+    outs = eng.generate(prompts, SamplingParams(max_tokens=10))
+    assert [o.token_ids for o in outs] == hf_outputs
+
+
 @pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
 def test_greedy_equals_hf_generate_under_every_scheduler(model, prompts, hf_outputs, scheduler):
     eng = engine(model, scheduler)  # 14 blocks of 4: not every request fits at once
