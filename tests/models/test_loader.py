@@ -20,6 +20,15 @@ def test_loads_hf_folder_and_matches_saved_logits(tiny_llama_dir):
     assert model.dtype == torch.float32
 
 
+def test_loaded_models_never_fetch_hub_kernels(tiny_llama_dir):
+    """transformers kernelizes a model by default and, once it trains on a GPU, downloads
+    the kernels from the Hub: an offline H100 failed `readmoe train --device cuda` there."""
+    model = load_model(str(tiny_llama_dir))
+    assert not model.use_kernels
+    model.train()  # the mode switch that kernelizes
+    assert not model.use_kernels
+
+
 def test_model_info_reads_headers(tiny_llama_dir):
     info = model_info(str(tiny_llama_dir))
     assert info["architecture"] == "LlamaForCausalLM"

@@ -49,7 +49,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     print(f"readmoe: converting {gguf_path.name} to safetensors once (cached in {out_dir})",
           file=sys.stderr)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                      dtype=torch.float32)
+                                                      dtype=torch.float32, use_kernels=False)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):

@@ -79,8 +79,10 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     config = load_config(spec)
     folder = resolve_model(spec)
     check_weight_files(folder)
+    # use_kernels=False: transformers would otherwise swap layers for kernels it downloads
+    # from the Hub when the model first trains on a GPU (offline machines fail there)
     model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype,
-                                                 use_safetensors=True)
+                                                 use_safetensors=True, use_kernels=False)
     return model.to(device).eval()
 
 
