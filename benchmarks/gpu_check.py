@@ -223,8 +223,9 @@ def check_vllm() -> dict:
 
     found = importlib.util.find_spec("vllm") is not None
     return {"ok": True if found else None, "vllm": found, "reason": None if found else (
-        "vllm is not installed on this machine (its wheel, some hundreds of MB, cannot travel "
-        "to a device machine that reaches no package registry)")}
+        "vllm is not installed here; this workplace's device machines reach no package "
+        "registry, and vLLM 0.34.0's CUDA wheel (239 MB, measured 2026-12-06) is over the 64 "
+        "MiB a call carries and needs torch 2.14.0 (the H100 image has 2.11)")}
 
 
 def main() -> int:
