@@ -28,10 +28,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # prefilled_step lives beside the tests
-os.environ["READMOE_CPU_OPS"] = "0"  # a GPU has no fused CPU ops: count the torch path
 
 from readmoe.io import command_line, write_results  # noqa: E402
 from readmoe.models import load_model  # noqa: E402
+from readmoe.serve import cpu_ops  # noqa: E402
 from readmoe.serve.graphs import GraphedDecode  # noqa: E402
 from readmoe.serve.kv_cache import PagedKVCache  # noqa: E402
 from readmoe.serve.router_step import PagedRouter  # noqa: E402
@@ -116,6 +116,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--results", default="results")
     args = parser.parse_args()
+    os.environ[cpu_ops.DISABLE] = "0"  # a GPU has no fused CPU ops: count the torch path
     for folder in (args.model, args.dense):
         if not Path(folder).is_dir():
             raise SystemExit(f"{folder} is not a folder: run `make demo` (the ReadME model) "
