@@ -4,8 +4,9 @@ Checks (each recorded as pass / fail with its numbers; one failing does not stop
 
 1. ``placement``: with a GPU, the default placement is CUDA bf16.
 2. ``engine``: a tiny ReadME model served on CUDA in fp32 gives the CPU's greedy tokens;
-   in bf16 every request finishes. ``graphs``: its decode steps replayed from CUDA graphs
-   (``serve/graphs.py``) give the eager steps' tokens (``--enforce-eager``), graphs captured.
+   in bf16 every request finishes. ``graphs``: its decode steps and its router's steps
+   replayed from CUDA graphs (``serve/graphs.py``, ``serve/router_graphs.py``) give the eager
+   steps' tokens (``--enforce-eager``), graphs of both captured.
 3. ``cuda_store``: the CUDA expert store (``--capacity``): RAM tier in pinned host memory,
    copies on a side stream with prefetch, and the file tier, each giving the resident
    model's greedy tokens; bf16 from the RAM tier finishes; misses and hidden load time.
@@ -59,8 +60,11 @@ def greedy(folder: Path, options: EngineOptions, device: str, dtype: str = "floa
     with open_engine(str(folder), options, resolve_placement(device, dtype)) as served:
         outs = served.engine.generate(PROMPTS, SamplingParams(max_tokens=8))
         graphs = served.engine.runner.graphs
+        router = served.engine.router
+        router_graphs = None if router is None else router.graphs
         run = {"tokens": [o.token_ids for o in outs], "store": served.experts["store"],
-               "graphs": 0 if graphs is None else graphs.captured}
+               "graphs": 0 if graphs is None else graphs.captured,
+               "router_graphs": 0 if router_graphs is None else router_graphs.captured}
         store = served.engine.store
         if store is not None:
             run["stats"] = store.stats.to_dict()
@@ -88,11 +92,15 @@ def check_engine(folder: Path, device: str) -> dict:
 
 
 def check_graphs(folder: Path, device: str) -> dict:
-    """Decode steps replayed from CUDA graphs give the eager steps' greedy tokens (fp32)."""
+    """Decode steps replayed from CUDA graphs, the router's steps too, give the eager
+    steps' greedy tokens (fp32)."""
     graphs = greedy(folder, EngineOptions(), device)
     eager = greedy(folder, EngineOptions(cuda_graphs=False), device)
+    cuda = device == "cuda"
     return {"ok": graphs["tokens"] == eager["tokens"] and eager["graphs"] == 0
-            and (graphs["graphs"] > 0) == (device == "cuda"), "captured": graphs["graphs"]}
+            and eager["router_graphs"] == 0 and (graphs["graphs"] > 0) == cuda
+            and (graphs["router_graphs"] > 0) == cuda, "captured": graphs["graphs"],
+            "router_captured": graphs["router_graphs"]}
 
 
 def check_store(folder: Path, device: str) -> dict:

@@ -10,6 +10,7 @@ import torch
 
 from readmoe.serve.graphs import GraphedDecode, bucket, graphs_apply, length_buckets, row_buckets
 from readmoe.serve.kv_cache import PagedKVCache
+from readmoe.serve.router_graphs import GraphedRouter
 from readmoe.serve.runner import ModelRunner
 from readmoe.serve.sampling import SamplingParams
 from tests.serve.test_engine import LENGTHS, VOCAB, compensated, engine, prefilled_step, readme
@@ -89,13 +90,16 @@ def test_steps_past_the_largest_bucket_run_eagerly(prompts):
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_an_engine_on_the_static_step_serves_as_hf_generate(prompts, kind):
     model = MODELS[kind]()
-    eng = engine(model)
+    eng = engine(model, fused_ops=False)  # as on a GPU: the router's step in torch ops
     eng.runner.graphs = GraphedDecode(eng.runner, 3, 56, capture=False)
+    if eng.router is not None:  # its router's step on the graphs' fixed shapes too
+        eng.router.graphs = GraphedRouter(eng.router, eng.kv.spare_slot, 3, 56, capture=False)
     outs = eng.generate(prompts, SamplingParams(max_tokens=6))
     for p, out in zip(prompts, outs, strict=True):
         ref = model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False)
         assert out.token_ids == ref[0, len(p):].tolist()
     assert eng.runner.graphs.steps > 0
+    assert eng.router is None or eng.router.graphs.steps > 0
 
 
 @torch.no_grad()
@@ -119,3 +123,16 @@ def test_a_failed_capture_warns_and_leaves_every_step_eager(prompts, monkeypatch
     assert runner.graphs.failure and not runner.graphs.covers(step)
     torch.testing.assert_close(runner.forward(step, routed), eager, rtol=1e-5, atol=1e-5)
     assert runner.graphs.steps == 1 and runner.graphs.captured == 0
+
+
+def test_an_engine_with_graphs_graphs_its_routers_step_too(monkeypatch):
+    """Where the backbone's decode steps are graphed, the pre-gating router's are, over the
+    same buckets, its pools holding the KV cache's spare slot."""
+    from readmoe.serve import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "graphs_apply", lambda runner: True)
+    eng = engine(compensated(True), fused_ops=False)
+    graphs = eng.router.graphs
+    assert isinstance(graphs, GraphedRouter) and graphs.capture
+    assert graphs.spare == eng.kv.spare_slot < eng.router.keys[0].shape[0]
+    assert (graphs.rows, graphs.lengths) == (eng.runner.graphs.rows, eng.runner.graphs.lengths)

@@ -84,3 +84,56 @@ def test_refuses_a_model_without_the_pregating_router_and_mismatched_slots():
     paged = PagedRouter(readme(), 64)
     with pytest.raises(ValueError, match="2 slots for a prompt of 3"):
         paged.route_prompt([1, 2, 3], torch.arange(2))
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.7])
+def test_the_graphed_step_equals_the_eager_step(margin):
+    """The fixed-shape step CUDA graphs replay (``router_graphs``), run directly: 3 rows
+    padded to 4 and contexts padded to a length bucket give the eager step's experts and
+    keys, and padding writes the spare slot alone."""
+    from readmoe.serve.router_graphs import GraphedRouter
+
+    model = readme()
+    model.config.router_hysteresis = margin
+    spare = 16 * BLOCK
+    eager, graphed = PagedRouter(model, spare + 1), PagedRouter(model, spare + 1)
+    graphed.graphs = GraphedRouter(graphed, spare, max_rows=6, max_len=80, capture=False)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (3, 11, 6)]
+    slots = [torch.randperm(spare, generator=gen)[:40] for _ in prompts]  # scattered
+    with torch.inference_mode():
+        previous = [[paged.route_prompt(p, own[:len(p)])[-1] for p, own in
+                     zip(prompts, slots, strict=True)] for paged in (eager, graphed)][0]
+        lengths = [len(p) for p in prompts]
+        for _ in range(4):
+            tokens = torch.randint(3, VOCAB, (len(prompts),), generator=gen).tolist()
+            lengths = [n + 1 for n in lengths]
+            contexts = [s[:n] for s, n in zip(slots, lengths, strict=True)]
+            want = eager.step(tokens, contexts, previous)
+            assert graphed.step(tokens, contexts, previous) == want
+            previous = want
+    assert graphed.graphs.steps == 4
+    owned = torch.cat(slots)
+    for before, after in zip(eager.keys + eager.values, graphed.keys + graphed.values,
+                             strict=True):
+        torch.testing.assert_close(after[owned], before[owned], atol=1e-6, rtol=0)
+        unowned = torch.ones(spare, dtype=torch.bool)
+        unowned[owned] = False
+        assert not after[:spare][unowned].any()  # nothing written outside the requests
+        assert after[spare].any()  # padding wrote the spare slot
+
+
+def test_steps_past_the_graphs_buckets_run_eagerly():
+    from readmoe.serve.router_graphs import GraphedRouter
+
+    model = readme()
+    paged = PagedRouter(model, 8 * BLOCK + 1)
+    paged.graphs = GraphedRouter(paged, 8 * BLOCK, max_rows=2, max_len=64, capture=False)
+    own = [torch.arange(BLOCK), torch.arange(BLOCK, 2 * BLOCK), torch.arange(2 * BLOCK, 24)]
+    with torch.inference_mode():
+        paged.step([4, 5, 6], [s[:2] for s in own], [-1, -1, -1])  # 3 rows > 2
+        assert paged.graphs.steps == 0
+        paged.step([4, 5], [s[:3] for s in own[:2]], [-1, -1])
+        assert paged.graphs.steps == 1
+    with pytest.raises(ValueError, match="spare slot"):
+        GraphedRouter(paged, 8 * BLOCK + 1, max_rows=2, max_len=64)

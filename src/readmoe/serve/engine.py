@@ -52,6 +52,7 @@ from readmoe.serve.kv_cache import PagedKVCache, kv_dtype_of
 from readmoe.serve.metrics import aggregate
 from readmoe.serve.placement import experts_offloaded
 from readmoe.serve.queue import RequestQueue
+from readmoe.serve.router_graphs import GraphedRouter
 from readmoe.serve.router_step import PagedRouter, prompt_experts
 from readmoe.serve.runner import ModelRunner, RunnerChunk
 from readmoe.serve.sampling import SamplingParams, find_stop, sample
@@ -147,8 +148,12 @@ class Engine:
             positions = getattr(config, "max_position_embeddings", None) or kv_blocks * block_size
             self.runner.graphs = GraphedDecode(self.runner, budget.max_seqs,
                                                min(kv_blocks * block_size, positions))
-        self.router = (PagedRouter(model, kv_blocks * block_size, self.runner.ops)
+        # the router's pools hold the backbone's slots and its spare one (graphs pad to it)
+        self.router = (PagedRouter(model, self.kv.spare_slot + 1, self.runner.ops)
                        if self.pregating else None)
+        if self.router is not None and self.runner.graphs is not None:
+            self.router.graphs = GraphedRouter(self.router, self.kv.spare_slot, budget.max_seqs,
+                                               self.runner.graphs.lengths[-1])
         eos = model.generation_config.eos_token_id
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ import torch.nn.functional as F
 from readmoe.model.pregating import RouterCache, sticky_argmax
 from readmoe.serve import cpu_ops
 from readmoe.serve.packed import PackedMatrix
+
+if TYPE_CHECKING:
+    from readmoe.serve.router_graphs import GraphedRouter
 
 
 @torch.inference_mode()
@@ -76,6 +80,7 @@ class PagedRouter:
         # the fused ops' Router: [in, out] matrices (and their panels for 2-48 rows, where the
         # runner's have them), one call a step
         self._native = self._fused(ops) if ops is not None else None
+        self.graphs: GraphedRouter | None = None  # CUDA graphs of the step (the engine's)
 
     @torch.inference_mode()
     def route_prompt(self, prompt_ids: Sequence[int], slots: torch.Tensor) -> list[int]:
@@ -103,22 +108,31 @@ class PagedRouter:
             return []
         if self._native is not None:
             return self._native.step(list(tokens), list(context_slots), list(previous))
+        if self.graphs is not None and self.graphs.covers(context_slots):
+            return self.graphs(tokens, context_slots, previous)
         device = self.keys[0].device
         lengths = torch.tensor([len(s) for s in context_slots], device=device)  # [S]
         # [S, L] each request's context slots, padded with slot 0 (never read: lengths)
         key_slots = torch.nn.utils.rnn.pad_sequence(list(context_slots),
                                                     batch_first=True).to(device)
+        return self.experts(torch.tensor(tokens, device=device), key_slots, lengths,
+                            torch.tensor(list(previous), device=device)).tolist()
+
+    def experts(self, tokens: torch.Tensor, key_slots: torch.Tensor, lengths: torch.Tensor,
+                previous: torch.Tensor) -> torch.Tensor:
+        """``step`` on tensors, every shape fixed by its inputs (so a CUDA graph can hold
+        it, ``router_graphs``): tokens [S], key_slots [S, L] (past each row's length: any
+        slot, masked), lengths [S], previous [S] -> experts [S]."""
         write = key_slots.gather(1, (lengths - 1)[:, None])[:, 0]  # [S]
         cos, sin = self._cos.index_select(0, lengths - 1), self._sin.index_select(0, lengths - 1)
-        x = self.router.embed(torch.tensor(tokens, device=device))  # [S, dim]
+        x = self.router.embed(tokens)  # [S, dim]
         for layer, block in enumerate(self.router.blocks):
             qkv = block.qkv(block.attn_norm(x))  # [S, 3 * dim]
             x = x + block.out(self._attend(layer, qkv, cos, sin, write, key_slots, lengths))
             h = block.mlp_norm(x)
             x = x + block.down(F.silu(block.gate(h)) * block.up(h))
         logits = self.router.head(self.router.norm(x))  # [S, E]
-        known = torch.tensor(list(previous), device=device)
-        return sticky_argmax(logits[:, None], self.margin, known)[:, 0].tolist()
+        return sticky_argmax(logits[:, None], self.margin, previous)[:, 0]
 
     def _fused(self, ops: ModuleType) -> object:
         """The router as the fused ops' ``Router``: each block two of the runner's layer calls
