@@ -137,3 +137,25 @@ def test_steps_past_the_graphs_buckets_run_eagerly():
         assert paged.graphs.steps == 1
     with pytest.raises(ValueError, match="spare slot"):
         GraphedRouter(paged, 8 * BLOCK + 1, max_rows=2, max_len=64)
+
+
+def test_a_failed_router_capture_warns_and_leaves_every_step_eager(monkeypatch):
+    from readmoe.serve.router_graphs import GraphedRouter
+
+    model = readme()
+    eager, graphed = PagedRouter(model, 8 * BLOCK + 1), PagedRouter(model, 8 * BLOCK + 1)
+    graphed.graphs = GraphedRouter(graphed, 8 * BLOCK, max_rows=4, max_len=64)
+
+    def fails(*_):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphed.graphs, "_captured", fails)
+    own = [torch.arange(BLOCK), torch.arange(BLOCK, 2 * BLOCK)]
+    with torch.inference_mode():
+        want = eager.step([4, 5], [s[:3] for s in own], [-1, -1])
+        with pytest.warns(UserWarning, match="stream is capturing.*router steps run eagerly"):
+            assert graphed.step([4, 5], [s[:3] for s in own], [-1, -1]) == want
+        assert graphed.graphs.failure and not graphed.graphs.covers([s[:4] for s in own])
+        assert (graphed.step([6, 7], [s[:4] for s in own], want)
+                == eager.step([6, 7], [s[:4] for s in own], want))
+    assert graphed.graphs.steps == 1 and graphed.graphs.captured == 0

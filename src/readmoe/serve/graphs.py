@@ -28,9 +28,10 @@ eagerly. On a CPU (the tests), ``capture`` False runs the same static step direc
 from __future__ import annotations
 
 import bisect
+import functools
 import warnings
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from readmoe.serve.packed import PackedLayer
     from readmoe.serve.runner import ModelRunner, RunnerChunk
 
+T = TypeVar("T")
 MIN_LENGTH = 64  # the smallest context bucket
 MAX_LENGTH = 8192  # contexts captured at most (vLLM's max_seq_len_to_capture); longer: eager
 
@@ -132,16 +134,72 @@ class StaticDecode:
         return out + routed
 
 
-class GraphedDecode:
-    """Decode-only steps of up to ``max_rows`` requests whose contexts hold up to ``max_len``
-    tokens, each run from the graph of its bucket (``capture`` False: run directly)."""
+class BucketGraphs:
+    """What both graphed steps keep (the backbone's decode step here, the router's in
+    ``router_graphs``): the buckets, and one graph per key captured at its first use into one
+    memory pool; from the first failed capture on, every step runs eagerly."""
 
-    def __init__(self, runner: ModelRunner, max_rows: int, max_len: int,
-                 capture: bool = True) -> None:
-        self.runner = runner
+    what = "a step"  # what a failed capture's warning names
+    fallback = "steps run eagerly"
+
+    def __init__(self, max_rows: int, max_len: int, capture: bool) -> None:
         self.capture = capture
         self.rows = row_buckets(max_rows)
         self.lengths = length_buckets(min(max_len, MAX_LENGTH))
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._pool = None  # the graphs' memory pool, made at the first capture
+        self.steps = 0  # steps run through the buckets
+        self.failure: str | None = None  # why capturing failed (then every step runs eagerly)
+
+    @property
+    def captured(self) -> int:
+        """Graphs captured so far."""
+        return len(self._graphs)
+
+    def _step(self, key: tuple, run: Callable[[], T]) -> T | None:
+        """``run`` replayed from the graph of ``key`` (captured now if new): None; or, where
+        graphs are off or this capture failed, ``run`` run directly: its result."""
+        self.steps += 1
+        if not self.capture:
+            return run()
+        if key not in self._graphs:
+            try:
+                self._graphs[key] = self._captured(run)
+            except RuntimeError as error:  # an op this torch cannot capture: eager from now
+                self.failure = f"{type(error).__name__}: {error}"
+                warnings.warn(f"capturing {self.what}'s CUDA graph failed ({self.failure}); "
+                              f"{self.fallback}", stacklevel=3)
+                return run()
+        self._graphs[key].replay()
+        return None
+
+    def _captured(self, run: Callable[[], object]) -> torch.cuda.CUDAGraph:
+        """``run``'s graph. The warm-up run is a real step on the current inputs: it writes
+        the keys and values the replay writes again, the same ones."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            run()
+        return graph
+
+
+class GraphedDecode(BucketGraphs):
+    """Decode-only steps of up to ``max_rows`` requests whose contexts hold up to ``max_len``
+    tokens, each run from the graph of its bucket (``capture`` False: run directly)."""
+
+    what = "a decode step"
+    fallback = "decode steps run eagerly (--enforce-eager says so up front)"
+
+    def __init__(self, runner: ModelRunner, max_rows: int, max_len: int,
+                 capture: bool = True) -> None:
+        super().__init__(max_rows, max_len, capture)
+        self.runner = runner
         self.static = StaticDecode(runner, self.lengths[-1])
         self.spare = runner.kv.spare_slot
         rows, length = self.rows[-1], self.lengths[-1]
@@ -154,15 +212,6 @@ class GraphedDecode:
         # in bf16, 8 MB each)
         self._logits = torch.empty(rows, runner.model.lm_head.out_features,
                                    dtype=runner.model.dtype, device=device)
-        self._graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
-        self._pool = None  # the graphs' memory pool, made at the first capture
-        self.steps = 0  # decode steps run through the buckets
-        self.failure: str | None = None  # why capturing failed (then every step runs eagerly)
-
-    @property
-    def captured(self) -> int:
-        """Graphs captured so far."""
-        return len(self._graphs)
 
     def covers(self, chunks: Sequence[RunnerChunk]) -> bool:
         """Whether a decode-only step of these chunks fits a bucket."""
@@ -189,38 +238,11 @@ class GraphedDecode:
         self._rows[:, :rows].copy_(torch.tensor(inputs, dtype=torch.long), non_blocking=True)
         self._context[:rows, :length].copy_(context, non_blocking=True)
         by_gate = experts is None
-        self.steps += 1
-        if not self.capture:
-            return self._run(rows, length, by_gate)[:n]
-        key = (rows, length, by_gate)
-        if key not in self._graphs:
-            try:
-                self._graphs[key] = self._captured(rows, length, by_gate)
-            except RuntimeError as error:  # an op this torch cannot capture: eager from now
-                self.failure = f"{type(error).__name__}: {error}"
-                warnings.warn(f"capturing a decode step's CUDA graph failed ({self.failure}); "
-                              "decode steps run eagerly (--enforce-eager says so up front)",
-                              stacklevel=2)
-                return self._run(rows, length, by_gate)[:n]
-        self._graphs[key].replay()
-        return self._logits[:n]
+        logits = self._step((rows, length, by_gate),
+                            functools.partial(self._run, rows, length, by_gate))
+        return (self._logits if logits is None else logits)[:n]
 
     def _run(self, rows: int, length: int, by_gate: bool) -> torch.Tensor:
         tokens, positions, write, lengths, experts = self._rows[:, :rows]
         return self.static(tokens, positions, write, lengths, None if by_gate else experts,
                            self._context[:rows, :length], self._logits[:rows])
-
-    def _captured(self, rows: int, length: int, by_gate: bool) -> torch.cuda.CUDAGraph:
-        """The bucket's graph. The warm-up run is a real step on the current inputs: it
-        writes the keys and values the replay writes again, the same ones."""
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._run(rows, length, by_gate)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            self._run(rows, length, by_gate)
-        return graph

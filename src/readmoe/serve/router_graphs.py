@@ -19,33 +19,34 @@ and attends to it alone. Steps past the largest bucket run eagerly. On a CPU (th
 
 from __future__ import annotations
 
-import warnings
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
-from readmoe.serve.graphs import MAX_LENGTH, bucket, length_buckets, row_buckets
+from readmoe.serve.graphs import BucketGraphs, bucket
 
 if TYPE_CHECKING:
     from readmoe.serve.router_step import PagedRouter
 
 
-class GraphedRouter:
+class GraphedRouter(BucketGraphs):
     """``PagedRouter.step`` for up to ``max_rows`` requests whose contexts hold up to
     ``max_len`` tokens, each step run from the graph of its bucket (``capture`` False: run
     directly). ``spare``: a slot of the router's pools that no request owns."""
+
+    what = "the router step"
+    fallback = "router steps run eagerly"
 
     def __init__(self, router: PagedRouter, spare: int, max_rows: int, max_len: int,
                  capture: bool = True) -> None:
         if spare >= router.keys[0].shape[0]:
             raise ValueError(f"spare slot {spare} is past the router's "
                              f"{router.keys[0].shape[0]} slots")
+        super().__init__(max_rows, max_len, capture)
         self.router = router
         self.spare = spare
-        self.capture = capture
-        self.rows = row_buckets(max_rows)
-        self.lengths = length_buckets(min(max_len, MAX_LENGTH))
         rows, length = self.rows[-1], self.lengths[-1]
         device = router.keys[0].device
         # the inputs every graph reads (slices: fixed addresses): tokens, lengths, the
@@ -53,15 +54,6 @@ class GraphedRouter:
         self._rows = torch.zeros(3, rows, dtype=torch.long, device=device)
         self._context = torch.full((rows, length), spare, dtype=torch.long, device=device)
         self._out = torch.zeros(rows, dtype=torch.long, device=device)
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self._pool = None  # the graphs' memory pool, made at the first capture
-        self.steps = 0  # router steps run through the buckets
-        self.failure: str | None = None  # why capturing failed (then every step runs eagerly)
-
-    @property
-    def captured(self) -> int:
-        """Graphs captured so far."""
-        return len(self._graphs)
 
     def covers(self, context_slots: Sequence[torch.Tensor]) -> bool:
         """Whether a step over these contexts fits a bucket."""
@@ -81,39 +73,10 @@ class GraphedRouter:
         inputs = (list(tokens) + [0] * pad, lengths + [1] * pad, list(previous) + [-1] * pad)
         self._rows[:, :rows].copy_(torch.tensor(inputs, dtype=torch.long), non_blocking=True)
         self._context[:rows, :length].copy_(context, non_blocking=True)
-        self.steps += 1
-        if not self.capture:
-            self._run(rows, length)
-        else:
-            key = (rows, length)
-            if key not in self._graphs:
-                try:
-                    self._graphs[key] = self._captured(rows, length)
-                except RuntimeError as error:  # an op this torch cannot capture: eager now
-                    self.failure = f"{type(error).__name__}: {error}"
-                    warnings.warn(f"capturing the router step's CUDA graph failed "
-                                  f"({self.failure}); router steps run eagerly", stacklevel=2)
-                    self._run(rows, length)
-                    return self._out[:n].tolist()
-            self._graphs[key].replay()
+        self._step((rows, length), functools.partial(self._run, rows, length))
         return self._out[:n].tolist()
 
     def _run(self, rows: int, length: int) -> None:
         tokens, lengths, previous = self._rows[:, :rows]
         self._out[:rows].copy_(self.router.experts(tokens, self._context[:rows, :length],
                                                    lengths, previous))
-
-    def _captured(self, rows: int, length: int) -> torch.cuda.CUDAGraph:
-        """The bucket's graph. The warm-up run is a real step on the current inputs: it
-        writes the keys and values the replay writes again, the same ones."""
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._run(rows, length)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            self._run(rows, length)
-        return graph
