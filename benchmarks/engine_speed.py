@@ -105,6 +105,7 @@ from readmoe.models.gguf_export import (
 )
 from readmoe.serve import cpu_ops
 from readmoe.serve.engine import Engine
+from readmoe.serve.graphs import capture_graph
 from readmoe.serve.llama_cpp_peer import LlamaCppPeer, llama_cpp_missing
 from readmoe.serve.packed import PackedExpert
 from readmoe.serve.quantized import check_quantization
@@ -355,14 +356,7 @@ def replayed(step: Callable[[], None], device: torch.device) -> Callable[[], Non
     if device.type != "cuda":
         return step
     try:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch asks
-            step()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
+        graph = capture_graph(step)
     except RuntimeError as error:
         warnings.warn(f"the matmul floor runs eagerly: capturing its CUDA graph failed "
                       f"({error})", RuntimeWarning, stacklevel=2)

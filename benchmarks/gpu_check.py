@@ -180,9 +180,10 @@ def speed_twins(work: Path) -> tuple[Path, Path, Path, str]:
     LlamaForCausalLM(LlamaConfig(intermediate_size=1536, **TWIN_SHAPE)).eval().save_pretrained(
         dense)
     char_tokenizer().save_pretrained(dense)
+    layers = TWIN_SHAPE["num_hidden_layers"]
     config = ReadMEConfig(dense_intermediate_size=1536, num_experts=6,
-                          shared_intermediate_sizes=[318] * 30,
-                          expert_intermediate_sizes=[450] * 30, **TWIN_SHAPE)
+                          shared_intermediate_sizes=[318] * layers,
+                          expert_intermediate_sizes=[450] * layers, **TWIN_SHAPE)
     model = ReadMEForCausalLM(config).eval()
     model.attach_router("pregating", seed=0)
     folder = save_readme(model, work / "twin", tokenizer=char_tokenizer())

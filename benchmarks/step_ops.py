@@ -64,8 +64,7 @@ def count_step(folder: str, rows: int) -> dict:
                       config.hidden_size // config.num_attention_heads)
     runner = ModelRunner(model, kv, fused=False)
     seqs = [list(range(10 + r, 10 + r + PROMPT)) for r in range(rows)]
-    experts = list(range(rows)) if runner._routed else None
-    experts = None if experts is None else [e % config.num_experts for e in experts]
+    experts = [r % config.num_experts for r in range(rows)] if runner._routed else None
     step = prefilled_step(runner, seqs, [[0] * PROMPT] * rows if experts is not None else None)
     runner.graphs = GraphedDecode(runner, max_rows=rows, max_len=64, capture=False)
     runner.forward(step, experts)  # warm, and the graph's inputs in place

@@ -155,7 +155,7 @@ def test_a_failed_router_capture_warns_and_leaves_every_step_eager(monkeypatch):
         want = eager.step([4, 5], [s[:3] for s in own], [-1, -1])
         with pytest.warns(UserWarning, match="stream is capturing.*router steps run eagerly"):
             assert graphed.step([4, 5], [s[:3] for s in own], [-1, -1]) == want
-        assert graphed.graphs.failure and not graphed.graphs.covers([s[:4] for s in own])
+        assert graphed.graphs.failure and not graphed.graphs.fits([s[:4] for s in own])
         assert (graphed.step([6, 7], [s[:4] for s in own], want)
                 == eager.step([6, 7], [s[:4] for s in own], want))
     assert graphed.graphs.steps == 1 and graphed.graphs.captured == 0

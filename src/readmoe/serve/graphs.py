@@ -31,7 +31,7 @@ import bisect
 import functools
 import warnings
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from readmoe.serve.packed import PackedLayer
     from readmoe.serve.runner import ModelRunner, RunnerChunk
 
-T = TypeVar("T")
 MIN_LENGTH = 64  # the smallest context bucket
 MAX_LENGTH = 8192  # contexts captured at most (vLLM's max_seq_len_to_capture); longer: eager
 
@@ -134,18 +133,42 @@ class StaticDecode:
         return out + routed
 
 
+def capture_graph(run: Callable[[], object],
+                  pool: tuple[int, int] | None = None) -> torch.cuda.CUDAGraph:
+    """``run`` captured as a CUDA graph (into ``pool`` if given), after the warm-up run on a
+    side stream that torch's CUDA graph notes ask for. The warm-up is a real run: a step
+    writes the keys and values the replay writes again, the same ones."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        run()
+    return graph
+
+
 class BucketGraphs:
     """What both graphed steps keep (the backbone's decode step here, the router's in
-    ``router_graphs``): the buckets, and one graph per key captured at its first use into one
-    memory pool; from the first failed capture on, every step runs eagerly."""
+    ``router_graphs``): the buckets; the fixed-address inputs every graph reads, ``fields``
+    values a row then each row's context length, and each row's context slots (padded with
+    ``spare``, a KV slot no request owns); one graph per key, captured at its first use into
+    one memory pool. From the first failed capture on, every step runs eagerly."""
 
     what = "a step"  # what a failed capture's warning names
     fallback = "steps run eagerly"
 
-    def __init__(self, max_rows: int, max_len: int, capture: bool) -> None:
+    def __init__(self, max_rows: int, max_len: int, capture: bool, spare: int, fields: int,
+                 device: torch.device) -> None:
         self.capture = capture
+        self.spare = spare
         self.rows = row_buckets(max_rows)
         self.lengths = length_buckets(min(max_len, MAX_LENGTH))
+        rows, length = self.rows[-1], self.lengths[-1]
+        # slices of these are what a graph reads, so a step copies its inputs in at once
+        self._rows = torch.zeros(fields + 1, rows, dtype=torch.long, device=device)
+        self._context = torch.zeros(rows, length, dtype=torch.long, device=device)
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._pool = None  # the graphs' memory pool, made at the first capture
         self.steps = 0  # steps run through the buckets
@@ -156,12 +179,35 @@ class BucketGraphs:
         """Graphs captured so far."""
         return len(self._graphs)
 
-    def _step(self, key: tuple, run: Callable[[], T]) -> T | None:
-        """``run`` replayed from the graph of ``key`` (captured now if new): None; or, where
-        graphs are off or this capture failed, ``run`` run directly: its result."""
+    def fits(self, contexts: Sequence[torch.Tensor]) -> bool:
+        """Whether a step over these contexts (a row each) fits a bucket."""
+        return (self.failure is None and 0 < len(contexts) <= self.rows[-1]
+                and max(len(s) for s in contexts) <= self.lengths[-1])
+
+    def _load(self, columns: Sequence[Sequence[int]], pads: Sequence[int],
+              contexts: Sequence[torch.Tensor]) -> tuple[int, int]:
+        """A step's inputs copied in, padded to its bucket: each of ``columns`` (a value a
+        row) with its ``pads`` value, the context lengths with 1, each row's context slots
+        with the spare slot, as the padding rows' are. Returns the bucket (rows, length)."""
+        n = len(contexts)
+        lengths = [len(s) for s in contexts]
+        rows, length = bucket(n, self.rows), bucket(max(lengths), self.lengths)
+        context = torch.full((rows, length), self.spare, dtype=torch.long)  # [R, L]
+        for b, slots in enumerate(contexts):
+            context[b, :lengths[b]] = slots
+        inputs = [[*column, *[pad] * (rows - n)]
+                  for column, pad in zip([*columns, lengths], [*pads, 1], strict=True)]
+        self._rows[:, :rows].copy_(torch.tensor(inputs, dtype=torch.long), non_blocking=True)
+        self._context[:rows, :length].copy_(context, non_blocking=True)
+        return rows, length
+
+    def _step(self, key: tuple, run: Callable[[], object]) -> None:
+        """``run`` replayed from the graph of ``key`` (captured now if new), or run directly
+        where graphs are off or this capture failed."""
         self.steps += 1
         if not self.capture:
-            return run()
+            run()
+            return
         if key not in self._graphs:
             try:
                 self._graphs[key] = self._captured(run)
@@ -169,24 +215,14 @@ class BucketGraphs:
                 self.failure = f"{type(error).__name__}: {error}"
                 warnings.warn(f"capturing {self.what}'s CUDA graph failed ({self.failure}); "
                               f"{self.fallback}", stacklevel=3)
-                return run()
+                run()
+                return
         self._graphs[key].replay()
-        return None
 
     def _captured(self, run: Callable[[], object]) -> torch.cuda.CUDAGraph:
-        """``run``'s graph. The warm-up run is a real step on the current inputs: it writes
-        the keys and values the replay writes again, the same ones."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            run()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            run()
-        return graph
+        return capture_graph(run, self._pool)
 
 
 class GraphedDecode(BucketGraphs):
@@ -198,25 +234,19 @@ class GraphedDecode(BucketGraphs):
 
     def __init__(self, runner: ModelRunner, max_rows: int, max_len: int,
                  capture: bool = True) -> None:
-        super().__init__(max_rows, max_len, capture)
+        device = runner.model.device
+        # a row's inputs: token, position, write slot and expert (then its context length)
+        super().__init__(max_rows, max_len, capture, runner.kv.spare_slot, 4, device)
         self.runner = runner
         self.static = StaticDecode(runner, self.lengths[-1])
-        self.spare = runner.kv.spare_slot
-        rows, length = self.rows[-1], self.lengths[-1]
-        device = runner.model.device
-        # the inputs every graph reads (slices of these: fixed addresses): tokens, positions,
-        # write slots, lengths and experts, one row each, so a step copies them in at once
-        self._rows = torch.zeros(5, rows, dtype=torch.long, device=device)
-        self._context = torch.zeros(rows, length, dtype=torch.long, device=device)
         # every graph's logits: one buffer, not one a graph (at 32 rows of a 128k vocabulary
         # in bf16, 8 MB each)
-        self._logits = torch.empty(rows, runner.model.lm_head.out_features,
+        self._logits = torch.empty(self.rows[-1], runner.model.lm_head.out_features,
                                    dtype=runner.model.dtype, device=device)
 
     def covers(self, chunks: Sequence[RunnerChunk]) -> bool:
         """Whether a decode-only step of these chunks fits a bucket."""
-        return (self.failure is None and len(chunks) <= self.rows[-1]
-                and max(len(c.context_slots) for c in chunks) <= self.lengths[-1])
+        return self.fits([c.context_slots for c in chunks])
 
     def __call__(self, chunks: Sequence[RunnerChunk],
                  experts: Sequence[int] | None) -> torch.Tensor:
@@ -224,25 +254,16 @@ class GraphedDecode(BucketGraphs):
         each token's routed expert (None: the layers' gates route). The logits are the
         graph's own output: read them before the next step."""
         n = len(chunks)
-        lengths = [len(c.context_slots) for c in chunks]
-        rows, length = bucket(n, self.rows), bucket(max(lengths), self.lengths)
-        context = torch.full((rows, length), self.spare, dtype=torch.long)  # [R, L]
-        for b, chunk in enumerate(chunks):
-            context[b, :lengths[b]] = chunk.context_slots
-        pad = rows - n
-        inputs = ([c.tokens[0] for c in chunks] + [0] * pad,
-                  [c.start for c in chunks] + [0] * pad,
-                  [int(context[b, lengths[b] - 1]) for b in range(n)] + [self.spare] * pad,
-                  lengths + [1] * pad,
-                  (list(experts) if experts is not None else [0] * n) + [0] * pad)
-        self._rows[:, :rows].copy_(torch.tensor(inputs, dtype=torch.long), non_blocking=True)
-        self._context[:rows, :length].copy_(context, non_blocking=True)
+        columns = ([c.tokens[0] for c in chunks], [c.start for c in chunks],
+                   [int(c.context_slots[-1]) for c in chunks],
+                   list(experts) if experts is not None else [0] * n)
+        rows, length = self._load(columns, (0, 0, self.spare, 0),
+                                  [c.context_slots for c in chunks])
         by_gate = experts is None
-        logits = self._step((rows, length, by_gate),
-                            functools.partial(self._run, rows, length, by_gate))
-        return (self._logits if logits is None else logits)[:n]
+        self._step((rows, length, by_gate), functools.partial(self._run, rows, length, by_gate))
+        return self._logits[:n]
 
-    def _run(self, rows: int, length: int, by_gate: bool) -> torch.Tensor:
-        tokens, positions, write, lengths, experts = self._rows[:, :rows]
-        return self.static(tokens, positions, write, lengths, None if by_gate else experts,
-                           self._context[:rows, :length], self._logits[:rows])
+    def _run(self, rows: int, length: int, by_gate: bool) -> None:
+        tokens, positions, write, experts, lengths = self._rows[:, :rows]
+        self.static(tokens, positions, write, lengths, None if by_gate else experts,
+                    self._context[:rows, :length], self._logits[:rows])

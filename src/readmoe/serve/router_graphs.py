@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from readmoe.serve.graphs import BucketGraphs, bucket
+from readmoe.serve.graphs import BucketGraphs
 
 if TYPE_CHECKING:
     from readmoe.serve.router_step import PagedRouter
@@ -44,39 +44,20 @@ class GraphedRouter(BucketGraphs):
         if spare >= router.keys[0].shape[0]:
             raise ValueError(f"spare slot {spare} is past the router's "
                              f"{router.keys[0].shape[0]} slots")
-        super().__init__(max_rows, max_len, capture)
-        self.router = router
-        self.spare = spare
-        rows, length = self.rows[-1], self.lengths[-1]
         device = router.keys[0].device
-        # the inputs every graph reads (slices: fixed addresses): tokens, lengths, the
-        # previous experts, one row each; the context slots; the experts out
-        self._rows = torch.zeros(3, rows, dtype=torch.long, device=device)
-        self._context = torch.full((rows, length), spare, dtype=torch.long, device=device)
-        self._out = torch.zeros(rows, dtype=torch.long, device=device)
-
-    def covers(self, context_slots: Sequence[torch.Tensor]) -> bool:
-        """Whether a step over these contexts fits a bucket."""
-        return (self.failure is None and 0 < len(context_slots) <= self.rows[-1]
-                and max(len(s) for s in context_slots) <= self.lengths[-1])
+        # a row's inputs: token and the previous token's expert (then its context length)
+        super().__init__(max_rows, max_len, capture, spare, 2, device)
+        self.router = router
+        self._out = torch.zeros(self.rows[-1], dtype=torch.long, device=device)  # experts
 
     def __call__(self, tokens: Sequence[int], context_slots: Sequence[torch.Tensor],
                  previous: Sequence[int]) -> list[int]:
         """Each token's expert, as ``PagedRouter.step``; its keys and values written."""
-        n = len(tokens)
-        lengths = [len(s) for s in context_slots]
-        rows, length = bucket(n, self.rows), bucket(max(lengths), self.lengths)
-        context = torch.full((rows, length), self.spare, dtype=torch.long)  # [R, L]
-        for b, slots in enumerate(context_slots):
-            context[b, :lengths[b]] = slots
-        pad = rows - n
-        inputs = (list(tokens) + [0] * pad, lengths + [1] * pad, list(previous) + [-1] * pad)
-        self._rows[:, :rows].copy_(torch.tensor(inputs, dtype=torch.long), non_blocking=True)
-        self._context[:rows, :length].copy_(context, non_blocking=True)
+        rows, length = self._load((tokens, previous), (0, -1), context_slots)
         self._step((rows, length), functools.partial(self._run, rows, length))
-        return self._out[:n].tolist()
+        return self._out[:len(tokens)].tolist()
 
     def _run(self, rows: int, length: int) -> None:
-        tokens, lengths, previous = self._rows[:, :rows]
+        tokens, previous, lengths = self._rows[:, :rows]
         self._out[:rows].copy_(self.router.experts(tokens, self._context[:rows, :length],
                                                    lengths, previous))

@@ -108,7 +108,7 @@ class PagedRouter:
             return []
         if self._native is not None:
             return self._native.step(list(tokens), list(context_slots), list(previous))
-        if self.graphs is not None and self.graphs.covers(context_slots):
+        if self.graphs is not None and self.graphs.fits(context_slots):
             return self.graphs(tokens, context_slots, previous)
         device = self.keys[0].device
         lengths = torch.tensor([len(s) for s in context_slots], device=device)  # [S]
