@@ -233,9 +233,9 @@ def check_vllm() -> dict:
     found = importlib.util.find_spec("vllm") is not None
     return {"ok": True if found else None, "vllm": found, "reason": None if found else (
         "vllm is not installed here; this workplace's device machines reach no package "
-        "registry, and vLLM 0.34.0's CUDA wheel (239 MB, measured 2026-12-06) is over the 64 "
-        "MiB a call carries and needs torch 2.14.0 (the H100 image has 2.11); the newest vLLM "
-        "pinned to torch 2.11.0, 0.26.0, is a 304 MB wheel (both measured 2026-12-06)")}
+        "registry, and vLLM 0.34.0's CUDA wheel (239 MB) is over the 64 MiB a call carries and "
+        "needs torch 2.14.0 (the H100 image has 2.11); the newest vLLM pinned to torch 2.11.0, "
+        "0.26.0, is a 304 MB wheel (both measured 2026-12-06)")}
 
 
 def main() -> int:

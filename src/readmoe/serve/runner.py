@@ -294,8 +294,8 @@ class ModelRunner:
                         .transpose(1, 2).to(q.dtype)
                         for pool in (key_pool, value_pool))  # [B, kvh, L, D] each
         result = _sdpa(queries, keys, values, group.bias, self.scaling)  # [B, kvh, g, D]
-        return result.reshape(batch, -1)  # [B, kvh * g * D]; CUDA's kernels may return it
-        # laid out [B, g, kvh, D] (seen: fp32 on an H100), which no view flattens
+        # reshape: CUDA may lay it out [B, g, kvh, D] (fp32 on an H100), which no view flattens
+        return result.reshape(batch, -1)  # [B, kvh * g * D]
 
     def _norm(self, norm: Norm, x: torch.Tensor) -> torch.Tensor:
         """A Llama RMSNorm as one fused op (equal to its forward at fp32 to rounding)."""
